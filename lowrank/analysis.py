@@ -1,0 +1,42 @@
+"""Measurements of what an adapter does to the model: distances, parameter counts, DoRA ΔM/ΔD."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inject import adapter_layers
+
+
+@torch.no_grad()
+def weight_distance(model: nn.Module, relative: bool = False) -> dict[str, float]:
+    """{module name: ‖W_eff − W_pretrained‖_F} (÷ ‖W_pretrained‖_F if relative), cheap enough per step:
+    Gram products per layer, one device sync for the whole model."""
+    layers = adapter_layers(model)
+    if not layers:
+        return {}
+    d = torch.stack([layer.distance().double() for layer in layers.values()])
+    if relative:
+        d = d / torch.stack([layer.w0_norm.double() for layer in layers.values()])
+    return dict(zip(layers, d.tolist()))
+
+
+def distance_summary(distances: dict[str, float]) -> dict[str, float]:
+    vals = list(distances.values())
+    return {"mean": sum(vals) / len(vals), "max": max(vals)} if vals else {}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable adapter parameters vs all parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+@torch.no_grad()
+def magnitude_direction(W0: torch.Tensor, W: torch.Tensor) -> tuple[float, float]:
+    """DoRA §3.2: ΔM = mean_n |‖W_n‖ − ‖W0_n‖|,  ΔD = mean_n (1 − cos(W_n, W0_n)) over the norm axis
+    of DoRA's magnitude (output rows of an (out, in) weight)."""
+    W0, W = W0.double(), W.double()
+    dm = (W.norm(dim=1) - W0.norm(dim=1)).abs().mean()
+    dd = (1 - torch.nn.functional.cosine_similarity(W, W0, dim=1)).mean()
+    return float(dm), float(dd)

@@ -1,0 +1,129 @@
+"""AdapterConfig: one dataclass for every method, a help string per field, a JSON round trip.
+
+Fields prefixed with a method name (``delora_*``, ``ether_*``...) only matter to that method; they
+are kept in one flat config (rather than one class per method) so that a trainer can expose every
+option as a flag without knowing which method will run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+SD_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class AdapterConfig:
+    method: str = _f("lora", "Adapter method: lora, dora, delora, ether, etherplus, deltalora, dyndora.")
+    rank: int = _f(8, "Rank r of the low-rank update (ignored by ether/etherplus, which are rank-1/4 by construction).")
+    alpha: float | None = _f(None, "LoRA scale numerator: the update is (alpha/r)·BA. None means alpha = rank (scale 1).")
+    target_modules: list[str] | str = _f(
+        list(SD_ATTENTION),
+        "Modules to adapt. A list matches by dotted-name suffix ('to_out.0' matches '...attn1.to_out.0'); "
+        "a string is a regex that must match the full module name.")
+    dropout: float = _f(0.0, "Dropout on the input of the low-rank branch (lora, dora, delora, dyndora).")
+
+    # DoRA (weight-decomposed)
+    dora_detach_norm: bool = _f(True, "DoRA §4.3: treat the row norm ||W + sBA|| as a constant in backward (saves memory).")
+    dora_fixed_magnitude: bool = _f(False, "Freeze the magnitude m at ||W0|| (DeLoRA appendix C ablation, 'fixed magnitude').")
+
+    # DeLoRA
+    delora_lambda: float = _f(15.0, "Initial value of DeLoRA's learnable boundary lambda (one per adapted matrix).")
+    delora_norm: str = _f("column", "Pretrained-norm scaling of ΔW: 'column' (one norm per input column, as peft and the "
+                                    "official code), 'frobenius' (a scalar, as the paper text reads), 'none' (ablation).")
+    delora_init: str = _f("subtract", "'subtract': A, B Kaiming and the frozen initial update folded out of W (paper Eq. 9); "
+                                      "'zero_b': B = 0 (peft's init).")
+    delora_eps: float = _f(1e-4, "Lower clamp of ||a_i|| and ||b_i|| in Ξ (avoids division by zero).")
+
+    # ETHER / ETHER+
+    ether_blocks: int = _f(1, "Number n of diagonal blocks of the reflection H (each block has its own unit vector).")
+    etherplus_one_sided: bool = _f(False, "ETHER+ on the output side only, H⁺W (ablation 'ETHER+ one-side'); "
+                                          "default is the two-sided H⁺ W H̃⁺.")
+
+    # Delta-LoRA
+    deltalora_ratio: float = _f(2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − B_t A_t).")
+    deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W is updated only after optimizer step t > K.")
+
+    # Dynamic-rank DoRA
+    dyndora_initial_rank: int | None = _f(None, "Components r' per layer at the start; None means ceil(1.5·rank).")
+    dyndora_beta: float = _f(0.85, "EMA factor β of the importance scores.")
+    dyndora_dem: float = _f(0.1, "Coefficient η of the DEM regulariser (0 disables it).")
+    dyndora_warmup_steps: int = _f(0, "Steps t_i before pruning starts.")
+    dyndora_final_steps: int = _f(0, "Final steps t_f during which the component allocation is frozen.")
+    dyndora_total_steps: int = _f(1000, "Total training steps T (the budget schedule spans them).")
+    dyndora_prune_interval: int = _f(10, "Apply the budget every this many steps.")
+
+    def __post_init__(self) -> None:
+        from .registry import METHODS  # late import: registry imports the methods, which import config
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; known methods: {', '.join(sorted(METHODS))}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = [str(t) for t in self.target_modules]
+            if not self.target_modules:
+                raise ConfigError("target_modules is empty; name at least one module (e.g. to_q)")
+        elif not isinstance(self.target_modules, str):
+            raise ConfigError("target_modules must be a list of name suffixes or a regex string")
+        choices = {"delora_norm": ("column", "frobenius", "none"), "delora_init": ("subtract", "zero_b")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.ether_blocks <= 0:
+            raise ConfigError(f"ether_blocks must be positive, got {self.ether_blocks}")
+        if self.method == "deltalora" and self.dropout > 0:
+            raise ConfigError("deltalora needs dropout = 0: its update W += λΔ(BA) relies on g_W = g_BA, "
+                              "which dropout on the low-rank branch breaks (Delta-LoRA Eq. 7)")
+        if self.dyndora_initial_rank is None:
+            self.dyndora_initial_rank = math.ceil(1.5 * self.rank)
+        if self.dyndora_initial_rank < self.rank:
+            raise ConfigError(f"dyndora_initial_rank ({self.dyndora_initial_rank}) must be >= rank ({self.rank})")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown adapter config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"adapter config is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("adapter config JSON must be an object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help string (trainers turn these into --flags)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,119 @@
+"""Save and load adapters: adapter_config.json + adapter.safetensors (never pickle).
+
+Keys are "<module name>.<tensor name>" (e.g. "down_blocks.0.attentions.0...to_q.lora_A"). Files are
+written under a temporary name and renamed, so a crash never leaves a half-written adapter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterError, AdapterFileError, AdapterMismatchError
+from .inject import adapter_layers, eject, inject
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT = "lowrank/1"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_config(model: nn.Module) -> AdapterConfig:
+    layers = adapter_layers(model)
+    if not layers:
+        raise AdapterError("model has no adapters; call lowrank.inject(model, config) first")
+    return next(iter(layers.values())).config
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.detach().contiguous().cpu()
+            for name, layer in adapter_layers(model).items() for k, v in layer.adapter_state().items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapter to directory/{adapter_config.json, adapter.safetensors}."""
+    config = model_config(model)
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out} exists and is not a directory; choose another output path")
+    out.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model)
+    meta = {"format": FORMAT, "method": config.method}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    return out
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    d = Path(directory)
+    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+        raise AdapterFileError(f"{d} is not an adapter directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = AdapterConfig.from_json((d / CONFIG_NAME).read_text())
+    try:
+        state = load_file(str(d / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{d / WEIGHTS_NAME} is not a valid safetensors file ({e})") from None
+    return config, state
+
+
+def _split(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    per_layer: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    for key, value in state.items():
+        name, _, tensor = key.rpartition(".")
+        if name not in per_layer:
+            raise AdapterMismatchError(f"saved adapter has tensors for module {name!r}, which is not adapted in this "
+                                       f"model; was it made for another model or other target_modules?")
+        per_layer[name][tensor] = value
+    return per_layer
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load a saved adapter. A plain model is injected with the saved config (bit-exact rebuild);
+    a model that already has adapters must carry the same method, and gets the saved values."""
+    config, state = read_adapter(directory)
+    layers = adapter_layers(model)
+    if layers:
+        current = model_config(model)
+        if current.method != config.method:
+            raise AdapterMismatchError(f"model has {current.method} adapters but {directory} holds a "
+                                       f"{config.method} adapter; eject them first or load into a plain model")
+        per_layer = _split(state, list(layers))
+        for name, layer in layers.items():  # validate everything before changing anything
+            if layer.merged:
+                raise AdapterError(f"{name} is merged; unmerge(model) before loading an adapter")
+            try:
+                layer.check_adapter_state(per_layer[name])
+            except AdapterMismatchError as e:
+                raise AdapterMismatchError(f"{name}: {e}") from None
+        for name, layer in layers.items():
+            layer.load_adapter_state(per_layer[name])
+        return list(layers)
+    names_in_file = sorted({k.rpartition(".")[0] for k in state})
+    missing = [n for n in names_in_file if n not in dict(model.named_modules())]
+    if missing:
+        raise AdapterMismatchError(f"saved adapter targets modules missing from this model (e.g. {missing[0]!r}); "
+                                   f"it was made for another model")
+    per_layer = _split(state, names_in_file)
+    names = inject(model, config, state=per_layer)   # validates shapes; ejects again on failure
+    if sorted(names) != names_in_file:
+        eject(model)
+        raise AdapterMismatchError(f"the saved config targets {len(names)} modules of this model but the file holds "
+                                   f"{len(names_in_file)}; the adapter was made for another model")
+    return names

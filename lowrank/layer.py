@@ -1,0 +1,189 @@
+"""AdapterLayer: the protocol every method implements.
+
+An AdapterLayer wraps one frozen base layer (nn.Linear, or a 1x1 nn.Conv2d treated as a linear map
+over channels) with weight W0 (out x in) and bias b. A method subclass provides:
+
+  init_adapter()      create its parameters/buffers (names carry the method prefix: lora_A, delora_lambda...)
+  adapted(x)          the efficient forward on channel-last input; never builds an out x in matrix
+                      when a low-rank path exists
+  delta_factors()     [(U, V), ...] with ΔW = W_eff − W_pretrained = Σ U @ V (U: out x k, V: k x in);
+                      gives delta_weight(), merge and a cheap distance() through k x k Gram products
+
+and may override delta_weight(), distance(), merge()/unmerge(), extra_loss(),
+after_optimizer_step(step) and the class-level after_optimizer_step_all(layers, step).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import AdapterMismatchError, ConfigError, TargetError
+
+
+def gram_norm(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """‖Σ U_k V_k‖_F without forming the product: sqrt(Σ (UᵀU) ∘ (VVᵀ)) over the stacked factors.
+
+    Grams are taken in float64: the subtract-style updates (DeLoRA Eq. 9, Delta-LoRA) are differences
+    of nearly equal terms, and an fp32 Gram would leave a noise floor of ~3e-4·‖term‖ after the sqrt.
+    """
+    U = torch.cat([u.double() for u, _ in factors], dim=1)
+    V = torch.cat([v.double() for _, v in factors], dim=0)
+    return ((U.T @ U) * (V @ V.T)).sum().clamp_min(0.0).sqrt()
+
+
+class AdapterLayer(nn.Module):
+    method: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""          # e.g. "lora_": every trainable name starts with it
+    keeps_weight_on_merge: ClassVar[bool] = False  # True where ΔW cannot be undone arithmetically
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, init_state: dict | None = None):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.is_conv = False
+            out_f, in_f = base.weight.shape
+        elif isinstance(base, nn.Conv2d) and base.kernel_size == (1, 1) and base.groups == 1 \
+                and base.stride == (1, 1) and base.padding in ((0, 0), "valid") and base.dilation == (1, 1):
+            self.is_conv = True
+            out_f, in_f = base.weight.shape[:2]
+        else:
+            raise TargetError(f"cannot adapt {type(base).__name__}: only nn.Linear and plain 1x1 nn.Conv2d are supported")
+        self.base = base
+        self.in_features, self.out_features = in_f, out_f
+        self.config = config
+        self.merged = False
+        self._saved_weight: torch.Tensor | None = None   # W before merge, for keeps_weight_on_merge methods
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.check_rank(config.rank)
+        # ‖W_pretrained‖_F, for relative distances (taken before any method touches the weight)
+        self.register_buffer("w0_norm", self.weight.detach().float().norm(), persistent=False)
+        self.init_adapter()
+        if init_state is not None:
+            self.load_adapter_state(init_state)
+        self.post_init()
+
+    # ----- helpers shared by the methods ------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """W as an (out, in) view of the base weight (shares storage: in-place edits hit the base)."""
+        w = self.base.weight
+        return w.view(self.out_features, self.in_features) if self.is_conv else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def base_linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias if bias else None)
+
+    def check_rank(self, rank: int) -> None:
+        if rank > min(self.in_features, self.out_features):
+            raise ConfigError(f"rank {rank} exceeds min(in, out) = {min(self.in_features, self.out_features)} "
+                              f"of a {self.out_features}x{self.in_features} layer; choose rank <= that")
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Everything a saved adapter needs: parameters and persistent buffers with the method prefix."""
+        state = self.state_dict(keep_vars=False)
+        return {k: v for k, v in state.items() if not k.startswith("base.")}
+
+    def check_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise AdapterMismatchError unless `state` has exactly this layer's tensor names and shapes."""
+        own = self.adapter_state()
+        if set(own) != set(state):
+            raise AdapterMismatchError(f"saved tensors {sorted(state)} do not match this {self.method} layer's "
+                                       f"{sorted(own)}; the adapter was made with another method or options")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise AdapterMismatchError(f"{k}: saved shape {tuple(v.shape)} != layer shape {tuple(own[k].shape)}; "
+                                           f"the adapter was made for another model or rank")
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_adapter_state(state)
+        own = self.adapter_state()
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    # ----- protocol: methods implement these ------------------------------------------------------
+    def init_adapter(self) -> None:
+        raise NotImplementedError
+
+    def post_init(self) -> None:
+        """Called once the adapter tensors hold their final initial values (random or loaded)."""
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW with W_eff = W_pretrained + ΔW (for tests and analysis; forward never calls it)."""
+        return sum(u @ v for u, v in self.delta_factors())
+
+    def distance(self) -> torch.Tensor:
+        """‖W_eff − W_pretrained‖_F as a 0-dim tensor, from Gram products (no out x in matrix)."""
+        return gram_norm(self.delta_factors())
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    @classmethod
+    def after_optimizer_step_all(cls, layers: list["AdapterLayer"], step: int) -> None:
+        """Model-wide hook (e.g. global rank budgets); default: each layer on its own."""
+        for layer in layers:
+            layer.after_optimizer_step(step)
+
+    # ----- forward / merge ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.is_conv:  # 1x1 conv == linear over channels: run the method on channel-last input
+            return self.adapted(x.movedim(1, -1)).movedim(-1, 1)
+        return self.adapted(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = self.weight
+        if self.keeps_weight_on_merge:
+            self._saved_weight = w.detach().clone()
+        new = w.double() + self.merge_delta().double()
+        w.copy_(new.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.weight
+        if self._saved_weight is not None:
+            w.copy_(self._saved_weight)
+            self._saved_weight = None
+        else:
+            w.copy_(self.unmerged_weight(w).to(w.dtype))
+        self.merged = False
+
+    def merge_delta(self) -> torch.Tensor:
+        """What merge() adds to the current base weight; differs from delta_weight() only where part of
+        the update already lives in the base weight (DeLoRA's folded initial copy)."""
+        return self.delta_weight()
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """Recover W from W + ΔW (additive methods; ΔW does not depend on W)."""
+        return merged.double() - self.merge_delta().double()
+
+    def release(self) -> None:
+        """Undo everything this layer did to the base weight (eject without merging)."""
+        self.unmerge()
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, in={self.in_features}, out={self.out_features}, merged={self.merged}"

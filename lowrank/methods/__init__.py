@@ -1,0 +1,1 @@
+"""One file per method. Each defines one AdapterLayer subclass."""

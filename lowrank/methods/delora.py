@@ -1,0 +1,114 @@
+"""DeLoRA: W_eff = W + (λ‖W̄‖/r)·B Ξ A,  Ξ_ii = 1/(‖b_i‖‖a_i‖)   (DeLoRA Eq. 5, 8, 15).
+
+Each normalised rank-1 term b_i a_iᵀ/(‖b_i‖‖a_i‖) has Frobenius norm 1, so the update lives in a ball
+whose radius is set by the learnable λ (one per matrix) and the frozen pretrained norm ‖W̄‖, not by
+the learning rate. ‖W̄‖ (`delora_norm`):
+  column     one norm per input column, ΔW = (λ/r) B Ξ A diag(‖W̄_:,j‖)  (peft, official code)
+  frobenius  a scalar ‖W̄‖_F (the paper's text)
+  none       1 (ablation "normalize w/ controllable boundary", Table 1 row 2)
+Init (`delora_init`):
+  subtract   A, B Kaiming; the frozen initial update (λ0, A0, B0) is folded out of W (Eq. 9), so
+             W_eff = W̄ + ΔW(t) − ΔW(0) starts at W̄ and the forward costs what zero_b costs.
+  zero_b     B = 0 (peft): ΔW(0) = 0 with Ξ's norms clamped at delora_eps.
+
+The boundary. Each normalised term, scaled by N, has norm ≤ N where N = max_j ‖W̄_:,j‖ (column),
+‖W̄‖_F (frobenius) or 1 (none), so for zero_b  ‖W_eff − W̄‖_F ≤ |λ|·N, and for subtract
+‖W_eff − W̄‖_F ≤ (|λ| + |λ0|)·N. (Clamping a norm below delora_eps only shrinks a term.)
+The forward never forms ΔW: x (A ⊙ w)ᵀ is scaled by Ξλ/r in the r-dim bottleneck, then Bᵀ.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..layer import AdapterLayer
+
+
+class DeloraLayer(AdapterLayer):
+    method = "delora"
+    prefix = "delora_"
+
+    def init_adapter(self) -> None:
+        cfg, r, w = self.config, self.config.rank, self.weight.detach()
+        kw = dict(device=w.device, dtype=torch.float32)
+        self.delora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.delora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
+        self.delora_lambda = nn.Parameter(torch.full((1,), float(cfg.delora_lambda), **kw))
+        nn.init.kaiming_uniform_(self.delora_A, a=math.sqrt(5))
+        if cfg.delora_init == "zero_b":
+            nn.init.zeros_(self.delora_B)
+        else:
+            nn.init.kaiming_uniform_(self.delora_B, a=math.sqrt(5))
+        if cfg.delora_norm == "column":
+            w_norm = w.float().norm(dim=0)
+        elif cfg.delora_norm == "frobenius":
+            w_norm = w.float().norm().reshape(1)
+        else:
+            w_norm = torch.ones(1, **kw)
+        self.register_buffer("delora_w_norm", w_norm)  # frozen ‖W̄‖: merge/unmerge stay exact
+        if cfg.delora_init == "subtract":
+            self.register_buffer("delora_A0", self.delora_A.detach().clone())
+            self.register_buffer("delora_B0", self.delora_B.detach().clone())
+            self.register_buffer("delora_lambda0", self.delora_lambda.detach().clone())
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self._folded = False
+
+    def post_init(self) -> None:
+        if self.config.delora_init == "subtract":
+            self._fold(-1)
+
+    @torch.no_grad()
+    def _fold(self, sign: int) -> None:
+        """W ← W + sign·ΔW(0): sign −1 applies Eq. 9, +1 undoes it (rounded once, in float64)."""
+        u, v = self._factors(self.delora_A0, self.delora_B0, self.delora_lambda0)
+        w = self.weight
+        w.copy_((w.double() + sign * (u.double() @ v.double())).to(w.dtype))
+        self._folded = sign < 0
+
+    def release(self) -> None:
+        super().release()
+        if self._folded:
+            self._fold(+1)
+
+    def load_adapter_state(self, state) -> None:
+        folded = self._folded
+        if folded:
+            self._fold(+1)
+        super().load_adapter_state(state)
+        if folded:
+            self._fold(-1)
+
+    def _xi(self, A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """λ/r · Ξ as an (r,) vector: λ / (r ‖b_i‖ ‖a_i‖), norms clamped at delora_eps."""
+        eps = self.config.delora_eps
+        return lam / (self.config.rank * A.norm(dim=1).clamp_min(eps) * B.norm(dim=0).clamp_min(eps))
+
+    def _factors(self, A, B, lam):
+        return B * self._xi(A, B, lam), A * self.delora_w_norm
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.delora_A, self.delora_B
+        h = self.dropout(x).to(A.dtype) @ (A * self.delora_w_norm).T    # (…, r): w folded into A, not x
+        h = h * self._xi(A, B, self.delora_lambda)
+        return self.base_linear(x) + (h @ B.T).to(x.dtype)
+
+    def delta_factors(self):
+        factors = [self._factors(self.delora_A, self.delora_B, self.delora_lambda)]
+        if self.config.delora_init == "subtract":
+            u0, v0 = self._factors(self.delora_A0, self.delora_B0, self.delora_lambda0)
+            factors.append((-u0, v0))
+        return factors
+
+    def merge_delta(self) -> torch.Tensor:
+        u, v = self.delta_factors()[0]   # ΔW(0) is already folded into W
+        return u @ v
+
+    def bound(self) -> float:
+        """The radius the docstring proves: |λ|·N (zero_b) or (|λ| + |λ0|)·N (subtract)."""
+        n = float(self.delora_w_norm.max())
+        lam = abs(float(self.delora_lambda))
+        if self.config.delora_init == "subtract":
+            lam += abs(float(self.delora_lambda0))
+        return lam * n

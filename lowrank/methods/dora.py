@@ -1,0 +1,77 @@
+"""DoRA (weight-decomposed): W' = m ⊙ (W + sBA) / ‖W + sBA‖   (DoRA Eq. 5).
+
+One magnitude per output row (peft's convention, shape (out,)); m starts at the row norms of W so
+the layer starts as the identity. The row norm is computed without an out x in temporary:
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
+with ‖W_i‖² cached once (W is frozen). By default the norm is detached from the graph (DoRA §4.3);
+dora_fixed_magnitude freezes m (DeLoRA appendix C).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import LoraLayer
+
+
+class DoraLayer(LoraLayer):
+    method = "dora"
+    prefix = "lora_"  # lora_A, lora_B, lora_magnitude: peft's names
+
+    def init_adapter(self) -> None:
+        super().init_adapter()
+        w = self.weight.detach().float()
+        self.register_buffer("lora_w_row_sq", (w * w).sum(dim=1), persistent=False)
+        self.lora_magnitude = nn.Parameter(self.lora_w_row_sq.sqrt().clone(),
+                                           requires_grad=not self.config.dora_fixed_magnitude)
+
+    def row_norm(self) -> torch.Tensor:
+        """‖W + sBA‖ per output row, (out,); detached unless dora_detach_norm=False."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.dora_detach_norm):
+            A, B, s = self.lora_A, self.lora_B, self.scale
+            WA = (self.weight.to(A.dtype) @ A.T)                   # (out, r): W Aᵀ
+            cross = (B * WA).sum(dim=1)                             # B_i · (W Aᵀ)_i
+            quad = ((B @ (A @ A.T)) * B).sum(dim=1)                 # B_i (A Aᵀ) B_iᵀ
+            sq = self.lora_w_row_sq + 2 * s * cross + s * s * quad
+            return sq.clamp_min(1e-12).sqrt()
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.lora_magnitude / self.row_norm()                  # (out,)
+        base = self.base_linear(x, bias=False)
+        lora = self.lora_branch(x)
+        if isinstance(self.dropout, nn.Identity):
+            # y = k ⊙ (W x + sBA x) + b, reusing the base output: no second GEMM.
+            y = k.to(base.dtype) * (base + lora)
+        else:
+            # as peft: the base path sees x, the adapted path sees dropout(x) (one extra GEMM).
+            xd = self.dropout(x)
+            y = base + (k - 1).to(base.dtype) * self.base_linear(xd, bias=False) + k.to(base.dtype) * lora
+        return y if self.bias is None else y + self.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        k = (self.lora_magnitude / self.row_norm()).unsqueeze(1)
+        w = self.weight.float()
+        return k * (w + self.scale * self.lora_B @ self.lora_A) - w
+
+    def distance(self) -> torch.Tensor:
+        # ΔW_i = (k_i − 1) W_i + k_i s (BA)_i: full rank, so expand row by row with the same Gram terms
+        # as row_norm(): ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ.
+        A, B, s = self.lora_A.double(), self.lora_B.double(), self.scale
+        WA = self.weight.double() @ A.T
+        w_sq = self.lora_w_row_sq.double()
+        cross, quad = (B * WA).sum(1), ((B @ (A @ A.T)) * B).sum(1)
+        k = (self.lora_magnitude / self.row_norm()).double()   # the forward's k: exactly 1 at init
+        sq = (k - 1) ** 2 * w_sq + 2 * (k - 1) * k * s * cross + (k * s) ** 2 * quad
+        return sq.sum().clamp_min(0).sqrt()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._merge_k = self.lora_magnitude.detach() / self.row_norm()  # k at merge time
+        super().merge()
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        # merged = k ⊙ (W + sBA)  ⇒  W = merged / k − sBA   (k cached: it cannot be recovered from merged)
+        k = self._merge_k.double().unsqueeze(1)
+        self._merge_k = None
+        return merged.double() / k - self.scale * (self.lora_B.double() @ self.lora_A.double())

@@ -1,0 +1,136 @@
+"""ETHER and ETHER+: multiplicative updates by (relaxed) Householder reflections (DeLoRA Eq. 2-3).
+
+ETHER   W' = H W,          H  = I − 2ûûᵀ                       (a reflection: ‖H − I‖_F = 2, H orthogonal)
+ETHER+  W' = H⁺ W H̃⁺,      H⁺ = I − ûûᵀ + v̂v̂ᵀ (‖H⁺ − I‖_F ≤ 2), H̃⁺ the same on the input side
+        one-sided (etherplus_one_sided): W' = H⁺ W   (Table 1, "ETHER+ (one-side)")
+
+W is stored (out, in), so H acts on the output dimension and H̃⁺ on the input dimension; every H is
+block-diagonal with `ether_blocks` blocks, each with its own unit vectors. Nothing d x d is ever
+built in forward: y = W' x is the base GEMM on H̃⁺x, followed by H on the output, and a reflection
+of a vector is y − 2(y·û)û. ETHER starts as a reflection (not the identity: that is the method);
+ETHER+ starts with v = u, so H⁺ = I.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layer import AdapterLayer
+
+
+def unit(u: torch.Tensor) -> torch.Tensor:
+    """Row-normalise the (blocks, block_dim) vectors."""
+    return u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def rank1_update(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """y + Σ c·(y·û)û per block along y's last dim, for (c, û) in terms; û is (blocks, block_dim)."""
+    n, m = terms[0][1].shape
+    yb = y.reshape(*y.shape[:-1], n, m)
+    out = yb
+    for c, uh in terms:
+        uh = uh.to(y.dtype)
+        out = out + c * (yb * uh).sum(-1, keepdim=True) * uh
+    return out.reshape(y.shape)
+
+
+def embed(uh: torch.Tensor) -> torch.Tensor:
+    """(blocks, m) unit vectors -> (blocks*m, blocks) block-diagonal matrix Û with H = I − 2ÛÛᵀ."""
+    return torch.block_diag(*uh.unsqueeze(-1))
+
+
+class EtherLayer(AdapterLayer):
+    method = "ether"
+    prefix = "ether_"
+
+    def check_rank(self, rank: int) -> None:  # rank does not apply: ETHER is rank-1 per block
+        n = self.config.ether_blocks
+        dims = [self.out_features] + ([self.in_features] if self.two_sided else [])
+        for d in dims:
+            if d % n:
+                raise ConfigError(f"ether_blocks={n} does not divide the layer dimension {d} "
+                                  f"({self.out_features}x{self.in_features}); pick a divisor")
+
+    two_sided = False
+
+    def _vector(self, dim: int) -> nn.Parameter:
+        n = self.config.ether_blocks
+        u = torch.empty(n, dim // n, device=self.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+        return nn.Parameter(u)
+
+    def init_adapter(self) -> None:
+        self.ether_u = self._vector(self.out_features)
+
+    def out_terms(self):
+        return [(-2.0, unit(self.ether_u))]
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        y = rank1_update(self.base_linear(x, bias=False), self.out_terms())
+        return y if self.bias is None else y + self.bias
+
+    def delta_factors(self):
+        uh = unit(self.ether_u)
+        U = embed(uh)                                   # (out, n)
+        V = U.T @ self.weight.to(U.dtype)               # (n, in): ûᵀW per block
+        return [(-2.0 * U, V)]                          # HW − W = −2ÛÛᵀW
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        # H is an orthogonal involution (H·H = I): W = H·(HW).
+        return rank1_update(merged.double().T, [(c, u.double()) for c, u in self.out_terms()]).T
+
+    def reflection_distance(self) -> list[float]:
+        """‖H − I‖_F per block (exactly 2 for ETHER)."""
+        return [2.0] * self.config.ether_blocks
+
+
+class EtherPlusLayer(EtherLayer):
+    method = "etherplus"
+    keeps_weight_on_merge = True  # H⁺ can be singular (v̂ ⟂ û): unmerge restores a saved copy
+
+    @property
+    def two_sided(self) -> bool:
+        return not self.config.etherplus_one_sided
+
+    def init_adapter(self) -> None:
+        self.ether_u = self._vector(self.out_features)
+        self.ether_v = nn.Parameter(self.ether_u.detach().clone())       # v = u  ⇒  H⁺ = I
+        if self.two_sided:
+            self.ether_u_in = self._vector(self.in_features)
+            self.ether_v_in = nn.Parameter(self.ether_u_in.detach().clone())
+
+    def out_terms(self):
+        return [(-1.0, unit(self.ether_u)), (1.0, unit(self.ether_v))]
+
+    def in_terms(self):
+        return [(-1.0, unit(self.ether_u_in)), (1.0, unit(self.ether_v_in))]
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        if self.two_sided:
+            x = rank1_update(x, self.in_terms())                          # H̃⁺ x   (H̃⁺ is symmetric)
+        y = rank1_update(self.base_linear(x, bias=False), self.out_terms())  # H⁺ W H̃⁺ x
+        return y if self.bias is None else y + self.bias
+
+    def delta_factors(self):
+        # H⁺ W H̃⁺ − W = P W + H⁺ (W P̃),  P = −ÛÛᵀ + V̂V̂ᵀ, P̃ likewise: rank ≤ 4 per block.
+        W = self.weight.float()
+        Uo, Vo = embed(unit(self.ether_u)), embed(unit(self.ether_v))
+        factors = [(torch.cat([-Uo, Vo], 1), torch.cat([Uo.T @ W, Vo.T @ W], 0))]
+        if self.two_sided:
+            Ui, Vi = embed(unit(self.ether_u_in)), embed(unit(self.ether_v_in))
+            WP = torch.cat([W @ Ui, W @ Vi], 1)                          # (out, 2n)
+            HWP = rank1_update(WP.T, self.out_terms()).T                  # H⁺ applied to its columns
+            factors.append((HWP, torch.cat([-Ui.T, Vi.T], 0)))
+        return factors
+
+    def reflection_distance(self) -> list[float]:
+        """max over sides of ‖H⁺ − I‖_F per block = sqrt(2 − 2(û·v̂)²) ≤ √2 (the paper states the looser ≤ 2)."""
+        sides = [(self.ether_u, self.ether_v)] + ([(self.ether_u_in, self.ether_v_in)] if self.two_sided else [])
+        out = torch.zeros(self.config.ether_blocks)
+        for u, v in sides:
+            c = (unit(u) * unit(v)).sum(1).detach().cpu()
+            out = torch.maximum(out, (2 - 2 * c * c).clamp_min(0).sqrt())
+        return out.tolist()

@@ -1,0 +1,13 @@
+"""Method name -> AdapterLayer subclass: one line per method."""
+from .methods.delora import DeloraLayer
+from .methods.dora import DoraLayer
+from .methods.ether import EtherLayer, EtherPlusLayer
+from .methods.lora import LoraLayer
+
+METHODS = {
+    "lora": LoraLayer,
+    "dora": DoraLayer,
+    "delora": DeloraLayer,
+    "ether": EtherLayer,
+    "etherplus": EtherPlusLayer,
+}
