@@ -14,6 +14,9 @@ Init (`delora_init`):
 The boundary. Each normalised term, scaled by N, has norm ≤ N where N = max_j ‖W̄_:,j‖ (column),
 ‖W̄‖_F (frobenius) or 1 (none), so for zero_b  ‖W_eff − W̄‖_F ≤ |λ|·N, and for subtract
 ‖W_eff − W̄‖_F ≤ (|λ| + |λ0|)·N. (Clamping a norm below delora_eps only shrinks a term.)
+Folding ΔW(0) into W rounds W̄ − ΔW(0) once in the base weight's dtype: in fp32 that is ~1e-7
+relative; with bf16 base weights the rounding grows with ‖ΔW(0)‖ (≈ λ/√r column norms for 'column'),
+comparable to the rounding bf16 already applies to W̄.
 The forward never forms ΔW: x (A ⊙ w)ᵀ is scaled by Ξλ/r in the r-dim bottleneck, then Bᵀ.
 """
 from __future__ import annotations
@@ -108,7 +111,7 @@ class DeloraLayer(AdapterLayer):
     def bound(self) -> float:
         """The radius the docstring proves: |λ|·N (zero_b) or (|λ| + |λ0|)·N (subtract)."""
         n = float(self.delora_w_norm.max())
-        lam = abs(float(self.delora_lambda))
+        lam = abs(self.delora_lambda.item())
         if self.config.delora_init == "subtract":
-            lam += abs(float(self.delora_lambda0))
+            lam += abs(self.delora_lambda0.item())
         return lam * n
