@@ -44,7 +44,8 @@ def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -
         hint = ", ".join(linear[:6]) + (" ..." if len(linear) > 6 else "")
         raise TargetError(f"target_modules {config.target_modules!r} matched no module; "
                           f"linear modules in this model include: {hint or 'none'}")
-    for p in model.parameters():
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
         p.requires_grad_(False)
     cls = METHODS[config.method]
     for name in names:
@@ -52,7 +53,9 @@ def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -
         try:
             layer = cls(base, config, init_state=(state or {}).get(name))
         except AdapterError as e:
-            eject(model)  # never leave a half-injected model behind
+            eject(model)  # never leave a half-injected (or needlessly frozen) model behind
+            for p in trainable:
+                p.requires_grad_(True)
             raise type(e)(f"{name}: {e}") from None
         _set_module(model, name, layer)
     return names
