@@ -35,6 +35,18 @@ def gram_norm(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return ((U.T @ U) * (V @ V.T)).sum().clamp_min(0.0).sqrt()
 
 
+def add_low_rank(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """y + alpha·h @ upᵀ as one fused addmm (no tokens x out temporaries for the product or the scale).
+
+    h is the r-wide bottleneck (…, r), up is (out, r). Computed in y's dtype when the dtypes differ
+    (fp16/bf16 base weights with fp32 adapters), which is what autocast would do anyway.
+    """
+    shape = y.shape
+    up = up.to(y.dtype)
+    out = torch.addmm(y.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), up.T, alpha=alpha)
+    return out.view(shape)
+
+
 class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     prefix: ClassVar[str] = ""          # e.g. "lora_": every trainable name starts with it

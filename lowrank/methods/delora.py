@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, add_low_rank
 
 
 class DeloraLayer(AdapterLayer):
@@ -93,9 +93,10 @@ class DeloraLayer(AdapterLayer):
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.delora_A, self.delora_B
-        h = self.dropout(x).to(A.dtype) @ (A * self.delora_w_norm).T    # (…, r): w folded into A, not x
-        h = h * self._xi(A, B, self.delora_lambda)
-        return self.base_linear(x) + (h @ B.T).to(x.dtype)
+        # ‖W̄‖ folded into A and λΞ/r into B: r x in and out x r scalings instead of passes over tokens,
+        # and autograd saves exactly what LoRA saves (x and the r-wide h)
+        h = self.dropout(x).to(A.dtype) @ (A * self.delora_w_norm).T
+        return add_low_rank(self.base_linear(x), h, B * self._xi(A, B, self.delora_lambda))
 
     def delta_factors(self):
         factors = [self._factors(self.delora_A, self.delora_B, self.delora_lambda)]

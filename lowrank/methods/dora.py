@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layer import add_low_rank
 from .lora import LoraLayer
 
 
@@ -38,14 +39,15 @@ class DoraLayer(LoraLayer):
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         k = self.lora_magnitude / self.row_norm()                  # (out,)
         base = self.base_linear(x, bias=False)
-        lora = self.lora_branch(x)
         if isinstance(self.dropout, nn.Identity):
-            # y = k ⊙ (W x + sBA x) + b, reusing the base output: no second GEMM.
-            y = k.to(base.dtype) * (base + lora)
-        else:
-            # as peft: the base path sees x, the adapted path sees dropout(x) (one extra GEMM).
-            xd = self.dropout(x)
-            y = base + (k - 1).to(base.dtype) * self.base_linear(xd, bias=False) + k.to(base.dtype) * lora
+            # y = k ⊙ (W x + sBA x) + b, reusing the base output: no second GEMM, two fused passes.
+            z = add_low_rank(base, self.down(x), self.lora_B, self.scale)
+            k = k.to(z.dtype)
+            return z * k if self.bias is None else torch.addcmul(self.bias.to(z.dtype), z, k)
+        # as peft: the base path sees x, the adapted path sees one dropout(x) (one extra GEMM).
+        xd = self.dropout(x)
+        lora = ((xd.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(base.dtype)
+        y = base + (k - 1).to(base.dtype) * self.base_linear(xd, bias=False) + k.to(base.dtype) * lora
         return y if self.bias is None else y + self.bias
 
     def delta_weight(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, add_low_rank
 
 
 class LoraLayer(AdapterLayer):
@@ -26,13 +26,13 @@ class LoraLayer(AdapterLayer):
         self.scale = self.config.scale
         self.dropout = nn.Dropout(self.config.dropout) if self.config.dropout > 0 else nn.Identity()
 
-    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(α/r)·B A x in the adapter's dtype, cast back to x's dtype: an r-wide bottleneck."""
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T
-        return ((h @ self.lora_B.T) * self.scale).to(x.dtype)
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """h = A·dropout(x): the r-wide bottleneck."""
+        return self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_linear(x) + self.lora_branch(x)
+        # y = (W x + b) + s·B h in one addmm; the scale s goes into the GEMM, not over tokens x out
+        return add_low_rank(self.base_linear(x), self.down(x), self.lora_B, self.scale)
 
     def delta_factors(self):
         return [(self.lora_B * self.scale, self.lora_A)]
