@@ -57,6 +57,7 @@ class DeloraLayer(AdapterLayer):
             self.register_buffer("delora_lambda0", self.delora_lambda.detach().clone())
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._folded = False
+        self._cache_f0 = None
 
     def post_init(self) -> None:
         if self.config.delora_init == "subtract":
@@ -80,6 +81,7 @@ class DeloraLayer(AdapterLayer):
         if folded:
             self._fold(+1)
         super().load_adapter_state(state)
+        self._cache_f0 = None
         if folded:
             self._fold(-1)
 
@@ -101,9 +103,16 @@ class DeloraLayer(AdapterLayer):
     def delta_factors(self):
         factors = [self._factors(self.delora_A, self.delora_B, self.delora_lambda)]
         if self.config.delora_init == "subtract":
-            u0, v0 = self._factors(self.delora_A0, self.delora_B0, self.delora_lambda0)
-            factors.append((-u0, v0))
+            factors.append(self._initial_factors())
         return factors
+
+    def _initial_factors(self):
+        """(−ΔW(0)) as factors, from frozen tensors: computed once per device, not every step."""
+        cached = self._cache_f0
+        if cached is None or cached[0].device != self.delora_A0.device:
+            u0, v0 = self._factors(self.delora_A0, self.delora_B0, self.delora_lambda0)
+            cached = self._cache_f0 = (-u0.detach().double(), v0.detach().double())
+        return cached
 
     def merge_delta(self) -> torch.Tensor:
         u, v = self.delta_factors()[0]   # ΔW(0) is already folded into W

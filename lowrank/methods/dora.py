@@ -56,13 +56,16 @@ class DoraLayer(LoraLayer):
         return k * (w + self.scale * self.lora_B @ self.lora_A) - w
 
     def distance(self) -> torch.Tensor:
-        # ΔW_i = (k_i − 1) W_i + k_i s (BA)_i: full rank, so expand row by row with the same Gram terms
-        # as row_norm(): ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ.
-        A, B, s = self.lora_A.double(), self.lora_B.double(), self.scale
-        WA = self.weight.double() @ A.T
+        # ΔW_i = (k_i − 1) W_i + k_i s (BA)_i: full rank, so expand row by row with the Gram terms of
+        # row_norm(): ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ.
+        # One fp32 GEMM (W Aᵀ, shared with k); the rest is (out x r) work in float64.
+        A, B, s = self.lora_A, self.lora_B, self.scale
+        WA = (self.weight.to(A.dtype) @ A.T).double()
+        A, B = A.double(), B.double()
         w_sq = self.lora_w_row_sq.double()
         cross, quad = (B * WA).sum(1), ((B @ (A @ A.T)) * B).sum(1)
-        k = (self.lora_magnitude / self.row_norm()).double()   # the forward's k: exactly 1 at init
+        n = (self.lora_w_row_sq + 2 * s * cross.float() + s * s * quad.float()).clamp_min(1e-12).sqrt()
+        k = (self.lora_magnitude / n).double()     # the forward's k (fp32): exactly 1 at init
         sq = (k - 1) ** 2 * w_sq + 2 * (k - 1) * k * s * cross + (k * s) ** 2 * quad
         return sq.sum().clamp_min(0).sqrt()
 

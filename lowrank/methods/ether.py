@@ -38,6 +38,8 @@ def rank1_update(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]]) -> to
 
 def embed(uh: torch.Tensor) -> torch.Tensor:
     """(blocks, m) unit vectors -> (blocks*m, blocks) block-diagonal matrix Û with H = I − 2ÛÛᵀ."""
+    if uh.shape[0] == 1:
+        return uh.T
     return torch.block_diag(*uh.unsqueeze(-1))
 
 

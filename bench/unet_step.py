@@ -1,0 +1,148 @@
+"""A full DreamBooth training step per method, against LoRA and against the frozen floor.
+
+    python bench/unet_step.py [--device cuda] [--dtype bf16] [--resolutions 64 128] [--sd15]
+
+One step = VAE encode, noise, UNet forward/backward, AdamW step, step hooks, weight-distance
+logging: what training/dreambooth.py does per step. The floor is the frozen UNet backpropagating to
+its input (the work every adapter pays for). Also measured: the share of the step spent in
+weight_distance(), and merged inference (adapter folded in) against the plain base UNet.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lowrank  # noqa: E402
+from bench.common import RESULTS, interleaved, machine, peak_cuda_bytes, write_json  # noqa: E402
+
+MID_UNET = dict(block_out_channels=(64, 128, 256), layers_per_block=1, cross_attention_dim=256, attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                norm_num_groups=32)
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+VAE_8X = dict(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
+LR = {"lora": 6e-4, "dora": 6e-4, "delora": 6e-3, "ether": 6e-3, "etherplus": 6e-3, "deltalora": 6e-4, "dyndora": 6e-4}
+
+
+class Trainer:
+    """Everything one method's training step touches, built once."""
+
+    def __init__(self, method, unet, vae, sched, rank, device, dtype):
+        self.unet = copy.deepcopy(unet)
+        self.vae, self.sched, self.device, self.dtype = vae, sched, device, dtype
+        self.method = method
+        if method == "floor":
+            self.unet.requires_grad_(False)
+            self.opt, self.hooks = None, None
+        else:
+            extra = {"dyndora_total_steps": 1000} if method == "dyndora" else {}
+            lowrank.inject(self.unet, lowrank.AdapterConfig(method=method, rank=rank, **extra))
+            self.opt = torch.optim.AdamW(lowrank.parameter_groups(self.unet, lr=LR.get(method, 1e-4)))
+            self.hooks = lowrank.step_hooks(self.unet)
+        self.steps = 0
+
+    def step(self, pixels, text, log_distance=True):
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        noisy = self.sched.add_noise(latents, noise, t)
+        if self.opt is None:
+            noisy.requires_grad_(True)  # the floor: gradients flow to the input through the frozen UNet
+        with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32):
+            pred = self.unet(noisy, t, text).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            if self.hooks is not None:
+                loss = loss + self.hooks.extra_loss()
+        loss.backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.steps += 1
+            self.hooks.after_optimizer_step(self.steps)
+            if log_distance:
+                lowrank.weight_distance(self.unet)
+
+
+def run_resolution(args, res, unet_cfg):
+    device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=res // 8, **unet_cfg).to(device)
+    vae = AutoencoderKL(**VAE_8X).to(device).requires_grad_(False)
+    sched = DDPMScheduler()
+    methods = [m for m in sorted(lowrank.METHODS) if not args.methods or m in args.methods]
+    trainers = {"floor": Trainer("floor", unet, vae, sched, args.rank, device, dtype)}
+    trainers |= {m: Trainer(m, unet, vae, sched, args.rank, device, dtype) for m in methods}
+    pixels = torch.randn(args.batch, 3, res, res, device=device)
+    text = torch.randn(args.batch, 77, unet_cfg["cross_attention_dim"], device=device)
+    secs = interleaved({k: (lambda tr=tr: tr.step(pixels, text)) for k, tr in trainers.items()},
+                       args.reps, args.warmup, device)
+    peak = {k: peak_cuda_bytes(lambda tr=tr: tr.step(pixels, text), device) for k, tr in trainers.items()}
+    # distance logging share: the same LoRA step with and without weight_distance()
+    lora = trainers.get("lora") or trainers[methods[0]]
+    dist = interleaved({"with": lambda: lora.step(pixels, text, True),
+                        "without": lambda: lora.step(pixels, text, False),
+                        "distance_only": lambda: lowrank.weight_distance(lora.unet)}, args.reps, 1, device)
+    # merged inference vs the base UNet (no grad)
+    merged = copy.deepcopy(trainers[methods[-1] if "delora" not in methods else "delora"].unet)
+    lowrank.merge(merged)
+    base = trainers["floor"].unet
+
+    def infer(model):
+        def f():
+            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+                model(torch.randn(args.batch, 4, res // 8, res // 8, device=device), torch.tensor([10], device=device), text)
+        return f
+    inf = interleaved({"merged": infer(merged), "base": infer(base)}, args.reps, 1, device)
+    row = {"resolution": res, "seconds": secs, "peak_cuda_bytes": peak,
+           "distance_share": dist["distance_only"] / dist["without"],
+           "merged_vs_base": inf["merged"] / inf["base"]}
+    print(f"\nUNet step at {res} px ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M-param UNet), r={args.rank}")
+    print(f"  {'method':<10} {'ms':>9} {'vs_lora':>8} {'vs_floor':>9}")
+    for k in ["floor"] + methods:
+        ref = secs.get("lora", secs[methods[0]])
+        print(f"  {k:<10} {secs[k] * 1e3:9.1f} {secs[k] / ref:8.3f} {secs[k] / secs['floor']:9.3f}")
+    print(f"  weight_distance share of a step: {100 * row['distance_share']:.2f} %")
+    print(f"  merged inference vs base: {row['merged_vs_base']:.3f}x")
+    return row, methods
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (bf16 on GPU)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="image sizes (latents are /8)")
+    p.add_argument("--sd15", action="store_true", help="the SD-1.5 UNet architecture (random weights) instead of the mid-size one")
+    p.add_argument("--rank", type=int, default=16, help="adapter rank")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--methods", nargs="*", help="subset of methods (default: all registered)")
+    p.add_argument("--reps", type=int, default=7, help="timed steps per candidate (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--out", type=Path, help="result JSON (default bench/results/unet_step-<device>-<dtype>[-sd15].json)")
+    args = p.parse_args(argv)
+    rows, methods = [], []
+    for res in args.resolutions:
+        row, methods = run_resolution(args, res, SD15_UNET if args.sd15 else MID_UNET)
+        rows.append(row)
+    summ = {m: {"vs_lora": sum(r["seconds"][m] / r["seconds"].get("lora", r["seconds"][m]) for r in rows) / len(rows),
+                "vs_floor": sum(r["seconds"][m] / r["seconds"]["floor"] for r in rows) / len(rows)} for m in methods}
+    summ["_step"] = {"distance_share": max(r["distance_share"] for r in rows),
+                     "merged_vs_base": sum(r["merged_vs_base"] for r in rows) / len(rows)}
+    tag = f"{args.device.split(':')[0]}-{args.dtype}" + ("-sd15" if args.sd15 else "")
+    out = args.out or RESULTS / f"unet_step-{tag}.json"
+    write_json(out, {"command": "python bench/unet_step.py " + " ".join(argv or sys.argv[1:]),
+                     "machine": machine(), "summary": summ, "rows": rows})
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
