@@ -31,9 +31,16 @@ def rank1_update(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]]) -> to
 
     As two skinny GEMMs, y + (y M)(M diag(c))ᵀ with M the block-embedded unit vectors (d x blocks·terms):
     one fused addmm instead of several passes over y."""
-    M = torch.cat([embed(uh) for _, uh in terms], dim=1).to(y.dtype)
-    c = torch.cat([torch.full((uh.shape[0],), float(coef), device=uh.device) for coef, uh in terms]).to(y.dtype)
+    M, c = stack_terms(terms)
+    M, c = M.to(y.dtype), c.to(y.dtype)
     return add_low_rank(y, y @ M, M * c)
+
+
+def stack_terms(terms: list[tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, c): the block-embedded unit vectors of all terms side by side, and each column's coefficient."""
+    M = torch.cat([embed(uh) for _, uh in terms], dim=1)
+    c = torch.cat([torch.full((uh.shape[0],), float(coef), device=uh.device) for coef, uh in terms])
+    return M, c
 
 
 def embed(uh: torch.Tensor) -> torch.Tensor:
