@@ -1,0 +1,72 @@
+"""`python -m app` / `lowrank-app`: serve the Gradio app (train, compare, generate).
+
+    python -m app --runs_dir runs --port 7860
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowrank-app", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="Address to bind; 0.0.0.0 exposes the app (and its training button) to the network.")
+    p.add_argument("--port", type=int, default=7860, help="Port to serve on.")
+    p.add_argument("--runs_dir", default="runs",
+                   help="Folder holding one sub-folder per training run; runs found there are listed after a restart.")
+    p.add_argument("--launcher", choices=["accelerate", "python"], default="accelerate",
+                   help="How the trainer is started: 'accelerate launch training/dreambooth.py' (as the CLI docs) "
+                        "or plain 'python training/dreambooth.py'.")
+    p.add_argument("--max_image_mb", type=float, default=20.0, help="Largest accepted subject image, in MB.")
+    p.add_argument("--cancel_grace", type=float, default=10.0,
+                   help="Seconds a cancelled trainer gets to exit after SIGTERM before it is killed with SIGKILL.")
+    p.add_argument("--poll", type=float, default=1.0, help="Seconds between progress updates while training.")
+    p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (needs internet).")
+    return p
+
+
+def serve(args: argparse.Namespace, block: bool = True):
+    """Start the app; returns (demo, service). With block=False the server runs in a thread (tests)."""
+    from .service import Service
+    from .ui import CSS, build
+
+    service = Service(Path(args.runs_dir), launcher=args.launcher, grace_s=args.cancel_grace,
+                      max_image_mb=args.max_image_mb)
+    demo = build(service, poll_s=args.poll)
+    demo.queue(default_concurrency_limit=1)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block,
+                    allowed_paths=[str(service.runs_dir)], max_file_size=f"{int(2 * args.max_image_mb) + 1}mb",
+                    show_error=False, quiet=not block, css=CSS)
+    except BaseException:
+        service.close()
+        raise
+    if block:
+        service.close()
+    return demo, service
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # SIGTERM -> finally blocks -> trainers cancelled
+    try:
+        serve(args, block=True)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:          # port in use, bad host
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

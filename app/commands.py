@@ -1,0 +1,105 @@
+"""The command lines the app runs: the DreamBooth trainer (the CLI's own code path, through
+`accelerate launch`) and eval/'s scorer, plus an up-front check that a base model can be loaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+from .inputs import InputError, TrainForm
+from .jobs import PROJECT_ROOT
+
+LAUNCHERS = ("accelerate", "python")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def is_tiny(name: str | None) -> bool:
+    return str(name or "").strip() in ("", "tiny")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model(name: str) -> str:
+    """The model string to pass to the trainer, or InputError saying why it cannot be loaded.
+    Local folders must hold a saved pipeline (model_index.json); hub names must be cached when
+    the hub is offline (HF_HUB_OFFLINE=1). Nothing is downloaded here."""
+    name = str(name or "").strip()
+    if is_tiny(name):
+        return "tiny"
+    path = Path(os.path.expanduser(name))
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
+    if looks_like_path:
+        if not path.exists():
+            raise InputError(f"Base model: no such folder {name!r}. Use 'tiny', a local pipeline folder or a hub name.")
+        if not (path.is_dir() and (path / "model_index.json").is_file()):
+            raise InputError(f"Base model: {name!r} is not a saved Stable Diffusion pipeline (no model_index.json).")
+        return str(path.resolve())
+    if not _HUB_ID.match(name):
+        raise InputError(f"Base model: {name!r} is neither a hub name (org/model) nor a local folder.")
+    if _offline():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(name, "model_index.json")
+        except Exception:   # invalid repo ids raise validation errors of several types
+            cached = None
+        if not isinstance(cached, str):
+            raise InputError(f"Base model: {name!r} is not in the local Hugging Face cache and the hub is "
+                             f"offline (HF_HUB_OFFLINE=1). Use 'tiny' or a local folder.")
+    return name
+
+
+def trainer_script() -> Path:
+    spec = importlib.util.find_spec("training.dreambooth")
+    if spec is not None and spec.origin:
+        return Path(spec.origin)
+    return PROJECT_ROOT / "training" / "dreambooth.py"
+
+
+def launcher_prefix(launcher: str = "accelerate", cpu: bool | None = None) -> list[str]:
+    """How the trainer script is started. 'accelerate' is the documented CLI path; 'python' runs the
+    script directly (same code, no launcher process)."""
+    if launcher == "python":
+        return [sys.executable]
+    if launcher != "accelerate":
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if cpu is None:
+        try:
+            import torch
+            cpu = not torch.cuda.is_available()
+        except ImportError:
+            cpu = True
+    return [sys.executable, "-m", "accelerate.commands.launch", *(["--cpu"] if cpu else []),
+            "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Path,
+                  launcher: str = "accelerate") -> list[str]:
+    cmd = [*launcher_prefix(launcher), str(trainer_script()),
+           "--method", method, "--rank", str(form.rank),
+           "--max_train_steps", str(form.steps), "--checkpointing_steps", str(form.checkpoint_every),
+           "--instance_data_dir", str(instance_dir), "--instance_prompt", form.instance_prompt,
+           "--class_prompt", form.class_prompt, "--output_dir", str(run_dir), "--seed", str(form.seed)]
+    if form.learning_rate is not None:
+        cmd += ["--learning_rate", repr(float(form.learning_rate))]
+    if method == "delora":
+        cmd += ["--delora_lambda", repr(float(form.delora_lambda))]
+    if not is_tiny(form.model):
+        cmd += ["--pretrained_model_name_or_path", form.model]
+    if form.resolution:
+        cmd += ["--resolution", str(form.resolution)]
+    if form.sample_steps:
+        cmd += ["--num_inference_steps", str(form.sample_steps)]
+    if form.num_samples:
+        cmd += ["--num_validation_images", str(form.num_samples)]
+    for key, value in (form.extra or {}).items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def eval_command(run_dir: Path, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "eval.subject", "--run_dir", str(run_dir), *(extra or [])]

@@ -1,0 +1,152 @@
+"""What the Compare and Train views show, computed from run folders (no Gradio here):
+
+    sample_grid(runs)            one PIL image: rows = runs (methods), columns = checkpoints
+    gallery_items(runs)          [(png, caption)] for a zoomable gallery of the same samples
+    curves(runs, key)            long DataFrame (step, value, run) for a line plot of any metrics key
+    metrics_table(runs)          one row per run: settings, last loss/distance, eval/ scores
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from . import runs as R
+
+DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
+                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
+EVAL_KEYS = ("dino", "clip_i", "clip_t")
+CELL = 128
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:        # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def row_label(run: R.RunInfo) -> str:
+    return f"{run.method} r{run.rank}" if run.rank is not None else run.method
+
+
+def columns(run_infos: list[R.RunInfo]) -> list[tuple[R.RunInfo, dict[str, tuple[Path, str]]]]:
+    """Per run: {column label: (first sample, prompt)} over its checkpoints (and the final samples
+    when the last step has no checkpoint). Sample 0 of each checkpoint is the same prompt and seed."""
+    out = []
+    for run in run_infos:
+        cells: dict[str, tuple[Path, str]] = {}
+        for step, path in R.checkpoints(run.path):
+            got = R.samples(path)
+            if got:
+                cells[f"step {step}"] = got[0]
+        final = R.samples(run.path)
+        if final and f"step {run.total_steps}" not in cells:
+            cells["final"] = final[0]
+        out.append((run, cells))
+    return out
+
+
+def _order(labels: set[str]) -> list[str]:
+    return sorted(labels, key=lambda c: (c == "final", int(c.split()[1]) if c.startswith("step ") else 0))
+
+
+def sample_grid(run_infos: list[R.RunInfo], cell: int = CELL) -> Image.Image | None:
+    """Rows = runs, columns = checkpoints; an empty cell where a run has no sample for that step."""
+    cols = columns(run_infos)
+    labels = _order({c for _, cells in cols for c in cells})
+    if not labels:
+        return None
+    font, small = _font(14), _font(11)
+    left, top, pad = 170, 26, 4
+    grid = Image.new("RGB", (left + len(labels) * (cell + pad), top + len(run_infos) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(labels):
+        draw.text((left + j * (cell + pad) + 4, 6), label, fill="black", font=font)
+    for i, (run, cells) in enumerate(cols):
+        y = top + i * (cell + pad)
+        draw.text((6, y + cell // 2 - 16), row_label(run), fill="black", font=font)
+        draw.text((6, y + cell // 2 + 2), run.name[-24:], fill="#666666", font=small)
+        for j, label in enumerate(labels):
+            x = left + j * (cell + pad)
+            got = cells.get(label)
+            if got is None:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline="#cccccc")
+                continue
+            try:
+                with Image.open(got[0]) as im:
+                    tile = im.convert("RGB")
+            except OSError:
+                continue
+            resample = Image.NEAREST if max(tile.size) < cell else Image.LANCZOS
+            grid.paste(tile.resize((cell, cell), resample), (x, y))
+    return grid
+
+
+def gallery_items(run_infos: list[R.RunInfo]) -> list[tuple[str, str]]:
+    items = []
+    for run, cells in columns(run_infos):
+        for label in _order(set(cells)):
+            path, prompt = cells[label]
+            items.append((str(path), f"{row_label(run)} · {label} · {prompt}".strip(" ·")))
+    return items
+
+
+def prompt_of(run_infos: list[R.RunInfo]) -> str:
+    for _, cells in columns(run_infos):
+        for _, prompt in cells.values():
+            if prompt:
+                return prompt
+    return ""
+
+
+def curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
+    """Long format for gr.LinePlot(x='step', y='value', color='run'); runs without the key are skipped."""
+    rows = []
+    for run in run_infos:
+        label = f"{run.method} · {run.name}"
+        for m in R.read_metrics(run.path):
+            v = m.get(key)
+            if isinstance(v, (int, float)) and v == v:
+                rows.append({"step": int(m["step"]), "value": float(v), "run": label})
+    return pd.DataFrame(rows, columns=["step", "value", "run"])
+
+
+def distance_key(run_infos: list[R.RunInfo], preferred: str | None = None) -> str:
+    """The distance key to plot: the preferred one if any run logs it, else the first one logged."""
+    logged = {k for run in run_infos for m in R.read_metrics(run.path)[-1:] for k in m}
+    for key in ([preferred] if preferred else []) + list(DISTANCE_KEYS):
+        if key in logged:
+            return key
+    return preferred or DISTANCE_KEYS[0]
+
+
+def _num(v, digits: int = 4):
+    return round(float(v), digits) if isinstance(v, (int, float)) else None
+
+
+def metrics_table(run_infos: list[R.RunInfo]) -> pd.DataFrame:
+    cols = ["run", "method", "rank", "lr", "status", "step", "loss", *DISTANCE_KEYS, "scored step", *EVAL_KEYS]
+    rows = []
+    for run in run_infos:
+        last = (R.read_metrics(run.path) or [{}])[-1]
+        ev = R.read_eval(run.path)
+        score = ev[-1] if ev else {}
+        steps = f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step)
+        rows.append({"run": run.name, "method": run.method, "rank": run.rank, "lr": run.learning_rate,
+                     "status": run.status, "step": steps, "loss": _num(last.get("loss")),
+                     **{k: _num(last.get(k)) for k in DISTANCE_KEYS},
+                     "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS}})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def eval_curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
+    """An eval/ score against the step (one point per scored checkpoint)."""
+    rows = []
+    for run in run_infos:
+        for row in R.read_eval(run.path):
+            v = row.get(key)
+            if isinstance(v, (int, float)) and isinstance(row.get("step"), int):
+                rows.append({"step": row["step"], "value": float(v), "run": f"{run.method} · {run.name}"})
+    return pd.DataFrame(rows, columns=["step", "value", "run"])

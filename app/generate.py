@@ -1,0 +1,119 @@
+"""Generate tab: images from a run's checkpoint (seeded, reproducible), optionally with the adapter
+merged into the base weights.
+
+One pipeline per base model is cached. For each request the adapter is loaded into it, used and
+ejected again, and the base weights it touched are restored bit for bit from a snapshot, so requests
+never leak into one another (merge/unmerge round trips are exact only to fp32 rounding).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from . import runs as R
+from .inputs import InputError
+
+BASE = "base model (no adapter)"
+FINAL = "final"
+
+
+def checkpoint_choices(run_dir: Path) -> list[str]:
+    out = [f"step {s}" for s, _ in R.checkpoints(run_dir)]
+    if R.is_adapter_dir(run_dir):
+        out.append(FINAL)
+    return out + [BASE]
+
+
+def adapter_dir(run_dir: Path, choice: str) -> Path | None:
+    """The folder holding the adapter for a checkpoint choice ('step N', 'final'); None for the base."""
+    choice = str(choice or "").strip()
+    if choice == BASE:
+        return None
+    if choice in (FINAL, ""):
+        if not R.is_adapter_dir(run_dir):
+            raise InputError("This run has no final adapter yet (still training, cancelled or failed): pick a checkpoint.")
+        return run_dir
+    for step, path in R.checkpoints(run_dir):
+        if choice in (f"step {step}", str(step), path.name):
+            return path
+    raise InputError(f"No checkpoint {choice!r} in run {run_dir.name}.")
+
+
+class Generator:
+    def __init__(self, device: str | None = None, max_models: int = 1):
+        self._lock = threading.Lock()
+        self._pipes: OrderedDict[str, object] = OrderedDict()
+        self.max_models = max_models
+        self.device = device
+
+    def pipeline(self, model: str):
+        from training.common.models import load_pipeline
+
+        key = model or "tiny"
+        if key in self._pipes:
+            self._pipes.move_to_end(key)
+            return self._pipes[key]
+        import torch
+        try:
+            pipe = load_pipeline(None if key == "tiny" else key)
+        except Exception as e:  # ModelLoadError and anything from_pretrained raises
+            raise InputError(f"Cannot load the base model {key!r}: {str(e).splitlines()[0][:300]}") from None
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = pipe.to(device)
+        if getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None
+        pipe.set_progress_bar_config(disable=True)
+        while len(self._pipes) >= self.max_models:
+            self._pipes.popitem(last=False)
+        self._pipes[key] = pipe
+        return pipe
+
+    def generate(self, run_dir: Path, choice: str, prompt: str, seed: int = 0, num_images: int = 1,
+                 steps: int = 25, guidance: float = 7.5, merged: bool = False, resolution: int | None = None):
+        import torch
+        from lowrank import eject, load_adapter, merge, read_adapter
+
+        prompt = str(prompt or "").strip()
+        if not prompt:
+            raise InputError("Type a prompt.")
+        adir = adapter_dir(Path(run_dir), choice)
+        info = R.info(Path(run_dir))
+        args = R.read_json(Path(run_dir) / "run.json", {}) or {}
+        args = args.get("args", args)
+        res = resolution or args.get("resolution")
+        with self._lock:
+            pipe = self.pipeline(info.model)
+            unet = pipe.unet
+            snapshot = {}
+            if adir is not None:
+                try:
+                    _, state = read_adapter(adir)
+                except Exception as e:
+                    raise InputError(f"Cannot read the adapter in {adir.name}: {e}") from None
+                modules = dict(unet.named_modules())
+                for name in {k.rpartition(".")[0] for k in state}:
+                    mod = modules.get(name)
+                    if mod is not None:
+                        snapshot[name] = {k: v.detach().clone() for k, v in mod.named_parameters(recurse=False)}
+                try:
+                    load_adapter(unet, adir)
+                except Exception as e:
+                    raise InputError(f"Cannot load the adapter of {Path(run_dir).name} ({choice}): {e}") from None
+            try:
+                if adir is not None and merged:
+                    merge(unet)
+                gen = torch.Generator("cpu").manual_seed(int(seed))
+                kwargs = {"height": int(res), "width": int(res)} if res else {}
+                with torch.inference_mode():
+                    out = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                               num_images_per_prompt=int(num_images), generator=gen, **kwargs)
+                return list(out.images)
+            finally:
+                if adir is not None:
+                    eject(unet)
+                    modules = dict(unet.named_modules())
+                    with torch.no_grad():
+                        for name, params in snapshot.items():
+                            for k, v in params.items():
+                                getattr(modules[name], k).copy_(v)

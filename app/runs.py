@@ -1,0 +1,357 @@
+"""The run registry: every run is a folder under the runs dir, and everything the app knows about it
+is read back from files there, so runs survive a restart of the app.
+
+    RUNS/<name>/app.json           what the app asked for (method, rank, steps, model, owner process)
+    RUNS/<name>/instance_images/   the uploaded subject, re-encoded as PNG under sanitised names
+    RUNS/<name>/pid                {"pid", "start"} of the training process while/after it runs
+    RUNS/<name>/exit_code          {"returncode", "cancelled"} once the process has ended
+    RUNS/<name>/train.log          the trainer's stdout and stderr
+    RUNS/<name>/run.json, metrics.jsonl, checkpoint-N/, adapter.safetensors, eval.jsonl  (the trainer, eval/)
+
+Status: queued -> running -> finished | failed | cancelled. A pid file whose process is gone with no
+exit_code file means the process died (app killed, OOM...): the run shows as failed with its last log
+lines, unless its final adapter is there (it finished while nobody was watching).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
+ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors")
+SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
+                "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
+STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+# ----- small file helpers -------------------------------------------------------------------------
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: write a temp file next to it, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), None if gone.
+    Recorded with the pid so a recycled pid is never taken for our process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()   # after "pid (comm) "
+    if fields[0] in ("Z", "X"):                     # zombie / dead: exited, not yet reaped
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int | None, start: int | None) -> bool:
+    if not pid or pid <= 0:
+        return False
+    if Path("/proc").is_dir():
+        now = process_start(pid)
+        return now is not None and (start is None or now == start)
+    try:                                            # no /proc (macOS): best effort
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def owner_record() -> dict:
+    """Identifies this app process (written into app.json of the runs it queues)."""
+    return {"pid": os.getpid(), "start": process_start(os.getpid())}
+
+
+def write_pid(run_dir: Path, pid: int) -> None:
+    write_json(Path(run_dir) / PID_FILE, {"pid": pid, "start": process_start(pid), "time": time.time()})
+
+
+def write_exit(run_dir: Path, returncode: int | None, cancelled: bool = False, note: str = "") -> None:
+    write_json(Path(run_dir) / EXIT_FILE, {"returncode": returncode, "cancelled": cancelled,
+                                            "note": note, "time": time.time()})
+
+
+def last_log_lines(run_dir: Path, n: int = 15, name: str = LOG_FILE) -> list[str]:
+    """The last n meaningful lines of a log (tqdm's carriage-return redraws and ANSI colours removed)."""
+    path = Path(run_dir) / name
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    lines = []
+    for line in text.split("\n"):
+        parts = [x for x in line.split("\r") if x.strip()]   # tqdm redraws: keep the last state
+        line = _ANSI_RE.sub("", parts[-1] if parts else "").rstrip()
+        if line:
+            lines.append(line)
+    return lines[-n:]
+
+
+# ----- metrics.jsonl: read incrementally, keep the summary keys only -----------------------------
+class _MetricsCache:
+    """metrics.jsonl grows by one line per step and each line carries a distance per layer (hundreds of
+    keys on SD-1.5): parse only the bytes added since the last read and keep SUMMARY_KEYS."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state: dict[str, tuple[int, int, list[dict]]] = {}   # path -> (inode, offset, rows)
+
+    def read(self, path: Path) -> list[dict]:
+        key = str(path)
+        try:
+            st = path.stat()
+        except OSError:
+            return []
+        with self._lock:
+            ino, offset, rows = self._state.get(key, (st.st_ino, 0, []))
+            if ino != st.st_ino or st.st_size < offset:      # replaced or truncated: start over
+                offset, rows = 0, []
+            if st.st_size > offset:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(st.st_size - offset)
+                end = chunk.rfind(b"\n") + 1                    # a half-written last line waits
+                rows = rows + _parse_lines(chunk[:end])
+                offset += end
+            self._state[key] = (st.st_ino, offset, rows)
+            return list(rows)
+
+
+def _parse_lines(data: bytes) -> list[dict]:
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            out.append({k: row[k] for k in SUMMARY_KEYS if k in row})
+    return out
+
+
+_METRICS = _MetricsCache()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return _METRICS.read(Path(run_dir) / "metrics.jsonl")
+
+
+def read_eval(run_dir: Path) -> list[dict]:
+    """eval.jsonl (eval/subject.py): one JSON per scored checkpoint, sorted by step."""
+    rows = []
+    try:
+        text = (Path(run_dir) / "eval.jsonl").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r.get("step") is None, r.get("step") or 0))
+
+
+# ----- checkpoints and samples -------------------------------------------------------------------
+def is_adapter_dir(path: Path) -> bool:
+    return all((Path(path) / f).is_file() for f in ADAPTER_FILES)
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint-N folders (adapter written), sorted by N."""
+    out = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        tail = p.name.split("-", 1)[1]
+        if tail.isdigit() and p.is_dir() and is_adapter_dir(p):
+            out.append((int(tail), p))
+    return sorted(out)
+
+
+def samples(folder: Path) -> list[tuple[Path, str]]:
+    """(image, prompt) pairs of folder/samples, in prompts.jsonl order (else sorted PNGs)."""
+    sdir = Path(folder) / "samples"
+    out = []
+    try:
+        lines = (sdir / "prompts.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            img = sdir / Path(str(row["image"])).name        # never follow a path out of the folder
+        except (ValueError, KeyError, TypeError):
+            continue
+        if img.is_file():
+            out.append((img, str(row.get("prompt", ""))))
+    if not out and sdir.is_dir():
+        out = [(p, "") for p in sorted(sdir.glob("*.png"))]
+    return out
+
+
+# ----- the registry -------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    name: str
+    path: Path
+    status: str
+    method: str = "?"
+    rank: int | None = None
+    learning_rate: float | None = None
+    total_steps: int | None = None
+    step: int = 0
+    loss: float | None = None
+    model: str = "tiny"
+    created: float = 0.0
+    checkpoints: list[int] = field(default_factory=list)
+    has_final: bool = False
+    scored: bool = False
+    detail: str = ""                      # why it failed / was cancelled, for the UI
+    log_tail: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} [{self.status}]"
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name or "")) and ".." not in name
+
+
+def run_path(runs_dir: Path, name: str) -> Path:
+    """RUNS/name for a name typed or chosen in the UI; ValueError for anything that is not a plain
+    run folder name (no separators, no '..'), so no UI value can point outside the runs dir."""
+    name = str(name or "").strip()
+    if " [" in name:                                      # accept a RunInfo.label too
+        name = name.split(" [", 1)[0]
+    if not valid_name(name):
+        raise ValueError(f"not a run name: {name!r}")
+    path = Path(runs_dir) / name
+    if not path.is_dir():
+        raise ValueError(f"no run named {name!r} in {runs_dir}")
+    return path
+
+
+def status(run_dir: Path) -> tuple[str, str]:
+    """(status, detail) from the files alone; see the module docstring."""
+    run_dir = Path(run_dir)
+    ex = read_json(run_dir / EXIT_FILE)
+    if isinstance(ex, dict):
+        if ex.get("cancelled"):
+            return "cancelled", ex.get("note") or "cancelled by the user"
+        rc = ex.get("returncode")
+        if rc == 0:
+            return "finished", ""
+        return "failed", ex.get("note") or f"the trainer exited with code {rc}"
+    pid = read_json(run_dir / PID_FILE)
+    if isinstance(pid, dict):
+        if alive(pid.get("pid"), pid.get("start")):
+            return "running", ""
+        if is_adapter_dir(run_dir):
+            return "finished", ""
+        return "failed", "the training process died without reporting an exit code (killed, or the app stopped)"
+    app = read_json(run_dir / APP_JSON)
+    if isinstance(app, dict):
+        owner = app.get("owner") or {}
+        if alive(owner.get("pid"), owner.get("start")):
+            return "queued", ""
+        return "failed", "never started: the app that queued it stopped first"
+    if is_adapter_dir(run_dir):
+        return "finished", ""
+    return "incomplete", "no final adapter (a run made outside the app, or still writing)"
+
+
+def error_line(lines: list[str]) -> str:
+    """The trainer's one-line `error: ...` if it printed one, else the last line."""
+    for line in reversed(lines):
+        if line.lower().startswith("error:") or "Error:" in line:
+            return line
+    return lines[-1] if lines else ""
+
+
+def info(run_dir: Path) -> RunInfo:
+    run_dir = Path(run_dir)
+    app = read_json(run_dir / APP_JSON, {}) or {}
+    top = read_json(run_dir / "run.json", {}) or {}
+    top = top if isinstance(top, dict) else {}
+    args = top.get("args") if isinstance(top.get("args"), dict) else {}
+    st, detail = status(run_dir)
+    rows = read_metrics(run_dir)
+    last = rows[-1] if rows else {}
+
+    def pick(key, *alts):
+        for k in (key, *alts):
+            for src in (app, top, args):
+                if src.get(k) is not None:
+                    return src[k]
+        return None
+
+    ri = RunInfo(name=run_dir.name, path=run_dir, status=st, detail=detail,
+                 method=str(pick("method") or "?"), rank=pick("rank"), learning_rate=pick("learning_rate"),
+                 total_steps=pick("max_train_steps"), step=int(last.get("step") or 0), loss=last.get("loss"),
+                 model=str(pick("pretrained_model_name_or_path", "model") or "tiny"),
+                 created=float(app.get("created") or _mtime(run_dir)),
+                 checkpoints=[s for s, _ in checkpoints(run_dir)], has_final=is_adapter_dir(run_dir),
+                 scored=(run_dir / "eval.jsonl").is_file())
+    if st in ("failed", "cancelled"):
+        ri.log_tail = last_log_lines(run_dir)
+        if st == "failed" and ri.log_tail and "exited with code" in detail:
+            ri.detail = f"{detail}: {error_line(ri.log_tail)}"
+    return ri
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def list_runs(runs_dir: Path) -> list[RunInfo]:
+    """Every run folder (one with app.json, run.json or metrics.jsonl), newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    out = []
+    for p in runs_dir.iterdir():
+        if p.is_dir() and valid_name(p.name) and any((p / f).exists() for f in (APP_JSON, "run.json", "metrics.jsonl")):
+            out.append(info(p))
+    return sorted(out, key=lambda r: (-r.created, r.name))
+
+
+def new_run_dir(runs_dir: Path, method: str, rank: int, stamp: str | None = None) -> Path:
+    """RUNS/<YYYYmmdd-HHMMSS>-<method>-r<rank>[-k], created empty (never reuses a folder)."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{re.sub(r'[^a-z0-9]', '', method.lower())}-r{int(rank)}"
+    for k in range(1000):
+        path = runs_dir / (base if k == 0 else f"{base}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder for {base} in {runs_dir}")

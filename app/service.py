@@ -1,0 +1,197 @@
+"""The app's logic behind the UI, testable without Gradio: submit a training batch, follow it,
+cancel it, score runs, list runs. ui.py only wires these to components.
+"""
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import commands, compare, runs as R
+from .generate import Generator
+from .inputs import MAX_IMAGE_MB, TrainForm, check_images, save_images
+from .jobs import Job, JobQueue
+
+
+@dataclass
+class Progress:
+    """A snapshot of a batch of jobs, for the progress bar and the status text."""
+    done: bool
+    fraction: float
+    lines: list[str] = field(default_factory=list)
+    runs: list[R.RunInfo] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return "\n".join(self.lines)
+
+    def bar_html(self) -> str:
+        pct = max(0.0, min(100.0, 100.0 * self.fraction))
+        state = "done" if self.done else "running"
+        label = "All runs done" if self.done else f"{pct:.0f}%"
+        return (f'<div class="lr-progress" data-state="{state}" data-pct="{pct:.0f}">'
+                f'<div class="lr-progress-bar" style="width:{pct:.1f}%"></div>'
+                f'<span class="lr-progress-label">{html.escape(label)}</span></div>')
+
+
+class Service:
+    def __init__(self, runs_dir: Path, launcher: str = "accelerate", grace_s: float = 10.0,
+                 max_image_mb: float = MAX_IMAGE_MB, queue: JobQueue | None = None,
+                 generator: Generator | None = None):
+        self.runs_dir = Path(runs_dir).expanduser().resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.launcher = launcher
+        self.max_image_mb = max_image_mb
+        self.queue = queue or JobQueue(grace_s=grace_s)
+        self.generator = generator or Generator()
+
+    # ----- runs -----------------------------------------------------------------------------------
+    def runs(self) -> list[R.RunInfo]:
+        return R.list_runs(self.runs_dir)
+
+    def run_infos(self, names) -> list[R.RunInfo]:
+        """RunInfo for names chosen in the UI (unknown or unsafe names are skipped)."""
+        out = []
+        for name in names or []:
+            try:
+                out.append(R.info(R.run_path(self.runs_dir, name)))
+            except ValueError:
+                continue
+        return out
+
+    def run_choices(self) -> list[tuple[str, str]]:
+        return [(f"{r.method} r{r.rank} · {r.name} [{r.status}]", r.name) for r in self.runs()]
+
+    # ----- training -------------------------------------------------------------------------------
+    def check_upload(self, files) -> str:
+        return f"{len(check_images(files, max_mb=self.max_image_mb))} images ready."
+
+    def submit(self, files, form: TrainForm) -> list[str]:
+        """Validate everything first, then create one run folder per method and queue the runs in
+        order. Returns the run names (= job ids). Raises InputError with nothing written."""
+        images = check_images(files, max_mb=self.max_image_mb)
+        form.model = commands.check_model(form.model)
+        names = []
+        batch = time.strftime("%Y%m%d-%H%M%S")
+        for method in form.methods:
+            run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
+            instance = run_dir / "instance_images"
+            save_images(images, instance)
+            cmd = commands.train_command(form, method, run_dir, instance, launcher=self.launcher)
+            R.write_json(run_dir / R.APP_JSON, {
+                "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
+                "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
+                "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
+                "instance_prompt": form.instance_prompt, "class_prompt": form.class_prompt, "seed": form.seed,
+                "batch": batch, "methods": form.methods, "num_images": len(images), "created": time.time(),
+                "owner": R.owner_record(), "command": cmd})
+            self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
+            names.append(run_dir.name)
+        return names
+
+    def cancel(self, names) -> str:
+        names = list(names or []) or [j.id for j in self.queue.active() if j.kind == "train"][:1]
+        n = sum(self.queue.cancel(name) for name in reversed(names))
+        return f"Cancelling {n} run(s); finished checkpoints are kept." if n else "Nothing to cancel."
+
+    def active_train_jobs(self) -> list[str]:
+        return [j.id for j in self.queue.active() if j.kind == "train"]
+
+    def progress(self, names) -> Progress:
+        infos, lines, done_steps, total_steps, all_done = [], [], 0, 0, True
+        for name in names:
+            try:
+                ri = R.info(R.run_path(self.runs_dir, name))
+            except ValueError:
+                continue
+            infos.append(ri)
+            job = self.queue.get(name)
+            pos = self.queue.position(name)
+            total = int(ri.total_steps or 0)
+            state = job.state if job is not None else ri.status
+            if job is not None and job.done:
+                state = ri.status          # the files are the truth once the process has ended
+            head = f"**{ri.method}** r{ri.rank} · `{ri.name}`"
+            if pos is not None and pos > 0:
+                all_done = False
+                ahead = pos - 1 + (self.queue.current is not None)
+                lines.append(f"- {head}: waiting, position {pos} in the queue ({ahead} job(s) ahead)")
+            elif state in ("running", "queued"):
+                all_done = False
+                loss = f", loss {ri.loss:.4f}" if isinstance(ri.loss, float) else ""
+                lines.append(f"- {head}: {'running' if pos == 0 else state}, step {ri.step}/{total or '?'}{loss}")
+            else:
+                extra = f" ({ri.detail})" if ri.detail else ""
+                ck = f", checkpoints at steps {', '.join(map(str, ri.checkpoints))}" if ri.checkpoints else ""
+                lines.append(f"- {head}: **{state}**{extra}{ck}")
+                if state == "failed" and ri.log_tail:
+                    lines.append("\n  ```\n" + "\n".join("  " + l for l in ri.log_tail[-8:]) + "\n  ```")
+            total_steps += total
+            done_steps += total if state in ("finished", "failed", "cancelled") else min(ri.step, total or ri.step)
+        frac = done_steps / total_steps if total_steps else (1.0 if all_done else 0.0)
+        if all_done and infos:
+            lines.insert(0, "**All runs done.** Compare them in the Compare tab.")
+        elif not infos:
+            lines = ["No training running. Upload images, pick methods and press Start."]
+        return Progress(done=all_done, fraction=frac, lines=lines, runs=infos)
+
+    def follow(self, names, poll_s: float = 1.0, timeout_s: float | None = None):
+        """Yield Progress every poll_s until every named run is done (then once more)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            p = self.progress(names)
+            yield p
+            if p.done or (deadline is not None and time.monotonic() > deadline):
+                return
+            time.sleep(poll_s)
+
+    # ----- scoring --------------------------------------------------------------------------------
+    def score(self, names, rescore: bool = False) -> str:
+        """Queue eval/subject.py for the chosen runs that have checkpoints and no eval.jsonl."""
+        queued, skipped = [], []
+        for ri in self.run_infos(names):
+            if ri.status in ("queued", "running"):
+                skipped.append(f"{ri.name} (still training)")
+            elif not ri.checkpoints and not ri.has_final:
+                skipped.append(f"{ri.name} (no checkpoints)")
+            elif ri.scored and not rescore:
+                skipped.append(f"{ri.name} (already scored)")
+            else:
+                try:
+                    self.queue.submit(Job(id=f"eval:{ri.name}", run_dir=ri.path, kind="eval", track=False,
+                                          log_name="eval.log", cmd=commands.eval_command(ri.path)))
+                    queued.append(ri.name)
+                except ValueError:
+                    skipped.append(f"{ri.name} (already being scored)")
+        msg = f"Scoring {len(queued)} run(s): {', '.join(queued)}." if queued else "Nothing to score."
+        return msg + (f" Skipped: {', '.join(skipped)}." if skipped else "")
+
+    def score_status(self, names) -> str:
+        lines = []
+        for name in names or []:
+            job = self.queue.get(f"eval:{name}")
+            if job is None:
+                continue
+            if job.state == "failed":
+                tail = R.last_log_lines(job.run_dir, 6, "eval.log")
+                lines.append(f"- `{name}`: scoring failed ({job.note})\n  ```\n" + "\n".join(tail) + "\n  ```")
+            else:
+                pos = self.queue.position(job.id)
+                where = f", position {pos} in the queue" if pos else ""
+                lines.append(f"- `{name}`: scoring {job.state}{where}")
+        return "\n".join(lines)
+
+    # ----- comparison -----------------------------------------------------------------------------
+    def compare(self, names, distance: str | None = None):
+        infos = self.run_infos(names)
+        key = compare.distance_key(infos, distance)
+        details = [f"- `{r.name}` **{r.status}**: {r.detail}" + (
+            "\n  ```\n" + "\n".join("  " + l for l in r.log_tail[-8:]) + "\n  ```" if r.log_tail else "")
+            for r in infos if r.status in ("failed", "cancelled", "incomplete")]
+        return {"grid": compare.sample_grid(infos), "gallery": compare.gallery_items(infos),
+                "distance": compare.curves(infos, key), "distance_key": key, "loss": compare.curves(infos, "loss"),
+                "table": compare.metrics_table(infos), "prompt": compare.prompt_of(infos),
+                "details": "\n".join(details)}
+
+    def close(self) -> None:
+        self.queue.shutdown()

@@ -1,0 +1,229 @@
+"""The Gradio Blocks: three tabs (Train, Compare, Generate) wired to Service. No logic lives here
+beyond turning InputError into a message next to the button that caused it.
+
+API names (for gradio_client): /check_upload, /start, /follow, /cancel, /runs, /compare, /score,
+/checkpoints, /generate.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import gradio as gr
+
+from . import generate as G
+from .inputs import METHODS, InputError, check_form
+from .service import Service
+
+log = logging.getLogger("lowrank.app")
+
+CSS = """
+.lr-progress {position: relative; height: 26px; border-radius: 6px; background: var(--neutral-200, #e5e7eb);
+              overflow: hidden; margin: 4px 0;}
+.lr-progress-bar {height: 100%; background: var(--color-accent, #f97316); transition: width .4s;}
+.lr-progress-label {position: absolute; inset: 0; text-align: center; line-height: 26px; font-weight: 600;}
+"""
+EMPTY_CURVE = {"step": [], "value": [], "run": []}
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, InputError):
+        return f"⚠️ {e}"
+    log.exception("unexpected error in a UI handler")
+    return f"⚠️ Something went wrong ({type(e).__name__}); see the server log."
+
+
+def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
+    import pandas as pd
+    empty = pd.DataFrame(EMPTY_CURVE)
+
+    def line_plot(title, y_title, elem_id):
+        return gr.LinePlot(empty, x="step", y="value", color="run", title=title, x_title="step",
+                           y_title=y_title, height=260, elem_id=elem_id)
+
+    with gr.Blocks(title="lowrank: DreamBooth with low-rank adapters") as demo:   # CSS goes to launch()
+        gr.Markdown("## lowrank · DreamBooth with bounded and unbounded low-rank adapters")
+        jobs = gr.State([])
+        with gr.Tabs():
+            # ------------------------------------------------------------------ Train
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        files = gr.File(label=f"Subject images: 3–20 PNG/JPEG/WebP, ≤ {service.max_image_mb:g} MB each",
+                                        file_count="multiple", elem_id="subject-files")
+                        preview = gr.Gallery(label="Preview", columns=5, height=220, elem_id="subject-preview")
+                        upload_msg = gr.Markdown(elem_id="upload-msg")
+                    with gr.Column(scale=1):
+                        with gr.Row():
+                            noun = gr.Textbox("cat", label="Class noun", elem_id="class-noun")
+                            token = gr.Textbox("sks", label="Unique token", elem_id="unique-token")
+                        methods = gr.CheckboxGroup(list(METHODS), value=["lora"], elem_id="methods",
+                                                   label="Methods (trained one after another)")
+                        with gr.Row():
+                            rank = gr.Number(4, precision=0, label="Rank", elem_id="rank")
+                            lr = gr.Textbox("", label="Learning rate", placeholder="per-method default", elem_id="lr")
+                            lam = gr.Number(15.0, label="λ (DeLoRA)", elem_id="delora-lambda")
+                        with gr.Row():
+                            steps = gr.Number(50, precision=0, label="Steps", elem_id="steps")
+                            every = gr.Number(10, precision=0, label="Checkpoint every", elem_id="checkpoint-every")
+                        model = gr.Textbox("tiny", label="Base model", elem_id="base-model",
+                                           info="'tiny' (built-in, random weights: machinery only), a hub name "
+                                                "or a local pipeline folder")
+                        with gr.Accordion("More options", open=False):
+                            with gr.Row():
+                                seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                                res = gr.Number(None, precision=0, label="Resolution (blank: trainer default)",
+                                                elem_id="resolution")
+                            with gr.Row():
+                                sample_steps = gr.Number(None, precision=0, label="Sample denoising steps",
+                                                         elem_id="sample-steps")
+                                n_samples = gr.Number(None, precision=0, label="Samples per checkpoint",
+                                                      elem_id="num-samples")
+                        with gr.Row():
+                            start = gr.Button("Start training", variant="primary", elem_id="start")
+                            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                progress = gr.HTML("", elem_id="train-progress")
+                status = gr.Markdown("No training running.", elem_id="train-status")
+                batch = gr.JSON(visible=False, label="Runs of this batch")      # for API clients
+                with gr.Row():
+                    loss_plot = line_plot("Loss", "loss", "train-loss")
+                    dist_plot = line_plot("Weight distance ‖W − W₀‖", "distance", "train-distance")
+
+            # ------------------------------------------------------------------ Compare
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row():
+                    chosen = gr.Dropdown(service.run_choices(), value=[], multiselect=True, scale=4,
+                                         label="Runs", elem_id="compare-runs", allow_custom_value=True)
+                    dist_key = gr.Dropdown(["distance_fig3", "distance_mean", "distance_max"], value="distance_fig3",
+                                           label="Distance", scale=1, elem_id="distance-key")
+                    refresh = gr.Button("Refresh", scale=0, elem_id="refresh")
+                prompt_md = gr.Markdown(elem_id="grid-prompt")
+                grid = gr.Image(label="Samples: rows = methods, columns = checkpoints (same prompt and seed)",
+                                type="pil", format="png", interactive=False, elem_id="sample-grid")
+                with gr.Row():
+                    cmp_dist = line_plot("Weight distance", "distance", "compare-distance")
+                    cmp_loss = line_plot("Loss", "loss", "compare-loss")
+                table = gr.Dataframe(label="Metrics (eval/ scores at the last scored checkpoint)", interactive=False,
+                                     elem_id="metrics-table")
+                with gr.Row():
+                    score_btn = gr.Button("Score unscored runs", elem_id="score")
+                    score_md = gr.Markdown(elem_id="score-status")
+                details = gr.Markdown(elem_id="run-details")
+                gallery = gr.Gallery(label="All samples", columns=6, height="auto", elem_id="sample-gallery")
+
+            # ------------------------------------------------------------------ Generate
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column():
+                        g_run = gr.Dropdown(service.run_choices(), label="Run", elem_id="gen-run",
+                                            allow_custom_value=True)
+                        g_ckpt = gr.Dropdown([], label="Checkpoint", elem_id="gen-checkpoint",
+                                             allow_custom_value=True)
+                        g_prompt = gr.Textbox("a photo of sks cat", label="Prompt", elem_id="gen-prompt")
+                        with gr.Row():
+                            g_seed = gr.Number(0, precision=0, label="Seed", elem_id="gen-seed")
+                            g_n = gr.Slider(1, 4, value=1, step=1, label="Images", elem_id="gen-n")
+                        with gr.Row():
+                            g_steps = gr.Slider(1, 100, value=25, step=1, label="Denoising steps", elem_id="gen-steps")
+                            g_cfg = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="gen-cfg")
+                        g_merge = gr.Checkbox(False, label="Merge the adapter into the base weights", elem_id="gen-merge")
+                        g_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    with gr.Column():
+                        g_out = gr.Gallery(label="Images", columns=2, elem_id="gen-images")
+                        g_msg = gr.Markdown(elem_id="gen-msg")
+
+        # ------------------------------------------------------------------ handlers
+        def check_upload(paths):
+            try:
+                msg = service.check_upload(paths) if paths else ""
+            except Exception as e:
+                msg = _message(e)
+            return [p for p in (paths or [])], msg
+
+        def run_lists(selected=None):
+            choices = service.run_choices()
+            names = {c[1] for c in choices}
+            keep = [n for n in (selected or []) if n in names]
+            return gr.update(choices=choices, value=keep), gr.update(choices=choices)
+
+        def after_train(names):
+            choices = service.run_choices()
+            return (gr.update(choices=choices, value=list(names or [])),
+                    gr.update(choices=choices, value=(names or [None])[0]))
+
+        def score_fn(names):
+            yield service.score(names)
+            while any(service.queue.position(f"eval:{n}") is not None for n in names or []):
+                time.sleep(poll_s)
+                yield service.score_status(names)
+            yield service.score_status(names) or "Nothing to score."
+
+        def stream(names):
+            for p in service.follow(names, poll_s=poll_s):
+                view = service.compare([r.name for r in p.runs])
+                yield (p.bar_html(), p.markdown(), view["loss"], view["distance"], names,
+                       [{"name": r.name, "method": r.method, "status": r.status, "step": r.step,
+                         "total_steps": r.total_steps, "detail": r.detail} for r in p.runs])
+
+        def start_fn(paths, meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
+                     sample_steps_, n_samples_):
+            try:
+                form = check_form(meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
+                                  sample_steps_, n_samples_)
+                names = service.submit(paths, form)
+            except Exception as e:
+                yield ("", _message(e), empty, empty, [], [])
+                return
+            yield from stream(names)
+
+        def follow_fn():
+            names = service.active_train_jobs()
+            if not names:
+                yield ("", "No training running.", empty, empty, [], [])
+                return
+            yield from stream(names)
+
+        def compare_fn(names, key):
+            v = service.compare(names, key)
+            prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
+            return (v["grid"], prompt, v["distance"], v["loss"], v["table"], v["details"], v["gallery"])
+
+        def gen_ckpts(name):
+            try:
+                from . import runs as R
+                return gr.update(choices=G.checkpoint_choices(R.run_path(service.runs_dir, name)), value=None)
+            except ValueError:
+                return gr.update(choices=[], value=None)
+
+        def gen_fn(name, ckpt, prompt, seed_, n, steps_, cfg, merged):
+            from . import runs as R
+            try:
+                run_dir = R.run_path(service.runs_dir, name)
+                images = service.generator.generate(run_dir, ckpt, prompt, int(seed_ or 0), int(n), int(steps_),
+                                                    float(cfg), bool(merged))
+            except ValueError as e:
+                return [], _message(e if isinstance(e, InputError) else InputError(f"Pick a run first ({e})."))
+            except Exception as e:
+                return [], _message(e)
+            return images, f"{len(images)} image(s), seed {int(seed_ or 0)}{', adapter merged' if merged else ''}."
+
+        train_inputs = [files, methods, noun, token, rank, lr, steps, every, lam, model, seed, res, sample_steps,
+                        n_samples]
+        train_outputs = [progress, status, loss_plot, dist_plot, jobs, batch]
+        files.change(check_upload, files, [preview, upload_msg], api_name="check_upload")
+        load_ev = demo.load(follow_fn, None, train_outputs, api_name="follow", show_progress="hidden")
+        start_ev = start.click(start_fn, train_inputs, train_outputs, api_name="start", concurrency_limit=None,
+                               show_progress="hidden", cancels=[load_ev])
+        start_ev.then(after_train, jobs, [chosen, g_run], api_name=False)
+        cancel.click(lambda names: service.cancel(names), jobs, status, api_name="cancel", queue=False)
+        refresh.click(run_lists, chosen, [chosen, g_run], api_name="runs", queue=False)
+        demo.load(run_lists, chosen, [chosen, g_run], api_name=False, queue=False)
+        compare_outputs = [grid, prompt_md, cmp_dist, cmp_loss, table, details, gallery]
+        gr.on([chosen.change, dist_key.change, refresh.click], compare_fn, [chosen, dist_key], compare_outputs,
+              api_name="compare", concurrency_limit=4)
+        score_btn.click(score_fn, chosen, score_md, api_name="score", concurrency_limit=None).then(
+            compare_fn, [chosen, dist_key], compare_outputs, api_name=False)
+        g_run.change(gen_ckpts, g_run, g_ckpt, api_name="checkpoints", queue=False)
+        g_btn.click(gen_fn, [g_run, g_ckpt, g_prompt, g_seed, g_n, g_steps, g_cfg, g_merge], [g_out, g_msg],
+                    api_name="generate", concurrency_limit=1)
+    return demo
