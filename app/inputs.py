@@ -112,6 +112,20 @@ def check_images(files, max_mb: float = MAX_IMAGE_MB, min_count: int = MIN_IMAGE
     return out
 
 
+def preview_images(files, limit: int = MAX_IMAGES) -> list[str]:
+    """The uploads that look like images (header only), for the preview gallery."""
+    out = []
+    for f in (files or [])[:limit]:
+        try:
+            path = _path_of(f)
+            with Image.open(path) as img:
+                if img.format in FORMATS and img.size[0] * img.size[1] <= MAX_PIXELS:
+                    out.append(path)
+        except (InputError, OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return out
+
+
 def save_images(images: list[CheckedImage], folder: Path) -> list[Path]:
     """Write NN_<name>.png into folder (created); returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ import time
 
 import gradio as gr
 
-from . import generate as G
-from .inputs import METHODS, InputError, check_form
+from . import compare, generate as G, runs as R
+from .inputs import METHODS, InputError, check_form, preview_images
 from .service import Service
 
 log = logging.getLogger("lowrank.app")
@@ -138,7 +138,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 msg = service.check_upload(paths) if paths else ""
             except Exception as e:
                 msg = _message(e)
-            return [p for p in (paths or [])], msg
+            return preview_images(paths), msg
 
         def run_lists(selected=None):
             choices = service.run_choices()
@@ -160,8 +160,8 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
 
         def stream(names):
             for p in service.follow(names, poll_s=poll_s):
-                view = service.compare([r.name for r in p.runs])
-                yield (p.bar_html(), p.markdown(), view["loss"], view["distance"], names,
+                key = compare.distance_key(p.runs)
+                yield (p.bar_html(), p.markdown(), compare.curves(p.runs, "loss"), compare.curves(p.runs, key), names,
                        [{"name": r.name, "method": r.method, "status": r.status, "step": r.step,
                          "total_steps": r.total_steps, "detail": r.detail} for r in p.runs])
 
@@ -188,15 +188,17 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
             return (v["grid"], prompt, v["distance"], v["loss"], v["table"], v["details"], v["gallery"])
 
-        def gen_ckpts(name):
+        def gen_ckpts(name, prompt):
             try:
-                from . import runs as R
-                return gr.update(choices=G.checkpoint_choices(R.run_path(service.runs_dir, name)), value=None)
+                run_dir = R.run_path(service.runs_dir, name)
             except ValueError:
-                return gr.update(choices=[], value=None)
+                return gr.update(choices=[], value=None), prompt
+            choices = G.checkpoint_choices(run_dir)
+            app_json = R.read_json(run_dir / R.APP_JSON, {}) or {}
+            return (gr.update(choices=choices, value=choices[-2] if len(choices) > 1 else choices[0]),
+                    app_json.get("instance_prompt") or prompt)
 
         def gen_fn(name, ckpt, prompt, seed_, n, steps_, cfg, merged):
-            from . import runs as R
             try:
                 run_dir = R.run_path(service.runs_dir, name)
                 images = service.generator.generate(run_dir, ckpt, prompt, int(seed_ or 0), int(n), int(steps_),
@@ -223,7 +225,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
               api_name="compare", concurrency_limit=4)
         score_btn.click(score_fn, chosen, score_md, api_name="score", concurrency_limit=None).then(
             compare_fn, [chosen, dist_key], compare_outputs, api_name=False)
-        g_run.change(gen_ckpts, g_run, g_ckpt, api_name="checkpoints", queue=False)
+        g_run.change(gen_ckpts, [g_run, g_prompt], [g_ckpt, g_prompt], api_name="checkpoints", queue=False)
         g_btn.click(gen_fn, [g_run, g_ckpt, g_prompt, g_seed, g_n, g_steps, g_cfg, g_merge], [g_out, g_msg],
                     api_name="generate", concurrency_limit=1)
     return demo

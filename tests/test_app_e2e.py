@@ -1,0 +1,224 @@
+"""The app end to end through gradio_client, with the real trainer (training/dreambooth.py through
+`accelerate launch`) on the tiny preset: upload, train two methods, compare, generate, cancel, bad
+input, restart."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import generate as G, runs as R
+from app.inputs import check_form
+from app.service import Service
+
+from .test_app_support import FAST, running_app, subject_images
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+
+def start_args(files, methods, **over):
+    p = {**FAST, **over}
+    return ([handle_file(f) for f in files], methods, "cat", "sks", p["rank"], p["learning_rate"], p["steps"],
+            p["checkpoint_every"], p["delora_lambda"], p["model"], p["seed"], p["resolution"], p["sample_steps"],
+            p["num_samples"])
+
+
+def plot_rows(value) -> list:
+    return (value or {}).get("data") or []
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    with running_app(runs) as (url, service):
+        yield url, service, runs
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    return subject_images(tmp_path_factory.mktemp("subject"))
+
+
+@pytest.fixture(scope="module")
+def trained(client, subject):
+    """lora + delora, 2 steps each, streamed: every yield of the /start generator is kept."""
+    job = client.submit(*start_args(subject, ["lora", "delora"]), api_name="/start")
+    while not job.done():
+        time.sleep(0.2)
+    outputs = job.outputs()
+    batch = outputs[-1][4]
+    return {"outputs": outputs, "names": [b["name"] for b in batch], "batch": batch}
+
+
+def test_upload_preview_and_check(client, subject):
+    preview, msg = client.predict([handle_file(f) for f in subject], api_name="/check_upload")
+    assert len(preview) == 3 and msg == "3 images ready."
+
+
+def test_train_two_methods_with_live_progress(app, trained):
+    _, _, runs = app
+    outputs = trained["outputs"]
+    bar, status, loss, dist, batch = outputs[-1]
+    assert 'data-state="done"' in bar and "All runs done" in status
+    assert [(b["method"], b["status"], b["step"]) for b in batch] == [("lora", "finished", 2), ("delora", "finished", 2)]
+    # live: it streamed while training, the bar moved and the curves grew
+    assert len(outputs) >= 3
+    assert any('data-state="running"' in o[0] for o in outputs[:-1])
+    pcts = [int(re.search(r'data-pct="(\d+)"', o[0]).group(1)) for o in outputs if "data-pct" in o[0]]
+    assert pcts == sorted(pcts) and pcts[-1] == 100
+    assert any("running" in o[1] or "waiting, position 1" in o[1] for o in outputs[:-1])
+    assert len(plot_rows(loss)) == 4 and len(plot_rows(dist)) == 4 and {r[2] for r in plot_rows(dist)} == {
+        f"{m} · {n}" for m, n in zip(["lora", "delora"], trained["names"])}
+    for name in trained["names"]:                              # what the trainer and the app left in the run
+        d = runs / name
+        assert sorted(p.name for p in (d / "instance_images").iterdir()) == ["00_my_cat_1.png", "01_cat1.png",
+                                                                           "02_cat2.png"]
+        assert R.is_adapter_dir(d) and [s for s, _ in R.checkpoints(d)] == [1, 2]
+        assert "done: 2 steps" in (d / R.LOG_FILE).read_text()
+        assert R.info(d).status == "finished"
+
+
+def test_compare_shows_both_runs_with_samples_and_curves(client, trained):
+    lora, delora = trained["names"]
+    grid, prompt, dist, loss, table, details, gallery = client.predict(trained["names"], "distance_fig3",
+                                                                       api_name="/compare")
+    with Image.open(grid) as im:                               # 2 rows (methods) x 2 columns (checkpoints)
+        assert im.size == (170 + 2 * 132, 26 + 2 * 132)
+        cell = np.asarray(im.convert("RGB"))[26:26 + 128, 170:170 + 128]
+        assert cell.std() > 5                                  # a sample was pasted, not a blank cell
+    assert prompt == "Prompt: *a photo of sks cat*"
+    assert [g["caption"].split(" · ")[:2] for g in gallery] == [
+        ["lora r4", "step 1"], ["lora r4", "step 2"], ["delora r4", "step 1"], ["delora r4", "step 2"]]
+    assert all(Path(g["image"]).is_file() for g in gallery)
+    runs_in_curve = {r[2] for r in plot_rows(dist)}
+    assert runs_in_curve == {f"lora · {lora}", f"delora · {delora}"} and len(plot_rows(dist)) == 4
+    assert all(r[1] > 0 for r in plot_rows(dist))              # the adapters moved the weights
+    assert len(plot_rows(loss)) == 4
+    assert [row[:2] + [row[4]] for row in table["data"]] == [[lora, "lora", "finished"], [delora, "delora", "finished"]]
+    assert details == ""
+
+
+def test_generate_is_seeded_and_reproducible(client, trained):
+    lora = trained["names"][0]
+    ckpt, prompt = client.predict(lora, "", api_name="/checkpoints")
+    assert prompt == "a photo of sks cat"
+    assert ckpt["choices"] == [["step 1", "step 1"], ["step 2", "step 2"], ["final", "final"],
+                               [G.BASE, G.BASE]] and ckpt["value"] == "final"
+
+    def gen(seed, merged=False, checkpoint="step 1"):
+        images, msg = client.predict(lora, checkpoint, "a photo of sks cat", seed, 1, 2, 7.5, merged,
+                                     api_name="/generate")
+        assert len(images) == 1, msg
+        with Image.open(images[0]["image"]) as im:
+            return np.asarray(im.convert("RGB")).astype(int)
+
+    a, b = gen(3), gen(3)
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+    assert not np.array_equal(a, gen(4))
+    assert np.abs(gen(3, merged=True) - a).max() <= 2           # merged = unmerged up to rounding
+    assert np.array_equal(gen(3, checkpoint="final"), gen(3, checkpoint="step 2"))   # the same adapter
+    _, msg = client.predict(lora, "step 99", "x", 0, 1, 2, 7.5, False, api_name="/generate")
+    assert msg.startswith("⚠️") and "No checkpoint" in msg
+
+
+def tree(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def test_bad_input_gives_a_message_and_writes_nothing(app, client, subject, tmp_path):
+    _, _, runs = app
+    before_runs, before_cwd = tree(runs), tree(Path.cwd()) if Path.cwd() != Path("/") else set()
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image at all")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (7000, 6000), (10, 20, 30)).save(huge)      # 42 MP, a small file
+    cases = [
+        (start_args([], ["lora"]), "Upload 3–20 images"),
+        (start_args(subject + [str(fake)], ["lora"]), "fake is not an image"),
+        (start_args(subject + [str(text)], ["lora"]), "notes is not an image"),
+        (start_args(subject + [str(huge)], ["lora"]), "7000×6000 pixels is too large"),
+        (start_args(subject, ["lora"], steps=0), "Steps must be between 1"),
+        (start_args(subject, ["lora"], model="/no/such/model"), "no such folder"),
+        (start_args(subject, ["lora"], model="someone/unknown-model"), "not in the local Hugging Face cache"),
+        (start_args(subject, []), "Pick at least one method"),
+    ]
+    for args, expected in cases:
+        bar, status, loss, dist, batch = client.predict(*args, api_name="/start")
+        assert status.startswith("⚠️") and expected in status, status
+        assert "Traceback" not in status and bar == "" and batch == []
+    _, msg = client.predict([handle_file(f) for f in subject + [str(fake)]], api_name="/check_upload")
+    assert "fake is not an image" in msg
+    assert tree(runs) == before_runs                            # nothing written, not even in the runs dir
+    if before_cwd:
+        assert tree(Path.cwd()) - before_cwd <= {p for p in tree(Path.cwd()) if ".pytest_cache" in p or
+                                                 "__pycache__" in p or "test-artifacts" in p}
+
+
+def test_cancel_keeps_the_last_checkpoint_and_the_queue_shows_positions(app, subject, tmp_path):
+    _, service, runs = app
+    form = check_form(["lora", "dora"], "cat", "sks", 4, "", 40, 1, 15, "tiny", 0, 32, 1, 1)
+    form.extra = {"debug_step_delay": 0.5}                     # the trainer's test hook: slow steps
+    names = service.submit(subject, form)
+    lora_dir, dora_dir = runs / names[0], runs / names[1]
+    deadline = time.monotonic() + 90
+    while not len(R.checkpoints(lora_dir)) >= 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = service.progress(names).markdown()
+    assert "running, step" in text and "waiting, position 1 in the queue (1 job(s) ahead)" in text
+    pid = R.read_json(lora_dir / R.PID_FILE)["pid"]
+    assert service.cancel(names).startswith("Cancelling 2 run(s)")
+    assert service.queue.wait(names, timeout=30)
+    lora, dora = R.info(lora_dir), R.info(dora_dir)
+    assert lora.status == "cancelled" and len(lora.checkpoints) >= 2 and lora.step < 40
+    assert dora.status == "cancelled" and not R.PID_FILE in os.listdir(dora_dir)
+    assert R.process_start(pid) is None
+    with pytest.raises(ProcessLookupError):                    # the whole process group is gone
+        os.killpg(pid, 0)
+    # the kept checkpoint is complete: it loads and generates
+    images = service.generator.generate(lora_dir, f"step {lora.checkpoints[-1]}", "a photo of sks cat", 0, 1, 1)
+    assert images[0].size == (32, 32)
+    assert service.compare([lora_dir.name])["grid"] is not None
+
+
+def test_runs_reappear_after_a_restart_and_dead_runs_show_failed(app, client, trained):
+    _, _, runs = app
+    dead = runs / "20250101-000000-dora-r4"
+    dead.mkdir()
+    R.write_json(dead / R.APP_JSON, {"method": "dora", "rank": 4, "max_train_steps": 9, "created": 1.0})
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    R.write_pid(dead, p.pid)
+    (dead / R.LOG_FILE).write_text("training dora\nRuntimeError: CUDA out of memory\n")
+
+    restarted = Service(runs)                                   # a new app process on the same runs dir
+    try:
+        status = {r.name: r.status for r in restarted.runs()}
+        assert all(status[n] == "finished" for n in trained["names"]) and status[dead.name] == "failed"
+    finally:
+        restarted.close()
+    chosen, _ = client.predict(api_name="/runs")
+    labels = {c[1]: c[0] for c in chosen["choices"]} if isinstance(chosen, dict) and "choices" in chosen else {}
+    *_, table, details, _ = client.predict([dead.name], "distance_fig3", api_name="/compare")
+    assert table["data"][0][4] == "failed"
+    assert "died" in details and "CUDA out of memory" in details
+    if labels:
+        assert labels[dead.name].endswith("[failed]")
+
+
+def test_cancel_when_idle(client):
+    assert client.predict(api_name="/cancel") == "Nothing to cancel."
