@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+matplotlib.use("Agg")    # a server: never a GUI backend
 
 from . import runs as R
 
@@ -18,6 +22,29 @@ DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
                  "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 EVAL_KEYS = ("dino", "clip_i", "clip_t")
 CELL = 128
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+
+
+def curve_figure(frame: pd.DataFrame, title: str, ylabel: str) -> Figure:
+    """One line per run (matplotlib, rendered to PNG by gr.Plot: it redraws reliably while the
+    set of runs grows, which the native plot's fixed colour domain does not)."""
+    fig = Figure(figsize=(6.4, 3.2), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for i, (run, part) in enumerate(frame.groupby("run", sort=False)):
+        part = part.sort_values("step")
+        ax.plot(part["step"], part["value"], marker="o" if len(part) < 30 else None, markersize=3,
+                color=PALETTE[i % len(PALETTE)], label=run)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(frame):
+        ax.legend(fontsize=7, loc="best")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="#888888")
+    return fig
 
 
 def _font(size: int = 13):
@@ -101,6 +128,12 @@ def prompt_of(run_infos: list[R.RunInfo]) -> str:
     return ""
 
 
+def curve_frame(rows: list[dict]) -> pd.DataFrame:
+    """Typed even when empty: an empty object column would make the plot's axes categorical."""
+    return pd.DataFrame(rows, columns=["step", "value", "run"]).astype(
+        {"step": "int64", "value": "float64", "run": "str"})
+
+
 def curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
     """Long format for gr.LinePlot(x='step', y='value', color='run'); runs without the key are skipped."""
     rows = []
@@ -110,7 +143,7 @@ def curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
             v = m.get(key)
             if isinstance(v, (int, float)) and v == v:
                 rows.append({"step": int(m["step"]), "value": float(v), "run": label})
-    return pd.DataFrame(rows, columns=["step", "value", "run"])
+    return curve_frame(rows)
 
 
 def distance_key(run_infos: list[R.RunInfo], preferred: str | None = None) -> str:
@@ -149,4 +182,4 @@ def eval_curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
             v = row.get(key)
             if isinstance(v, (int, float)) and isinstance(row.get("step"), int):
                 rows.append({"step": row["step"], "value": float(v), "run": f"{run.method} · {run.name}"})
-    return pd.DataFrame(rows, columns=["step", "value", "run"])
+    return curve_frame(rows)

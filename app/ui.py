@@ -23,7 +23,6 @@ CSS = """
 .lr-progress-bar {height: 100%; background: var(--color-accent, #f97316); transition: width .4s;}
 .lr-progress-label {position: absolute; inset: 0; text-align: center; line-height: 26px; font-weight: 600;}
 """
-EMPTY_CURVE = {"step": [], "value": [], "run": []}
 
 
 def _message(e: Exception) -> str:
@@ -34,12 +33,9 @@ def _message(e: Exception) -> str:
 
 
 def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
-    import pandas as pd
-    empty = pd.DataFrame(EMPTY_CURVE)
 
-    def line_plot(title, y_title, elem_id):
-        return gr.LinePlot(empty, x="step", y="value", color="run", title=title, x_title="step",
-                           y_title=y_title, height=260, elem_id=elem_id)
+    def line_plot(label, elem_id):
+        return gr.Plot(label=label, format="png", elem_id=elem_id)
 
     with gr.Blocks(title="lowrank: DreamBooth with low-rank adapters") as demo:   # CSS goes to launch()
         gr.Markdown("## lowrank · DreamBooth with bounded and unbounded low-rank adapters")
@@ -51,7 +47,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                     with gr.Column(scale=1):
                         files = gr.File(label=f"Subject images: 3–20 PNG/JPEG/WebP, ≤ {service.max_image_mb:g} MB each",
                                         file_count="multiple", elem_id="subject-files")
-                        preview = gr.Gallery(label="Preview", columns=5, height=220, elem_id="subject-preview")
+                        preview = gr.Gallery(label="Preview", columns=5, height=220, interactive=False, elem_id="subject-preview")
                         upload_msg = gr.Markdown(elem_id="upload-msg")
                     with gr.Column(scale=1):
                         with gr.Row():
@@ -86,30 +82,30 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 status = gr.Markdown("No training running.", elem_id="train-status")
                 batch = gr.JSON(visible=False, label="Runs of this batch")      # for API clients
                 with gr.Row():
-                    loss_plot = line_plot("Loss", "loss", "train-loss")
-                    dist_plot = line_plot("Weight distance ‖W − W₀‖", "distance", "train-distance")
+                    loss_plot = line_plot("Loss", "train-loss")
+                    dist_plot = line_plot("Weight distance ‖W − W₀‖", "train-distance")
 
             # ------------------------------------------------------------------ Compare
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     chosen = gr.Dropdown(service.run_choices(), value=[], multiselect=True, scale=4,
                                          label="Runs", elem_id="compare-runs", allow_custom_value=True)
-                    dist_key = gr.Dropdown(["distance_fig3", "distance_mean", "distance_max"], value="distance_fig3",
+                    dist_key = gr.Dropdown(list(compare.DISTANCE_KEYS), value="distance_fig3",
                                            label="Distance", scale=1, elem_id="distance-key")
                     refresh = gr.Button("Refresh", scale=0, elem_id="refresh")
                 prompt_md = gr.Markdown(elem_id="grid-prompt")
                 grid = gr.Image(label="Samples: rows = methods, columns = checkpoints (same prompt and seed)",
                                 type="pil", format="png", interactive=False, elem_id="sample-grid")
                 with gr.Row():
-                    cmp_dist = line_plot("Weight distance", "distance", "compare-distance")
-                    cmp_loss = line_plot("Loss", "loss", "compare-loss")
+                    cmp_dist = line_plot("Weight distance of the chosen runs", "compare-distance")
+                    cmp_loss = line_plot("Loss of the chosen runs", "compare-loss")
                 table = gr.Dataframe(label="Metrics (eval/ scores at the last scored checkpoint)", interactive=False,
                                      elem_id="metrics-table")
                 with gr.Row():
                     score_btn = gr.Button("Score unscored runs", elem_id="score")
                     score_md = gr.Markdown(elem_id="score-status")
                 details = gr.Markdown(elem_id="run-details")
-                gallery = gr.Gallery(label="All samples", columns=6, height="auto", elem_id="sample-gallery")
+                gallery = gr.Gallery(label="All samples", columns=8, height=300, elem_id="sample-gallery")
 
             # ------------------------------------------------------------------ Generate
             with gr.Tab("Generate", id="generate"):
@@ -161,9 +157,10 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         def stream(names):
             for p in service.follow(names, poll_s=poll_s):
                 key = compare.distance_key(p.runs)
-                yield (p.bar_html(), p.markdown(), compare.curves(p.runs, "loss"), compare.curves(p.runs, key), names,
+                yield (p.bar_html(), p.markdown(), compare.curve_figure(compare.curves(p.runs, "loss"), "loss", "loss"),
+                       compare.curve_figure(compare.curves(p.runs, key), key, "‖W − W₀‖ (Frobenius)"), names,
                        [{"name": r.name, "method": r.method, "status": r.status, "step": r.step,
-                         "total_steps": r.total_steps, "detail": r.detail} for r in p.runs])
+                         "total_steps": r.total_steps, "loss": r.loss, "detail": r.detail} for r in p.runs])
 
         def start_fn(paths, meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
                      sample_steps_, n_samples_):
@@ -172,21 +169,22 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                                   sample_steps_, n_samples_)
                 names = service.submit(paths, form)
             except Exception as e:
-                yield ("", _message(e), empty, empty, [], [])
+                yield ("", _message(e), None, None, [], [])
                 return
             yield from stream(names)
 
         def follow_fn():
             names = service.active_train_jobs()
             if not names:
-                yield ("", "No training running.", empty, empty, [], [])
+                yield ("", "No training running.", None, None, [], [])
                 return
             yield from stream(names)
 
         def compare_fn(names, key):
             v = service.compare(names, key)
             prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
-            return (v["grid"], prompt, v["distance"], v["loss"], v["table"], v["details"], v["gallery"])
+            return (v["grid"], prompt, compare.curve_figure(v["distance"], v["distance_key"], "‖W − W₀‖ (Frobenius)"),
+                    compare.curve_figure(v["loss"], "loss", "loss"), v["table"], v["details"], v["gallery"])
 
         def gen_ckpts(name, prompt):
             try:

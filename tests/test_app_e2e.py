@@ -3,6 +3,8 @@
 input, restart."""
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import subprocess
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import generate as G, runs as R
+from app import compare, generate as G, runs as R
 from app.inputs import check_form
 from app.service import Service
 
@@ -31,8 +33,17 @@ def start_args(files, methods, **over):
             p["num_samples"])
 
 
-def plot_rows(value) -> list:
-    return (value or {}).get("data") or []
+def plot_png(value) -> np.ndarray:
+    """A gr.Plot output (matplotlib, sent as a base64 PNG) as pixels."""
+    assert value["type"] == "matplotlib"
+    data = base64.b64decode(value["plot"].split(",", 1)[1])
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def has_line_colour(pixels: np.ndarray, hex_colour: str) -> bool:
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(pixels.astype(int) - rgb).sum(-1) < 40).sum()) > 20
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +91,10 @@ def test_train_two_methods_with_live_progress(app, trained):
     pcts = [int(re.search(r'data-pct="(\d+)"', o[0]).group(1)) for o in outputs if "data-pct" in o[0]]
     assert pcts == sorted(pcts) and pcts[-1] == 100
     assert any("running" in o[1] or "waiting, position 1" in o[1] for o in outputs[:-1])
-    assert len(plot_rows(loss)) == 4 and len(plot_rows(dist)) == 4 and {r[2] for r in plot_rows(dist)} == {
-        f"{m} · {n}" for m, n in zip(["lora", "delora"], trained["names"])}
+    for fig in (loss, dist):                                   # one line per run, in its own colour
+        pixels = plot_png(fig)
+        assert has_line_colour(pixels, compare.PALETTE[0]) and has_line_colour(pixels, compare.PALETTE[1])
+    assert not has_line_colour(plot_png(outputs[0][3]), compare.PALETTE[1])   # delora had not started
     for name in trained["names"]:                              # what the trainer and the app left in the run
         d = runs / name
         assert sorted(p.name for p in (d / "instance_images").iterdir()) == ["00_my_cat_1.png", "01_cat1.png",
@@ -91,7 +104,7 @@ def test_train_two_methods_with_live_progress(app, trained):
         assert R.info(d).status == "finished"
 
 
-def test_compare_shows_both_runs_with_samples_and_curves(client, trained):
+def test_compare_shows_both_runs_with_samples_and_curves(app, client, trained):
     lora, delora = trained["names"]
     grid, prompt, dist, loss, table, details, gallery = client.predict(trained["names"], "distance_fig3",
                                                                        api_name="/compare")
@@ -103,10 +116,11 @@ def test_compare_shows_both_runs_with_samples_and_curves(client, trained):
     assert [g["caption"].split(" · ")[:2] for g in gallery] == [
         ["lora r4", "step 1"], ["lora r4", "step 2"], ["delora r4", "step 1"], ["delora r4", "step 2"]]
     assert all(Path(g["image"]).is_file() for g in gallery)
-    runs_in_curve = {r[2] for r in plot_rows(dist)}
-    assert runs_in_curve == {f"lora · {lora}", f"delora · {delora}"} and len(plot_rows(dist)) == 4
-    assert all(r[1] > 0 for r in plot_rows(dist))              # the adapters moved the weights
-    assert len(plot_rows(loss)) == 4
+    for fig in (dist, loss):
+        pixels = plot_png(fig)
+        assert has_line_colour(pixels, compare.PALETTE[0]) and has_line_colour(pixels, compare.PALETTE[1])
+    curve = compare.curves(app[1].run_infos(trained["names"]), "distance_fig3")   # the data drawn
+    assert set(curve["run"]) >= {f"lora · {lora}", f"delora · {delora}"} and (curve["value"] > 0).all()
     assert [row[:2] + [row[4]] for row in table["data"]] == [[lora, "lora", "finished"], [delora, "delora", "finished"]]
     assert details == ""
 
@@ -212,12 +226,11 @@ def test_runs_reappear_after_a_restart_and_dead_runs_show_failed(app, client, tr
     finally:
         restarted.close()
     chosen, _ = client.predict(api_name="/runs")
-    labels = {c[1]: c[0] for c in chosen["choices"]} if isinstance(chosen, dict) and "choices" in chosen else {}
+    labels = {value: label for label, value in chosen["choices"]}
+    assert labels[dead.name].endswith("[failed]") and labels[trained["names"][0]].endswith("[finished]")
     *_, table, details, _ = client.predict([dead.name], "distance_fig3", api_name="/compare")
     assert table["data"][0][4] == "failed"
     assert "died" in details and "CUDA out of memory" in details
-    if labels:
-        assert labels[dead.name].endswith("[failed]")
 
 
 def test_cancel_when_idle(client):

@@ -1,0 +1,88 @@
+"""A real browser (Playwright driving Debian's headless Chromium) through the whole Train -> Compare
+flow. Screenshots go to test-artifacts/ (git-ignored). Needs /usr/bin/chromium:
+    apt-get install -y chromium
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_app_support import running_app, subject_images
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+def wait_idle(page):
+    """Until no component shows Gradio's loading overlay (an event may re-render after a tab switch)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("[...document.querySelectorAll('[data-testid=status-tracker]')]"
+                           ".every(e => e.classList.contains('hide') || e.offsetParent === null)", timeout=60_000)
+
+
+@pytest.fixture
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(30_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def test_upload_train_and_compare_in_a_browser(page, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    files = subject_images(tmp_path / "subject")
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with running_app(tmp_path / "runs") as (url, service):
+        page.goto(url)
+        page.wait_for_selector("#start")
+        page.set_input_files("#subject-files input[type=file]", files)
+        page.wait_for_selector("#upload-msg :text('3 images ready.')")
+        assert page.locator("#subject-preview img").count() == 3
+        page.fill("#steps input", "2")
+        page.fill("#checkpoint-every input", "1")
+        page.get_by_label("dora", exact=True).check()
+        page.get_by_text("More options").click()
+        page.fill("#resolution input", "32")
+        page.fill("#sample-steps input", "2")
+        page.fill("#num-samples input", "1")
+
+        t0 = time.monotonic()
+        page.click("#start")
+        page.wait_for_selector("#train-progress .lr-progress[data-state=running]")
+        page.wait_for_selector("#train-progress .lr-progress[data-state=done]", timeout=240_000)
+        page.wait_for_function("document.querySelectorAll('#train-loss img, #train-distance img').length == 2")
+        status = page.inner_text("#train-status")
+        assert status.count("finished") == 2 and "All runs done" in status, status
+        wait_idle(page)
+        page.screenshot(path=str(ARTIFACTS / "app-train.png"), full_page=True)
+
+        page.get_by_role("tab", name="Compare").click()
+        page.wait_for_selector("#sample-grid img")
+        wait_idle(page)
+        page.wait_for_function("(() => { const i = document.querySelector('#sample-grid img');"
+                               " return i && i.complete && i.naturalWidth > 0; })()")
+        size = page.evaluate("(() => { const i = document.querySelector('#sample-grid img');"
+                             " return [i.naturalWidth, i.naturalHeight]; })()")
+        assert size == [170 + 2 * 132, 26 + 2 * 132]            # 2 methods x 2 checkpoints
+        page.wait_for_function("document.querySelectorAll('#sample-gallery img').length >= 4")
+        page.wait_for_function("document.querySelectorAll('#compare-distance img').length == 1")
+        table = page.inner_text("#metrics-table")
+        assert "lora" in table and "dora" in table and table.count("finished") == 2
+        page.screenshot(path=str(ARTIFACTS / "app-compare.png"), full_page=True)
+        assert time.monotonic() - t0 < 240
+    assert not errors, errors
+    assert (ARTIFACTS / "app-compare.png").stat().st_size > 10_000
