@@ -122,6 +122,12 @@ def build_tiny(directory: Path) -> None:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(directory)
+    # transformers 5 writes weights only on rank 0 once torch.distributed is initialised: never let such a
+    # partial folder become the cache (trainers build it on the main process first)
+    for part in ("unet", "vae", "text_encoder"):
+        if not any((directory / part).glob("*.safetensors")):
+            raise ModelLoadError(f"building the tiny preset wrote no {part} weights (a non-zero distributed rank?); "
+                                 f"build it on the main process first")
     (directory / "README.md").write_text(
         "lowrank tiny SD preset: random weights, built from configs. For tests and demos of the "
         "training machinery; its images are noise.\n")
@@ -159,8 +165,12 @@ def load_pipeline(name_or_path: str | None = TINY, revision: str | None = None, 
         path, revision = str(tiny_path()), None
     else:
         path = os.path.expanduser(str(name_or_path))
+    if torch_dtype is not None:   # newer diffusers renamed torch_dtype to dtype (and warn on the old name)
+        from diffusers.pipelines import pipeline_utils
+
+        kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = torch_dtype
     try:
-        return StableDiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype, **kwargs)
+        return StableDiffusionPipeline.from_pretrained(path, revision=revision, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if os.path.isdir(path):

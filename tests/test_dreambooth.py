@@ -1,0 +1,239 @@
+"""DreamBooth trainer, in-process through main(argv): every method, outputs, distances, bad input, NaN.
+
+The real `accelerate launch` path, kill-and-resume and 2-process DDP are in test_dreambooth_resume.py.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import lowrank  # noqa: E402
+from training import dreambooth  # noqa: E402
+from training.common.data import load_image_dir  # noqa: E402
+from training.common.models import load_pipeline  # noqa: E402
+
+FAST = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--seed", "0", "--resolution", "32",
+        "--num_inference_steps", "2", "--num_validation_images", "2", "--rank", "4", "--report_to", "none"]
+ADAPTER_FILES = {"adapter_config.json", "adapter.safetensors"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """One tiny-SD cache for the whole session (other modules point at the same folder)."""
+    path = tmp_path_factory.getbasetemp() / "lowrank-cache"
+    old = os.environ.get("LOWRANK_CACHE")
+    os.environ["LOWRANK_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LOWRANK_CACHE", None)
+    else:
+        os.environ["LOWRANK_CACHE"] = old
+
+
+def train(out, *extra, base=FAST):
+    return dreambooth.main(["--output_dir", str(out), *base, *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_samples(folder, n):
+    lines = [json.loads(x) for x in (folder / "prompts.jsonl").read_text().splitlines()]
+    assert len(lines) == n
+    for line in lines:
+        assert line["prompt"] and Image.open(folder / line["image"]).size == (32, 32)
+    return lines
+
+
+@pytest.mark.parametrize("method", sorted(lowrank.METHODS))
+def test_every_method_trains_checkpoints_and_logs_distances(tmp_path, method):
+    out = tmp_path / "out"
+    assert train(out, "--method", method) == 0
+
+    assert ADAPTER_FILES <= {p.name for p in out.iterdir()}
+    assert Image.open(out / "samples_grid.png").size == (64, 32)       # 2 seeds x 1 prompt of 32 px
+    check_samples(out / "samples", 2)
+    ckpt = out / "checkpoint-2"
+    assert ADAPTER_FILES | {"optimizer.bin", "random_states_0.pkl", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
+    check_samples(ckpt / "samples", 2)
+    assert not list(out.glob("*.tmp"))
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["args"]["method"] == method and run["adapter_config"]["method"] == method
+    assert {"torch", "diffusers", "transformers", "accelerate", "lowrank"} <= set(run["versions"])
+    assert run["fig3_layer"].endswith("attn1.to_out.0")
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    layers = [k[len("distance/"):] for k in rows[0] if k.startswith("distance/")]
+    assert len(layers) == run["adapted_layers"] > 0
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["lr"] > 0
+        assert r["distance_fig3"] == r["distance/" + run["fig3_layer"]]
+        assert r["distance_max"] == max(r["distance/" + n] for n in layers)
+        assert r["distance_mean"] == pytest.approx(sum(r["distance/" + n] for n in layers) / len(layers))
+        assert all(r["rel_distance/" + n] >= 0 for n in layers) and 0 < r["time/distance_share"] < 1
+
+    start = run["distance_at_start"]
+    if method == "ether":    # a reflection from the start: never the identity
+        assert start["rel_distance_max"] > 0.1 and rows[0]["distance_fig3"] > 0
+    else:                    # starts at the pretrained weights and moves away
+        assert start["rel_distance_max"] < 1e-5
+        assert 0 < rows[0]["distance_max"] < rows[-1]["distance_max"]
+
+    # the saved adapter is the trained one: reloaded into a fresh model it has the last logged distance
+    unet = load_pipeline().unet
+    lowrank.load_adapter(unet, out)
+    fig3 = lowrank.weight_distance(unet)[run["fig3_layer"]]
+    assert fig3 == pytest.approx(rows[-1]["distance_fig3"], rel=1e-6, abs=1e-9)
+
+
+def test_rotation_validation_accumulation_and_tensorboard(tmp_path):
+    out = tmp_path / "out"
+    extra = ["--method", "lora", "--max_train_steps", "5", "--checkpointing_steps", "2", "--checkpoints_total_limit",
+             "1", "--validation_steps", "3", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
+             "--gradient_checkpointing", "--validation_prompt", "a sks cat", "a sks cat on the beach"]
+    has_tb = importlib_has("tensorboard")
+    if has_tb:
+        extra += ["--report_to", "tensorboard"]
+    assert train(out, *extra) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]      # checkpoint-2 rotated out
+    lines = check_samples(out / "validation" / "step-3", 4)
+    assert {x["prompt"] for x in lines} == {"a sks cat", "a sks cat on the beach"}
+    assert {x["seed"] for x in lines} == {0, 1}
+    assert Image.open(out / "samples_grid.png").size == (64, 64)
+    rows = metrics(out)
+    # 5 images, batch 2, 2 micro-batches per step: 2 optimizer steps per epoch
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["epoch"] for r in rows] == [0, 0, 1, 1, 2]
+    assert json.loads((out / "run.json").read_text())["steps_per_epoch"] == 2
+    if has_tb:
+        assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def importlib_has(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_prior_preservation_generates_missing_class_images_once(tmp_path):
+    out, classes = tmp_path / "out", tmp_path / "classes"
+    prior = ["--method", "delora", "--with_prior_preservation", "--class_data_dir", str(classes),
+             "--num_class_images", "3", "--sample_batch_size", "2", "--max_train_steps", "2"]
+    assert train(out, *prior) == 0
+    files = sorted(classes.iterdir())
+    assert [p.name for p in files] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    stamps = [p.stat().st_mtime_ns for p in files]
+    run = json.loads((out / "run.json").read_text())
+    assert run["class_images"] == 3 and run["args"]["class_prompt"] == "a photo of cat"
+    assert all(math.isfinite(r["loss"]) for r in metrics(out))
+    assert train(tmp_path / "again", *prior) == 0
+    assert [p.stat().st_mtime_ns for p in sorted(classes.iterdir())] == stamps     # reused, not regenerated
+
+
+def make_images(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    rgba = np.dstack([rgb, np.zeros((48, 64), np.uint8)])           # fully transparent: becomes white
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((40, 40), 65535, np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif")
+    Image.fromarray(rgb[:16, :16]).save(folder / "tiny.png")
+    (folder / "notes.txt").write_text("not an image")
+    good = folder / "rgb.jpg"
+    (folder / "corrupt.png").write_bytes(good.read_bytes()[:200])       # truncated
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+
+
+def test_image_folder_converts_formats_and_skips_bad_files(tmp_path, capsys):
+    folder = tmp_path / "subject"
+    make_images(folder)
+    images = load_image_dir(folder, 32)
+    err = capsys.readouterr().err
+    assert len(images) == 7
+    assert all(img.mode == "RGB" and min(img.size) == 32 for img in images)
+    for name in ("notes.txt", "corrupt.png", "broken.jpg"):
+        assert name in err
+    assert "warning:" in err and "tiny.png (16x16)" in err and "upscaling" in err
+    by_name = dict(zip(sorted(p.name for p in folder.iterdir()
+                              if p.name not in ("notes.txt", "corrupt.png", "broken.jpg")), images))
+    assert np.asarray(by_name["gray16.png"]).min() == 255            # 16-bit full scale -> 8-bit full scale
+    assert np.asarray(by_name["rgba.png"]).min() == 255              # transparent -> white background
+    # and it trains on them
+    assert train(tmp_path / "out", "--instance_data_dir", str(folder), "--instance_prompt", "a photo of sks thing",
+                 "--max_train_steps", "1", "--method", "lora") == 0
+
+
+@pytest.fixture
+def bad_dirs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("hello")
+    (tmp_path / "junk" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "afile").write_text("x")
+    return tmp_path
+
+
+BAD = {
+    "missing dir": (["--instance_data_dir", "{t}/nope", "--instance_prompt", "p"], "does not exist"),
+    "empty dir": (["--instance_data_dir", "{t}/empty", "--instance_prompt", "p"], "is empty"),
+    "only junk": (["--instance_data_dir", "{t}/junk", "--instance_prompt", "p"], "no readable images"),
+    "no prompt": (["--instance_data_dir", "{t}/junk"], "--instance_prompt is required"),
+    "unknown method": (["--method", "nope"], "unknown method 'nope'"),
+    "output is a file": (["--output_dir", "{t}/afile"], "is not a directory"),
+    "zero steps": (["--max_train_steps", "0"], "must be positive"),
+    "bad rank": (["--rank", "0"], "rank must be a positive integer"),
+    "unknown flag": (["--bogus", "1"], "unrecognized arguments"),
+    "bad bool": (["--dora_detach_norm", "maybe"], "expected true or false"),
+    "not a checkpoint": (["--resume_from_checkpoint", "{t}/empty"], "not a checkpoint folder"),
+    "unreachable model": (["--pretrained_model_name_or_path", "no-such-org/no-such-model"], "cannot reach model"),
+    "odd resolution": (["--resolution", "30"], "must be a multiple of 4"),
+    "no target": (["--target_modules", "nothing_like_this"], "matched no module"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line_and_exit_2(bad_dirs, capsys, case):
+    argv, expected = BAD[case]
+    argv = [a.replace("{t}", str(bad_dirs)) for a in argv]
+    out = ["--output_dir", str(bad_dirs / "out")] if "--output_dir" not in argv else []
+    code = dreambooth.main(out + [*FAST, *argv] if case != "odd resolution" else out + argv + FAST[:6])
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(error_lines) == 1 and expected in error_lines[0], err
+    assert "Traceback" not in err
+
+
+def test_nan_loss_stops_keeps_last_checkpoint_and_resumes(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--method", "lora", "--max_train_steps", "5"]
+    assert train(out, *args, "--debug_nan_at_step", "3") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the loss is nan at step 3") and "checkpoint-2" in err[-1]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (out / "adapter.safetensors").exists()                  # no final adapter from a diverged run
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    unet = load_pipeline().unet
+    lowrank.load_adapter(unet, out / "checkpoint-2")
+    assert all(math.isfinite(v) for v in lowrank.weight_distance(unet).values())
+
+    # resuming needs the same adapter flags ...
+    assert train(out, "--method", "ether", "--max_train_steps", "5", "--resume_from_checkpoint", "latest") == 2
+    assert "method='lora'" in capsys.readouterr().err
+    # ... and then carries on from the last good checkpoint
+    assert train(out, *args, "--resume_from_checkpoint", "latest") == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")

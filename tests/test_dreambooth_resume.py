@@ -1,0 +1,108 @@
+"""The trainer as users run it: `accelerate launch` subprocesses.
+
+- an uninterrupted run vs a run SIGKILLed after a checkpoint and resumed with
+  --resume_from_checkpoint latest: the final adapters are bit-identical (CPU, fixed seed);
+- two CPU processes (DDP over gloo): one set of outputs, per-process RNG state in checkpoints.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+SCRIPT = str(ROOT / "training" / "dreambooth.py")
+LAUNCH_1 = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+ARGS = ["--method", "delora", "--rank", "4", "--seed", "0", "--resolution", "32", "--max_train_steps", "6",
+        "--checkpointing_steps", "2", "--num_inference_steps", "2", "--num_validation_images", "1",
+        "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: offline, and the session's shared tiny-SD cache."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             LOWRANK_CACHE=str(tmp_path_factory.getbasetemp() / "lowrank-cache"))
+    e.pop("ACCELERATE_USE_CPU", None)
+    return e
+
+
+def run(cmd, env, timeout=300):
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_latest_equals_uninterrupted_run(tmp_path, env):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(straight), *ARGS], env)
+    assert f"Results in {straight}" in proc.stdout
+    for name in ("adapter.safetensors", "adapter_config.json", "samples_grid.png", "run.json", "metrics.jsonl",
+                 "samples/prompts.jsonl", "checkpoint-6/optimizer.bin", "checkpoint-2/adapter.safetensors"):
+        assert (straight / name).is_file(), name
+
+    # the same run, slowed down after each step so the kill lands mid-run, killed once checkpoint-2 exists
+    victim = subprocess.Popen(LAUNCH_1 + [SCRIPT, "--output_dir", str(killed), *ARGS, "--debug_step_delay", "0.5"],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-2" / "trainer_state.json").exists():
+        assert victim.poll() is None, victim.stderr.read()[-3000:]
+        assert time.time() < deadline, "checkpoint-2 never appeared"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)   # the launcher and the training process it started
+    victim.wait()
+    assert not (killed / "adapter.safetensors").exists() and not (killed / "checkpoint-6").exists()
+
+    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(killed), *ARGS, "--resume_from_checkpoint", "latest"], env)
+    assert "resumed from" in proc.stderr
+    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra, rb = rows(straight), rows(killed)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]              # the killed run's extra rows were dropped
+    for x, y in zip(ra, rb):
+        assert x["loss"] == y["loss"] and x["distance_fig3"] == y["distance_fig3"]
+    assert not list(killed.glob("*.tmp"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_ddp(tmp_path, env):
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    out = tmp_path / "ddp"
+    # accelerate 1.15: `launch --cpu` runs one process (multi-CPU needs mpirun); torchrun through --multi_gpu
+    # with ACCELERATE_USE_CPU=true gives DDP over gloo on CPU
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT, "--output_dir", str(out),
+           *ARGS[:-8], "--max_train_steps", "3", "--checkpointing_steps", "2", "--num_inference_steps", "2",
+           "--with_prior_preservation", "--num_class_images", "3", "--sample_batch_size", "1", "--report_to", "none",
+           "--num_validation_images", "1"]
+    proc = run(cmd, dict(env, ACCELERATE_USE_CPU="true"))
+    assert proc.stdout.count("done:") == 1                              # main-process-only output
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["num_processes"] == 2
+    names = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "adapter.safetensors", "optimizer.bin"} <= names
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == [f"class-0000{i}.png" for i in range(3)]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    assert (out / "adapter.safetensors").is_file()

@@ -1,0 +1,164 @@
+"""Command-line flags every trainer shares, named as in diffusers' examples, plus one flag per
+AdapterConfig field (generated, so a field added to lowrank shows up here with its help string).
+
+Errors are one line (`error: ...`) through TrainingError, never argparse's usage dump, so that
+every trainer reports bad input the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+from lowrank import METHODS, AdapterConfig
+
+from . import TrainingError
+
+# Per-method default learning rates (ETHER paper App. C / OFT protocol for SD-1.5 DreamBooth: LoRA 6e-4,
+# ETHER/ETHER+ 6e-3; DeLoRA is bounded like ETHER, and peft's docs recommend 10-100x LoRA's rate).
+DEFAULT_LR = {"lora": 6e-4, "dora": 6e-4, "deltalora": 6e-4, "dyndora": 6e-4,
+              "delora": 6e-3, "ether": 6e-3, "etherplus": 6e-3}
+FALLBACK_LR = 6e-4
+# Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
+ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump, caught by main() like any bad input
+        raise TrainingError(message)
+
+
+def _bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _targets(text: str) -> list[str] | str:
+    """'to_q,to_k' -> ['to_q', 'to_k'] (name suffixes); 're:<regex>' -> the regex string."""
+    if text.startswith("re:"):
+        return text[3:]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
+    return items
+
+
+def _flag_type(name: str, hint) -> tuple[typing.Callable, dict]:
+    """argparse type (and extra add_argument kwargs) for an AdapterConfig field's annotation."""
+    if name == "target_modules":
+        return _targets, {}
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or \
+        typing.get_origin(hint) is typing.Union else [hint]
+    base = args[0] if len(args) == 1 else str
+    if base is bool:
+        return _bool, {"nargs": "?", "const": True}   # `--flag` alone means true; `--flag false` works
+    if base in (int, float, str):
+        return base, {}
+    return str, {}
+
+
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    """--method, --rank, --alpha, --target_modules and every method option, from AdapterConfig."""
+    group = parser.add_argument_group("adapter (lowrank.AdapterConfig)")
+    hints = typing.get_type_hints(AdapterConfig)
+    helps = AdapterConfig.help()
+    defaults = AdapterConfig()
+    for field in dataclasses.fields(AdapterConfig):
+        kind, extra = _flag_type(field.name, hints[field.name])
+        default = getattr(defaults, field.name)
+        shown = ",".join(default) if isinstance(default, list) else default
+        note = ADAPTER_FLAGS_SPECIAL.get(field.name, f"default: {shown}")
+        if field.name == "method":
+            note += f"; available: {', '.join(sorted(METHODS))}"
+        # default None: only flags the user gave reach AdapterConfig, so its own defaults stay the truth
+        group.add_argument(f"--{field.name}", type=kind, default=None, help=f"{helps[field.name]} ({note})", **extra)
+    group.add_argument("--lambda_learning_rate", type=float, default=None,
+                       help="Learning rate of scalar strengths (DeLoRA's boundary λ), a separate AdamW group "
+                            "without weight decay (default: --learning_rate).")
+
+
+def adapter_config(args: argparse.Namespace, **fill: typing.Any) -> AdapterConfig:
+    """AdapterConfig from the flags the user set; `fill` supplies values for unset fields only
+    (e.g. dyndora_total_steps=args.max_train_steps). Raises lowrank.ConfigError on bad values."""
+    names = {f.name for f in dataclasses.fields(AdapterConfig)}
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    for k, v in fill.items():
+        if k in names and k not in given:
+            given[k] = v
+    return AdapterConfig(**given)
+
+
+def add_training_args(parser: argparse.ArgumentParser, default_resolution: str = "") -> None:
+    """The flags shared by the diffusion trainers (diffusers' names and, where sensible, defaults)."""
+    p = parser.add_argument
+    p("--pretrained_model_name_or_path", default=None,
+      help="Hub name or local folder of a Stable Diffusion pipeline; 'tiny' (the default) is the built-in tiny "
+           "SD with random weights, for trying the machinery offline.")
+    p("--revision", default=None, help="Revision (branch, tag or commit) of the pretrained model on the hub.")
+    p("--output_dir", default="lowrank-output", help="Where the adapter, checkpoints, samples and metrics go.")
+    p("--seed", type=int, default=None, help="Seed for the adapter init, data order and noise (recorded in "
+                                            "run.json; a random one is picked when not given).")
+    p("--resolution", type=int, default=None, help=f"Training and sample resolution in pixels{default_resolution}.")
+    p("--train_batch_size", type=int, default=1, help="Batch size per device (the paper's protocol uses 1).")
+    p("--num_train_epochs", type=int, default=1, help="Epochs to train when --max_train_steps is not given.")
+    p("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
+    p("--checkpointing_steps", type=int, default=500,
+      help="Write output_dir/checkpoint-N (adapter, optimizer/scheduler/RNG state, samples) every N steps.")
+    p("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go first).")
+    p("--resume_from_checkpoint", default=None,
+      help="'latest' (the newest checkpoint in output_dir; starts fresh if there is none) or a checkpoint folder.")
+    p("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimizer step.")
+    p("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
+    p("--learning_rate", type=float, default=None,
+      help="Learning rate of the adapter matrices (default per method: "
+           + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + f"; otherwise {FALLBACK_LR:g}).")
+    p("--lr_scheduler", default="constant",
+      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+      help="Learning-rate schedule (diffusers.optimization.get_scheduler).")
+    p("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
+    p("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables clipping).")
+    p("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    p("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    p("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of the adapter matrices.")
+    p("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    p("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+      help="Mixed precision (default: accelerate's config / launch flag). Frozen weights are cast to it; "
+           "adapter parameters stay fp32.")
+    p("--report_to", default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
+      help="Trackers besides output_dir/metrics.jsonl (default: tensorboard when installed, else none).")
+    p("--dataloader_num_workers", type=int, default=0, help="Worker processes for image loading (0: in the main process).")
+    p("--validation_prompt", nargs="+", default=None,
+      help="Prompt(s) sampled at every checkpoint and at the end with fixed seeds 0..N-1 (default: the instance prompt).")
+    p("--num_validation_images", type=int, default=4, help="Images per validation prompt (seeds 0..N-1).")
+    p("--validation_steps", type=int, default=None,
+      help="Also sample every N steps into output_dir/validation/step-N (default: only at checkpoints and the end).")
+    p("--num_inference_steps", type=int, default=25, help="Denoising steps for samples and class images.")
+    p("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for samples and class images.")
+    # test-only hooks, hidden from --help
+    p("--debug_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
+    p("--debug_step_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Cross-flag checks shared by the trainers; one TrainingError per problem."""
+    positive = ["train_batch_size", "num_train_epochs", "checkpointing_steps", "gradient_accumulation_steps",
+                "num_validation_images", "num_inference_steps"]
+    for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution"]:
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise TrainingError(f"--{name} must be positive, got {v}")
+    for name in ("learning_rate", "lambda_learning_rate"):
+        v = getattr(args, name, None)
+        if v is not None and not v > 0:
+            raise TrainingError(f"--{name} must be positive, got {v}")
+    if args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.dataloader_num_workers < 0:
+        raise TrainingError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
+
+
+def default_learning_rate(method: str) -> float:
+    return DEFAULT_LR.get(method, FALLBACK_LR)

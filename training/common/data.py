@@ -1,0 +1,166 @@
+"""Images in, tensors out: folder loading with validation, the embedded example subject, and a
+deterministic batch order.
+
+Determinism is what makes kill-and-resume exact: the batch order of an epoch is a function of
+(seed, epoch) and each sample's crop a function of (seed, its position in the whole run), so a
+resumed run sees exactly the batches the uninterrupted run saw, with no RNG state to carry over.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import TrainingError
+
+logger = logging.getLogger("lowrank.training")
+
+EXAMPLE_PROMPT = "a photo of sks cat"
+EXAMPLE_CLASS_PROMPT = "a photo of cat"
+EXAMPLE_NAME = "embedded example subject (scikit-image chelsea, 5 crops/flips)"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16/32-bit grayscale rescaled, transparency over white, CMYK/P/L converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        if img.mode == "F" and hi <= 1.0:
+            arr = arr * 255.0
+        elif hi > 255:                    # 16-bit data: 65535 -> 255
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode fully (so truncated files fail here, not mid-training), honour EXIF rotation, make RGB."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def resize_short(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> size (bilinear, as diffusers' transforms.Resize); up or down."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return img if new == (w, h) else img.resize(new, Image.BILINEAR)
+
+
+def load_image_dir(directory: str | Path, resolution: int, flag: str = "--instance_data_dir",
+                   allow_empty: bool = False) -> list[Image.Image]:
+    """Every readable image in `directory` (sorted by name), RGB, shorter side = resolution.
+    Unreadable files are skipped with a warning naming them; nothing readable is an error."""
+    d = Path(directory).expanduser()
+    if not d.exists():
+        raise TrainingError(f"{flag} {d} does not exist")
+    if not d.is_dir():
+        raise TrainingError(f"{flag} {d} is not a directory")
+    files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+    images, skipped, small = [], [], []
+    for path in files:
+        try:
+            img = open_image(path)
+        except UnidentifiedImageError:
+            skipped.append(f"{path.name} (not an image)")
+            continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            skipped.append(f"{path.name} (unreadable: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__})")
+            continue
+        if min(img.size) < resolution:
+            small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
+        images.append(resize_short(img, resolution))
+    if skipped:
+        logger.warning("%s: skipping %d file(s): %s", flag, len(skipped), ", ".join(skipped))
+    if small:
+        logger.warning("%s: upscaling %d image(s) smaller than --resolution %d: %s", flag, len(small),
+                       resolution, ", ".join(small))
+    if not images and not allow_empty:
+        if not files:
+            raise TrainingError(f"{flag} {d} is empty; put 3-5 photos of the subject in it")
+        raise TrainingError(f"{flag} {d} has no readable images (skipped {', '.join(skipped)})")
+    return images
+
+
+def example_subject(resolution: int) -> list[Image.Image]:
+    """Five real photos of one cat: crops and a flip of scikit-image's `chelsea` (300x451)."""
+    from skimage import data
+
+    cat = Image.fromarray(data.chelsea())
+    boxes = [(75, 0, 375, 300), (0, 0, 300, 300), (151, 0, 451, 300), (90, 30, 330, 270), (40, 10, 320, 290)]
+    crops = [cat.crop(b) for b in boxes]
+    crops[2] = ImageOps.mirror(crops[2])
+    crops[4] = ImageOps.mirror(crops[4])
+    return [resize_short(c, resolution) for c in crops]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, same on every platform)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0     # [-1, 1], as diffusers' Normalize([0.5], [0.5])
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Index k is a position in the whole run (epoch * len + i): sample i, cropped by a generator seeded
+    from (seed, k). With class images, each item also carries a class image (prior preservation)."""
+
+    def __init__(self, instance_images, class_images, size: int, center_crop: bool, seed: int):
+        self.instance, self.cls = list(instance_images), list(class_images or [])
+        self.size, self.center_crop, self.seed = size, center_crop, seed
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.cls))
+
+    def crop(self, img: Image.Image, gen: torch.Generator) -> torch.Tensor:
+        w, h = img.size
+        if self.center_crop:
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+        else:
+            left = int(torch.randint(0, w - self.size + 1, (1,), generator=gen))
+            top = int(torch.randint(0, h - self.size + 1, (1,), generator=gen))
+        return to_tensor(img.crop((left, top, left + self.size, top + self.size)))
+
+    def __getitem__(self, k: int) -> dict:
+        i = k % len(self)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, k))
+        item = {"instance": self.crop(self.instance[i % len(self.instance)], gen)}
+        if self.cls:
+            item["class"] = self.crop(self.cls[i % len(self.cls)], gen)
+        return item
+
+
+def collate(items: list[dict]) -> torch.Tensor:
+    """Instance images first, then class images: the loss splits the batch in two halves."""
+    pixels = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
+    return torch.stack(pixels)
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This process's batches of epoch `epoch`, as lists of run positions (epoch * n + i).
+
+    The permutation depends on (seed, epoch) only, so every process agrees; it is padded by wrapping
+    so all processes get the same number of batches (an uneven shard would deadlock DDP's all-reduce).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
+    per = math.ceil(n / world)
+    perm = (perm * world)[: per * world]
+    mine = [epoch * n + i for i in perm[rank::world]]
+    return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
+    return math.ceil(math.ceil(math.ceil(n / world) / batch_size) / grad_accum)

@@ -1,0 +1,175 @@
+"""Per-step metrics: output_dir/metrics.jsonl (always) plus accelerate trackers (TensorBoard ...), and
+the weight-distance probe every trainer runs after every optimizer step.
+
+metrics.jsonl holds one JSON object per optimizer step:
+    {"step", "loss", "lr", "distance/<layer>", "rel_distance/<layer>", "distance_fig3",
+     "rel_distance_fig3", "distance_mean", "distance_max", "rel_distance_mean", "rel_distance_max",
+     "time/step", "time/distance", "time/distance_share", ...}
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import lowrank
+
+logger = logging.getLogger("lowrank.training")
+
+FIG3_PATTERN = "attn1.to_out.0"   # DeLoRA Fig. 3: out-projection of the first self-attention
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to the current sys.stderr (not the one at creation), so redirected stderr still gets it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def setup_console(main: bool = True) -> logging.Logger:
+    """The trainers' logger: info as plain lines, `warning: ...` otherwise; quiet on non-main processes."""
+    log = logging.getLogger("lowrank.training")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Format())
+        log.addHandler(handler)
+        log.propagate = False   # one line per message, whatever the root logger has
+    log.setLevel(logging.INFO if main else logging.ERROR)
+    return log
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("lowrank", "torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_info(args, **resolved) -> dict:
+    """run.json: every argument as given, what the trainer resolved from them, library versions."""
+    return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            **resolved, "versions": library_versions(), "command": sys.argv,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def fig3_layer(names: list[str]) -> str | None:
+    return next((n for n in names if FIG3_PATTERN in n), None)
+
+
+class DistanceProbe:
+    """‖W_eff − W0‖_F of every adapted layer, absolute and relative, with the time it took.
+
+    lowrank computes distances from r x r Gram products with one device sync per call, so this runs
+    after every optimizer step; the share of the step it costs is logged as time/distance_share."""
+
+    def __init__(self, model):
+        self.model = model
+        layers = lowrank.adapter_layers(model)
+        self.names = list(layers)
+        self.fig3 = fig3_layer(self.names)
+        # ‖W0‖_F is fixed at inject time: dividing by it here gives exactly what
+        # weight_distance(relative=True) returns, at half the cost of a second call
+        self.w0_norms = {n: float(layer.w0_norm) for n, layer in layers.items()}
+
+    def __call__(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        dist = lowrank.weight_distance(self.model)
+        rel = {k: v / self.w0_norms[k] for k, v in dist.items()}
+        row: dict[str, float] = {}
+        for prefix, values in (("distance", dist), ("rel_distance", rel)):
+            row.update({f"{prefix}/{k}": v for k, v in values.items()})
+            # the Fig. 3 layer is not adapted when target_modules leave it out: then it has not moved
+            row[f"{prefix}_fig3"] = values.get(self.fig3, 0.0) if self.fig3 else 0.0
+            summary = lowrank.distance_summary(values)
+            row[f"{prefix}_mean"], row[f"{prefix}_max"] = summary.get("mean", 0.0), summary.get("max", 0.0)
+        row["time/distance"] = time.perf_counter() - t0
+        return row
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (a killed writer) is dropped."""
+    rows = []
+    p = Path(path)
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def resolve_report_to(value: str | None) -> str | None:
+    """None (the default) means tensorboard when it is installed; 'none' means no tracker."""
+    if value is None:
+        value = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") \
+            else "none"
+    return None if value == "none" else value
+
+
+class MetricsLogger:
+    """Main-process writer of metrics.jsonl and the accelerate trackers.
+
+    On resume, rows after the resumed step (written by the killed run) are dropped, so the file again
+    holds exactly one row per step of the run that produced the final adapter."""
+
+    def __init__(self, accelerator, output_dir: str | Path, project: str, config: dict,
+                 resume_step: int | None, report_to: str | None):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.trackers = report_to is not None
+        if accelerator.is_main_process:
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+            self.file = open(self.path, "a")
+        if self.trackers:
+            # trackers take flat scalars/strings only
+            flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+            accelerator.init_trackers(project, config=flat)
+
+    def log(self, step: int, row: dict) -> None:
+        row = {"step": step, **row}
+        if self.accelerator.is_main_process:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                                 step=step)
+
+    def log_images(self, step: int, images, tag: str = "validation") -> None:
+        import numpy as np
+
+        if not self.trackers:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+
+    def close(self) -> None:
+        if self.accelerator.is_main_process:
+            self.file.close()
+        if self.trackers:
+            self.accelerator.end_training()
