@@ -101,5 +101,23 @@ def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Pat
     return cmd
 
 
-def eval_command(run_dir: Path, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "eval.subject", "--run_dir", str(run_dir), *(extra or [])]
+SCORER = [sys.executable, "-m", "eval.subject"]      # + --run_dir RUN: writes RUN/eval.jsonl
+REPORTER = [sys.executable, "-m", "eval.report"]    # + RUN... --out DIR: Markdown/CSV table, PNG plots, grid
+
+
+def module_available(prefix: list[str]) -> bool:
+    """False when `prefix` is `python -m some.module` and that module is not in this checkout."""
+    if len(prefix) >= 3 and prefix[1] == "-m":
+        try:
+            return importlib.util.find_spec(prefix[2]) is not None
+        except ModuleNotFoundError:
+            return False
+    return True
+
+
+def eval_command(run_dir: Path, scorer: list[str] | None = None) -> list[str]:
+    return [*(scorer or SCORER), "--run_dir", str(run_dir)]
+
+
+def report_command(run_dirs: list[Path], out_dir: Path, reporter: list[str] | None = None) -> list[str]:
+    return [*(reporter or REPORTER), *map(str, run_dirs), "--out", str(out_dir)]

@@ -37,13 +37,16 @@ class Progress:
 class Service:
     def __init__(self, runs_dir: Path, launcher: str = "accelerate", grace_s: float = 10.0,
                  max_image_mb: float = MAX_IMAGE_MB, queue: JobQueue | None = None,
-                 generator: Generator | None = None):
+                 generator: Generator | None = None, scorer: list[str] | None = None,
+                 reporter: list[str] | None = None):
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = launcher
         self.max_image_mb = max_image_mb
         self.queue = queue or JobQueue(grace_s=grace_s)
         self.generator = generator or Generator()
+        self.scorer = list(scorer or commands.SCORER)          # overridable: tests use a stand-in
+        self.reporter = list(reporter or commands.REPORTER)
 
     # ----- runs -----------------------------------------------------------------------------------
     def runs(self) -> list[R.RunInfo]:
@@ -148,6 +151,10 @@ class Service:
     # ----- scoring --------------------------------------------------------------------------------
     def score(self, names, rescore: bool = False) -> str:
         """Queue eval/subject.py for the chosen runs that have checkpoints and no eval.jsonl."""
+        if not names:
+            return "Choose runs to score."
+        if not commands.module_available(self.scorer):
+            return "Scoring is not available: eval/subject.py is missing from this checkout."
         queued, skipped = [], []
         for ri in self.run_infos(names):
             if ri.status in ("queued", "running"):
@@ -159,7 +166,7 @@ class Service:
             else:
                 try:
                     self.queue.submit(Job(id=f"eval:{ri.name}", run_dir=ri.path, kind="eval", track=False,
-                                          log_name="eval.log", cmd=commands.eval_command(ri.path)))
+                                          log_name="eval.log", cmd=commands.eval_command(ri.path, self.scorer)))
                     queued.append(ri.name)
                 except ValueError:
                     skipped.append(f"{ri.name} (already being scored)")
@@ -180,6 +187,37 @@ class Service:
                 where = f", position {pos} in the queue" if pos else ""
                 lines.append(f"- `{name}`: scoring {job.state}{where}")
         return "\n".join(lines)
+
+    def report(self, names) -> tuple[str, Path | None]:
+        """Queue eval/report.py over the chosen runs into RUNS/_reports/<time>/; (message, folder)."""
+        infos = [r for r in self.run_infos(names) if r.status not in ("queued", "running")]
+        if not infos:
+            return "Choose finished runs for the report.", None
+        if not commands.module_available(self.reporter):
+            return "Reports are not available: eval/report.py is missing from this checkout.", None
+        out = self.runs_dir / "_reports" / time.strftime("%Y%m%d-%H%M%S")
+        k = 1
+        while out.exists():
+            out = out.with_name(f"{out.name.split('~')[0]}~{k}")
+            k += 1
+        out.mkdir(parents=True)
+        self.queue.submit(Job(id=f"report:{out.name}", run_dir=out, kind="report", track=False, log_name="report.log",
+                              cmd=commands.report_command([r.path for r in infos], out, self.reporter)))
+        return f"Building a report of {len(infos)} run(s) in {out}.", out
+
+    def report_result(self, out: Path) -> tuple[str, list[str]]:
+        """(markdown to show, files to offer) once the report job is done."""
+        job = self.queue.get(f"report:{out.name}")
+        if job is not None and not job.done:
+            pos = self.queue.position(job.id)
+            return (f"Report {'running' if pos == 0 else f'waiting, position {pos} in the queue'}…", [])
+        files = sorted(str(p) for p in out.rglob("*") if p.is_file() and p.name != "report.log")
+        if job is not None and job.state != "finished":
+            tail = "\n".join(R.last_log_lines(out, 8, "report.log"))
+            return f"Report failed ({job.note}):\n```\n{tail}\n```", files
+        md = next((p for p in sorted(out.glob("*.md"))), None)
+        text = md.read_text(errors="replace") if md else "Report written."
+        return text, files
 
     # ----- comparison -----------------------------------------------------------------------------
     def compare(self, names, distance: str | None = None):

@@ -103,7 +103,13 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                                      elem_id="metrics-table")
                 with gr.Row():
                     score_btn = gr.Button("Score unscored runs", elem_id="score")
-                    score_md = gr.Markdown(elem_id="score-status")
+                    report_btn = gr.Button("Build report (eval/report.py)", elem_id="report")
+                score_md = gr.Markdown(elem_id="score-status")
+                with gr.Accordion("Report", open=False):
+                    report_md = gr.Markdown(elem_id="report-text")
+                    report_imgs = gr.Gallery(label="Report figures", columns=3, height=300, elem_id="report-figures")
+                    report_files = gr.File(label="Report files", file_count="multiple", interactive=False,
+                                           elem_id="report-files")
                 details = gr.Markdown(elem_id="run-details")
                 gallery = gr.Gallery(label="All samples", columns=8, height=300, elem_id="sample-gallery")
 
@@ -153,6 +159,16 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 time.sleep(poll_s)
                 yield service.score_status(names)
             yield service.score_status(names) or "Nothing to score."
+
+        def report_fn(names):
+            msg, out = service.report(names)
+            yield msg, [], []
+            if out is None:
+                return
+            while service.queue.position(f"report:{out.name}") is not None:
+                time.sleep(poll_s)
+            text, files = service.report_result(out)
+            yield text, [f for f in files if f.endswith(".png")], files
 
         def stream(names):
             for p in service.follow(names, poll_s=poll_s):
@@ -223,6 +239,8 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
               api_name="compare", concurrency_limit=4)
         score_btn.click(score_fn, chosen, score_md, api_name="score", concurrency_limit=None).then(
             compare_fn, [chosen, dist_key], compare_outputs, api_name=False)
+        report_btn.click(report_fn, chosen, [report_md, report_imgs, report_files], api_name="report",
+                         concurrency_limit=None)
         g_run.change(gen_ckpts, [g_run, g_prompt], [g_ckpt, g_prompt], api_name="checkpoints", queue=False)
         g_btn.click(gen_fn, [g_run, g_ckpt, g_prompt, g_seed, g_n, g_steps, g_cfg, g_merge], [g_out, g_msg],
                     api_name="generate", concurrency_limit=1)
