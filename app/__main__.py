@@ -57,6 +57,7 @@ def serve(args: argparse.Namespace, block: bool = True):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)       # gradio's own start-up probes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # SIGTERM -> finally blocks -> trainers cancelled
     try:
         serve(args, block=True)

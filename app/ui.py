@@ -150,8 +150,9 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
 
         def after_train(names):
             choices = service.run_choices()
-            return (gr.update(choices=choices, value=list(names or [])),
-                    gr.update(choices=choices, value=(names or [None])[0]))
+            if not names:                                  # nothing was started: keep the user's choices
+                return gr.update(choices=choices), gr.update(choices=choices)
+            return gr.update(choices=choices, value=list(names)), gr.update(choices=choices, value=names[0])
 
         def score_fn(names):
             yield service.score(names)

@@ -1,0 +1,58 @@
+"""`python -m app`: flags, defaults, serving on 127.0.0.1 and a clean stop on SIGTERM."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from app.__main__ import build_parser, main
+
+from .test_app_support import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_flag_has_help_and_the_defaults_are_local():
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert {"host", "port", "runs_dir"} <= set(flags)
+    assert all(a.help and len(a.help) > 10 for a in flags.values())
+    args = parser.parse_args([])
+    assert (args.host, args.port, args.runs_dir, args.launcher) == ("127.0.0.1", 7860, "runs", "accelerate")
+
+
+def test_busy_port_is_a_one_line_error(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["--port", str(port), "--runs_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_python_m_app_serves_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--runs_dir", str(tmp_path / "runs")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        page, deadline = None, time.monotonic() + 90
+        while page is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.3)
+        assert page is not None and "gradio" in page.lower()
+        assert (tmp_path / "runs").is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read().decode()
+    assert "Traceback" not in out, out
