@@ -237,3 +237,54 @@ def test_nan_loss_stops_keeps_last_checkpoint_and_resumes(tmp_path, capsys):
     assert train(out, *args, "--resume_from_checkpoint", "latest") == 0
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+def test_every_flag_has_help_and_every_adapter_option_is_a_flag(capsys):
+    parser = dreambooth.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit) as exit_:
+        dreambooth.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, help_text in lowrank.AdapterConfig.help().items():
+        assert f"--{name}" in text and " ".join(help_text.split())[:40] in text, name
+    for name in ("--pretrained_model_name_or_path", "--instance_data_dir", "--with_prior_preservation",
+                 "--lambda_learning_rate", "--resume_from_checkpoint", "--validation_steps"):
+        assert name in text
+    assert "--debug_nan_at_step" not in text                         # test-only flags stay hidden
+
+
+def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path):
+    """In-process twin of the SIGKILL test: batch 2, 2 micro-batches per step, resume inside an epoch."""
+    args = ["--method", "etherplus", "--max_train_steps", "5", "--checkpointing_steps", "3",
+            "--train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(a, *args) == 0
+    assert train(b, *args[:3], "3", *args[4:]) == 0                 # stop at step 3 (mid-epoch 1)
+    assert train(b, *args, "--resume_from_checkpoint", "latest") == 0
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
+
+
+def test_checkpoint_listing_ignores_partial_and_stale_folders(tmp_path):
+    from training.common import TrainingError
+    from training.common.checkpoint import list_checkpoints, remove_stale, resolve_resume
+
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-4.old", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10"):
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "checkpoint-12.tmp" / "trainer_state.json").write_text("{}")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10]      # numeric order, complete ones only
+    assert resolve_resume(tmp_path, "latest").name == "checkpoint-10"
+    assert resolve_resume(tmp_path, "checkpoint-2").name == "checkpoint-2"
+    with pytest.raises(TrainingError):
+        resolve_resume(tmp_path, "checkpoint-12.tmp")
+    assert resolve_resume(tmp_path / "empty", "latest") is None
+    remove_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2", "checkpoint-x"]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import lowrank
+from lowrank import AdapterConfig
 from training.common import DivergedError, TrainingError
 from training.common.args import (ArgumentParser, adapter_config, add_adapter_args, add_training_args,
                                   check_training_args, default_learning_rate)
@@ -45,7 +46,7 @@ from training.common.samples import (count_images, generate, generate_class_imag
 logger = setup_console()
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)")
     g = parser.add_argument_group("DreamBooth")
@@ -63,9 +64,14 @@ def parse_args(argv=None):
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--center_crop", action="store_true", help="Center-crop images (default: random crops).")
     add_adapter_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
 
     check_training_args(args)
+    args.output_dir = args.output_dir or f"outputs/dreambooth-{args.method or AdapterConfig().method}"
     out = Path(args.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--output_dir {out} exists and is not a directory; choose another path")
@@ -188,6 +194,9 @@ def train(args) -> None:
     config = adapter_config(args, dyndora_total_steps=max_train_steps)
     if resume_dir:
         saved, _ = lowrank.read_adapter(resume_dir)
+        # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
+        # --max_train_steps without silently changing a schedule the adapter already follows
+        config = adapter_config(args, dyndora_total_steps=getattr(saved, "dyndora_total_steps", max_train_steps))
         if saved != config:
             diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
             raise TrainingError(f"{resume_dir} was trained with {', '.join(diff)}; resume with the same adapter flags")

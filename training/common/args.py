@@ -100,7 +100,8 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
       help="Hub name or local folder of a Stable Diffusion pipeline; 'tiny' (the default) is the built-in tiny "
            "SD with random weights, for trying the machinery offline.")
     p("--revision", default=None, help="Revision (branch, tag or commit) of the pretrained model on the hub.")
-    p("--output_dir", default="lowrank-output", help="Where the adapter, checkpoints, samples and metrics go.")
+    p("--output_dir", default=None, help="Where the adapter, checkpoints, samples and metrics go "
+                                        "(default: outputs/<task>-<method>).")
     p("--seed", type=int, default=None, help="Seed for the adapter init, data order and noise (recorded in "
                                             "run.json; a random one is picked when not given).")
     p("--resolution", type=int, default=None, help=f"Training and sample resolution in pixels{default_resolution}.")
