@@ -61,7 +61,8 @@ def test_every_method_trains_checkpoints_and_logs_distances(tmp_path, method):
     assert Image.open(out / "samples_grid.png").size == (64, 32)       # 2 seeds x 1 prompt of 32 px
     check_samples(out / "samples", 2)
     ckpt = out / "checkpoint-2"
-    assert ADAPTER_FILES | {"optimizer.bin", "random_states_0.pkl", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    state_files = {"optimizer.bin", "random_states_0.pkl", "trainer_state.json"}
+    assert ADAPTER_FILES | state_files <= {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
     check_samples(ckpt / "samples", 2)
     assert not list(out.glob("*.tmp"))
@@ -255,10 +256,16 @@ def test_every_flag_has_help_and_every_adapter_option_is_a_flag(capsys):
     assert "--debug_nan_at_step" not in text                         # test-only flags stay hidden
 
 
-def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path):
-    """In-process twin of the SIGKILL test: batch 2, 2 micro-batches per step, resume inside an epoch."""
-    args = ["--method", "etherplus", "--max_train_steps", "5", "--checkpointing_steps", "3",
-            "--train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+# make the methods that act after optimizer steps act within a 5-step run (when lowrank has them)
+ACTIVE_HOOKS = {"deltalora": ["--deltalora_start_step", "1"], "dyndora": ["--dyndora_prune_interval", "1"]}
+
+
+@pytest.mark.parametrize("method", sorted(lowrank.METHODS))
+def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path, method):
+    """In-process twin of the SIGKILL test for every method: batch 2, 2 micro-batches per step, resume
+    inside an epoch; the adapter checkpoint alone (plus optimizer state) must restore everything."""
+    args = ["--method", method, "--max_train_steps", "5", "--checkpointing_steps", "3",
+            "--train_batch_size", "2", "--gradient_accumulation_steps", "2", *ACTIVE_HOOKS.get(method, [])]
     a, b = tmp_path / "a", tmp_path / "b"
     assert train(a, *args) == 0
     assert train(b, *args[:3], "3", *args[4:]) == 0                 # stop at step 3 (mid-epoch 1)

@@ -55,10 +55,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--instance_prompt", default=None,
                    help=f"Prompt with the identifier of the subject (default with the example: {EXAMPLE_PROMPT!r}).")
     g.add_argument("--class_data_dir", default=None,
-                   help="Class images for prior preservation; missing ones are generated (default: output_dir/class_images).")
+                   help="Class images for prior preservation; missing ones are generated "
+                        "(default: output_dir/class_images).")
     g.add_argument("--class_prompt", default=None,
                    help=f"Prompt of the subject's class (default with the example: {EXAMPLE_CLASS_PROMPT!r}).")
-    g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-prior loss (DreamBooth Eq. 2).")
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="Add the class-prior loss (DreamBooth Eq. 2).")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     g.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated when missing).")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
@@ -318,7 +320,8 @@ def train(args) -> None:
                     accelerator.backward(loss / group)
                 losses.append(mean_loss.item())
             grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
+            # with fp16 an inf norm is routine: the grad scaler skips that step and lowers its scale
+            if accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
                 raise diverged("the gradient norm", float(grad_norm))
             optimizer.step()
             lr_scheduler.step()
@@ -327,7 +330,7 @@ def train(args) -> None:
             hooks.after_optimizer_step(global_step)
 
             row = {"loss": sum(losses) / len(losses), "lr": lr_scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "epoch": epoch}
+                   "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None, "epoch": epoch}
             if len(optimizer.param_groups) > 1:
                 row["lr_lambda"] = lr_scheduler.get_last_lr()[1]
             if main_proc:   # adapters are identical on every process: measure once

@@ -132,9 +132,11 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
            "adapter parameters stay fp32.")
     p("--report_to", default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
       help="Trackers besides output_dir/metrics.jsonl (default: tensorboard when installed, else none).")
-    p("--dataloader_num_workers", type=int, default=0, help="Worker processes for image loading (0: in the main process).")
+    p("--dataloader_num_workers", type=int, default=0,
+      help="Worker processes for image loading (0: in the main process).")
     p("--validation_prompt", nargs="+", default=None,
-      help="Prompt(s) sampled at every checkpoint and at the end with fixed seeds 0..N-1 (default: the instance prompt).")
+      help="Prompt(s) sampled at every checkpoint and at the end with fixed seeds 0..N-1 "
+           "(default: the instance prompt).")
     p("--num_validation_images", type=int, default=4, help="Images per validation prompt (seeds 0..N-1).")
     p("--validation_steps", type=int, default=None,
       help="Also sample every N steps into output_dir/validation/step-N (default: only at checkpoints and the end).")
