@@ -117,7 +117,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     with gr.Column():
-                        g_run = gr.Dropdown(service.run_choices(), label="Run", elem_id="gen-run",
+                        g_run = gr.Dropdown(service.run_choices(), value=None, label="Run", elem_id="gen-run",
                                             allow_custom_value=True)
                         g_ckpt = gr.Dropdown([], label="Checkpoint", elem_id="gen-checkpoint",
                                              allow_custom_value=True)
@@ -229,8 +229,9 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         train_outputs = [progress, status, loss_plot, dist_plot, jobs, batch]
         files.change(check_upload, files, [preview, upload_msg], api_name="check_upload")
         load_ev = demo.load(follow_fn, None, train_outputs, api_name="follow", show_progress="hidden")
+        # one batch per page at a time (trigger_mode="once"); other pages queue behind it and see their position
         start_ev = start.click(start_fn, train_inputs, train_outputs, api_name="start", concurrency_limit=None,
-                               show_progress="hidden", cancels=[load_ev])
+                               show_progress="hidden", cancels=[load_ev], trigger_mode="once")
         start_ev.then(after_train, jobs, [chosen, g_run], api_name=False)
         cancel.click(lambda names: service.cancel(names), jobs, status, api_name="cancel", queue=False)
         refresh.click(run_lists, chosen, [chosen, g_run], api_name="runs", queue=False)

@@ -83,6 +83,16 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
         table = page.inner_text("#metrics-table")
         assert "lora" in table and "dora" in table and table.count("finished") == 2
         page.screenshot(path=str(ARTIFACTS / "app-compare.png"), full_page=True)
+
+        page.get_by_role("tab", name="Generate").click()         # the first new run is preselected
+        page.wait_for_function("document.querySelector('#gen-checkpoint input').value == 'final'")
+        assert page.input_value("#gen-run input").startswith("lora r4")
+        page.fill("#gen-steps input[type=number]", "2")
+        page.click("#generate")
+        page.wait_for_selector("#gen-images img")
+        page.wait_for_selector("#gen-msg :text('1 image(s), seed 0.')")
+        wait_idle(page)
+        page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
         assert time.monotonic() - t0 < 240
     assert not errors, errors
     assert (ARTIFACTS / "app-compare.png").stat().st_size > 10_000
