@@ -24,18 +24,20 @@ class StepHooks:
             groups.setdefault(type(layer), []).append(layer)
         self.groups = groups
         # only classes that override a hook are called at all
-        self._loss_layers = [l for l in self.layers.values() if type(l).extra_loss is not AdapterLayer.extra_loss]
+        self._loss_groups = {cls: ls for cls, ls in groups.items()
+                             if cls.extra_loss is not AdapterLayer.extra_loss
+                             or cls.extra_loss_all.__func__ is not AdapterLayer.extra_loss_all.__func__}
         self._step_groups = {cls: ls for cls, ls in groups.items()
                              if cls.after_optimizer_step is not AdapterLayer.after_optimizer_step
                              or cls.after_optimizer_step_all.__func__ is not AdapterLayer.after_optimizer_step_all.__func__}
 
     @property
     def active(self) -> bool:
-        return bool(self._loss_layers or self._step_groups)
+        return bool(self._loss_groups or self._step_groups)
 
     def extra_loss(self) -> torch.Tensor | float:
-        """Sum of the layers' regularisers (0.0 when no method defines one)."""
-        terms = [t for t in (l.extra_loss() for l in self._loss_layers) if t is not None]
+        """Sum of the methods' regularisers (0.0 when no method defines one)."""
+        terms = [t for t in (cls.extra_loss_all(ls) for cls, ls in self._loss_groups.items()) if t is not None]
         return torch.stack(terms).sum() if terms else 0.0
 
     @torch.no_grad()

@@ -148,6 +148,12 @@ class AdapterLayer(nn.Module):
         pass
 
     @classmethod
+    def extra_loss_all(cls, layers: list["AdapterLayer"]) -> torch.Tensor | None:
+        """Model-wide regulariser of this method; default: the sum of the layers' extra_loss()."""
+        terms = [t for t in (layer.extra_loss() for layer in layers) if t is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    @classmethod
     def after_optimizer_step_all(cls, layers: list["AdapterLayer"], step: int) -> None:
         """Model-wide hook (e.g. global rank budgets); default: each layer on its own."""
         for layer in layers:

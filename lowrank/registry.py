@@ -1,6 +1,8 @@
 """Method name -> AdapterLayer subclass: one line per method."""
 from .methods.delora import DeloraLayer
+from .methods.delta_lora import DeltaLoraLayer
 from .methods.dora import DoraLayer
+from .methods.dynamic_rank import DynDoraLayer
 from .methods.ether import EtherLayer, EtherPlusLayer
 from .methods.lora import LoraLayer
 
@@ -10,4 +12,6 @@ METHODS = {
     "delora": DeloraLayer,
     "ether": EtherLayer,
     "etherplus": EtherPlusLayer,
+    "deltalora": DeltaLoraLayer,
+    "dyndora": DynDoraLayer,
 }

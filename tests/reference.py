@@ -67,4 +67,10 @@ def etherplus(P, W0, cfg):  # DeLoRA Eq. 3: H⁺ W H̃⁺
     return H @ W0 @ Ht
 
 
-REFERENCES = {"lora": lora, "dora": dora, "delora": delora, "ether": ether, "etherplus": etherplus}
+def dyndora(P, W0, cfg):  # DynDoRA Eq. 6: W0 + s Σ c_i b_i a_iᵀ,  s = α/r'
+    s = cfg.alpha / cfg.dyndora_initial_rank
+    return W0 + s * sum(P["dyndora_c"][i] * torch.outer(P["dyndora_B"][:, i], P["dyndora_A"][i])
+                        for i in range(P["dyndora_c"].numel()))
+
+
+REFERENCES = {"lora": lora, "dora": dora, "delora": delora, "ether": ether, "etherplus": etherplus, "dyndora": dyndora}

@@ -32,6 +32,8 @@ CASES = [
     ("etherplus", {}),
     ("etherplus", {"etherplus_one_sided": True}),
     ("etherplus", {"ether_blocks": 4}),
+    ("dyndora", {}),
+    ("dyndora", {"dyndora_initial_rank": 8}),
 ]
 IDS = [m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in CASES]
 

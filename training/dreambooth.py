@@ -38,7 +38,8 @@ from training.common.checkpoint import (list_checkpoints, read_state, register_a
                                         resolve_resume, save_checkpoint, write_json_atomic)
 from training.common.data import (EXAMPLE_CLASS_PROMPT, EXAMPLE_NAME, EXAMPLE_PROMPT, DreamBoothDataset, collate,
                                   epoch_batches, example_subject, load_image_dir, mix_seed, steps_per_epoch)
-from training.common.logging import DistanceProbe, MetricsLogger, resolve_report_to, run_info, setup_console
+from training.common.logging import (DistanceProbe, MetricsLogger, rank_records, read_metrics, resolve_report_to,
+                                     run_info, setup_console, write_rank_heatmap)
 from training.common.models import is_tiny, load_pipeline
 from training.common.samples import (count_images, generate, generate_class_images, sampling_pipeline,
                                      write_grid, write_samples)
@@ -373,6 +374,10 @@ def train(args) -> None:
         shots = samples()
         write_samples(output_dir / "samples", shots)
         write_grid(output_dir / "samples_grid.png", shots, cols=args.num_validation_images)
+        records = rank_records(read_metrics(output_dir / "metrics.jsonl"))
+        if records:   # dynamic-rank methods: where the rank budget went
+            write_json_atomic(output_dir / "live_ranks.json", {"final": records[-1][1], "steps": records})
+            write_rank_heatmap(records, output_dir / "live_ranks.png")
         metrics.log_images(global_step, [img for _, _, img in shots], tag="final")
         print(f"done: {global_step} steps of {config.method}. Results in {output_dir}/: adapter.safetensors, "
               f"samples_grid.png, samples/, metrics.jsonl (distances), checkpoint-*/, run.json")

@@ -104,7 +104,45 @@ class DistanceProbe:
             summary = lowrank.distance_summary(values)
             row[f"{prefix}_mean"], row[f"{prefix}_max"] = summary.get("mean", 0.0), summary.get("max", 0.0)
         row["time/distance"] = time.perf_counter() - t0
+        ranks = lowrank.live_ranks(self.model)   # dynamic-rank methods: live components per layer
+        if ranks:
+            row.update({f"rank/{k}": v for k, v in ranks.items()})
+            row["rank_mean"] = sum(ranks.values()) / len(ranks)
         return row
+
+
+def rank_records(rows: list[dict]) -> list[tuple[int, dict[str, int]]]:
+    """(step, {layer: live rank}) from metrics.jsonl rows that carry rank/<layer> columns."""
+    return [(r["step"], {k[5:]: v for k, v in r.items() if k.startswith("rank/")})
+            for r in rows if any(k.startswith("rank/") for k in r)]
+
+
+def write_rank_heatmap(records: list[tuple[int, dict[str, int]]], path: str | Path) -> Path:
+    """Heat map of live rank, layers x steps (dynamic-rank DoRA's allocation, DynDoRA Fig. 2), atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    path = Path(path)
+    steps = [s for s, _ in records]
+    layers = list(records[0][1])
+    grid = np.array([[ranks.get(n, 0) for _, ranks in records] for n in layers], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(layers) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+    ax.set_yticks(range(len(layers)), [n.replace("down_blocks", "down").replace("up_blocks", "up")
+                                       .replace(".attentions.", ".a").replace(".transformer_blocks.", ".t")
+                                       for n in layers], fontsize=6)
+    ax.set_xlabel("optimizer step")
+    ax.set_title("Live rank per adapted layer")
+    fig.colorbar(im, ax=ax, label="live components")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
