@@ -32,7 +32,8 @@ def adapter_dir(run_dir: Path, choice: str) -> Path | None:
         return None
     if choice in (FINAL, ""):
         if not R.is_adapter_dir(run_dir):
-            raise InputError("This run has no final adapter yet (still training, cancelled or failed): pick a checkpoint.")
+            raise InputError("This run has no final adapter yet (still training, cancelled or failed): "
+                             "pick a checkpoint.")
         return run_dir
     for step, path in R.checkpoints(run_dir):
         if choice in (f"step {step}", str(step), path.name):

@@ -93,7 +93,8 @@ def check_images(files, max_mb: float = MAX_IMAGE_MB, min_count: int = MIN_IMAGE
                 if fmt not in FORMATS:
                     raise InputError(f"{shown}: {fmt} images are not accepted (use PNG, JPEG or WebP).")
                 if w * h > MAX_PIXELS:
-                    raise InputError(f"{shown}: {w}×{h} pixels is too large (at most {MAX_PIXELS // 10**6} megapixels).")
+                    raise InputError(f"{shown}: {w}×{h} pixels is too large "
+                                     f"(at most {MAX_PIXELS // 10**6} megapixels).")
                 if min(w, h) < 8:
                     raise InputError(f"{shown}: {w}×{h} pixels is too small.")
                 img.load()                          # a truncated or corrupt file fails here
@@ -222,7 +223,8 @@ def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoin
         methods=list(dict.fromkeys(methods)), class_noun=noun, token=tok, rank=_int(rank, "Rank", 1, 1024),
         learning_rate=lr, steps=steps_i, checkpoint_every=every,
         delora_lambda=_float(delora_lambda, "λ (DeLoRA)", positive=False),
-        model=str(model or "").strip() or "tiny", seed=_int(seed if seed not in (None, "") else 0, "Seed", 0, 2**31 - 1),
+        model=str(model or "").strip() or "tiny",
+        seed=_int(seed if seed not in (None, "") else 0, "Seed", 0, 2**31 - 1),
         resolution=None if resolution in (None, "", 0) else _int(resolution, "Resolution", 8, 2048),
         sample_steps=None if sample_steps in (None, "", 0) else _int(sample_steps, "Sample steps", 1, 200),
         num_samples=None if num_samples in (None, "", 0) else _int(num_samples, "Samples per checkpoint", 1, 16))

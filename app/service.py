@@ -25,6 +25,11 @@ class Progress:
     def markdown(self) -> str:
         return "\n".join(self.lines)
 
+    def summary(self) -> list[dict]:
+        """The batch as plain data (the /start API's last output)."""
+        return [{"name": r.name, "method": r.method, "status": r.status, "step": r.step,
+                 "total_steps": r.total_steps, "loss": r.loss, "detail": r.detail} for r in self.runs]
+
     def bar_html(self) -> str:
         pct = max(0.0, min(100.0, 100.0 * self.fraction))
         state = "done" if self.done else "running"

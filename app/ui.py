@@ -2,7 +2,7 @@
 beyond turning InputError into a message next to the button that caused it.
 
 API names (for gradio_client): /check_upload, /start, /follow, /cancel, /runs, /compare, /score,
-/checkpoints, /generate.
+/report, /checkpoints, /generate.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .inputs import METHODS, InputError, check_form, preview_images
 from .service import Service
 
 log = logging.getLogger("lowrank.app")
+DIST_LABEL = "‖W − W₀‖ (Frobenius)"
 
 CSS = """
 .lr-progress {position: relative; height: 26px; border-radius: 6px; background: var(--neutral-200, #e5e7eb);
@@ -45,9 +46,10 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        files = gr.File(label=f"Subject images: 3–20 PNG/JPEG/WebP, ≤ {service.max_image_mb:g} MB each",
-                                        file_count="multiple", elem_id="subject-files")
-                        preview = gr.Gallery(label="Preview", columns=5, height=220, interactive=False, elem_id="subject-preview")
+                        files = gr.File(label=f"Subject images: 3–20 PNG/JPEG/WebP, ≤ {service.max_image_mb:g} MB "
+                                              f"each", file_count="multiple", elem_id="subject-files")
+                        preview = gr.Gallery(label="Preview", columns=5, height=220, interactive=False,
+                                             elem_id="subject-preview")
                         upload_msg = gr.Markdown(elem_id="upload-msg")
                     with gr.Column(scale=1):
                         with gr.Row():
@@ -107,7 +109,8 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 score_md = gr.Markdown(elem_id="score-status")
                 with gr.Accordion("Report", open=False):
                     report_md = gr.Markdown(elem_id="report-text")
-                    report_imgs = gr.Gallery(label="Report figures", columns=3, height=300, elem_id="report-figures")
+                    report_imgs = gr.Gallery(label="Report figures", columns=3, height=300,
+                                             elem_id="report-figures")
                     report_files = gr.File(label="Report files", file_count="multiple", interactive=False,
                                            elem_id="report-files")
                 details = gr.Markdown(elem_id="run-details")
@@ -126,9 +129,11 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                             g_seed = gr.Number(0, precision=0, label="Seed", elem_id="gen-seed")
                             g_n = gr.Slider(1, 4, value=1, step=1, label="Images", elem_id="gen-n")
                         with gr.Row():
-                            g_steps = gr.Slider(1, 100, value=25, step=1, label="Denoising steps", elem_id="gen-steps")
+                            g_steps = gr.Slider(1, 100, value=25, step=1, label="Denoising steps",
+                                                elem_id="gen-steps")
                             g_cfg = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="gen-cfg")
-                        g_merge = gr.Checkbox(False, label="Merge the adapter into the base weights", elem_id="gen-merge")
+                        g_merge = gr.Checkbox(False, label="Merge the adapter into the base weights",
+                                              elem_id="gen-merge")
                         g_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column():
                         g_out = gr.Gallery(label="Images", columns=2, elem_id="gen-images")
@@ -171,13 +176,13 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             text, files = service.report_result(out)
             yield text, [f for f in files if f.endswith(".png")], files
 
+        def curves(infos, key):
+            return (compare.curve_figure(compare.curves(infos, "loss"), "loss", "loss"),
+                    compare.curve_figure(compare.curves(infos, key), key, DIST_LABEL))
+
         def stream(names):
             for p in service.follow(names, poll_s=poll_s):
-                key = compare.distance_key(p.runs)
-                yield (p.bar_html(), p.markdown(), compare.curve_figure(compare.curves(p.runs, "loss"), "loss", "loss"),
-                       compare.curve_figure(compare.curves(p.runs, key), key, "‖W − W₀‖ (Frobenius)"), names,
-                       [{"name": r.name, "method": r.method, "status": r.status, "step": r.step,
-                         "total_steps": r.total_steps, "loss": r.loss, "detail": r.detail} for r in p.runs])
+                yield (p.bar_html(), p.markdown(), *curves(p.runs, compare.distance_key(p.runs)), names, p.summary())
 
         def start_fn(paths, meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
                      sample_steps_, n_samples_):
@@ -200,8 +205,9 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         def compare_fn(names, key):
             v = service.compare(names, key)
             prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
-            return (v["grid"], prompt, compare.curve_figure(v["distance"], v["distance_key"], "‖W − W₀‖ (Frobenius)"),
-                    compare.curve_figure(v["loss"], "loss", "loss"), v["table"], v["details"], v["gallery"])
+            dist = compare.curve_figure(v["distance"], v["distance_key"], DIST_LABEL)
+            loss = compare.curve_figure(v["loss"], "loss", "loss")
+            return v["grid"], prompt, dist, loss, v["table"], v["details"], v["gallery"]
 
         def gen_ckpts(name, prompt):
             try:

@@ -84,7 +84,8 @@ def test_train_two_methods_with_live_progress(app, trained):
     outputs = trained["outputs"]
     bar, status, loss, dist, batch = outputs[-1]
     assert 'data-state="done"' in bar and "All runs done" in status
-    assert [(b["method"], b["status"], b["step"]) for b in batch] == [("lora", "finished", 2), ("delora", "finished", 2)]
+    assert [(b["method"], b["status"], b["step"]) for b in batch] == [("lora", "finished", 2),
+                                                                       ("delora", "finished", 2)]
     # live: it streamed while training, the bar moved and the curves grew
     assert len(outputs) >= 3
     assert any('data-state="running"' in o[0] for o in outputs[:-1])
