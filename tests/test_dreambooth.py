@@ -257,7 +257,9 @@ def test_every_flag_has_help_and_every_adapter_option_is_a_flag(capsys):
 
 
 # make the methods that act after optimizer steps act within a 5-step run (when lowrank has them)
-ACTIVE_HOOKS = {"deltalora": ["--deltalora_start_step", "1"], "dyndora": ["--dyndora_prune_interval", "1"]}
+# dyndora: the schedule spans --dyndora_total_steps; set it so a run stopped at step 3 and one killed there agree
+ACTIVE_HOOKS = {"deltalora": ["--deltalora_start_step", "1"],
+                "dyndora": ["--dyndora_prune_interval", "1", "--dyndora_total_steps", "5"]}
 
 
 @pytest.mark.parametrize("method", sorted(lowrank.METHODS))
