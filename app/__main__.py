@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_image_mb", type=float, default=20.0, help="Largest accepted subject image, in MB.")
     p.add_argument("--cancel_grace", type=float, default=10.0,
                    help="Seconds a cancelled trainer gets to exit after SIGTERM before it is killed with SIGKILL.")
+    p.add_argument("--eval_args", default="",
+                   help="Extra flags for `python -m eval.subject` when scoring from the app, e.g. "
+                        "\"--dino_model /models/dino-vits16 --clip_model /models/clip-vit-large\" (offline machines).")
     p.add_argument("--poll", type=float, default=1.0, help="Seconds between progress updates while training.")
     p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (needs internet).")
     return p
@@ -39,7 +43,7 @@ def serve(args: argparse.Namespace, block: bool = True):
     from .ui import CSS, build
 
     service = Service(Path(args.runs_dir), launcher=args.launcher, grace_s=args.cancel_grace,
-                      max_image_mb=args.max_image_mb)
+                      max_image_mb=args.max_image_mb, eval_args=shlex.split(args.eval_args))
     demo = build(service, poll_s=args.poll)
     demo.queue(default_concurrency_limit=1)
     try:

@@ -115,8 +115,13 @@ def module_available(prefix: list[str]) -> bool:
     return True
 
 
-def eval_command(run_dir: Path, scorer: list[str] | None = None) -> list[str]:
-    return [*(scorer or SCORER), "--run_dir", str(run_dir)]
+# eval.subject's protocol is DreamBooth's 25 prompts x 4 seeds per checkpoint; "quick" is for a look on a CPU
+PROTOCOLS = {"quick (3 prompts × 1 image)": ["--max_prompts", "3", "--images_per_prompt", "1"],
+             "full (25 prompts × 4 images)": []}
+
+
+def eval_command(run_dir: Path, scorer: list[str] | None = None, extra: list[str] | None = None) -> list[str]:
+    return [*(scorer or SCORER), "--run_dir", str(run_dir), *(extra or [])]
 
 
 def report_command(run_dirs: list[Path], out_dir: Path, reporter: list[str] | None = None) -> list[str]:

@@ -183,3 +183,53 @@ def eval_curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
             if isinstance(v, (int, float)) and isinstance(row.get("step"), int):
                 rows.append({"step": row["step"], "value": float(v), "run": f"{run.method} · {run.name}"})
     return curve_frame(rows)
+
+
+def tradeoff_points(run_infos: list[R.RunInfo], distance: str, metric: str) -> pd.DataFrame:
+    """One point per scored checkpoint: its weight distance (x) and an eval/ score (y), like peft's
+    Pareto plot: how far a method moved the weights against how well it keeps the subject."""
+    rows = []
+    for run in run_infos:
+        by_step = {m["step"]: m for m in R.read_metrics(run.path)}
+        for ev in R.read_eval(run.path):
+            step, y = ev.get("step"), ev.get(metric)
+            x = (by_step.get(step) or {}).get(distance)
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+                rows.append({"run": f"{run.method} · {run.name}", "method": run.method, "step": step,
+                             "distance": float(x), "score": float(y)})
+    return pd.DataFrame(rows, columns=["run", "method", "step", "distance", "score"])
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """Points no other point beats on both axes (smaller distance, higher score)."""
+    pts = points.sort_values(["distance", "score"], ascending=[True, False])
+    keep, best = [], float("-inf")
+    for i, row in pts.iterrows():
+        if row["score"] > best:
+            keep.append(i)
+            best = row["score"]
+    return pts.loc[keep]
+
+
+def tradeoff_figure(points: pd.DataFrame, distance: str, metric: str) -> Figure:
+    fig = Figure(figsize=(6.4, 3.4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    if len(points):
+        for i, (run, part) in enumerate(points.groupby("run", sort=False)):
+            part = part.sort_values("step")
+            ax.plot(part["distance"], part["score"], marker="o", markersize=4, linewidth=0.8,
+                    color=PALETTE[i % len(PALETTE)], label=run)
+            last = part.iloc[-1]
+            ax.annotate(f"{last['step']}", (last["distance"], last["score"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        front = pareto_front(points)
+        ax.plot(front["distance"], front["score"], linestyle="--", color="#444444", linewidth=1, label="Pareto front")
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no scored checkpoints: press 'Score unscored runs'", ha="center", va="center",
+                transform=ax.transAxes, color="#888888")
+    ax.set_xlabel(f"{distance} (lower = closer to the base model)")
+    ax.set_ylabel(f"{metric} (higher = better)")
+    ax.set_title(f"{metric} vs. weight distance (labels: step)")
+    ax.grid(alpha=0.3)
+    return fig

@@ -43,7 +43,7 @@ class Service:
     def __init__(self, runs_dir: Path, launcher: str = "accelerate", grace_s: float = 10.0,
                  max_image_mb: float = MAX_IMAGE_MB, queue: JobQueue | None = None,
                  generator: Generator | None = None, scorer: list[str] | None = None,
-                 reporter: list[str] | None = None):
+                 reporter: list[str] | None = None, eval_args: list[str] | None = None):
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = launcher
@@ -52,6 +52,7 @@ class Service:
         self.generator = generator or Generator()
         self.scorer = list(scorer or commands.SCORER)          # overridable: tests use a stand-in
         self.reporter = list(reporter or commands.REPORTER)
+        self.eval_args = list(eval_args or [])                 # e.g. --dino_model/--clip_model folders (CLI only)
 
     # ----- runs -----------------------------------------------------------------------------------
     def runs(self) -> list[R.RunInfo]:
@@ -154,8 +155,9 @@ class Service:
             time.sleep(poll_s)
 
     # ----- scoring --------------------------------------------------------------------------------
-    def score(self, names, rescore: bool = False) -> str:
+    def score(self, names, rescore: bool = False, protocol: str | None = None) -> str:
         """Queue eval/subject.py for the chosen runs that have checkpoints and no eval.jsonl."""
+        extra = commands.PROTOCOLS.get(protocol or "", []) + self.eval_args
         if not names:
             return "Choose runs to score."
         if not commands.module_available(self.scorer):
@@ -171,7 +173,7 @@ class Service:
             else:
                 try:
                     self.queue.submit(Job(id=f"eval:{ri.name}", run_dir=ri.path, kind="eval", track=False,
-                                          log_name="eval.log", cmd=commands.eval_command(ri.path, self.scorer)))
+                                          log_name="eval.log", cmd=commands.eval_command(ri.path, self.scorer, extra)))
                     queued.append(ri.name)
                 except ValueError:
                     skipped.append(f"{ri.name} (already being scored)")
@@ -222,6 +224,8 @@ class Service:
             return f"Report failed ({job.note}):\n```\n{tail}\n```", files
         md = next((p for p in sorted(out.glob("*.md"))), None)
         text = md.read_text(errors="replace") if md else "Report written."
+        # its figures are shown in the gallery next to it: relative image links cannot render here
+        text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!["))
         return text, files
 
     # ----- comparison -----------------------------------------------------------------------------
@@ -231,7 +235,7 @@ class Service:
         details = [f"- `{r.name}` **{r.status}**: {r.detail}" + (
             "\n  ```\n" + "\n".join("  " + l for l in r.log_tail[-8:]) + "\n  ```" if r.log_tail else "")
             for r in infos if r.status in ("failed", "cancelled", "incomplete")]
-        return {"grid": compare.sample_grid(infos), "gallery": compare.gallery_items(infos),
+        return {"grid": compare.sample_grid(infos), "gallery": compare.gallery_items(infos), "infos": infos,
                 "distance": compare.curves(infos, key), "distance_key": key, "loss": compare.curves(infos, "loss"),
                 "table": compare.metrics_table(infos), "prompt": compare.prompt_of(infos),
                 "details": "\n".join(details)}

@@ -11,7 +11,7 @@ import time
 
 import gradio as gr
 
-from . import compare, generate as G, runs as R
+from . import commands, compare, generate as G, runs as R
 from .inputs import METHODS, InputError, check_form, preview_images
 from .service import Service
 
@@ -104,6 +104,12 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 table = gr.Dataframe(label="Metrics (eval/ scores at the last scored checkpoint)", interactive=False,
                                      elem_id="metrics-table")
                 with gr.Row():
+                    tradeoff = line_plot("Score vs. weight distance, every scored checkpoint", "tradeoff")
+                    metric = gr.Radio(list(compare.EVAL_KEYS), value="dino", label="Score", scale=0,
+                                      elem_id="tradeoff-metric")
+                with gr.Row():
+                    protocol = gr.Radio(list(commands.PROTOCOLS), value=next(iter(commands.PROTOCOLS)),
+                                        label="Scoring protocol (eval/subject.py)", elem_id="score-protocol")
                     score_btn = gr.Button("Score unscored runs", elem_id="score")
                     report_btn = gr.Button("Build report (eval/report.py)", elem_id="report")
                 score_md = gr.Markdown(elem_id="score-status")
@@ -159,8 +165,8 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 return gr.update(choices=choices), gr.update(choices=choices)
             return gr.update(choices=choices, value=list(names)), gr.update(choices=choices, value=names[0])
 
-        def score_fn(names):
-            yield service.score(names)
+        def score_fn(names, protocol_=None):
+            yield service.score(names, protocol=protocol_)
             while any(service.queue.position(f"eval:{n}") is not None for n in names or []):
                 time.sleep(poll_s)
                 yield service.score_status(names)
@@ -202,12 +208,14 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 return
             yield from stream(names)
 
-        def compare_fn(names, key):
+        def compare_fn(names, key, metric_):
             v = service.compare(names, key)
             prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
             dist = compare.curve_figure(v["distance"], v["distance_key"], DIST_LABEL)
             loss = compare.curve_figure(v["loss"], "loss", "loss")
-            return v["grid"], prompt, dist, loss, v["table"], v["details"], v["gallery"]
+            points = compare.tradeoff_points(v["infos"], v["distance_key"], metric_)
+            pareto = compare.tradeoff_figure(points, v["distance_key"], metric_)
+            return v["grid"], prompt, dist, loss, v["table"], pareto, v["details"], v["gallery"]
 
         def gen_ckpts(name, prompt):
             try:
@@ -242,11 +250,12 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         cancel.click(lambda names: service.cancel(names), jobs, status, api_name="cancel", queue=False)
         refresh.click(run_lists, chosen, [chosen, g_run], api_name="runs", queue=False)
         demo.load(run_lists, chosen, [chosen, g_run], api_name=False, queue=False)
-        compare_outputs = [grid, prompt_md, cmp_dist, cmp_loss, table, details, gallery]
-        gr.on([chosen.change, dist_key.change, refresh.click], compare_fn, [chosen, dist_key], compare_outputs,
-              api_name="compare", concurrency_limit=4)
-        score_btn.click(score_fn, chosen, score_md, api_name="score", concurrency_limit=None).then(
-            compare_fn, [chosen, dist_key], compare_outputs, api_name=False)
+        compare_inputs = [chosen, dist_key, metric]
+        compare_outputs = [grid, prompt_md, cmp_dist, cmp_loss, table, tradeoff, details, gallery]
+        gr.on([chosen.change, dist_key.change, metric.change, refresh.click], compare_fn, compare_inputs,
+              compare_outputs, api_name="compare", concurrency_limit=4)
+        score_btn.click(score_fn, [chosen, protocol], score_md, api_name="score", concurrency_limit=None).then(
+            compare_fn, compare_inputs, compare_outputs, api_name=False)
         report_btn.click(report_fn, chosen, [report_md, report_imgs, report_files], api_name="report",
                          concurrency_limit=None)
         g_run.change(gen_ckpts, [g_run, g_prompt], [g_ckpt, g_prompt], api_name="checkpoints", queue=False)

@@ -107,8 +107,8 @@ def test_train_two_methods_with_live_progress(app, trained):
 
 def test_compare_shows_both_runs_with_samples_and_curves(app, client, trained):
     lora, delora = trained["names"]
-    grid, prompt, dist, loss, table, details, gallery = client.predict(trained["names"], "distance_fig3",
-                                                                       api_name="/compare")
+    grid, prompt, dist, loss, table, tradeoff, details, gallery = client.predict(
+        trained["names"], "distance_fig3", "dino", api_name="/compare")
     with Image.open(grid) as im:                               # 2 rows (methods) x 2 columns (checkpoints)
         assert im.size == (170 + 2 * 132, 26 + 2 * 132)
         cell = np.asarray(im.convert("RGB"))[26:26 + 128, 170:170 + 128]
@@ -227,7 +227,7 @@ def test_runs_reappear_after_a_restart_and_dead_runs_show_failed(app, client, tr
     chosen, _ = client.predict(api_name="/runs")
     labels = {value: label for label, value in chosen["choices"]}
     assert labels[dead.name].endswith("[failed]") and labels[trained["names"][0]].endswith("[finished]")
-    *_, table, details, _ = client.predict([dead.name], "distance_fig3", api_name="/compare")
+    *_, table, _, details, _ = client.predict([dead.name], "distance_fig3", "dino", api_name="/compare")
     assert table["data"][0][4] == "failed"
     assert "died" in details and "CUDA out of memory" in details
 
@@ -238,7 +238,9 @@ def test_cancel_when_idle(client):
 
 FAKE_SCORER = """
 import argparse, json, pathlib
-p = argparse.ArgumentParser(); p.add_argument("--run_dir"); a = p.parse_args()
+p = argparse.ArgumentParser(); p.add_argument("--run_dir"); p.add_argument("--max_prompts")
+a, rest = p.parse_known_args()
+assert a.max_prompts == "3", "the app's default protocol is the quick one"
 run = pathlib.Path(a.run_dir)
 steps = sorted(int(c.name.split("-")[1]) for c in run.glob("checkpoint-*"))
 with open(run / "eval.jsonl", "w") as f:
@@ -277,11 +279,13 @@ def test_score_button_fills_the_metrics_table(client, trained, stand_in_eval):
     names = trained["names"]
     msg = client.predict(names, api_name="/score")
     assert all(f"`{n}`: scoring finished" in msg for n in names), msg
-    *_, table, _, _ = client.predict(names, "distance_fig3", api_name="/compare")
+    *_, table, tradeoff, _, _ = client.predict(names, "distance_fig3", "dino", api_name="/compare")
     cols = table["headers"]
     for row in table["data"]:
         assert row[cols.index("scored step")] == 2 and row[cols.index("dino")] == pytest.approx(0.52)
         assert row[cols.index("clip_t")] == pytest.approx(0.25)
+    pixels = plot_png(tradeoff)                                 # both runs' scored checkpoints are plotted
+    assert has_line_colour(pixels, compare.PALETTE[0]) and has_line_colour(pixels, compare.PALETTE[1])
     again = stand_in_eval.score(names)
     assert again.startswith("Nothing to score.") and "already scored" in again
 
@@ -295,12 +299,26 @@ def test_report_button_shows_the_report(app, client, trained, stand_in_eval):
     assert all(r.name != "_reports" for r in stand_in_eval.runs())    # and not listed as a run
 
 
-def test_score_with_the_real_eval(app, trained):
-    """eval/subject.py itself (skips until eval/ lands)."""
+def test_score_and_report_with_the_real_eval(app, client, trained, tmp_path):
+    """eval/subject.py and eval/report.py themselves, with tiny random DINO/CLIP models saved locally
+    (the eval tests' builders): the offline stand-ins for facebook/dino-vits16 and openai/clip."""
     pytest.importorskip("eval.subject", reason="eval/subject.py is not in this checkout yet")
+    support = pytest.importorskip("tests.test_eval_support", reason="the eval tests' model builders are missing")
     service = app[1]
+    dino, clip = support.build_dino(tmp_path / "dino"), support.build_clip(tmp_path / "clip")
+    saved = service.eval_args
+    service.eval_args = ["--dino_model", str(dino), "--clip_model", str(clip), "--num_inference_steps", "2"]
     lora = trained["names"][0]
-    assert "Scoring 1 run(s)" in service.score([lora])
-    assert service.queue.wait([f"eval:{lora}"], timeout=180)
+    try:
+        msg = client.predict([lora], "quick (3 prompts × 1 image)", api_name="/score")
+    finally:
+        service.eval_args = saved
+    assert f"`{lora}`: scoring finished" in msg, msg
     rows = R.read_eval(app[2] / lora)
-    assert rows and {"step", "dino", "clip_i", "clip_t"} <= set(rows[-1]), service.score_status([lora])
+    assert [r["step"] for r in rows] == [1, 2] and all({"dino", "clip_i", "clip_t"} <= set(r) for r in rows)
+    *_, table, tradeoff, _, _ = client.predict([lora], "distance_fig3", "clip_t", api_name="/compare")
+    assert table["data"][0][table["headers"].index("scored step")] == 2
+    assert has_line_colour(plot_png(tradeoff), compare.PALETTE[0])
+    text, figures, files = client.predict(trained["names"], api_name="/report")
+    assert "report.md" in {Path(f).name for f in files} and figures, text
+    (app[2] / lora / "eval.jsonl").unlink()                     # leave the run as the other tests expect

@@ -1,0 +1,77 @@
+"""app/compare.py on synthetic run folders: the sample grid layout, curves, the metrics table and the
+score-vs-distance (Pareto) view. No training."""
+import json
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from app import compare, runs as R
+
+
+def fake_run(root, name, method, steps=(1, 2), final=True, scores=None):
+    d = root / name
+    d.mkdir(parents=True)
+    R.write_json(d / R.APP_JSON, {"method": method, "rank": 4, "max_train_steps": steps[-1], "created": 1.0})
+    R.write_exit(d, 0)
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(1, steps[-1] + 1):
+            f.write(json.dumps({"step": s, "loss": 1.0 / s, "distance_fig3": 0.1 * s, "distance_mean": 0.05 * s}) + "\n")
+    folders = [d / f"checkpoint-{s}" for s in steps] + ([d] if final else [])
+    for k, folder in enumerate(folders):
+        (folder / "samples").mkdir(parents=True)
+        for f in R.ADAPTER_FILES:
+            (folder / f).write_text("{}")
+        Image.new("RGB", (32, 32), (40 * k, 200, 30)).save(folder / "samples" / "p00-s0.png")
+        (folder / "samples" / "prompts.jsonl").write_text(json.dumps({"image": "p00-s0.png", "prompt": "a sks cat"}))
+    if scores:
+        (d / "eval.jsonl").write_text("".join(json.dumps({"step": s, "dino": v, "clip_i": 0.5, "clip_t": 0.2}) + "\n"
+                                              for s, v in scores.items()))
+    return R.info(d)
+
+
+def test_grid_rows_are_methods_and_columns_are_checkpoints(tmp_path):
+    a = fake_run(tmp_path, "a", "lora", steps=(2, 4))                       # final == step 4: no extra column
+    b = fake_run(tmp_path, "b", "delora", steps=(2, 3), final=False)        # no step 4: an empty cell
+    grid = compare.sample_grid([a, b])                                      # columns: steps 2, 3, 4
+    assert grid.size == (170 + 3 * 132, 26 + 2 * 132)
+    px = np.asarray(grid)
+    assert px[26 + 60, 170 + 60].tolist() == [0, 200, 30]                  # a, step 2: its first sample
+    assert px[26 + 60, 170 + 132 + 60].tolist() == [255, 255, 255]         # a has no step 3
+    assert px[26 + 132 + 60, 170 + 132 + 60].tolist() == [40, 200, 30]     # b, step 3
+    assert px[26 + 132 + 60, 170 + 264 + 60].tolist() == [255, 255, 255]   # b has no step 4
+    assert [c for c, _ in compare.gallery_items([a, b])] == [
+        str(tmp_path / "a/checkpoint-2/samples/p00-s0.png"), str(tmp_path / "a/checkpoint-4/samples/p00-s0.png"),
+        str(tmp_path / "b/checkpoint-2/samples/p00-s0.png"), str(tmp_path / "b/checkpoint-3/samples/p00-s0.png")]
+    assert compare.prompt_of([a]) == "a sks cat"
+
+
+def test_final_column_when_the_last_step_has_no_checkpoint(tmp_path):
+    a = fake_run(tmp_path, "a", "lora", steps=(2,))
+    R.write_json(a.path / R.APP_JSON, {"method": "lora", "rank": 4, "max_train_steps": 5})
+    labels = [label for label in compare.columns([R.info(a.path)])[0][1]]
+    assert labels == ["step 2", "final"]
+
+
+def test_curves_and_table(tmp_path):
+    a = fake_run(tmp_path, "a", "lora", steps=(1, 3), scores={1: 0.3, 3: 0.4})
+    b = fake_run(tmp_path, "b", "dora", steps=(1, 2))
+    frame = compare.curves([a, b], "distance_fig3")
+    assert frame.groupby("run").size().to_dict() == {"lora · a": 3, "dora · b": 2}
+    assert compare.curves([a, b], "no_such_key").empty and compare.curves([], "loss").dtypes["step"] == "int64"
+    table = compare.metrics_table([a, b])
+    assert table["scored step"].tolist()[0] == 3 and table["dino"].tolist()[0] == 0.4
+    assert pd.isna(table["dino"].tolist()[1]) and table["step"].tolist() == ["3/3", "2/2"]
+    assert compare.distance_key([a], "distance_max") == "distance_fig3"   # falls back to a logged key
+
+
+def test_pareto_front_and_tradeoff_points(tmp_path):
+    a = fake_run(tmp_path, "a", "lora", steps=(1, 2, 3), scores={1: 0.30, 2: 0.50, 3: 0.45})
+    points = compare.tradeoff_points([a], "distance_fig3", "dino")
+    assert points[["step", "distance", "score"]].values.round(3).tolist() == [[1, 0.1, 0.3], [2, 0.2, 0.5],
+                                                                               [3, 0.3, 0.45]]
+    assert compare.pareto_front(points)["step"].tolist() == [1, 2]        # step 3: farther and worse than 2
+    fig = compare.tradeoff_figure(points, "distance_fig3", "dino")
+    assert len(fig.axes[0].lines) == 2                                      # the run and the front
+    empty = compare.tradeoff_figure(compare.tradeoff_points([], "distance_fig3", "dino"), "distance_fig3", "dino")
+    assert "no scored checkpoints" in empty.axes[0].texts[0].get_text()
