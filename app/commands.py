@@ -96,6 +96,10 @@ def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Pat
         cmd += ["--num_inference_steps", str(form.sample_steps)]
     if form.num_samples:
         cmd += ["--num_validation_images", str(form.num_samples)]
+    if form.prior_preservation:        # class images are generated into RUN/class_images by the trainer
+        cmd += ["--with_prior_preservation"]
+        if form.num_class_images:
+            cmd += ["--num_class_images", str(form.num_class_images)]
     for key, value in (form.extra or {}).items():
         cmd += [f"--{key}", str(value)]
     return cmd

@@ -166,6 +166,8 @@ class TrainForm:
     resolution: int | None = None
     sample_steps: int | None = None
     num_samples: int | None = None
+    prior_preservation: bool = False      # DreamBooth's class-prior loss (class images from the base model)
+    num_class_images: int | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -200,7 +202,8 @@ def _float(value, what: str, positive: bool = True) -> float:
 
 
 def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoint_every, delora_lambda,
-               model, seed=0, resolution=None, sample_steps=None, num_samples=None) -> TrainForm:
+               model, seed=0, resolution=None, sample_steps=None, num_samples=None, prior_preservation=False,
+               num_class_images=None) -> TrainForm:
     methods = [m for m in (methods or []) if m]
     if not methods:
         raise InputError("Pick at least one method.")
@@ -227,4 +230,7 @@ def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoin
         seed=_int(seed if seed not in (None, "") else 0, "Seed", 0, 2**31 - 1),
         resolution=None if resolution in (None, "", 0) else _int(resolution, "Resolution", 8, 2048),
         sample_steps=None if sample_steps in (None, "", 0) else _int(sample_steps, "Sample steps", 1, 200),
-        num_samples=None if num_samples in (None, "", 0) else _int(num_samples, "Samples per checkpoint", 1, 16))
+        num_samples=None if num_samples in (None, "", 0) else _int(num_samples, "Samples per checkpoint", 1, 16),
+        prior_preservation=bool(prior_preservation),
+        num_class_images=None if num_class_images in (None, "", 0) else _int(num_class_images, "Class images", 1,
+                                                                               1000))

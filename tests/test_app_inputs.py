@@ -156,3 +156,7 @@ def test_train_command_is_the_cli(tmp_path):
     assert "--pretrained_model_name_or_path" not in pairs     # tiny is the trainer's default
     lora = commands.train_command(form, "lora", tmp_path, tmp_path, launcher="python")
     assert "--delora_lambda" not in lora and lora[1] == str(commands.trainer_script())
+    assert "--with_prior_preservation" not in lora
+    prior = check_form(**{**FORM, "prior_preservation": True, "num_class_images": 8})
+    cmd = commands.train_command(prior, "lora", tmp_path, tmp_path)
+    assert cmd[cmd.index("--with_prior_preservation") + 1:][:2] == ["--num_class_images", "8"]
