@@ -16,7 +16,18 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The app's browser test drives Debian's Chromium through Playwright (never `playwright install`).
+# Installed with apt when we are root; otherwise that one test skips and says why.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		&& echo "chromium: installed" || echo "chromium: apt install failed; the browser test will skip"; \
+	else echo "chromium: not installed (needs root + apt); the browser test will skip"; fi
 
 test: install
 	$(BIN)/python -m pytest tests
