@@ -179,14 +179,14 @@ class JobQueue:
 
     # ----- the worker -----------------------------------------------------------------------------
     def _finish(self, job: Job, returncode: int | None, note: str = "") -> None:
-        job.returncode, job.ended = returncode, time.time()
-        job.state = "cancelled" if job.cancel_requested else ("finished" if returncode == 0 else "failed")
-        job.note = note or ("" if returncode == 0 else f"exited with code {returncode}")
-        if job.track:
+        if job.track:   # the exit file first: once the job reads as done, its files say how it ended
             try:
                 runs.write_exit(job.run_dir, returncode, cancelled=job.cancel_requested, note=note)
             except OSError:
                 pass
+        job.returncode, job.ended = returncode, time.time()
+        job.note = note or ("" if returncode == 0 else f"exited with code {returncode}")
+        job.state = "cancelled" if job.cancel_requested else ("finished" if returncode == 0 else "failed")
 
     def _loop(self) -> None:
         while True:

@@ -46,7 +46,8 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
     files = subject_images(tmp_path / "subject")
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    with running_app(tmp_path / "runs") as (url, service):
+    # the gradio_client tests cover `accelerate launch`; here the same trainer runs without the launcher
+    with running_app(tmp_path / "runs", launcher="python") as (url, service):
         page.goto(url)
         page.wait_for_selector("#start")
         page.set_input_files("#subject-files input[type=file]", files)
@@ -54,7 +55,6 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
         assert page.locator("#subject-preview img").count() == 3
         page.fill("#steps input", "2")
         page.fill("#checkpoint-every input", "1")
-        page.get_by_label("dora", exact=True).check()
         page.get_by_text("More options").click()
         page.fill("#resolution input", "32")
         page.fill("#sample-steps input", "2")
@@ -66,7 +66,7 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
         page.wait_for_selector("#train-progress .lr-progress[data-state=done]", timeout=240_000)
         page.wait_for_function("document.querySelectorAll('#train-loss img, #train-distance img').length == 2")
         status = page.inner_text("#train-status")
-        assert status.count("finished") == 2 and "All runs done" in status, status
+        assert status.count("finished") == 1 and "All runs done" in status, status
         wait_idle(page)
         page.screenshot(path=str(ARTIFACTS / "app-train.png"), full_page=True)
 
@@ -77,11 +77,11 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
                                " return i && i.complete && i.naturalWidth > 0; })()")
         size = page.evaluate("(() => { const i = document.querySelector('#sample-grid img');"
                              " return [i.naturalWidth, i.naturalHeight]; })()")
-        assert size == [170 + 2 * 132, 26 + 2 * 132]            # 2 methods x 2 checkpoints
-        page.wait_for_function("document.querySelectorAll('#sample-gallery img').length >= 4")
+        assert size == [170 + 2 * 132, 26 + 132]                # 1 method x 2 checkpoints
+        page.wait_for_function("document.querySelectorAll('#sample-gallery img').length >= 2")
         page.wait_for_function("document.querySelectorAll('#compare-distance img').length == 1")
         table = page.inner_text("#metrics-table")
-        assert "lora" in table and "dora" in table and table.count("finished") == 2
+        assert "lora" in table and table.count("finished") == 1
         page.screenshot(path=str(ARTIFACTS / "app-compare.png"), full_page=True)
 
         page.get_by_role("tab", name="Generate").click()         # the first new run is preselected
