@@ -191,8 +191,8 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     def merge_delta(self) -> torch.Tensor:
-        """What merge() adds to the current base weight; differs from delta_weight() only where part of
-        the update already lives in the base weight (DeLoRA's folded initial copy)."""
+        """What merge() adds to the current base weight: ΔW, unless a method keeps part of its update in
+        the base weight itself."""
         return self.delta_weight()
 
     def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:

@@ -7,17 +7,18 @@ the learning rate. ‖W̄‖ (`delora_norm`):
   frobenius  a scalar ‖W̄‖_F (the paper's text)
   none       1 (ablation "normalize w/ controllable boundary", Table 1 row 2)
 Init (`delora_init`):
-  subtract   A, B Kaiming; the frozen initial update (λ0, A0, B0) is folded out of W (Eq. 9), so
-             W_eff = W̄ + ΔW(t) − ΔW(0) starts at W̄ and the forward costs what zero_b costs.
+  subtract   A, B Kaiming and a frozen copy (λ0, A0, B0) of the initial update subtracted (Eq. 9), so
+             W_eff = W̄ + ΔW(t) − ΔW(0) starts at W̄.
   zero_b     B = 0 (peft): ΔW(0) = 0 with Ξ's norms clamped at delora_eps.
 
 The boundary. Each normalised term, scaled by N, has norm ≤ N where N = max_j ‖W̄_:,j‖ (column),
 ‖W̄‖_F (frobenius) or 1 (none), so for zero_b  ‖W_eff − W̄‖_F ≤ |λ|·N, and for subtract
 ‖W_eff − W̄‖_F ≤ (|λ| + |λ0|)·N. (Clamping a norm below delora_eps only shrinks a term.)
-Folding ΔW(0) into W rounds W̄ − ΔW(0) once in the base weight's dtype: in fp32 that is ~1e-7
-relative; with bf16 base weights the rounding grows with ‖ΔW(0)‖ (≈ λ/√r column norms for 'column'),
-comparable to the rounding bf16 already applies to W̄.
-The forward never forms ΔW: x (A ⊙ w)ᵀ is scaled by Ξλ/r in the r-dim bottleneck, then Bᵀ.
+The forward never forms ΔW: x (A ⊙ w)ᵀ is scaled by Ξλ/r in the r-dim bottleneck, then Bᵀ. With the
+subtract init the frozen copy rides in the same bottleneck ([A; A0] down, [BΞ, −B0Ξ0] up: 2r wide) rather
+than being folded into W: folding would round W̄ − ΔW(0) in the base weight's dtype (fp16/bf16 under mixed
+precision: up to half an ulp of W per element, a visible fraction of a small update) and W̄ could not be
+given back bit for bit. Unfolded, W̄ is never touched and every path is exact in any dtype.
 """
 from __future__ import annotations
 
@@ -56,34 +57,11 @@ class DeloraLayer(AdapterLayer):
             self.register_buffer("delora_B0", self.delora_B.detach().clone())
             self.register_buffer("delora_lambda0", self.delora_lambda.detach().clone())
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self._folded = False
         self._cache_f0 = None
-
-    def post_init(self) -> None:
-        if self.config.delora_init == "subtract":
-            self._fold(-1)
-
-    @torch.no_grad()
-    def _fold(self, sign: int) -> None:
-        """W ← W + sign·ΔW(0): sign −1 applies Eq. 9, +1 undoes it (rounded once, in float64)."""
-        u, v = self._factors(self.delora_A0, self.delora_B0, self.delora_lambda0)
-        w = self.weight
-        w.copy_((w.double() + sign * (u.double() @ v.double())).to(w.dtype))
-        self._folded = sign < 0
-
-    def release(self) -> None:
-        super().release()
-        if self._folded:
-            self._fold(+1)
 
     def load_adapter_state(self, state) -> None:
-        folded = self._folded
-        if folded:
-            self._fold(+1)
         super().load_adapter_state(state)
         self._cache_f0 = None
-        if folded:
-            self._fold(-1)
 
     def _xi(self, A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """λ/r · Ξ as an (r,) vector: λ / (r ‖b_i‖ ‖a_i‖), norms clamped at delora_eps."""
@@ -94,11 +72,13 @@ class DeloraLayer(AdapterLayer):
         return B * self._xi(A, B, lam), A * self.delora_w_norm
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.delora_A, self.delora_B
         # ‖W̄‖ folded into A and λΞ/r into B: r x in and out x r scalings instead of passes over tokens,
-        # and autograd saves exactly what LoRA saves (x and the r-wide h)
-        h = self.dropout(x).to(A.dtype) @ (A * self.delora_w_norm).T
-        return add_low_rank(self.base_linear(x), h, B * self._xi(A, B, self.delora_lambda))
+        # and autograd saves what LoRA saves (x and the bottleneck h)
+        up, down = self._factors(self.delora_A, self.delora_B, self.delora_lambda)
+        if self.config.delora_init == "subtract":
+            u0, v0 = self._initial_factors()
+            up, down = torch.cat([up, u0.to(up.dtype)], dim=1), torch.cat([down, v0.to(down.dtype)])
+        return add_low_rank(self.base_linear(x), self.dropout(x).to(down.dtype) @ down.T, up)
 
     def delta_factors(self):
         factors = [self._factors(self.delora_A, self.delora_B, self.delora_lambda)]
@@ -107,16 +87,12 @@ class DeloraLayer(AdapterLayer):
         return factors
 
     def _initial_factors(self):
-        """(−ΔW(0)) as factors, from frozen tensors: computed once per device, not every step."""
+        """−ΔW(0) as factors (−B0Ξ0λ0/r, A0 ⊙ w), from frozen tensors: computed once per device."""
         cached = self._cache_f0
         if cached is None or cached[0].device != self.delora_A0.device:
             u0, v0 = self._factors(self.delora_A0, self.delora_B0, self.delora_lambda0)
-            cached = self._cache_f0 = (-u0.detach().double(), v0.detach().double())
+            cached = self._cache_f0 = (-u0.detach(), v0.detach())
         return cached
-
-    def merge_delta(self) -> torch.Tensor:
-        u, v = self.delta_factors()[0]   # ΔW(0) is already folded into W
-        return u @ v
 
     def bound(self) -> float:
         """The radius the docstring proves: |λ|·N (zero_b) or (|λ| + |λ0|)·N (subtract)."""
