@@ -124,7 +124,8 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                     report_files = gr.File(label="Report files", file_count="multiple", interactive=False,
                                            elem_id="report-files")
                 details = gr.Markdown(elem_id="run-details")
-                gallery = gr.Gallery(label="All samples", columns=8, height=300, elem_id="sample-gallery")
+                gallery = gr.Gallery(label="All samples", columns=8, height=300, fit_columns=False,
+                                     elem_id="sample-gallery")
 
             # ------------------------------------------------------------------ Generate
             with gr.Tab("Generate", id="generate"):
