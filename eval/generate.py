@@ -1,0 +1,112 @@
+"""Images from a trained run: its base pipeline with a checkpoint's adapter loaded, the protocol's
+prompts x 4 fixed seeds. The only eval code that imports lowrank and training (lazily), so scoring
+folders of images never needs either.
+
+    pipe = load_pipeline(run)                                   # the run's base model, once
+    generate_images(pipe, RUN / "checkpoint-400", prompts, out_dir, ...)   # adapter in, images out
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import EvalError
+from .common import run_setting
+from .images import PROMPTS_FILE, load_folder
+
+
+def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = True):
+    """The run's base Stable Diffusion pipeline (no adapter), with DPM-Solver++ as the trainer's
+    samples use, on `device`. The one place that turns run.json into a pipeline."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    name = run_setting(run, "pretrained_model_name_or_path")
+    revision = run_setting(run, "revision")
+    extra = {} if keep_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        # training's loader also knows the built-in "tiny" preset (name None/"tiny") the trainer defaults to
+        from training.common.models import load_pipeline as training_load_pipeline
+    except ImportError:
+        training_load_pipeline = None
+    try:
+        if training_load_pipeline is not None:
+            pipe = training_load_pipeline(name, revision=revision, **extra)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            if not name:
+                raise EvalError("run.json has no pretrained_model_name_or_path and training/ (which knows the "
+                                "tiny preset) is not importable")
+            pipe = StableDiffusionPipeline.from_pretrained(name, revision=revision, **extra)
+    except EvalError:
+        raise
+    except Exception as e:   # training's ModelLoadError, diffusers' OSError/ValueError: one line
+        raise EvalError(f"cannot load the run's base model {name!r}: "
+                        f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def run_real_images(run: dict, resolution: int) -> list[tuple]:
+    """The subject photos the run was trained on: its instance_data_dir, or the trainer's embedded
+    example subject when it had none."""
+    directory = run_setting(run, "instance_data_dir")
+    if directory:
+        return load_folder(directory, "instance_data_dir (from run.json; --real_dir overrides it)").items
+    try:
+        from training.common.data import example_subject
+    except ImportError:
+        raise EvalError("run.json has no instance_data_dir and training/ is not importable; "
+                        "pass --real_dir") from None
+    return [(f"example-{i}.png", img) for i, img in enumerate(example_subject(resolution))]
+
+
+@torch.no_grad()
+def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, *, images_per_prompt: int = 4,
+                    seed: int = 0, batch_size: int = 8, num_inference_steps: int = 25,
+                    guidance_scale: float = 7.5, resolution: int = 512, settings: dict | None = None) -> int:
+    """Load the adapter in `adapter_dir` into pipe.unet (replacing any loaded before) and write
+    out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt uses seed
+    seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
+    renamed into place. Returns how many images the safety checker blacked out."""
+    import lowrank
+
+    unet = pipe.unet
+    if lowrank.adapter_layers(unet):
+        lowrank.eject(unet)   # a fresh injection per checkpoint: exact, and safe if ranks differ
+    try:
+        lowrank.load_adapter(unet, adapter_dir)
+    except lowrank.AdapterError as e:
+        raise EvalError(f"cannot load the adapter in {adapter_dir}: {e}") from None
+    unet.to(pipe.device).eval()
+
+    jobs = [(i, prompt, seed + j) for i, prompt in enumerate(prompts) for j in range(images_per_prompt)]
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rows, blacked = [], 0
+    bar = tqdm(total=len(jobs), desc=f"Generating {out_dir.name}", unit="img")
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        out = pipe(prompt=[p for _, p, _ in chunk], generator=[torch.Generator().manual_seed(s) for *_, s in chunk],
+                   height=resolution, width=resolution, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale)
+        blacked += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
+        for (i, prompt, s), img in zip(chunk, out.images):
+            name = f"p{i:02d}-s{s}.png"
+            img.save(tmp / name)
+            rows.append({"image": name, "prompt": prompt, "seed": s})
+        bar.update(len(chunk))
+    bar.close()
+    (tmp / PROMPTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "generation.json").write_text(json.dumps({**(settings or {}), "blacked_out": blacked}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return blacked

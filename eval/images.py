@@ -1,0 +1,142 @@
+"""Image folders in: the real subject photos, the generated images named by prompts.jsonl, and
+label maps. Unreadable files are skipped, named in one warning and counted; a folder with nothing
+usable is an error."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import EvalError
+from .common import logger
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+PROMPTS_FILE = "prompts.jsonl"
+
+
+@dataclass
+class Loaded:
+    """Images that decoded (name, image[, prompt]) and the files that did not ("name (why)")."""
+    items: list = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode fully (a truncated file fails here, not mid-batch), honour EXIF rotation, make RGB."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")   # transparency over white, not over black
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def try_open(path: Path, loaded: Loaded, opener=open_image):
+    """opener(path), or None with the reason recorded in loaded.skipped."""
+    try:
+        return opener(path)
+    except UnidentifiedImageError:
+        loaded.skipped.append(f"{path.name} (not an image)")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        loaded.skipped.append(f"{path.name} (unreadable: {why})")
+    return None
+
+
+def warn_skipped(loaded: Loaded, where: Path) -> None:
+    if loaded.skipped:
+        logger.warning("skipped %d file(s) in %s: %s", len(loaded.skipped), where, ", ".join(loaded.skipped))
+
+
+def check_dir(directory: str | Path, flag: str) -> Path:
+    d = Path(directory).expanduser()
+    if not d.exists():
+        raise EvalError(f"{flag} {d} does not exist")
+    if not d.is_dir():
+        raise EvalError(f"{flag} {d} is not a directory")
+    return d
+
+
+def image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_folder(directory: str | Path, flag: str = "--real_dir") -> Loaded:
+    """Every readable image of a folder (sorted by name) as (name, RGB image)."""
+    d = check_dir(directory, flag)
+    files = image_files(d)
+    if not files:
+        raise EvalError(f"{flag} {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    loaded = Loaded()
+    for path in files:
+        img = try_open(path, loaded)
+        if img is not None:
+            loaded.items.append((path.name, img))
+    warn_skipped(loaded, d)
+    if not loaded.items:
+        raise EvalError(f"{flag} {d} has no readable images (skipped {', '.join(loaded.skipped)})")
+    return loaded
+
+
+def read_prompts(directory: Path, flag: str = "--generated_dir") -> list[dict]:
+    """prompts.jsonl rows {"image": file, "prompt": text, ...}; every named file must exist."""
+    path = directory / PROMPTS_FILE
+    if not path.is_file():
+        raise EvalError(f"{flag} {directory} has no {PROMPTS_FILE}; write one line "
+                        f'{{"image": "<file>", "prompt": "<text>"}} per generated image')
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("image"), str) and isinstance(row.get("prompt"), str)):
+            raise EvalError(f"{path} line {i} is not {{\"image\": <file>, \"prompt\": <text>}}: {line[:80]!r}")
+        rows.append(row)
+    if not rows:
+        raise EvalError(f"{path} is empty: nothing to score")
+    missing = [r["image"] for r in rows if not (directory / r["image"]).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EvalError(f"{path} names {len(missing)} missing file(s): {', '.join(missing[:3])}{more}")
+    return rows
+
+
+def load_generated(directory: str | Path, flag: str = "--generated_dir") -> Loaded:
+    """The images prompts.jsonl names, in its order, as (name, RGB image, prompt)."""
+    d = check_dir(directory, flag)
+    loaded = Loaded()
+    for row in read_prompts(d, flag):
+        img = try_open(d / row["image"], loaded)
+        if img is not None:
+            loaded.items.append((row["image"], img, row["prompt"]))
+    warn_skipped(loaded, d)
+    if not loaded.items:
+        raise EvalError(f"{flag} {d}: none of the images in {PROMPTS_FILE} is readable "
+                        f"(skipped {', '.join(loaded.skipped)})")
+    return loaded
+
+
+def open_label(path: Path) -> np.ndarray:
+    """A label map as class indices (H, W). Palette PNGs give their indices; colour-coded RGB maps
+    are refused, because their colours are not class ids."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+            raise ValueError(f"mode {img.mode}: a label map must be one channel of class indices")
+        return np.asarray(img).astype(np.int64)
+
+
+def image_key(img: Image.Image) -> str:
+    """Content hash: the same picture gets the same cached embedding whatever file it came from."""
+    h = hashlib.sha1(f"{img.mode}{img.size}".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,268 @@
+"""Compare trained runs: a Markdown + CSV table and PNG figures.
+
+    python -m eval.report outputs/dog-lora outputs/dog-delora --out reports/dog
+
+Writes into --out:
+    report.md, report.csv     method, rank, lr, step, dino, clip_i, clip_t, distance: one row per
+                              scored checkpoint (RUN/eval.jsonl from eval.subject), else the last step
+    distance_vs_step.png      weight distance of every run on one axes (DeLoRA Fig. 3)
+    scores_vs_step.png        DINO / CLIP-I / CLIP-T per scored checkpoint
+    lr_sweep.png              runs of one method at several learning rates: scores and final distance
+                              against the learning-rate factor (DeLoRA Fig. 2)
+    sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed)
+
+The distance is the Fig. 3 layer by default: the out-projection of the first self-attention
+(the first metrics key distance/...attn1.to_out.0, of transformer block 0), else distance_mean.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import EvalError
+from .common import (checkpoint_dirs, final_step, logger, read_jsonl, read_metrics, read_run, run_main,
+                     run_setting, write_text)
+from .images import PROMPTS_FILE, open_image
+
+FIG3_LAYER = "attn1.to_out.0"
+COLUMNS = ["run", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "distance"]
+SCORES = ("dino", "clip_i", "clip_t")
+
+
+@dataclass
+class Run:
+    path: Path
+    method: str
+    rank: int | None
+    lr: float | None
+    metrics: list[dict]
+    evals: list[dict]
+    distance_key: str | None
+    final_step: int | None
+    label: str = ""
+    samples: dict[int, Path] = field(default_factory=dict)   # step -> samples folder
+
+
+def pick_distance_key(metrics: list[dict], choice: str = "auto") -> str | None:
+    """The logged key to plot as "the" distance. auto: distance/<first transformer block>.attn1.to_out.0
+    (the paper's layer), else any attn1.to_out.0 layer, else distance_mean."""
+    keys = list(dict.fromkeys(k for row in metrics[:1] + metrics[-1:] for k in row))
+    if choice != "auto":
+        return choice if choice in keys else None
+    layer = [k for k in keys if k.startswith("distance/") and FIG3_LAYER in k]
+    first_block = [k for k in layer if "transformer_blocks.0." in k]
+    for candidates in (first_block, layer, ["distance_mean"] if "distance_mean" in keys else []):
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def value_at(metrics: list[dict], key: str | None, step: int | None):
+    """metrics[key] at `step` (the last row at or before it), or None."""
+    if key is None:
+        return None
+    best = None
+    for row in metrics:
+        s = row.get("step")
+        if isinstance(s, int) and (step is None or s <= step) and isinstance(row.get(key), (int, float)):
+            if best is None or s >= best[0]:
+                best = (s, row[key])
+    return best[1] if best else None
+
+
+def load_run(path: str | Path, distance_choice: str) -> Run:
+    path = Path(path).expanduser()
+    run = read_run(path)
+    metrics = read_metrics(path)
+    if not metrics:
+        logger.warning("%s has no metrics.jsonl rows: no distance for it", path)
+    evals = read_jsonl(path / "eval.jsonl", strict=False) if (path / "eval.jsonl").is_file() else []
+    evals = sorted((e for e in evals if isinstance(e.get("step"), int)), key=lambda e: e["step"])
+    scorers = {(e.get("dino_model"), e.get("clip_model")) for e in evals}
+    if len(scorers) > 1:   # scores from different models are not comparable
+        logger.warning("%s/eval.jsonl mixes scoring models (%s); its rows are shown as they are", path,
+                       "; ".join(f"{d} + {c}" for d, c in sorted(scorers, key=str)))
+    key = pick_distance_key(metrics, distance_choice)
+    if distance_choice != "auto" and key is None and metrics:
+        logger.warning("%s does not log %r: no distance for it", path, distance_choice)
+    lr = run_setting(run, "learning_rate")
+    r = Run(path=path, method=str(run_setting(run, "method", "?")), rank=run_setting(run, "rank"),
+            lr=float(lr) if isinstance(lr, (int, float)) else None, metrics=metrics, evals=evals,
+            distance_key=key, final_step=final_step(path, run))
+    r.samples = {step: d / "samples" for step, d in checkpoint_dirs(path) if (d / "samples" / PROMPTS_FILE).is_file()}
+    if (path / "samples" / PROMPTS_FILE).is_file() and isinstance(r.final_step, int):
+        r.samples.setdefault(r.final_step, path / "samples")
+    return r
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Legend labels: method, rank and lr; the folder name too where those collide."""
+    for r in runs:
+        r.label = f"{r.method} r={r.rank} lr={r.lr:g}" if r.lr is not None else f"{r.method} r={r.rank}"
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.label] = seen.get(r.label, 0) + 1
+    for r in runs:
+        if seen[r.label] > 1:
+            r.label += f" ({r.path.name})"
+
+
+# ----- the table ----------------------------------------------------------------------------------
+def table_rows(runs: list[Run]) -> list[dict]:
+    rows = []
+    for r in runs:
+        points = r.evals or [{"step": r.final_step}]
+        for e in points:
+            step = e.get("step")
+            rows.append({"run": r.path.name, "method": r.method, "rank": r.rank, "lr": r.lr, "step": step,
+                         **{k: e.get(k) for k in SCORES}, "distance": value_at(r.metrics, r.distance_key, step)})
+    return rows
+
+
+def fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+    return buf.getvalue()
+
+
+def to_markdown(runs: list[Run], rows: list[dict], figures: list[str], distance_choice: str) -> str:
+    keys = sorted({r.distance_key for r in runs if r.distance_key})
+    lines = ["# lowrank report", "",
+             f"{len(runs)} run(s). distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
+             f"(--distance_key {distance_choice}) at the row's step. Scores: eval.subject (cosines, higher is "
+             f"closer); blank = not scored.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(row[k]) for k in COLUMNS) + " |" for row in rows]
+    lines += ["", "## Runs", ""] + [f"- `{r.path.name}`: {r.label}, {r.path}" for r in runs]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+# ----- figures ------------------------------------------------------------------------------------
+def lr_sweeps(runs: list[Run]) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Methods run at two or more learning rates: one point per run, factor = lr / the smallest lr."""
+    sweeps, base = {}, {}
+    for method in dict.fromkeys(r.method for r in runs):
+        group = [r for r in runs if r.method == method and r.lr]
+        if len({r.lr for r in group}) < 2:
+            continue
+        base[method] = min(r.lr for r in group)
+        sweeps[method] = sorted(({"factor": r.lr / base[method], "run": r.path.name,
+                                  **{k: (r.evals[-1].get(k) if r.evals else None) for k in SCORES},
+                                  "distance": value_at(r.metrics, r.distance_key, None)} for r in group),
+                                key=lambda p: p["factor"])
+    return sweeps, base
+
+
+def first_sample(samples_dir: Path, want: tuple | None):
+    """(image, (prompt, seed)) of the row matching `want`, else the first row of prompts.jsonl."""
+    rows = read_jsonl(samples_dir / PROMPTS_FILE, strict=False)
+    row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), rows[0] if rows else None)
+    if row is None or not isinstance(row.get("image"), str):
+        return None, None
+    try:
+        return open_image(samples_dir / row["image"]), (row.get("prompt"), row.get("seed"))
+    except (OSError, ValueError, SyntaxError):
+        logger.warning("skipped unreadable sample %s", samples_dir / row["image"])
+        return None, None
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the rows that have a numeric `key`."""
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get("step"), int) and isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def spread(steps: list[int], n: int) -> list[int]:
+    """At most n steps, evenly spaced, always keeping the last."""
+    if len(steps) <= n:
+        return steps
+    idx = {round(i * (len(steps) - 1) / (n - 1)) for i in range(n)}
+    return [steps[i] for i in sorted(idx)]
+
+
+def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
+    from . import plots
+
+    written = []
+    colours = {r.label: f"C{i % 10}" for i, r in enumerate(runs)}   # one colour per run in every figure
+    curves = {r.label: series(r.metrics, r.distance_key) for r in runs if r.distance_key}
+    curves = {k: v for k, v in curves.items() if v[0]}
+    if curves:
+        keys = sorted({r.distance_key for r in runs if r.distance_key})
+        plots.distance_vs_step(curves, keys[0] if len(keys) == 1 else "per-run key: " + ", ".join(keys),
+                               out / "distance_vs_step.png", colours)
+        written.append("distance_vs_step.png")
+    score_curves = {k: {r.label: series(r.evals, k) for r in runs if series(r.evals, k)[0]} for k in SCORES}
+    if any(score_curves.values()):
+        plots.scores_vs_step(score_curves, out / "scores_vs_step.png", colours)
+        written.append("scores_vs_step.png")
+    sweeps, base = lr_sweeps(runs)
+    if sweeps:
+        plots.lr_sweep(sweeps, base, ", ".join(sorted({r.distance_key for r in runs if r.distance_key})),
+                       out / "lr_sweep.png")
+        written.append("lr_sweep.png")
+    with_samples = [r for r in runs if r.samples]
+    if with_samples:
+        columns = spread(sorted({s for r in with_samples for s in r.samples}), max_columns)
+        cells, want = {}, None
+        for i, r in enumerate(with_samples):
+            for j, step in enumerate(columns):
+                if step in r.samples:
+                    img, key = first_sample(r.samples[step], want)
+                    if img is not None:
+                        cells[(i, j)], want = img, want or key
+        if cells:
+            caption = f"prompt {want[0]!r}, seed {want[1]}" if want else ""
+            plots.sample_grid([r.label for r in with_samples], columns, cells, caption, out / "sample_grid.png")
+            written.append("sample_grid.png")
+    return written
+
+
+# ----- CLI ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (run.json, metrics.jsonl, ...)")
+    p.add_argument("--out", required=True, help="folder for report.md, report.csv and the PNG figures")
+    p.add_argument("--distance_key", default="auto",
+                   help="metrics.jsonl key to plot as the distance (default auto: the first transformer block's "
+                        "attn1.to_out.0 layer, else distance_mean)")
+    p.add_argument("--max_grid_columns", type=int, default=10,
+                   help="checkpoints shown in the sample grid, evenly spaced, last kept (default 10)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_grid_columns < 2:
+        raise EvalError("--max_grid_columns must be at least 2")
+    runs = [load_run(p, args.distance_key) for p in dict.fromkeys(args.runs)]
+    label_runs(runs)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} exists and is not a directory")
+    rows = table_rows(runs)
+    figures = write_figures(runs, out, args.max_grid_columns)
+    write_text(out / "report.csv", to_csv(rows))
+    write_text(out / "report.md", to_markdown(runs, rows, figures, args.distance_key))
+    print(f"report of {len(runs)} run(s): {out / 'report.md'}, report.csv, {', '.join(figures) or 'no figures'}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,181 @@
+"""Semantic-map fidelity: a segmentation model's predictions on the generated images against the label
+maps they were generated from, scored as mIoU and pixel accuracy.
+
+Metrics are accumulated in one confusion matrix over the whole set, as mmseg does: per class
+IoU = TP / (TP + FP + FN) over all pixels of all images; a class absent from both the labels and
+the predictions has no IoU (NaN, left out of the mean); pixel accuracy = correct / valid pixels.
+
+Labels follow ADE20K: label maps store 0 = "other/unlabelled" and 1..150 the classes, while ADE20K
+models predict 0..149. reduce_zero_label (on by default) maps 0 -> 255 (ignored) and k -> k-1;
+--no-reduce_zero_label takes maps that already hold 0..149. Label values outside the model's classes
+(after reduction) are ignored like 255. Predictions are resized (bilinear logits) to each label map.
+
+Model: any transformers semantic-segmentation model by hub name or folder (default: UperNet with a
+ConvNeXt-S backbone trained on ADE20K, openmmlab/upernet-convnext-small). The paper used CSAILVision's
+UperNet-101 (ResNet-101), which transformers does not ship, so absolute numbers differ from the
+paper's; compare methods under one --model.
+
+    python -m eval.segmentation --generated_dir gen/ --label_dir labels/ --output seg.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import EvalError
+from .common import clean_json, logger, run_main, write_json
+from .embed import load_model, load_processor, resolve_device
+from .images import Loaded, check_dir, image_files, open_image, open_label, try_open, warn_skipped
+
+SEG_MODEL = "openmmlab/upernet-convnext-small"
+IGNORE_INDEX = 255
+
+
+# ----- the arithmetic -----------------------------------------------------------------------------
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """ADE20K's raw maps -> training ids: 0 (unlabelled) -> 255, k -> k-1, 255 stays ignored."""
+    label = np.asarray(label, dtype=np.int64)
+    out = label - 1
+    out[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
+    return out
+
+
+def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(num_classes, num_classes) pixel counts, rows = label, columns = prediction. Pixels labelled
+    ignore_index or outside 0..num_classes-1 are not counted."""
+    pred, label = np.asarray(pred, dtype=np.int64), np.asarray(label, dtype=np.int64)
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in shape")
+    valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    idx = label[valid] * num_classes + np.clip(pred[valid], 0, num_classes - 1)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(cm: np.ndarray) -> dict:
+    """mIoU, pixel accuracy (aAcc), mean class accuracy, and per-class IoU/accuracy (NaN: absent)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, gt, pred = np.diag(cm), cm.sum(1), cm.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = tp / (gt + pred - tp)          # 0/0 = NaN: the class is in neither labels nor predictions
+        acc = tp / gt
+    total = cm.sum()
+    return {"miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+            "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+            "mean_accuracy": float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
+            "iou": iou.tolist(), "accuracy": acc.tolist(), "valid_pixels": int(total)}
+
+
+# ----- the model ----------------------------------------------------------------------------------
+class Segmenter:
+    """A transformers semantic-segmentation model: image -> class-id map at a requested size."""
+
+    flag = "--model"
+
+    def __init__(self, name: str = SEG_MODEL, device="cpu"):
+        from transformers import AutoModelForSemanticSegmentation
+
+        self.name, self.device = name, torch.device(device)
+        self.config, self.model = load_model(self.flag, name, AutoModelForSemanticSegmentation)
+        self.model.to(self.device)
+        self.processor = load_processor(self.flag, name)
+        self.num_classes = int(self.config.num_labels)
+        self.id2label = {int(k): v for k, v in (getattr(self.config, "id2label", None) or {}).items()}
+
+    @torch.inference_mode()
+    def predict(self, image, size: tuple[int, int]) -> np.ndarray:
+        """(H, W) = size class ids: logits upsampled bilinearly to the label map, then argmax."""
+        pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
+        logits = self.model(pixel_values=pixels).logits
+        logits = torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        return logits.argmax(1)[0].cpu().numpy()
+
+
+# ----- folders --------------------------------------------------------------------------------------
+def pair_files(generated_dir: Path, label_dir: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(stem, generated image, label PNG) for every stem in both folders; the unpaired, named."""
+    gen = {p.stem: p for p in image_files(generated_dir)}
+    lab = {p.stem: p for p in label_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"
+           and not p.name.startswith(".")}
+    pairs = [(s, gen[s], lab[s]) for s in sorted(gen.keys() & lab.keys())]
+    unpaired = ([f"{gen[s].name} (no label map)" for s in sorted(gen.keys() - lab.keys())]
+                + [f"{lab[s].name} (no generated image)" for s in sorted(lab.keys() - gen.keys())])
+    return pairs, unpaired
+
+
+def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool = True) -> dict:
+    gdir, ldir = check_dir(generated_dir, "--generated_dir"), check_dir(label_dir, "--label_dir")
+    pairs, unpaired = pair_files(gdir, ldir)
+    if not pairs:
+        raise EvalError(f"no generated image in {gdir} has a label map of the same name (stem) in {ldir}")
+    if unpaired:
+        logger.warning("skipped %d unpaired file(s): %s", len(unpaired), ", ".join(unpaired))
+    n = segmenter.num_classes
+    cm = np.zeros((n, n), dtype=np.int64)
+    loaded, ignored_values = Loaded(), 0
+    for stem, image_path, label_path in tqdm(pairs, desc="Segmenting", unit="img", disable=len(pairs) < 2):
+        label = try_open(label_path, loaded, open_label)
+        image = try_open(image_path, loaded, open_image) if label is not None else None
+        if image is None:
+            continue
+        if reduce_labels:
+            label = reduce_zero_label(label)
+        ignored_values += int(((label != IGNORE_INDEX) & ((label < 0) | (label >= n))).sum())
+        cm += confusion_matrix(segmenter.predict(image, label.shape), label, n)
+        loaded.items.append(stem)
+    warn_skipped(loaded, gdir)
+    if not loaded.items:
+        raise EvalError(f"none of the {len(pairs)} image/label pairs could be read "
+                        f"(skipped {', '.join(loaded.skipped)})")
+    scores = scores_from_confusion(cm)
+    per_class = [{"class": c, "name": segmenter.id2label.get(c, str(c)), "iou": scores["iou"][c],
+                  "accuracy": scores["accuracy"][c], "label_pixels": int(cm[c].sum()),
+                  "predicted_pixels": int(cm[:, c].sum())} for c in range(n)]
+    return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+            "mean_accuracy": scores["mean_accuracy"], "n_images": len(loaded.items),
+            "valid_pixels": scores["valid_pixels"], "ignored_out_of_range_pixels": ignored_values,
+            "n_skipped": len(loaded.skipped) + len(unpaired), "skipped": loaded.skipped + unpaired,
+            "model": segmenter.name, "reduce_zero_label": reduce_labels, "classes": per_class}
+
+
+# ----- CLI ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.segmentation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generated_dir", required=True, help="generated images, paired with label maps by file stem")
+    p.add_argument("--label_dir", required=True, help="label maps (single-channel PNGs of class ids)")
+    p.add_argument("--model", default=SEG_MODEL, help=f"semantic-segmentation model, hub name or local folder "
+                                                       f"(default {SEG_MODEL}; the paper's UperNet-101 is not in "
+                                                       f"transformers)")
+    p.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=True,
+                   help="ADE20K raw maps: 0 = unlabelled (ignored), k -> class k-1 (default on; "
+                        "--no-reduce_zero_label for maps already holding 0..N-1 with 255 ignored)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
+    p.add_argument("--output", help="write the scores as JSON here (default: print them to stdout)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # folders before the model: a typo fails in milliseconds, not after a model download
+    check_dir(args.generated_dir, "--generated_dir")
+    check_dir(args.label_dir, "--label_dir")
+    segmenter = Segmenter(args.model, resolve_device(args.device))
+    result = evaluate(args.generated_dir, args.label_dir, segmenter, args.reduce_zero_label)
+    print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
+          f"({result['n_images']} images, {result['valid_pixels']} valid pixels)", file=sys.stderr)
+    if args.output:
+        write_json(args.output, result)
+    else:
+        print(json.dumps(clean_json(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

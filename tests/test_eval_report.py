@@ -1,0 +1,188 @@
+"""eval.report on hand-made run folders: the table (values looked up in metrics.jsonl/eval.jsonl),
+the Fig. 3 distance key choice, the figures' contents, titles, labels and legends, the learning-rate
+sweep, the sample grid (same prompt and seed in every cell), and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import plots, report
+from eval.common import run_main
+
+BLOCK0 = "distance/down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
+BLOCK1 = "distance/down_blocks.0.attentions.0.transformer_blocks.1.attn1.to_out.0"   # listed first, not block 0
+OTHER = "distance/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def distance(key: str, step: int, scale: float) -> float:
+    return scale * step * {BLOCK0: 1.0, BLOCK1: 3.0, OTHER: 5.0, "distance_mean": 0.5}[key]
+
+
+def make_run(root: Path, name: str, method: str, lr: float, steps: int = 6, fig3: bool = True,
+             evals: dict | None = None, sample_rows=None) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"args": {"method": method, "learning_rate": None, "rank": None},
+                                              "learning_rate": lr, "max_train_steps": steps,
+                                              "adapter_config": {"method": method, "rank": 4}}))
+    keys = [OTHER, BLOCK1, BLOCK0] if fig3 else [OTHER]
+    scale = lr * 1000
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            row = {"step": s, "loss": 1 / s, **{k: distance(k, s, scale) for k in keys},
+                   "distance_mean": distance("distance_mean", s, scale)}
+            f.write(json.dumps(row) + "\n")
+    if evals:
+        (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, **v}) + "\n" for s, v in evals.items()))
+    for s in (2, 4, 6):
+        samples = run / f"checkpoint-{s}" / "samples"
+        samples.mkdir(parents=True)
+        for f in ("adapter_config.json", "adapter.safetensors"):
+            (run / f"checkpoint-{s}" / f).write_text("{}")
+        rows = sample_rows or [("a photo of sks cat", 0, "red")]
+        for i, (prompt, seed, colour) in enumerate(rows):
+            Image.new("RGB", (16, 16), COLOURS[colour]).save(samples / f"{i}.png")
+        (samples / "prompts.jsonl").write_text("".join(
+            json.dumps({"image": f"{i}.png", "prompt": p, "seed": sd}) + "\n" for i, (p, sd, _) in enumerate(rows)))
+    return run
+
+
+def scores(step: int, base: float) -> dict:
+    return {"dino": base + step / 100, "clip_i": base / 2 + step / 200, "clip_t": 0.2 + step / 1000}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    a = make_run(tmp_path, "lora-a", "lora", 1e-4, evals={6: scores(6, 0.5), 2: scores(2, 0.5), 4: scores(4, 0.5)})
+    b = make_run(tmp_path, "lora-b", "lora", 4e-4, evals={2: scores(2, 0.3), 6: scores(6, 0.3)},
+                 sample_rows=[("another prompt", 0, "green"), ("a photo of sks cat", 0, "blue")])
+    c = make_run(tmp_path, "delora-c", "delora", 1e-3, fig3=False)
+    return a, b, c
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure the report saves, by file name (still written to disk)."""
+    seen = {}
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: (seen.__setitem__(Path(path).name, fig), save(fig, path)))
+    return seen
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_rows_values_and_markdown(runs, tmp_path):
+    a, b, c = runs
+    out = tmp_path / "out"
+    assert run_main(report.main, [str(a), str(b), str(c), "--out", str(out)]) == 0
+    rows = read_csv(out / "report.csv")
+    assert list(rows[0]) == report.COLUMNS
+    assert [(r["run"], r["step"]) for r in rows] == [("lora-a", "2"), ("lora-a", "4"), ("lora-a", "6"),
+                                                     ("lora-b", "2"), ("lora-b", "6"), ("delora-c", "6")]
+    for r in rows:
+        lr = {"lora-a": 1e-4, "lora-b": 4e-4, "delora-c": 1e-3}[r["run"]]
+        step = int(r["step"])
+        assert (r["method"], r["rank"], float(r["lr"])) == (("delora" if r["run"] == "delora-c" else "lora"), "4", lr)
+        # the Fig. 3 layer where logged (block 0, not the block-1 key listed before it), else distance_mean
+        key = "distance_mean" if r["run"] == "delora-c" else BLOCK0
+        assert float(r["distance"]) == pytest.approx(distance(key, step, lr * 1000))
+        if r["run"] == "delora-c":
+            assert r["dino"] == r["clip_i"] == r["clip_t"] == ""          # never scored
+        else:
+            want = scores(step, 0.5 if r["run"] == "lora-a" else 0.3)
+            assert {k: float(r[k]) for k in want} == pytest.approx(want)
+    md = (out / "report.md").read_text()
+    assert "| " + " | ".join(report.COLUMNS) + " |" in md and md.count("| lora-a |") == 3
+    for png in ("distance_vs_step.png", "scores_vs_step.png", "lr_sweep.png", "sample_grid.png"):
+        assert f"]({png})" in md and Image.open(out / png).size[0] > 100
+
+
+def test_distance_key_choice(runs, tmp_path):
+    metrics = report.read_metrics(runs[0])
+    assert report.pick_distance_key(metrics) == BLOCK0
+    assert report.pick_distance_key(metrics[:1] and [{k: v for k, v in metrics[0].items() if k != BLOCK0}]) == BLOCK1
+    assert report.pick_distance_key(report.read_metrics(runs[2])) == "distance_mean"
+    assert report.pick_distance_key(metrics, OTHER) == OTHER and report.pick_distance_key(metrics, "nope") is None
+    out = tmp_path / "flag"
+    assert run_main(report.main, [str(runs[0]), "--out", str(out), "--distance_key", OTHER]) == 0
+    assert [float(r["distance"]) for r in read_csv(out / "report.csv")] == pytest.approx(
+        [distance(OTHER, s, 0.1) for s in (2, 4, 6)])
+
+
+def test_figures_show_the_data_with_titles_labels_and_legends(runs, tmp_path, figures):
+    a, b, c = runs
+    assert run_main(report.main, [str(a), str(b), str(c), "--out", str(tmp_path / "out")]) == 0
+    assert set(figures) == {"distance_vs_step.png", "scores_vs_step.png", "lr_sweep.png", "sample_grid.png"}
+    for name in ("distance_vs_step.png", "scores_vs_step.png", "lr_sweep.png"):
+        for ax in figures[name].axes:
+            assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), name
+            assert ax.get_legend() is not None and ax.get_legend().get_texts(), name
+    ax = figures["distance_vs_step.png"].axes[0]
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert set(lines) == {"lora r=4 lr=0.0001", "lora r=4 lr=0.0004", "delora r=4 lr=0.001"}
+    np.testing.assert_allclose(lines["lora r=4 lr=0.0004"].get_ydata(), [distance(BLOCK0, s, 0.4) for s in range(1, 7)])
+    np.testing.assert_allclose(lines["delora r=4 lr=0.001"].get_ydata(), [distance("distance_mean", s, 1.0)
+                                                                          for s in range(1, 7)])
+    dino = figures["scores_vs_step.png"].axes[0]
+    assert "DINO" in dino.get_title()
+    for line in dino.get_lines():                             # a run keeps its colour from figure to figure
+        assert line.get_color() == lines[line.get_label()].get_color()
+    assert {tuple(l.get_xdata()) for l in dino.get_lines()} == {(2, 4, 6), (2, 6)}
+    sweep = figures["lr_sweep.png"].axes                      # lora only: delora ran at one lr
+    assert [l.get_label().split(" ")[0] for ax in sweep for l in ax.get_lines()] == ["lora"] * len(sweep)
+    dist_panel = sweep[-1]
+    assert list(dist_panel.get_lines()[0].get_xdata()) == [1.0, 4.0]
+    np.testing.assert_allclose(dist_panel.get_lines()[0].get_ydata(),
+                               [distance(BLOCK0, 6, 0.1), distance(BLOCK0, 6, 0.4)])
+    grid = figures["sample_grid.png"].axes
+    assert [ax.get_title() for ax in grid[:3]] == ["step 2", "step 4", "step 6"]
+    assert [ax.get_ylabel() for ax in grid[::3]] == ["lora r=4 lr=0.0001", "lora r=4 lr=0.0004", "delora r=4 lr=0.001"]
+
+
+def test_sample_grid_uses_the_same_prompt_and_seed(runs, tmp_path):
+    a, b, _ = runs                 # b lists another prompt first (green); its matching sample is blue
+    out = tmp_path / "out"
+    assert run_main(report.main, [str(a), str(b), "--out", str(out)]) == 0
+    px = np.asarray(Image.open(out / "sample_grid.png").convert("RGB")).astype(int)
+    count = lambda rgb: int((np.abs(px - np.array(rgb)).sum(-1) < 30).sum())  # noqa: E731
+    assert count(COLOURS["red"]) > 500 and count(COLOURS["blue"]) > 500 and count(COLOURS["green"]) == 0
+
+
+def test_no_sweep_no_sweep_plot_and_columns_are_spread(runs, tmp_path):
+    a, _, c = runs
+    out = tmp_path / "out"
+    assert run_main(report.main, [str(a), str(c), "--out", str(out), "--max_grid_columns", "2"]) == 0
+    assert not (out / "lr_sweep.png").exists() and (out / "distance_vs_step.png").exists()
+    assert report.spread([2, 4, 6, 8, 10], 3) == [2, 6, 10] and report.spread([2, 4], 5) == [2, 4]
+
+
+def test_bad_input(runs, tmp_path, capsys):
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    out = tmp_path / "out"
+    assert run_main(report.main, [str(runs[0]), str(not_a_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no run.json" in err[0]
+    assert not out.exists()                                   # nothing half-written
+    (tmp_path / "file").write_text("x")
+    assert run_main(report.main, [str(runs[0]), "--out", str(tmp_path / "file")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli(runs, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "eval.report", str(runs[0]), "--out", str(tmp_path / "cli")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
+        "distance_vs_step.png", "report.csv", "report.md", "sample_grid.png", "scores_vs_step.png"]
