@@ -57,12 +57,15 @@ class AdapterConfig:
 
     # Dynamic-rank DoRA
     dyndora_initial_rank: int | None = _f(None, "Components r' per layer at the start; None means ceil(1.5·rank).")
-    dyndora_beta: float = _f(0.85, "EMA factor β of the importance scores.")
-    dyndora_dem: float = _f(0.1, "Coefficient η of the DEM regulariser (0 disables it).")
-    dyndora_warmup_steps: int = _f(0, "Steps t_i before pruning starts.")
-    dyndora_final_steps: int = _f(0, "Final steps t_f during which the component allocation is frozen.")
+    dyndora_beta: float = _f(0.9, "EMA factor β of the importance scores (official code: 0.9).")
+    dyndora_dem: float = _f(0.1, "Coefficient η of the DEM regulariser η·(1/n)·Σ(Var(a_i) + Var(b_i)), n = all "
+                                 "components of the model (0 disables it).")
+    dyndora_warmup_steps: int | None = _f(None, "Steps t_i before pruning starts; None means 15 percent of "
+                                                "dyndora_total_steps (the official code's ratio).")
+    dyndora_final_steps: int | None = _f(None, "Final steps t_f during which the component allocation is frozen; None "
+                                               "means 50 percent of dyndora_total_steps (the official code's ratio).")
     dyndora_total_steps: int = _f(1000, "Total training steps T (the budget schedule spans them).")
-    dyndora_prune_interval: int = _f(10, "Apply the budget every this many steps.")
+    dyndora_prune_interval: int = _f(10, "Prune to the cubic budget every this many steps between t_i and T − t_f.")
 
     def __post_init__(self) -> None:
         from .registry import METHODS  # late import: registry imports the methods, which import config
