@@ -14,7 +14,8 @@ from torch.func import functional_call
 
 import lowrank
 from lowrank import AdapterConfig, inject, step_hooks
-from lowrank.methods.dynamic_rank import DynDoraLayer, budget, phases, write_rank_heatmap
+from lowrank.methods.dynamic_rank import DynDoraLayer, budget, phases
+from training.common.logging import write_rank_heatmap
 
 TARGETS = ["inp", "mid", "out"]
 

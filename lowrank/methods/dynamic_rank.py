@@ -32,8 +32,6 @@ with the adapter and checkpoints restore the prune state.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -151,35 +149,3 @@ def live_ranks(model: nn.Module) -> dict[str, int]:
         return {}
     counts = torch.stack([layer.dyndora_mask.sum() for layer in layers.values()]).tolist()
     return {name: int(round(c)) for name, c in zip(layers, counts)}
-
-
-def write_rank_heatmap(records: list[tuple[int, dict[str, int]]], path: str | os.PathLike) -> Path:
-    """PNG heat map of live rank, layers (rows) x steps (columns), from (step, live_ranks()) records
-    (DynDoRA Fig. 2). Written to a temporary name and renamed, so readers never see half a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if not records:
-        raise ValueError("write_rank_heatmap: no (step, ranks) records to plot")
-    path = Path(path)
-    steps = [s for s, _ in records]
-    layers = list(records[0][1])
-    grid = np.array([[ranks.get(n, np.nan) for _, ranks in records] for n in layers], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(layers) + 1.5)))
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
-    ax.set_yticks(range(len(layers)), layers, fontsize=6)
-    ax.set_xlabel("optimizer step")
-    ax.set_title("Live rank per adapted layer")
-    fig.colorbar(im, ax=ax, label="live components")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path

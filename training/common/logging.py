@@ -118,30 +118,34 @@ def rank_records(rows: list[dict]) -> list[tuple[int, dict[str, int]]]:
 
 
 def write_rank_heatmap(records: list[tuple[int, dict[str, int]]], path: str | Path) -> Path:
-    """Heat map of live rank, layers x steps (dynamic-rank DoRA's allocation, DynDoRA Fig. 2), atomically."""
+    """PNG heat map of live rank, layers (rows) x steps (columns), from (step, live_ranks()) records
+    (DynDoRA Fig. 2). Written to a temporary name and renamed, so readers never see half a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    if not records:
+        raise ValueError("write_rank_heatmap: no (step, ranks) records to plot")
     path = Path(path)
     steps = [s for s, _ in records]
     layers = list(records[0][1])
-    grid = np.array([[ranks.get(n, 0) for _, ranks in records] for n in layers], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(layers) + 1.5)))
+    grid = np.array([[ranks.get(n, np.nan) for _, ranks in records] for n in layers], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(layers) + 1.5)))
     im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
-    ax.set_yticks(range(len(layers)), [n.replace("down_blocks", "down").replace("up_blocks", "up")
-                                       .replace(".attentions.", ".a").replace(".transformer_blocks.", ".t")
-                                       for n in layers], fontsize=6)
+    ax.set_yticks(range(len(layers)), layers, fontsize=6)
     ax.set_xlabel("optimizer step")
     ax.set_title("Live rank per adapted layer")
     fig.colorbar(im, ax=ax, label="live components")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
