@@ -22,8 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# run folders are read one way across the product: eval's readers (re-exported for the app's modules)
+from eval.common import ADAPTER_FILES, is_adapter_dir  # noqa: F401
+from eval.common import checkpoint_dirs as checkpoints  # noqa: F401
+
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
-ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors")
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
@@ -176,20 +179,6 @@ def read_eval(run_dir: Path) -> list[dict]:
 
 
 # ----- checkpoints and samples -------------------------------------------------------------------
-def is_adapter_dir(path: Path) -> bool:
-    return all((Path(path) / f).is_file() for f in ADAPTER_FILES)
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoint-N folders (adapter written), sorted by N."""
-    out = []
-    for p in Path(run_dir).glob("checkpoint-*"):
-        tail = p.name.split("-", 1)[1]
-        if tail.isdigit() and p.is_dir() and is_adapter_dir(p):
-            out.append((int(tail), p))
-    return sorted(out)
-
-
 def samples(folder: Path) -> list[tuple[Path, str]]:
     """(image, prompt) pairs of folder/samples, in prompts.jsonl order (else sorted PNGs)."""
     sdir = Path(folder) / "samples"
