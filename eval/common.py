@@ -110,9 +110,11 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def read_jsonl(path: str | Path, strict: bool = True) -> list[dict]:
-    """Rows of a JSON-lines file. strict: a malformed line is an error naming it; otherwise it is
-    dropped (a killed writer's torn last line in metrics.jsonl)."""
+def read_jsonl(path: str | Path, strict: bool = True, valid: Callable[[dict], bool] | None = None,
+               expected: str = "a JSON object") -> list[dict]:
+    """Rows of a JSON-lines file. A row must be an object (and pass `valid`, if given). strict: a
+    malformed line is an error naming it and `expected`; otherwise it is dropped (a killed writer's torn
+    last line in metrics.jsonl)."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -126,9 +128,9 @@ def read_jsonl(path: str | Path, strict: bool = True) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             row = None
-        if not isinstance(row, dict):
+        if not (isinstance(row, dict) and (valid is None or valid(row))):
             if strict:
-                raise EvalError(f"{path} line {i} is not a JSON object: {line[:80]!r}")
+                raise EvalError(f"{path} line {i} is not {expected}: {line[:80]!r}")
             continue
         rows.append(row)
     return rows

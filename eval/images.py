@@ -4,7 +4,6 @@ usable is an error."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import EvalError
-from .common import logger
+from .common import logger, read_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 PROMPTS_FILE = "prompts.jsonl"
@@ -90,17 +89,8 @@ def read_prompts(directory: Path, flag: str = "--generated_dir") -> list[dict]:
     if not path.is_file():
         raise EvalError(f"{flag} {directory} has no {PROMPTS_FILE}; write one line "
                         f'{{"image": "<file>", "prompt": "<text>"}} per generated image')
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not (isinstance(row, dict) and isinstance(row.get("image"), str) and isinstance(row.get("prompt"), str)):
-            raise EvalError(f"{path} line {i} is not {{\"image\": <file>, \"prompt\": <text>}}: {line[:80]!r}")
-        rows.append(row)
+    rows = read_jsonl(path, valid=lambda r: isinstance(r.get("image"), str) and isinstance(r.get("prompt"), str),
+                      expected='{"image": <file>, "prompt": <text>}')
     if not rows:
         raise EvalError(f"{path} is empty: nothing to score")
     missing = [r["image"] for r in rows if not (directory / r["image"]).is_file()]

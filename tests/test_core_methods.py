@@ -13,6 +13,7 @@ from torch import nn
 
 import lowrank
 from lowrank import AdapterConfig, inject
+from tests.nets import MLP
 from tests.reference import REFERENCES, block_householder
 
 CASES = [
@@ -36,17 +37,6 @@ CASES = [
     ("dyndora", {"dyndora_initial_rank": 8}),
 ]
 IDS = [m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in CASES]
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(12, 16)
-        self.mid = nn.Linear(16, 16, bias=False)
-        self.out = nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
 
 
 class ConvNet(nn.Module):

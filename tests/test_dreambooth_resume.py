@@ -1,5 +1,6 @@
 """The trainer as users run it: `accelerate launch` subprocesses.
 
+- every method, a few steps: the output files, checkpoints and logged distances;
 - an uninterrupted run vs a run SIGKILLed after a checkpoint and resumed with
   --resume_from_checkpoint latest: the final adapters are bit-identical (CPU, fixed seed);
 - two CPU processes (DDP over gloo): one set of outputs, per-process RNG state in checkpoints.
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import lowrank
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -44,6 +47,30 @@ def run(cmd, env, timeout=300):
 
 def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", sorted(lowrank.METHODS))
+def test_accelerate_launch_smoke_every_method(tmp_path, env, method):
+    out = tmp_path / method
+    args = ["--method", method, "--rank", "4", "--seed", "0", "--resolution", "32", "--max_train_steps", "2",
+            "--checkpointing_steps", "1", "--num_inference_steps", "1", "--num_validation_images", "1",
+            "--report_to", "none"]
+    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(out), *args], env)
+    assert f"done: 2 steps of {method}" in proc.stdout
+    for name in ("adapter.safetensors", "adapter_config.json", "samples_grid.png", "samples/prompts.jsonl",
+                 "run.json", "checkpoint-1/adapter.safetensors", "checkpoint-2/optimizer.bin",
+                 "checkpoint-2/samples/prompts.jsonl"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "adapter_config.json").read_text())["method"] == method
+    n_layers = json.loads((out / "run.json").read_text())["adapted_layers"]
+    logged = rows(out)
+    assert [r["step"] for r in logged] == [1, 2]
+    for r in logged:
+        dists = [v for k, v in r.items() if k.startswith("distance/")]
+        assert len(dists) == n_layers > 0 and all(d >= 0 for d in dists)
+        assert r["distance_max"] == max(dists) > 0
+    if method == "dyndora":
+        assert (out / "live_ranks.json").is_file() and (out / "live_ranks.png").is_file()
 
 
 def test_sigkill_then_resume_latest_equals_uninterrupted_run(tmp_path, env):

@@ -15,20 +15,10 @@ from torch.func import functional_call
 import lowrank
 from lowrank import AdapterConfig, inject, step_hooks
 from lowrank.methods.dynamic_rank import DynDoraLayer, budget, phases
+from tests.nets import MLP
 from training.common.logging import write_rank_heatmap
 
 TARGETS = ["inp", "mid", "out"]
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(12, 16)
-        self.mid = nn.Linear(16, 16, bias=False)
-        self.out = nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
 
 
 def rel_err(a, b):
