@@ -9,7 +9,6 @@ Prints a table of medians and ratios and writes bench/results/adapters-<device>-
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -20,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
-from bench.common import RESULTS, interleaved, machine, peak_cuda_bytes, saved_bytes, write_json  # noqa: E402
+from bench.common import base_parser, interleaved, peak_cuda_bytes, saved_bytes, write_results  # noqa: E402
 
 # (name, in_features, out_features, tokens): SD-1.5 self-attention at 64/32/16 px latents, and the
 # cross-attention key/value projections of the 77 text tokens.
@@ -135,15 +134,9 @@ def summary(rows, methods):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (bf16 on GPU)")
+    p = base_parser(__doc__, reps=15, warmup=3)
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 16], help="adapter ranks to measure")
-    p.add_argument("--methods", nargs="*", help="subset of methods (default: all registered)")
-    p.add_argument("--reps", type=int, default=15, help="timed repetitions per candidate (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
     p.add_argument("--quick", action="store_true", help="two shapes only")
-    p.add_argument("--out", type=Path, help="result JSON (default bench/results/adapters-<device>-<dtype>.json)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows, methods = run(args)
@@ -151,11 +144,7 @@ def main(argv=None):
     print("\nsummary (geometric means over shapes and ranks)")
     for m, s in summ.items():
         print(f"  {m:<10} " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}=-" for k, v in s.items()))
-    out = args.out or RESULTS / f"adapters-{args.device.split(':')[0]}-{args.dtype}.json"
-    write_json(out, {"command": "python bench/adapters.py " + " ".join(argv or sys.argv[1:]),
-                     "machine": machine(), "summary": summ, "rows": rows})
-    print(f"\nwrote {out}")
-
+    write_results(args, "adapters", "", argv, summ, rows)
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,10 @@
 """Shared benchmark helpers: interleaved timing, saved-activation bytes, result files."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import platform
 import statistics
 import tempfile
@@ -79,3 +81,24 @@ def write_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
+
+
+def base_parser(doc: str, reps: int, warmup: int) -> argparse.ArgumentParser:
+    """The flags every bench takes: device, autocast dtype, methods, repetitions."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (bf16 on GPU)")
+    p.add_argument("--methods", nargs="*", help="subset of methods (default: all registered)")
+    p.add_argument("--reps", type=int, default=reps, help="timed repetitions per candidate (median reported)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions first")
+    p.add_argument("--out", type=Path, help="result JSON (default bench/results/<bench>-<device>-<dtype>[...].json)")
+    return p
+
+
+def write_results(args, bench: str, tag: str, argv, summary: dict, rows: list) -> Path:
+    """bench/results/<bench>-<device>-<dtype><tag>.json (or --out), with the command and the machine."""
+    out = args.out or RESULTS / f"{bench}-{args.device.split(':')[0]}-{args.dtype}{tag}.json"
+    write_json(out, {"command": f"python bench/{bench}.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     "machine": machine(), "summary": summary, "rows": rows})
+    print(f"\nwrote {out}")
+    return out

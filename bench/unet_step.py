@@ -9,7 +9,6 @@ weight_distance(), and merged inference (adapter folded in) against the plain ba
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
-from bench.common import RESULTS, interleaved, machine, peak_cuda_bytes, write_json  # noqa: E402
+from bench.common import base_parser, interleaved, peak_cuda_bytes, write_results  # noqa: E402
 
 MID_UNET = dict(block_out_channels=(64, 128, 256), layers_per_block=1, cross_attention_dim=256, attention_head_dim=8,
                 down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
@@ -117,17 +116,11 @@ def run_resolution(args, res, unet_cfg):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (bf16 on GPU)")
+    p = base_parser(__doc__, reps=7, warmup=2)
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="image sizes (latents are /8)")
     p.add_argument("--sd15", action="store_true", help="the SD-1.5 UNet architecture (random weights) instead of the mid-size one")
     p.add_argument("--rank", type=int, default=16, help="adapter rank")
     p.add_argument("--batch", type=int, default=1, help="batch size")
-    p.add_argument("--methods", nargs="*", help="subset of methods (default: all registered)")
-    p.add_argument("--reps", type=int, default=7, help="timed steps per candidate (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--out", type=Path, help="result JSON (default bench/results/unet_step-<device>-<dtype>[-sd15].json)")
     args = p.parse_args(argv)
     rows, methods = [], []
     for res in args.resolutions:
@@ -137,12 +130,7 @@ def main(argv=None):
                 "vs_floor": sum(r["seconds"][m] / r["seconds"]["floor"] for r in rows) / len(rows)} for m in methods}
     summ["_step"] = {"distance_share": max(r["distance_share"] for r in rows),
                      "merged_vs_base": sum(r["merged_vs_base"] for r in rows) / len(rows)}
-    tag = f"{args.device.split(':')[0]}-{args.dtype}" + ("-sd15" if args.sd15 else "")
-    out = args.out or RESULTS / f"unet_step-{tag}.json"
-    write_json(out, {"command": "python bench/unet_step.py " + " ".join(argv or sys.argv[1:]),
-                     "machine": machine(), "summary": summ, "rows": rows})
-    print(f"\nwrote {out}")
-
+    write_results(args, "unet_step", "-sd15" if args.sd15 else "", argv, summ, rows)
 
 if __name__ == "__main__":
     main()
