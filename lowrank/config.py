@@ -42,7 +42,8 @@ class AdapterConfig:
     delora_lambda: float = _f(15.0, "Initial value of DeLoRA's learnable boundary lambda (one per adapted matrix).")
     delora_norm: str = _f("column", "Pretrained-norm scaling of ΔW: 'column' (one norm per input column, as peft and the "
                                     "official code), 'frobenius' (a scalar, as the paper text reads), 'none' (ablation).")
-    delora_init: str = _f("subtract", "'subtract': A, B Kaiming and the frozen initial update folded out of W (paper Eq. 9); "
+    delora_init: str = _f("subtract", "'subtract': A, B Kaiming and the frozen initial update subtracted (paper Eq. 9), "
+                                      "carried as a second frozen rank-r path; "
                                       "'zero_b': B = 0 (peft's init).")
     delora_eps: float = _f(1e-4, "Lower clamp of ||a_i|| and ||b_i|| in Ξ (avoids division by zero).")
 

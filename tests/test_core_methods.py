@@ -288,3 +288,26 @@ def test_parameter_groups_separate_lambda():
     by_name = {g["name"]: g for g in groups}
     assert by_name["lambda"]["lr"] == 1e-2 and len(by_name["lambda"]["params"]) == len(names)
     assert by_name["adapter"]["lr"] == 1e-3 and len(by_name["adapter"]["params"]) == 2 * len(names)
+
+
+def test_etherplus_token_heavy_path_equals_the_reflection_path():
+    """Two-sided ETHER+ switches to W + UV (rank 4n) once tokens ≥ out: same outputs and gradients as
+    applying H̃⁺ to x and H⁺ to the output, token by token (few tokens take the reflection path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    inject(model, AdapterConfig(method="etherplus", target_modules=["0"], ether_blocks=2))
+    perturb(model)
+    layer = model[0]
+    x = torch.randn(3, 8, 12)                    # 24 tokens ≥ 10 outputs: the low-rank path
+    assert x.numel() >= layer.in_features * layer.out_features
+
+    def outputs_and_grads(split):
+        layer.zero_grad()
+        y = torch.cat([model(t) for t in x.split(1, dim=1)], dim=1) if split else model(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+
+    y_fast, g_fast = outputs_and_grads(split=False)
+    y_refl, g_refl = outputs_and_grads(split=True)  # 3 tokens at a time < 10 outputs: the reflections
+    assert rel_err(y_fast, y_refl) < 1e-6
+    assert len(g_fast) == 4 and all(rel_err(a, b) < 1e-5 for a, b in zip(g_fast, g_refl))
