@@ -23,13 +23,16 @@ def sync(device: str) -> None:
 
 def interleaved(fns: dict[str, callable], reps: int, warmup: int, device: str) -> dict[str, float]:
     """Median seconds per call. Candidates run round-robin inside one loop, so a slow phase of a noisy
-    machine hits all of them alike and the ratios stay meaningful."""
+    machine hits all of them alike and the ratios stay meaningful; the order rotates every repetition,
+    so no candidate always runs right after the same neighbour (allocator and cache state)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    items = list(fns.items())
+    for rep in range(reps):
+        k = rep % len(items)
+        for name, fn in items[k:] + items[:k]:
             sync(device)
             t0 = time.perf_counter()
             fn()

@@ -4,7 +4,8 @@
 
 One step = VAE encode, noise, UNet forward/backward, AdamW step, step hooks, weight-distance
 logging: what training/dreambooth.py does per step. The floor is the frozen UNet backpropagating to
-its input (the work every adapter pays for). Also measured: the share of the step spent in
+its input (the work every adapter pays for). `lora#2` is a second, identical LoRA: how far its ratio
+strays from 1.00 is the noise of the run. Delta-LoRA is measured on its path after step K. Also measured: the share of the step spent in
 weight_distance(), and merged inference (adapter folded in) against the plain base UNet.
 """
 from __future__ import annotations
@@ -36,14 +37,18 @@ class Trainer:
     """Everything one method's training step touches, built once."""
 
     def __init__(self, method, unet, vae, sched, rank, device, dtype):
-        self.unet = copy.deepcopy(unet)
+        # the frozen base weights are shared by every candidate (deepcopy's memo hands back the same
+        # Parameter objects): nothing in a training step writes them, and the SD-1.5 UNet is 3.4 GB a copy
+        self.unet = copy.deepcopy(unet, memo={id(p): p for p in unet.parameters()})
         self.vae, self.sched, self.device, self.dtype = vae, sched, device, dtype
         self.method = method
         if method == "floor":
             self.unet.requires_grad_(False)
             self.opt, self.hooks = None, None
         else:
-            extra = {"dyndora_total_steps": 1000} if method == "dyndora" else {}
+            method = method.split("#")[0]   # "lora#2": a second, identical LoRA: the run's noise floor
+            extra = {"dyndora": {"dyndora_total_steps": 1000},
+                     "deltalora": {"deltalora_start_step": 0}}.get(method, {})   # deltalora: its path after K
             lowrank.inject(self.unet, lowrank.AdapterConfig(method=method, rank=rank, **extra))
             self.opt = torch.optim.AdamW(lowrank.parameter_groups(self.unet, lr=LR.get(method, 1e-4)))
             self.hooks = lowrank.step_hooks(self.unet)
@@ -80,6 +85,8 @@ def run_resolution(args, res, unet_cfg):
     sched = DDPMScheduler()
     methods = [m for m in sorted(lowrank.METHODS) if not args.methods or m in args.methods]
     trainers = {"floor": Trainer("floor", unet, vae, sched, args.rank, device, dtype)}
+    if "lora" in methods:
+        methods.append("lora#2")
     trainers |= {m: Trainer(m, unet, vae, sched, args.rank, device, dtype) for m in methods}
     pixels = torch.randn(args.batch, 3, res, res, device=device)
     text = torch.randn(args.batch, 77, unet_cfg["cross_attention_dim"], device=device)
@@ -92,8 +99,10 @@ def run_resolution(args, res, unet_cfg):
                         "without": lambda: lora.step(pixels, text, False),
                         "distance_only": lambda: lowrank.weight_distance(lora.unet)}, args.reps, 1, device)
     # merged inference vs the base UNet (no grad)
-    merged = copy.deepcopy(trainers[methods[-1] if "delora" not in methods else "delora"].unet)
-    lowrank.merge(merged)
+    merged = copy.deepcopy(trainers["delora" if "delora" in methods else methods[0]].unet)
+    lowrank.merge(merged)                      # adapters merged, wrappers still in place (unmerge-able)
+    ejected = copy.deepcopy(merged)
+    lowrank.eject(ejected, merge=True)         # merged into plain modules: what an exported model runs
     base = trainers["floor"].unet
 
     def infer(model):
@@ -101,17 +110,19 @@ def run_resolution(args, res, unet_cfg):
             with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
                 model(torch.randn(args.batch, 4, res // 8, res // 8, device=device), torch.tensor([10], device=device), text)
         return f
-    inf = interleaved({"merged": infer(merged), "base": infer(base)}, args.reps, 1, device)
+    inf = interleaved({"merged": infer(merged), "ejected": infer(ejected), "base": infer(base)},
+                      max(args.reps, 15), 1, device)
     row = {"resolution": res, "seconds": secs, "peak_cuda_bytes": peak,
            "distance_share": dist["distance_only"] / dist["without"],
-           "merged_vs_base": inf["merged"] / inf["base"]}
+           "merged_vs_base": inf["merged"] / inf["base"], "ejected_vs_base": inf["ejected"] / inf["base"]}
     print(f"\nUNet step at {res} px ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M-param UNet), r={args.rank}")
     print(f"  {'method':<10} {'ms':>9} {'vs_lora':>8} {'vs_floor':>9}")
     for k in ["floor"] + methods:
         ref = secs.get("lora", secs[methods[0]])
         print(f"  {k:<10} {secs[k] * 1e3:9.1f} {secs[k] / ref:8.3f} {secs[k] / secs['floor']:9.3f}")
     print(f"  weight_distance share of a step: {100 * row['distance_share']:.2f} %")
-    print(f"  merged inference vs base: {row['merged_vs_base']:.3f}x")
+    print(f"  merged inference vs base: {row['merged_vs_base']:.3f}x (wrapped), "
+          f"{row['ejected_vs_base']:.3f}x (merged and ejected)")
     return row, methods
 
 
@@ -129,7 +140,8 @@ def main(argv=None):
     summ = {m: {"vs_lora": sum(r["seconds"][m] / r["seconds"].get("lora", r["seconds"][m]) for r in rows) / len(rows),
                 "vs_floor": sum(r["seconds"][m] / r["seconds"]["floor"] for r in rows) / len(rows)} for m in methods}
     summ["_step"] = {"distance_share": max(r["distance_share"] for r in rows),
-                     "merged_vs_base": sum(r["merged_vs_base"] for r in rows) / len(rows)}
+                     "merged_vs_base": sum(r["merged_vs_base"] for r in rows) / len(rows),
+                     "ejected_vs_base": sum(r["ejected_vs_base"] for r in rows) / len(rows)}
     write_results(args, "unet_step", "-sd15" if args.sd15 else "", argv, summ, rows)
 
 if __name__ == "__main__":

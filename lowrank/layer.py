@@ -161,8 +161,8 @@ class AdapterLayer(nn.Module):
 
     # ----- forward / merge ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base(x)
+        if self.merged:   # plain base weights: call its forward directly (no second module dispatch)
+            return self.base.forward(x)
         if self.is_conv:  # 1x1 conv == linear over channels: run the method on channel-last input
             return self.adapted(x.movedim(1, -1)).movedim(-1, 1)
         return self.adapted(x)
