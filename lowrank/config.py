@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,9 @@ class AdapterConfig:
 
     # Delta-LoRA
     deltalora_ratio: float = _f(2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − B_t A_t).")
-    deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W is updated only after optimizer step t > K.")
+    deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W moves after every optimizer step t > K (t counted "
+                                        "from 1: W_T = W_0 + λ·(α/r)·(B_T A_T − B_K A_K)); Algorithm 1's 0-based "
+                                        "loop corresponds to K + 1.")
 
     # Dynamic-rank DoRA
     dyndora_initial_rank: int | None = _f(None, "Components r' per layer at the start; None means ceil(1.5·rank).")
@@ -71,12 +74,15 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         from .registry import METHODS  # late import: registry imports the methods, which import config
 
+        self._check_types()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; known methods: {', '.join(sorted(METHODS))}")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+        if self.rank <= 0:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.alpha is None:
             self.alpha = float(self.rank)
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be positive (the update is scaled by alpha/rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.target_modules, (list, tuple)):
@@ -85,12 +91,27 @@ class AdapterConfig:
                 raise ConfigError("target_modules is empty; name at least one module (e.g. to_q)")
         elif not isinstance(self.target_modules, str):
             raise ConfigError("target_modules must be a list of name suffixes or a regex string")
+        else:
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
         choices = {"delora_norm": ("column", "frobenius", "none"), "delora_init": ("subtract", "zero_b")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.ether_blocks <= 0:
-            raise ConfigError(f"ether_blocks must be positive, got {self.ether_blocks}")
+        positive = {"ether_blocks": self.ether_blocks, "delora_eps": self.delora_eps,
+                    "dyndora_total_steps": self.dyndora_total_steps, "dyndora_prune_interval": self.dyndora_prune_interval}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.deltalora_ratio < 0:
+            raise ConfigError(f"deltalora_ratio (Delta-LoRA's λ) must be >= 0, got {self.deltalora_ratio}")
+        if self.deltalora_start_step < 0:
+            raise ConfigError(f"deltalora_start_step must be >= 0, got {self.deltalora_start_step}")
+        if not 0.0 <= self.dyndora_beta <= 1.0 or self.dyndora_dem < 0:
+            raise ConfigError(f"dyndora needs 0 <= dyndora_beta <= 1 and dyndora_dem >= 0, "
+                              f"got {self.dyndora_beta}, {self.dyndora_dem}")
         if self.method == "deltalora" and self.dropout > 0:
             raise ConfigError("deltalora needs dropout = 0: its update W += λΔ(BA) relies on g_W = g_BA, "
                               "which dropout on the low-rank branch breaks (Delta-LoRA Eq. 7)")
@@ -98,6 +119,24 @@ class AdapterConfig:
             self.dyndora_initial_rank = math.ceil(1.5 * self.rank)
         if self.dyndora_initial_rank < self.rank:
             raise ConfigError(f"dyndora_initial_rank ({self.dyndora_initial_rank}) must be >= rank ({self.rank})")
+
+    def _check_types(self) -> None:
+        """Each field against its annotation (JSON and flags hand over strings, bools, lists...): a
+        ConfigError naming the field, never a TypeError deep inside a method. Ints are accepted where
+        floats are expected (and stored as floats); floats must be finite."""
+        kinds = {"str": str, "int": int, "float": (int, float), "bool": bool}
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), [k.strip() for k in str(f.type).split("|")]
+            if value is None and "None" in allowed or f.name == "target_modules":
+                continue
+            ok = any(k in kinds and isinstance(value, kinds[k]) and (k == "bool" or not isinstance(value, bool))
+                     for k in allowed)
+            if not ok:
+                raise ConfigError(f"{f.name} must be {' or '.join(allowed)}, got {value!r}")
+            if "float" in allowed and not isinstance(value, str):
+                if not math.isfinite(value):
+                    raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+                setattr(self, f.name, float(value))
 
     @property
     def scale(self) -> float:

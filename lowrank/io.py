@@ -1,7 +1,9 @@
 """Save and load adapters: adapter_config.json + adapter.safetensors (never pickle).
 
 Keys are "<module name>.<tensor name>" (e.g. "down_blocks.0.attentions.0...to_q.lora_A"). Files are
-written under a temporary name and renamed, so a crash never leaves a half-written adapter.
+written under a temporary name and renamed, so a crash never leaves a half-written file; the config also
+rides in the safetensors metadata, so a crash between the two renames (new weights, old config) is
+detected on load instead of silently pairing tensors with another save's options.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,7 +58,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise AdapterFileError(f"{out} exists and is not a directory; choose another output path")
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
-    meta = {"format": FORMAT, "method": config.method}
+    meta = {"format": FORMAT, "method": config.method, "config": config.to_json()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
     return out
@@ -65,11 +68,20 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     d = Path(directory)
     if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
         raise AdapterFileError(f"{d} is not an adapter directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = AdapterConfig.from_json((d / CONFIG_NAME).read_text())
+    try:
+        text = (d / CONFIG_NAME).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"cannot read {d / CONFIG_NAME}: {e}") from None
+    config = AdapterConfig.from_json(text)
     try:
         state = load_file(str(d / WEIGHTS_NAME))
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{d / WEIGHTS_NAME} is not a valid safetensors file ({e})") from None
+    if "config" in meta and AdapterConfig.from_json(meta["config"]) != config:
+        raise AdapterFileError(f"{d / CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (interrupted "
+                               f"save?); save the adapter again or use an earlier checkpoint")
     return config, state
 
 
@@ -94,6 +106,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         if current.method != config.method:
             raise AdapterMismatchError(f"model has {current.method} adapters but {directory} holds a "
                                        f"{config.method} adapter; eject them first or load into a plain model")
+        ours, saved = current.to_dict(), config.to_dict()
+        differ = [k for k in ours if k != "target_modules" and ours[k] != saved[k]]
+        if differ:   # the tensors would fit, but they mean something else under other options
+            raise AdapterMismatchError(f"the model's {current.method} adapters differ from the saved ones in "
+                                       f"{', '.join(f'{k} ({ours[k]!r} vs {saved[k]!r})' for k in differ)}; "
+                                       f"eject them first or load into a plain model")
         per_layer = _split(state, list(layers))
         for name, layer in layers.items():  # validate everything before changing anything
             if layer.merged:

@@ -10,7 +10,8 @@ from torch import nn
 import lowrank
 from lowrank import AdapterConfig, inject, load_adapter, save_adapter
 from lowrank.errors import AdapterFileError, AdapterMismatchError, ConfigError, TargetError
-from tests.test_core_methods import CASES, IDS, MLP, ConvNet
+from tests.nets import MLP
+from tests.test_core_methods import CASES, IDS, ConvNet
 
 TARGETS = ["inp", "mid", "out"]
 
@@ -96,6 +97,25 @@ def test_rank_must_be_positive(rank):
     assert "positive" in one_line(e)
 
 
+@pytest.mark.parametrize("bad,named", [
+    ({"ether_blocks": "x"}, "ether_blocks"), ({"ether_blocks": True}, "ether_blocks"), ({"dropout": "0.1"}, "dropout"),
+    ({"dyndora_initial_rank": "x"}, "dyndora_initial_rank"), ({"dyndora_beta": "a"}, "dyndora_beta"),
+    ({"method": ["lora"]}, "method"), ({"alpha": "x"}, "alpha"), ({"alpha": 0}, "alpha"),
+    ({"delora_lambda": float("nan")}, "delora_lambda"), ({"deltalora_ratio": -1.0}, "deltalora_ratio"),
+    ({"deltalora_start_step": -1}, "deltalora_start_step"), ({"delora_eps": 0.0}, "delora_eps"),
+    ({"rank": 2.5}, "rank"), ({"target_modules": "("}, "regex"), ({"etherplus_one_sided": 1}, "etherplus_one_sided"),
+])
+def test_wrong_types_and_values_are_one_line_config_errors(bad, named):
+    with pytest.raises(ConfigError) as e:
+        AdapterConfig(**bad)
+    assert named in one_line(e)
+
+
+def test_ints_are_accepted_for_floats_and_stored_as_floats():
+    cfg = AdapterConfig(method="delora", alpha=8, delora_lambda=3)
+    assert cfg.alpha == 8.0 and isinstance(cfg.alpha, float) and isinstance(cfg.delora_lambda, float)
+
+
 def test_rank_larger_than_layer_allows():
     model = MLP()
     with pytest.raises(ConfigError) as e:
@@ -147,14 +167,16 @@ def test_load_into_another_model_names_the_mismatch(tmp_path):
     assert "another model" in one_line(e)
 
 
-def test_load_other_method_into_injected_model(tmp_path):
+@pytest.mark.parametrize("other,named", [({"method": "delora"}, "delora"), ({"alpha": 1.0}, "alpha")])
+def test_load_into_adapters_of_another_method_or_options(tmp_path, other, named):
+    """Another method, or the same tensors under other options (alpha...): refused, the difference named."""
     _, model, _ = trained("lora", {})
     save_adapter(model, tmp_path)
     target = MLP()
-    inject(target, AdapterConfig(method="delora", rank=4, target_modules=TARGETS))
+    inject(target, AdapterConfig(**{"method": "lora", "rank": 4, "target_modules": TARGETS} | other))
     with pytest.raises(AdapterMismatchError) as e:
         load_adapter(target, tmp_path)
-    assert "delora" in one_line(e) and "lora" in str(e.value)
+    assert named in one_line(e)
 
 
 def test_not_safetensors_is_refused_without_unpickling(tmp_path):
@@ -200,3 +222,36 @@ def test_config_round_trip_and_help():
     cfg = AdapterConfig(method="etherplus", ether_blocks=4, etherplus_one_sided=True)
     assert AdapterConfig.from_json(cfg.to_json()) == cfg
     assert all(AdapterConfig.help().values())                 # every field documented
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path):
+    """A crash between the two renames leaves new weights beside the old config: refused on load."""
+    _, model, _ = trained("lora", {})
+    save_adapter(model, tmp_path)
+    old_config = (tmp_path / "adapter_config.json").read_text()
+    inject(fresh := MLP(), AdapterConfig(method="lora", rank=4, alpha=16.0, target_modules=["inp", "mid", "out"]))
+    save_adapter(fresh, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(old_config)
+    with pytest.raises(AdapterFileError) as e:
+        load_adapter(MLP(), tmp_path)
+    assert "different saves" in one_line(e)
+
+
+def test_config_that_is_not_utf8_is_a_file_error(tmp_path):
+    _, model, _ = trained("lora", {})
+    save_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(AdapterFileError):
+        load_adapter(MLP(), tmp_path)
+
+
+def test_delora_initial_copy_follows_load_state_dict():
+    """The subtract init's frozen −ΔW(0) factors are cached per device; torch's load_state_dict must
+    refresh them (else the model keeps subtracting the other run's initial update)."""
+    _, a, x = trained("delora", {})
+    torch.manual_seed(9)
+    b = MLP()
+    inject(b, AdapterConfig(method="delora", rank=4, target_modules=TARGETS))
+    b(x)                                         # builds b's cache
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(x), a(x))

@@ -14,6 +14,7 @@ from torch import nn
 import lowrank
 from lowrank import AdapterConfig, inject
 from tests.nets import MLP
+from lowrank.methods.ether import rank1_update
 from tests.reference import REFERENCES, block_householder
 
 CASES = [
@@ -228,18 +229,33 @@ def test_delora_bound_holds_through_training(opts):
     assert max(ratios) > 0.05  # the test reaches a meaningful part of the ball
 
 
+def applied_sides(layer, pretrained_layer):
+    """(H_out, H_in) as the layer's own code applies them (its rank-1 updates run on an identity), checked
+    to reproduce the layer's forward: y = x (H_out W0 H_in)ᵀ + b. H_in is I for one-sided layers."""
+    x = torch.randn(5, layer.in_features)
+    H_out = rank1_update(torch.eye(layer.out_features), layer.out_terms()).detach()
+    two = getattr(layer, "two_sided", False)
+    H_in = rank1_update(torch.eye(layer.in_features), layer.in_terms()).detach() if two else torch.eye(layer.in_features)
+    W0 = pretrained_layer.weight.detach()
+    torch.testing.assert_close(layer(x).detach(), F.linear(x, H_out @ W0 @ H_in, pretrained_layer.bias),
+                               atol=1e-5, rtol=1e-5)
+    return H_out, H_in
+
+
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_ether_is_orthogonal_and_keeps_singular_values(blocks):
     model, pretrained, cfg, names, x = adapted("ether", {"ether_blocks": blocks}, "linear")
     perturb(model)
     for n in names:
-        layer = model.get_submodule(n)
-        H = block_householder([(-2.0, layer.ether_u.detach())], None)
+        H, _ = applied_sides(model.get_submodule(n), pretrained.get_submodule(n))
+        torch.testing.assert_close(H, block_householder([(-2.0, model.get_submodule(n).ether_u.detach())], None),
+                                   atol=1e-6, rtol=0)                      # the paper's H = I − 2ûûᵀ per block
         torch.testing.assert_close(H.T @ H, torch.eye(H.shape[0]), atol=1e-5, rtol=0)
-        for b in range(blocks):  # ‖H − I‖_F = 2 per block
-            m = H.shape[0] // blocks
+        m = H.shape[0] // blocks
+        for b in range(blocks):  # ‖H − I‖_F = 2 per block, and nothing outside the blocks
             blk = H[b * m:(b + 1) * m, b * m:(b + 1) * m]
             assert (blk - torch.eye(m)).norm().item() == pytest.approx(2.0, rel=1e-5)
+        assert (H - torch.block_diag(*[H[b * m:(b + 1) * m, b * m:(b + 1) * m] for b in range(blocks)])).abs().max() == 0
     lowrank.merge(model)
     for n in names:
         s_merged = torch.linalg.svdvals(model.get_submodule(n).weight.double())
@@ -249,7 +265,7 @@ def test_ether_is_orthogonal_and_keeps_singular_values(blocks):
 
 @pytest.mark.parametrize("opts", [{}, {"ether_blocks": 4}, {"etherplus_one_sided": True}])
 def test_etherplus_relaxes_orthogonality_within_bound(opts):
-    model, _, cfg, names, x = adapted("etherplus", opts, "linear")
+    model, pretrained, cfg, names, x = adapted("etherplus", opts, "linear")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.2)
     target = torch.randn_like(model(x))
     for _ in range(15):
@@ -259,9 +275,11 @@ def test_etherplus_relaxes_orthogonality_within_bound(opts):
     worst, non_orthogonal = 0.0, False
     for n in names:
         layer = model.get_submodule(n)
-        sides = [("ether_u", "ether_v")] + ([] if cfg.etherplus_one_sided else [("ether_u_in", "ether_v_in")])
-        for u, v in sides:
-            H = block_householder([(-1.0, getattr(layer, u).detach()), (1.0, getattr(layer, v).detach())], None)
+        sides = applied_sides(layer, pretrained.get_submodule(n))
+        names_uv = [("ether_u", "ether_v")] + ([] if cfg.etherplus_one_sided else [("ether_u_in", "ether_v_in")])
+        for H, (u, v) in zip(sides, names_uv):   # H⁺ = I − ûûᵀ + v̂v̂ᵀ per block, as the paper writes it
+            ref = block_householder([(-1.0, getattr(layer, u).detach()), (1.0, getattr(layer, v).detach())], None)
+            torch.testing.assert_close(H, ref, atol=1e-6, rtol=0)
             m = H.shape[0] // cfg.ether_blocks
             I = torch.eye(H.shape[0])
             non_orthogonal |= not torch.allclose(H.T @ H, I, atol=1e-3)
@@ -269,7 +287,10 @@ def test_etherplus_relaxes_orthogonality_within_bound(opts):
                 d = (H - I)[b * m:(b + 1) * m, b * m:(b + 1) * m].norm().item()
                 assert d <= 2.0 + 1e-6
                 worst = max(worst, d)
-        assert max(layer.reflection_distance()) <= 2.0 + 1e-6
+        assert max(layer.reflection_distance()) == pytest.approx(max(
+            (H - torch.eye(H.shape[0]))[b * m:(b + 1) * m, b * m:(b + 1) * m].norm().item()
+            for H in sides[:1 + (not cfg.etherplus_one_sided)] for m in [H.shape[0] // cfg.ether_blocks]
+            for b in range(cfg.ether_blocks)), rel=1e-4, abs=1e-6)
     assert worst > 0.01 and non_orthogonal  # training moved H⁺ away from I, and it is no rotation
 
 

@@ -9,15 +9,16 @@ from peft import DeloraConfig, LoraConfig, PeftModel, get_peft_model
 
 import lowrank
 from lowrank import AdapterConfig, inject
-from tests.test_core_methods import MLP, perturb
+from tests.nets import MLP
+from tests.test_core_methods import perturb
 
 TARGETS = ["inp", "mid", "out"]
 
 
-def peft_config(method):
+def peft_config(method, dropout=0.0):
     if method == "delora":
-        return DeloraConfig(r=4, delora_lambda=15.0, target_modules=TARGETS)
-    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, use_dora=method == "dora")
+        return DeloraConfig(r=4, delora_lambda=15.0, target_modules=TARGETS, module_dropout=dropout)
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=dropout, use_dora=method == "dora")
 
 
 OURS = {
@@ -27,11 +28,11 @@ OURS = {
 }
 
 
-def pair(method):
+def pair(method, dropout=0.0):
     torch.manual_seed(3)
     base = MLP()
-    ours, theirs = copy.deepcopy(base), get_peft_model(copy.deepcopy(base), peft_config(method))
-    inject(ours, AdapterConfig(target_modules=TARGETS, **OURS[method]))
+    ours, theirs = copy.deepcopy(base), get_peft_model(copy.deepcopy(base), peft_config(method, dropout))
+    inject(ours, AdapterConfig(target_modules=TARGETS, dropout=dropout, **OURS[method]))
     perturb(ours)
     tensors = {}  # ours name -> peft parameter
     peft_params = dict(theirs.named_parameters())
@@ -51,16 +52,22 @@ def pair(method):
     return ours, theirs, tensors
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("method", ["lora", "dora", "delora"])
-def test_same_values_same_outputs_and_gradients_as_peft(method):
-    ours, theirs, tensors = pair(method)
+def test_same_values_same_outputs_and_gradients_as_peft(method, dropout):
+    """With dropout both draw one mask per layer on the branch input: the same seed, the same masks
+    (for DoRA this runs its dropout path: the base output cannot be reused)."""
+    ours, theirs, tensors = pair(method, dropout)
     x = torch.randn(5, 12)
     target = torch.randn(5, 8)
     ours_params = dict(ours.named_parameters())
     opt_a = torch.optim.AdamW([ours_params[k] for k in tensors], lr=1e-2)
     opt_b = torch.optim.AdamW(list(tensors.values()), lr=1e-2)
     for step in range(3):
-        ya, yb = ours(x), theirs(x)
+        torch.manual_seed(100 + step)
+        ya = ours(x)
+        torch.manual_seed(100 + step)
+        yb = theirs(x)
         torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6, msg=f"step {step}")
         F.mse_loss(ya, target).backward()
         F.mse_loss(yb, target).backward()
@@ -70,6 +77,7 @@ def test_same_values_same_outputs_and_gradients_as_peft(method):
         opt_a.step(), opt_b.step()
         opt_a.zero_grad(), opt_b.zero_grad()
     # merged weights agree too
+    ours.eval(), theirs.eval()
     lowrank.merge(ours)
     merged = theirs.merge_and_unload()
     for name in TARGETS:

@@ -63,6 +63,10 @@ class DeloraLayer(AdapterLayer):
         super().load_adapter_state(state)
         self._cache_f0 = None
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:   # torch's load_state_dict: the copy changes too
+        super()._load_from_state_dict(*args, **kwargs)
+        self._cache_f0 = None
+
     def _xi(self, A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """λ/r · Ξ as an (r,) vector: λ / (r ‖b_i‖ ‖a_i‖), norms clamped at delora_eps."""
         eps = self.config.delora_eps

@@ -6,6 +6,10 @@ out x in update: at the end of optimizer step K (`after_optimizer_step(K)`) the 
 (A_K, B_K) into persistent buffers, and from then on the forward is the exact rank-2r path
     y = W_0 x + b + (1+λ)·s·B A x − λ·s·B_K A_K x,   [A; A_K] down, [(1+λ)sB, −λsB_K] up, one addmm.
 The first W update therefore lands at step K+1 with B_K A_K as "previous" (K = 0: the snapshot is the init).
+Counting: steps are optimizer steps counted from 1, A_t the value after t of them. This follows the paper's
+text ("the W update starts after K training iterations") and W_T = W_0 + λs(B_T A_T − B_K A_K). Algorithm 1,
+whose loop counts t = 0..T−1 and updates "if t > K", starts one step later (first update at the (K+2)-th
+step, telescoping to B_{K+1}A_{K+1}); for that reading set deltalora_start_step to K+1.
 
 Why not fold −λs·B_K A_K into W once (LoRA's forward cost)? The trainer keeps frozen weights in fp16/bf16
 under mixed precision, and rounding W_0 − λs·B_K A_K perturbs every element by up to half an ulp of W:

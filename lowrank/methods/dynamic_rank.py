@@ -72,9 +72,6 @@ class DynDoraLayer(AdapterLayer):
         if T <= 0 or t_i < 0 or t_f < 0 or t_i + t_f > T:
             raise ConfigError(f"dyndora needs 0 <= dyndora_warmup_steps + dyndora_final_steps <= dyndora_total_steps, "
                               f"got t_i={t_i}, t_f={t_f}, T={T}")
-        if cfg.dyndora_prune_interval < 1 or not 0.0 <= cfg.dyndora_beta <= 1.0 or cfg.dyndora_dem < 0:
-            raise ConfigError(f"dyndora needs dyndora_prune_interval >= 1, 0 <= dyndora_beta <= 1, dyndora_dem >= 0; "
-                              f"got {cfg.dyndora_prune_interval}, {cfg.dyndora_beta}, {cfg.dyndora_dem}")
         n, w = cfg.dyndora_initial_rank, self.weight
         kw = dict(device=w.device, dtype=torch.float32)
         self.dyndora_A = nn.Parameter(torch.empty(n, self.in_features, **kw))   # rows a_iᵀ

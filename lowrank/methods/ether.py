@@ -26,21 +26,23 @@ def unit(u: torch.Tensor) -> torch.Tensor:
     return u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def rank1_update(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    """y + Σ c·(y·û)û per block along y's last dim, for (c, û) in terms; û is (blocks, block_dim).
+def rank1_update(y: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """y + Σ_k c_k·(y·û_k)û_k per block along y's last dim, with terms = (M, c) from stack_terms.
 
     As two skinny GEMMs, y + (y M)(M diag(c))ᵀ with M the block-embedded unit vectors (d x blocks·terms):
     one fused addmm instead of several passes over y."""
-    M, c = stack_terms(terms)
-    M, c = M.to(y.dtype), c.to(y.dtype)
-    return add_low_rank(y, y @ M, M * c)
+    M, c = terms
+    M = M.to(y.dtype)
+    return add_low_rank(y, y @ M, M * c.to(y.dtype))
 
 
-def stack_terms(terms: list[tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, c): the block-embedded unit vectors of all terms side by side, and each column's coefficient."""
-    M = torch.cat([embed(uh) for _, uh in terms], dim=1)
-    c = torch.cat([torch.full((uh.shape[0],), float(coef), device=uh.device) for coef, uh in terms])
-    return M, c
+def stack_terms(vectors: torch.Tensor, coef: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, c) for raw vectors (k·blocks, m) stacked term by term (u's blocks, then v's ...): all
+    normalised at once, block-embedded side by side; coef (k·blocks,) holds each column's coefficient."""
+    uh = unit(vectors)
+    if blocks == 1:
+        return uh.T, coef
+    return torch.cat([embed(t) for t in uh.split(blocks)], dim=1), coef
 
 
 def embed(uh: torch.Tensor) -> torch.Tensor:
@@ -72,9 +74,17 @@ class EtherLayer(AdapterLayer):
 
     def init_adapter(self) -> None:
         self.ether_u = self._vector(self.out_features)
+        self._coefs(out=[-2.0])
+
+    def _coefs(self, **sides: list[float]) -> None:
+        """Per-column coefficients of each side's terms (constants: built once, not every forward)."""
+        n = self.config.ether_blocks
+        for side, coefs in sides.items():
+            c = torch.tensor([x for x in coefs for _ in range(n)], device=self.weight.device)
+            self.register_buffer(f"_coef_{side}", c, persistent=False)
 
     def out_terms(self):
-        return [(-2.0, unit(self.ether_u))]
+        return stack_terms(self.ether_u, self._coef_out, self.config.ether_blocks)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         y = rank1_update(self.base_linear(x, bias=False), self.out_terms())
@@ -88,7 +98,8 @@ class EtherLayer(AdapterLayer):
 
     def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
         # H is an orthogonal involution (H·H = I): W = H·(HW).
-        return rank1_update(merged.double().T, [(c, u.double()) for c, u in self.out_terms()]).T
+        M, c = self.out_terms()
+        return rank1_update(merged.double().T, (M.double(), c.double())).T
 
     def reflection_distance(self) -> list[float]:
         """‖H − I‖_F per block (exactly 2 for ETHER)."""
@@ -109,12 +120,13 @@ class EtherPlusLayer(EtherLayer):
         if self.two_sided:
             self.ether_u_in = self._vector(self.in_features)
             self.ether_v_in = nn.Parameter(self.ether_u_in.detach().clone())
+        self._coefs(out=[-1.0, 1.0], **({"in": [-1.0, 1.0]} if self.two_sided else {}))
 
-    def out_terms(self):
-        return [(-1.0, unit(self.ether_u)), (1.0, unit(self.ether_v))]
+    def out_terms(self):   # H⁺ = I − ûûᵀ + v̂v̂ᵀ
+        return stack_terms(torch.cat([self.ether_u, self.ether_v]), self._coef_out, self.config.ether_blocks)
 
     def in_terms(self):
-        return [(-1.0, unit(self.ether_u_in)), (1.0, unit(self.ether_v_in))]
+        return stack_terms(torch.cat([self.ether_u_in, self.ether_v_in]), self._coef_in, self.config.ether_blocks)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         if self.two_sided and x.numel() >= self.in_features * self.out_features:
@@ -130,15 +142,14 @@ class EtherPlusLayer(EtherLayer):
         return y if self.bias is None else y + self.bias
 
     def delta_factors(self):
-        # H⁺ W H̃⁺ − W = P W + H⁺ (W P̃),  P = −ÛÛᵀ + V̂V̂ᵀ, P̃ likewise: rank ≤ 4 per block.
+        # H⁺ W H̃⁺ − W = P W + H⁺ (W P̃),  P = M diag(c) Mᵀ = −ÛÛᵀ + V̂V̂ᵀ, P̃ likewise: rank ≤ 4 per block.
         W = self.weight.float()
-        Uo, Vo = embed(unit(self.ether_u)), embed(unit(self.ether_v))
-        factors = [(torch.cat([-Uo, Vo], 1), torch.cat([Uo.T @ W, Vo.T @ W], 0))]
+        Mo, co = out = self.out_terms()
+        factors = [(Mo * co, Mo.T @ W)]
         if self.two_sided:
-            Ui, Vi = embed(unit(self.ether_u_in)), embed(unit(self.ether_v_in))
-            WP = torch.cat([W @ Ui, W @ Vi], 1)                          # (out, 2n)
-            HWP = rank1_update(WP.T, self.out_terms()).T                  # H⁺ applied to its columns
-            factors.append((HWP, torch.cat([-Ui.T, Vi.T], 0)))
+            Mi, ci = self.in_terms()
+            HWM = rank1_update((W @ Mi).T, out).T                         # H⁺ applied to the columns of W M̃
+            factors.append((HWM, ci.unsqueeze(1) * Mi.T))
         return factors
 
     def reflection_distance(self) -> list[float]:
