@@ -15,9 +15,15 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):   # one line, as every other bad input; --help has the flags
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowrank-app", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="lowrank-app", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind; 0.0.0.0 exposes the app (and its training button) to the network.")
     p.add_argument("--port", type=int, default=7860, help="Port to serve on.")
@@ -60,6 +66,11 @@ def serve(args: argparse.Namespace, block: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runs = Path(args.runs_dir).expanduser()
+    bad = next((p for p in [runs, *runs.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        print(f"error: --runs_dir {runs}: {bad} is a file, not a folder; choose another --runs_dir", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)       # gradio's own start-up probes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # SIGTERM -> finally blocks -> trainers cancelled

@@ -22,6 +22,7 @@ MIN_IMAGES, MAX_IMAGES = 3, 20
 MAX_IMAGE_MB = 20.0
 MAX_PIXELS = 40_000_000               # ~ 6300 x 6300; a bigger decode is refused (decompression bombs too)
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
+FORMATS_SHOWN = "PNG, JPEG, WebP, BMP, GIF or TIFF"   # every message and label names the same list
 MAX_STEPS = 100_000
 
 
@@ -91,7 +92,7 @@ def check_images(files, max_mb: float = MAX_IMAGE_MB, min_count: int = MIN_IMAGE
                 fmt = img.format
                 w, h = img.size
                 if fmt not in FORMATS:
-                    raise InputError(f"{shown}: {fmt} images are not accepted (use PNG, JPEG or WebP).")
+                    raise InputError(f"{shown}: {fmt} images are not accepted (use {FORMATS_SHOWN}).")
                 if w * h > MAX_PIXELS:
                     raise InputError(f"{shown}: {w}×{h} pixels is too large "
                                      f"(at most {MAX_PIXELS // 10**6} megapixels).")
@@ -103,7 +104,7 @@ def check_images(files, max_mb: float = MAX_IMAGE_MB, min_count: int = MIN_IMAGE
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             kind = "is not an image" if isinstance(e, UnidentifiedImageError) else \
                 "is too large" if isinstance(e, Image.DecompressionBombError) else "could not be decoded"
-            raise InputError(f"{shown} {kind} (PNG, JPEG or WebP expected).") from None
+            raise InputError(f"{shown} {kind} ({FORMATS_SHOWN} expected).") from None
         name, k = shown, 1
         while name.lower() in seen:
             k += 1

@@ -46,8 +46,9 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        files = gr.File(label=f"Subject images: 3–20 PNG/JPEG/WebP, ≤ {service.max_image_mb:g} MB "
-                                              f"each", file_count="multiple", elem_id="subject-files")
+                        files = gr.File(label=f"Subject images: 3–20 PNG/JPEG/WebP/BMP/GIF/TIFF, "
+                                              f"≤ {service.max_image_mb:g} MB each", file_count="multiple",
+                                        elem_id="subject-files")
                         preview = gr.Gallery(label="Preview", columns=5, height=220, interactive=False,
                                              elem_id="subject-preview")
                         upload_msg = gr.Markdown(elem_id="upload-msg")

@@ -7,6 +7,8 @@ and, once scored, RUN/eval.jsonl (one row per scored checkpoint, written by eval
 """
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import logging
 import math
@@ -39,6 +41,13 @@ class _Format(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are EvalErrors: one `error:` line from run_main, not a usage dump."""
+
+    def error(self, message: str):
+        raise EvalError(f"{message} (see {self.prog} --help)")
+
+
 def setup_console() -> None:
     """`warning: ...` lines on stderr; the libraries' load reports and download bars are silenced
     (they would bury the one line that matters)."""
@@ -48,13 +57,13 @@ def setup_console() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    for lib in ("transformers", "diffusers"):
+        try:
+            utils = importlib.import_module(f"{lib}.utils")
+        except ImportError:
+            continue
+        utils.logging.set_verbosity_error()
+        utils.logging.disable_progress_bar()
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import EvalError
-from .common import (checkpoint_dirs, final_step, logger, read_jsonl, read_metrics, read_run, run_main,
+from .common import (ArgumentParser, checkpoint_dirs, final_step, logger, read_jsonl, read_metrics, read_run, run_main,
                      run_setting, write_text)
 from .images import PROMPTS_FILE, open_image
 
@@ -234,7 +234,7 @@ def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
 
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (run.json, metrics.jsonl, ...)")
     p.add_argument("--out", required=True, help="folder for report.md, report.csv and the PNG figures")

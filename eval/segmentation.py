@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import EvalError
-from .common import clean_json, logger, run_main, write_json
+from .common import ArgumentParser, clean_json, logger, run_main, write_json
 from .embed import load_model, load_processor, resolve_device
 from .images import Loaded, check_dir, image_files, open_image, open_label, try_open, warn_skipped
 
@@ -118,9 +118,9 @@ def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool
         logger.warning("skipped %d unpaired file(s): %s", len(unpaired), ", ".join(unpaired))
     n = segmenter.num_classes
     cm = np.zeros((n, n), dtype=np.int64)
-    loaded, ignored_values = Loaded(), 0
+    loaded, labels, ignored_values = Loaded(), Loaded(), 0   # skipped files named under their own folder
     for stem, image_path, label_path in tqdm(pairs, desc="Segmenting", unit="img", disable=len(pairs) < 2):
-        label = try_open(label_path, loaded, open_label)
+        label = try_open(label_path, labels, open_label)
         image = try_open(image_path, loaded, open_image) if label is not None else None
         if image is None:
             continue
@@ -130,9 +130,10 @@ def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool
         cm += confusion_matrix(segmenter.predict(image, label.shape), label, n)
         loaded.items.append(stem)
     warn_skipped(loaded, gdir)
+    warn_skipped(labels, ldir)
     if not loaded.items:
         raise EvalError(f"none of the {len(pairs)} image/label pairs could be read "
-                        f"(skipped {', '.join(loaded.skipped)})")
+                        f"(skipped {', '.join(loaded.skipped + labels.skipped)})")
     scores = scores_from_confusion(cm)
     per_class = [{"class": c, "name": segmenter.id2label.get(c, str(c)), "iou": scores["iou"][c],
                   "accuracy": scores["accuracy"][c], "label_pixels": int(cm[c].sum()),
@@ -140,13 +141,14 @@ def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool
     return {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
             "mean_accuracy": scores["mean_accuracy"], "n_images": len(loaded.items),
             "valid_pixels": scores["valid_pixels"], "ignored_out_of_range_pixels": ignored_values,
-            "n_skipped": len(loaded.skipped) + len(unpaired), "skipped": loaded.skipped + unpaired,
+            "n_skipped": len(loaded.skipped) + len(labels.skipped) + len(unpaired),
+            "skipped": loaded.skipped + [f"{ldir.name}/{x}" for x in labels.skipped] + unpaired,
             "model": segmenter.name, "reduce_zero_label": reduce_labels, "classes": per_class}
 
 
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.segmentation", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m eval.segmentation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated_dir", required=True, help="generated images, paired with label maps by file stem")
     p.add_argument("--label_dir", required=True, help="label maps (single-channel PNGs of class ids)")

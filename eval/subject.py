@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from . import EvalError
-from .common import (ADAPTER_FILES, checkpoint_dirs, final_step, is_adapter_dir, logger, read_jsonl, read_run,
-                     run_main, run_setting, write_json, write_text)
+from .common import (ADAPTER_FILES, ArgumentParser, checkpoint_dirs, final_step, is_adapter_dir, logger, read_jsonl,
+                     read_run, run_main, run_setting, write_json, write_text)
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 from .images import Loaded, load_folder, load_generated
 from .prompts import IMAGES_PER_PROMPT, protocol_prompts, subject_of
@@ -190,7 +190,7 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
 
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.subject", description="\n\n".join(__doc__.split("\n\n")[:2]),
+    p = ArgumentParser(prog="python -m eval.subject", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to score (a folder pair, or a trained run)")
     src.add_argument("--real_dir", help="folder of real subject photos (with --run_dir: overrides the run's "

@@ -8,6 +8,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from app.__main__ import build_parser, main
 
 from .test_app_support import free_port
@@ -32,6 +34,18 @@ def test_busy_port_is_a_one_line_error(tmp_path, capsys):
         assert main(["--port", str(port), "--runs_dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_bad_flags_and_a_runs_dir_that_is_a_file_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--port", "abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--port" in err[0]
+    (tmp_path / "afile").write_text("x")
+    assert main(["--runs_dir", str(tmp_path / "afile" / "runs"), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
 
 
 def test_python_m_app_serves_and_stops_on_sigterm(tmp_path):

@@ -202,6 +202,11 @@ BAD = {
     "unreachable model": (["--pretrained_model_name_or_path", "no-such-org/no-such-model"], "cannot reach model"),
     "odd resolution": (["--resolution", "30"], "must be a multiple of 4"),
     "no target": (["--target_modules", "nothing_like_this"], "matched no module"),
+    "bad regex": (["--target_modules", "re:("], "does not compile"),
+    "output under a file": (["--output_dir", "{t}/afile/sub"], "is not a directory"),
+    "class dir is a file": (["--with_prior_preservation", "--class_prompt", "a cat", "--class_data_dir", "{t}/afile"],
+                            "is not a directory"),
+    "tracker not installed": (["--report_to", "comet_ml"], "not installed"),
 }
 
 
@@ -211,11 +216,25 @@ def test_bad_input_is_one_error_line_and_exit_2(bad_dirs, capsys, case):
     argv = [a.replace("{t}", str(bad_dirs)) for a in argv]
     out = ["--output_dir", str(bad_dirs / "out")] if "--output_dir" not in argv else []
     code = dreambooth.main(out + [*FAST, *argv] if case != "odd resolution" else out + argv + FAST[:6])
+    if case == "tracker not installed" and importlib_has("comet_ml"):
+        pytest.skip("comet_ml is installed here")
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2, err
     assert len(error_lines) == 1 and expected in error_lines[0], err
-    assert "Traceback" not in err
+    # only the trainer's own lines (the error, its warnings, its note on the example subject): no library chatter
+    assert all(line.startswith(("error:", "warning:", "instance images:")) for line in err.splitlines() if line.strip()), err
+    assert not (bad_dirs / "out").exists()       # bad input leaves no empty output folder behind
+
+
+def test_damaged_checkpoint_is_one_error_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(out, "--method", "lora") == 0
+    (out / "checkpoint-2" / "optimizer.bin").write_bytes(b"PK\x03\x04 truncated")
+    capsys.readouterr()
+    code = train(out, "--method", "lora", "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoint-2 is damaged" in err and "Traceback" not in err, err
 
 
 def test_nan_loss_stops_keeps_last_checkpoint_and_resumes(tmp_path, capsys):

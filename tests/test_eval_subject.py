@@ -215,3 +215,21 @@ def test_cli_exit_status_and_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
     assert "does not exist" in proc.stderr or "offline" in proc.stderr
+
+
+@pytest.mark.parametrize("module,argv,expected", [
+    ("subject", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("subject", ["--real_dir", "r", "--generated_dir", "g", "--batch_size", "x"], "--batch_size"),
+    ("segmentation", ["--generated_dir", "g"], "--label_dir"),
+    ("report", ["--out", "o"], "RUN_DIR"),
+])
+def test_flag_errors_are_one_line(module, argv, expected, capsys):
+    """argparse's mistakes (unknown, missing, mistyped flags) read like every other bad input: one line."""
+    import importlib
+
+    from eval.common import run_main
+
+    mod = importlib.import_module(f"eval.{module}")
+    assert run_main(mod.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0] and "--help" in err[0]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ import lowrank
 from lowrank import AdapterConfig
 from training.common import DivergedError, TrainingError
 from training.common.args import (ArgumentParser, adapter_config, add_adapter_args, add_training_args,
-                                  check_training_args, default_learning_rate)
+                                  check_folder_path, check_training_args, default_learning_rate)
 from training.common.checkpoint import (list_checkpoints, read_state, register_adapter_hooks, remove_stale,
                                         resolve_resume, save_checkpoint, write_json_atomic)
 from training.common.data import (EXAMPLE_CLASS_PROMPT, EXAMPLE_NAME, EXAMPLE_PROMPT, DreamBoothDataset, collate,
@@ -76,8 +78,7 @@ def parse_args(argv=None):
     check_training_args(args)
     args.output_dir = args.output_dir or f"outputs/dreambooth-{args.method or AdapterConfig().method}"
     out = Path(args.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--output_dir {out} exists and is not a directory; choose another path")
+    check_folder_path(out, "--output_dir")
     if args.instance_data_dir is None:
         args.instance_prompt = args.instance_prompt or EXAMPLE_PROMPT
         args.class_prompt = args.class_prompt or EXAMPLE_CLASS_PROMPT
@@ -87,6 +88,7 @@ def parse_args(argv=None):
         if not args.class_prompt:
             raise TrainingError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
         args.class_data_dir = args.class_data_dir or str(out / "class_images")
+        check_folder_path(Path(args.class_data_dir).expanduser(), "--class_data_dir")
         if args.num_class_images <= 0 or args.sample_batch_size <= 0:
             raise TrainingError("--num_class_images and --sample_batch_size must be positive")
     elif args.class_data_dir and args.instance_data_dir:
@@ -98,14 +100,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    created = None   # an output folder this run made: removed again if bad input stops it before any file
     try:
-        train(parse_args(argv))
+        args = parse_args(argv)
+        out = Path(args.output_dir).expanduser()
+        created = None if out.exists() else out
+        train(args)
         return 0
     except DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (TrainingError, lowrank.AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
@@ -230,7 +238,12 @@ def train(args) -> None:
 
     global_step = 0
     if resume_dir:
-        accelerator.load_state(str(resume_dir))   # optimizer, scheduler, RNG; the adapter is already in place
+        try:   # optimizer, scheduler, RNG; the adapter is already in place
+            accelerator.load_state(str(resume_dir))
+        except (KeyError, EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+            # a truncated or foreign optimizer.bin / random_states_*.pkl
+            raise TrainingError(f"{resume_dir} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
+                                f"earlier checkpoint with --resume_from_checkpoint DIR") from None
         global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", resume_dir, global_step)
 

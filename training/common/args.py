@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 
 from lowrank import METHODS, AdapterConfig
 
@@ -22,6 +23,15 @@ DEFAULT_LR = {"lora": 6e-4, "dora": 6e-4, "deltalora": 6e-4, "dyndora": 6e-4,
 FALLBACK_LR = 6e-4
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
+
+
+def check_folder_path(path: Path, flag: str) -> None:
+    """A folder the trainer will create or fill: neither it nor any parent may be a file."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise TrainingError(f"{flag} {path}: {p} exists and is not a directory; choose another path")
+            return
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,7 +1,7 @@
 """Checkpoints: output_dir/checkpoint-{step}/ with the adapter, the accelerator state and extras.
 
     checkpoint-N/adapter_config.json, adapter.safetensors   lowrank.save_adapter (via a save-state hook)
-    checkpoint-N/optimizer.bin, scheduler.bin, random_states_*.pkl   accelerator.save_state
+    checkpoint-N/optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   accelerator.save_state
     checkpoint-N/trainer_state.json                          global step, seed, method
     checkpoint-N/samples/                                    written by the trainer (extras callback)
 

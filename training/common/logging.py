@@ -21,6 +21,8 @@ from pathlib import Path
 
 import lowrank
 
+from . import TrainingError
+
 logger = logging.getLogger("lowrank.training")
 
 FIG3_PATTERN = "attn1.to_out.0"   # DeLoRA Fig. 3: out-projection of the first self-attention
@@ -167,7 +169,14 @@ def resolve_report_to(value: str | None) -> str | None:
     if value is None:
         value = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") \
             else "none"
-    return None if value == "none" else value
+    if value == "none":
+        return None
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+    needed = [] if value == "all" else packages.get(value, ())
+    if needed and not any(importlib.util.find_spec(p) for p in needed):
+        raise TrainingError(f"--report_to {value}: the {needed[0]} package is not installed; pip install {needed[0]} "
+                            f"or use --report_to tensorboard / none (metrics.jsonl is always written)")
+    return value
 
 
 class MetricsLogger:

@@ -169,6 +169,10 @@ def load_pipeline(name_or_path: str | None = TINY, revision: str | None = None, 
         from diffusers.pipelines import pipeline_utils
 
         kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = torch_dtype
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()   # its "couldn't connect / trying the cache" lines: our error says it
     try:
         return StableDiffusionPipeline.from_pretrained(path, revision=revision, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -180,3 +184,5 @@ def load_pipeline(name_or_path: str | None = TINY, revision: str | None = None, 
         why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else first
         raise ModelLoadError(f"cannot reach model {name_or_path!r}: {why}; pass a local folder (one with "
                              f"model_index.json) or '{TINY}' for the built-in tiny random SD") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
