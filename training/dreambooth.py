@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import random
 import shutil
 import sys
@@ -36,8 +35,8 @@ from lowrank import AdapterConfig
 from training.common import DivergedError, TrainingError
 from training.common.args import (ArgumentParser, adapter_config, add_adapter_args, add_training_args,
                                   check_folder_path, check_training_args, default_learning_rate)
-from training.common.checkpoint import (list_checkpoints, read_state, register_adapter_hooks, remove_stale,
-                                        resolve_resume, save_checkpoint, write_json_atomic)
+from training.common.checkpoint import (list_checkpoints, load_accelerator_state, read_state, register_adapter_hooks,
+                                        remove_stale, resolve_resume, save_checkpoint, write_json_atomic)
 from training.common.data import (EXAMPLE_CLASS_PROMPT, EXAMPLE_NAME, EXAMPLE_PROMPT, DreamBoothDataset, collate,
                                   epoch_batches, example_subject, load_image_dir, mix_seed, steps_per_epoch)
 from training.common.logging import (DistanceProbe, MetricsLogger, rank_records, read_metrics, resolve_report_to,
@@ -238,12 +237,7 @@ def train(args) -> None:
 
     global_step = 0
     if resume_dir:
-        try:   # optimizer, scheduler, RNG; the adapter is already in place
-            accelerator.load_state(str(resume_dir))
-        except (KeyError, EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
-            # a truncated or foreign optimizer.bin / random_states_*.pkl
-            raise TrainingError(f"{resume_dir} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
-                                f"earlier checkpoint with --resume_from_checkpoint DIR") from None
+        load_accelerator_state(accelerator, resume_dir)   # optimizer, scheduler, RNG; the adapter is in place
         global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", resume_dir, global_step)
 

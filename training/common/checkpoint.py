@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -71,6 +72,16 @@ def read_state(checkpoint: Path) -> dict:
         return json.loads((checkpoint / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TrainingError(f"cannot read {checkpoint / STATE_NAME}: {e}") from None
+
+
+def load_accelerator_state(accelerator, checkpoint: Path) -> None:
+    """Optimizer, scheduler and RNG state of a checkpoint (the adapter is loaded before, see above); a
+    truncated or foreign optimizer.bin / random_states_*.pkl is one TrainingError, not a pickle traceback."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (KeyError, EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise TrainingError(f"{checkpoint} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
+                            f"earlier checkpoint with --resume_from_checkpoint DIR") from None
 
 
 def remove_stale(output_dir: str | Path) -> None:
