@@ -73,6 +73,8 @@ def load_folder(directory: str | Path, flag: str = "--real_dir") -> Loaded:
     if not files:
         raise EvalError(f"{flag} {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     loaded = Loaded()
+    loaded.skipped += [f"{p.name} (not an image file)" for p in sorted(d.iterdir())   # named, not silently passed over
+                       if p.is_file() and not p.name.startswith(".") and p not in files]
     for path in files:
         img = try_open(path, loaded)
         if img is not None:

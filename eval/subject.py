@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                  "resolution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag} must be at least 1")
+    if args.output:   # checked now, not after minutes of scoring
+        out = Path(args.output).expanduser()
+        bad = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+        if out.is_dir() or bad is not None:
+            raise EvalError(f"--output {out}: {'it is a folder' if bad is None else f'{bad} is a file'}; "
+                            f"name a .json file in a folder")
     device = resolve_device(args.device)
     # inputs first (milliseconds), then the scoring models (seconds), then Stable Diffusion (minutes):
     # whatever is wrong fails as early as it can

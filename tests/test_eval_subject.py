@@ -102,6 +102,7 @@ def test_embeddings_are_computed_once_per_image_and_model(tiny_models):
 def test_unreadable_images_are_named_skipped_and_counted(tiny_models, folders, tmp_path, capsys):
     real_dir, real, gen = folders
     (real_dir / "broken.png").write_bytes(b"not a png")
+    (real_dir / "cat.heic").write_bytes(b"\0" * 16)                            # a format we do not read
     Image.new("RGB", (8, 8)).save(gen / "trunc.png")
     (gen / "trunc.png").write_bytes((gen / "trunc.png").read_bytes()[:20])   # truncated mid-file
     with open(gen / "prompts.jsonl", "a") as f:
@@ -110,10 +111,10 @@ def test_unreadable_images_are_named_skipped_and_counted(tiny_models, folders, t
     assert run_main(subject.main, score_cli(tiny_models, "--real_dir", str(real_dir), "--generated_dir", str(gen),
                                   "--output", str(out))) == 0
     got = json.loads(out.read_text())
-    assert (got["n_real"], got["n_generated"], got["n_skipped"]) == (3, 4, 2)
-    assert any("broken.png" in s for s in got["skipped"]) and any("trunc.png" in s for s in got["skipped"])
+    assert (got["n_real"], got["n_generated"], got["n_skipped"]) == (3, 4, 3)
+    assert all(any(name in s for s in got["skipped"]) for name in ("broken.png", "trunc.png", "cat.heic"))
     err = capsys.readouterr().err
-    assert "warning:" in err and "broken.png" in err and "trunc.png" in err
+    assert "warning:" in err and "broken.png" in err and "trunc.png" in err and "cat.heic" in err
     assert got["dino"] == pytest.approx(reference_scores(tiny_models, real, gen, skip=("trunc.png",))["dino"], abs=1e-6)
 
 
@@ -164,7 +165,7 @@ def test_checkpoint_choice(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "missing_file", "bad_line", "no_prompts",
-                                  "not_a_model", "offline_hub", "both_modes", "no_adapter"])
+                                  "not_a_model", "offline_hub", "both_modes", "no_adapter", "output_is_a_folder"])
 def test_bad_input_is_one_error_line_and_no_output(case, tiny_models, folders, tmp_path, capsys):
     real_dir, _, gen = folders
     out = tmp_path / "out.json"
@@ -196,12 +197,15 @@ def test_bad_input_is_one_error_line_and_no_output(case, tiny_models, folders, t
     if case == "no_adapter":
         run = fake_run(tmp_path, steps=(), final=None)
         argv = argv[:4] + ["--run_dir", str(run), "--output", str(out)]
+    if case == "output_is_a_folder":
+        argv[-1] = str(tmp_path)
     assert run_main(subject.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
     expected = {"missing_dir": "does not exist", "empty_dir": "has no images", "missing_file": "gone.png",
                 "bad_line": "line 5", "no_prompts": "no prompts.jsonl", "not_a_model": "not a transformers model",
-                "offline_hub": "offline", "both_modes": "not both", "no_adapter": "no adapter"}[case]
+                "offline_hub": "offline", "both_modes": "not both", "no_adapter": "no adapter",
+                "output_is_a_folder": "it is a folder"}[case]
     assert expected in err[0]
     assert out.read_text() == "previous"                  # never a half-written (or clobbered) output
     assert [p.name for p in tmp_path.glob(".out.json*")] == []
