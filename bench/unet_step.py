@@ -93,11 +93,9 @@ def run_resolution(args, res, unet_cfg):
     secs = interleaved({k: (lambda tr=tr: tr.step(pixels, text)) for k, tr in trainers.items()},
                        args.reps, args.warmup, device)
     peak = {k: peak_cuda_bytes(lambda tr=tr: tr.step(pixels, text), device) for k, tr in trainers.items()}
-    # distance logging share: the same LoRA step with and without weight_distance()
-    lora = trainers.get("lora") or trainers[methods[0]]
-    dist = interleaved({"with": lambda: lora.step(pixels, text, True),
-                        "without": lambda: lora.step(pixels, text, False),
-                        "distance_only": lambda: lowrank.weight_distance(lora.unet)}, args.reps, 1, device)
+    # distance logging: weight_distance() alone per method, as a share of that method's whole step
+    dist = interleaved({m: (lambda tr=trainers[m]: lowrank.weight_distance(tr.unet)) for m in methods},
+                       args.reps, 1, device)
     # merged inference vs the base UNet (no grad)
     merged = copy.deepcopy(trainers["delora" if "delora" in methods else methods[0]].unet)
     lowrank.merge(merged)                      # adapters merged, wrappers still in place (unmerge-able)
@@ -113,14 +111,15 @@ def run_resolution(args, res, unet_cfg):
     inf = interleaved({"merged": infer(merged), "ejected": infer(ejected), "base": infer(base)},
                       max(args.reps, 15), 1, device)
     row = {"resolution": res, "seconds": secs, "peak_cuda_bytes": peak,
-           "distance_share": dist["distance_only"] / dist["without"],
+           "distance_share": {m: dist[m] / secs[m] for m in methods},
            "merged_vs_base": inf["merged"] / inf["base"], "ejected_vs_base": inf["ejected"] / inf["base"]}
     print(f"\nUNet step at {res} px ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M-param UNet), r={args.rank}")
     print(f"  {'method':<10} {'ms':>9} {'vs_lora':>8} {'vs_floor':>9}")
     for k in ["floor"] + methods:
         ref = secs.get("lora", secs[methods[0]])
         print(f"  {k:<10} {secs[k] * 1e3:9.1f} {secs[k] / ref:8.3f} {secs[k] / secs['floor']:9.3f}")
-    print(f"  weight_distance share of a step: {100 * row['distance_share']:.2f} %")
+    print("  weight_distance share of a step: " + ", ".join(f"{m} {100 * v:.2f} %"
+                                                         for m, v in row["distance_share"].items()))
     print(f"  merged inference vs base: {row['merged_vs_base']:.3f}x (wrapped), "
           f"{row['ejected_vs_base']:.3f}x (merged and ejected)")
     return row, methods
@@ -139,7 +138,7 @@ def main(argv=None):
         rows.append(row)
     summ = {m: {"vs_lora": sum(r["seconds"][m] / r["seconds"].get("lora", r["seconds"][m]) for r in rows) / len(rows),
                 "vs_floor": sum(r["seconds"][m] / r["seconds"]["floor"] for r in rows) / len(rows)} for m in methods}
-    summ["_step"] = {"distance_share": max(r["distance_share"] for r in rows),
+    summ["_step"] = {"distance_share": max(max(r["distance_share"].values()) for r in rows),
                      "merged_vs_base": sum(r["merged_vs_base"] for r in rows) / len(rows),
                      "ejected_vs_base": sum(r["ejected_vs_base"] for r in rows) / len(rows)}
     write_results(args, "unet_step", "-sd15" if args.sd15 else "", argv, summ, rows)

@@ -5,42 +5,29 @@ import torch
 from torch import nn
 
 from .inject import adapter_layers
-from .layer import AdapterLayer
 
 
 @torch.no_grad()
 def weight_distance(model: nn.Module, relative: bool = False) -> dict[str, float]:
     """{module name: ‖W_eff − W_pretrained‖_F} (÷ ‖W_pretrained‖_F if relative), cheap enough per step.
 
-    Layers that express ΔW as low-rank factors are grouped by factor shape and their Gram products
-    taken in one batched matmul per group; layers with their own
-    distance() (DoRA) compute it themselves. One device sync for the whole model."""
+    Layers are grouped by method, shape and options, and each group is measured in one batched call
+    (AdapterLayer.distance_all: Gram products of stacked factors, no out x in matrix). One device sync
+    for the whole model."""
     layers = adapter_layers(model)
     if not layers:
         return {}
-    sq: dict[str, torch.Tensor] = {}
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, list[str]] = {}
     for name, layer in layers.items():
-        if type(layer).distance is not AdapterLayer.distance:
-            sq[name] = layer.distance().double() ** 2
-            continue
-        factors = layer.delta_factors()
-        if len(factors) == 1:   # one product: no cancellation between terms, fp32 Grams suffice
-            U, V = factors[0]
-        else:                   # a difference of nearly equal terms (Eq. 9 style): float64
-            U = torch.cat([u.double() for u, _ in factors], dim=1)
-            V = torch.cat([v.double() for _, v in factors], dim=0)
-        groups.setdefault((U.shape, V.shape, U.dtype, U.device), []).append((name, U, V))
-    for items in groups.values():
-        U = torch.stack([u for _, u, _ in items])
-        V = torch.stack([v for _, _, v in items])
-        total = ((U.mT @ U) * (V @ V.mT)).sum(dim=(1, 2)).double().clamp_min(0)
-        sq.update({name: t for (name, _, _), t in zip(items, total)})
-    device = next(iter(sq.values())).device
-    d = torch.stack([sq[name].to(device) for name in layers]).sqrt()
+        groups.setdefault(layer.distance_group(), []).append(name)
+    order = [n for names in groups.values() for n in names]
+    parts = [key[0].distance_all([layers[n] for n in names]) for key, names in groups.items()]
+    device = parts[0].device
+    d = torch.cat([p.to(device) for p in parts]).sqrt()
     if relative:
-        d = d / torch.stack([layer.w0_norm.double().to(device) for layer in layers.values()])
-    return dict(zip(layers, d.tolist()))
+        d = d / torch.stack([layers[n].w0_norm.double().to(device) for n in order])
+    values = dict(zip(order, d.tolist()))
+    return {name: values[name] for name in layers}
 
 
 def distance_summary(distances: dict[str, float]) -> dict[str, float]:

@@ -141,6 +141,35 @@ class AdapterLayer(nn.Module):
         """‖W_eff − W_pretrained‖_F as a 0-dim tensor, from Gram products (no out x in matrix)."""
         return gram_norm(self.delta_factors())
 
+    @classmethod
+    def distance_all(cls, layers: list["AdapterLayer"]) -> torch.Tensor:
+        """(L,) squared distances ‖W_eff − W_pretrained‖²_F of same-shaped layers of this method, in float64.
+
+        What weight_distance calls every training step, so it works on the whole group at once: one
+        batched Gram product over stacked factors (stacked_delta_factors) instead of a dozen small ops
+        per layer. A method with its own distance() falls back to it layer by layer unless it overrides
+        this too."""
+        if cls.distance is not AdapterLayer.distance:
+            return torch.stack([layer.distance().double() ** 2 for layer in layers])
+        factors = cls.stacked_delta_factors(layers)
+        if len(factors) == 1:   # one product: no cancellation between terms, fp32 Grams suffice
+            U, V = factors[0]
+        else:                   # a difference of nearly equal terms (Eq. 9 style): float64
+            U = torch.cat([u.double() for u, _ in factors], dim=2)
+            V = torch.cat([v.double() for _, v in factors], dim=1)
+        return ((U.mT @ U) * (V @ V.mT)).sum(dim=(1, 2)).double().clamp_min(0)
+
+    @classmethod
+    def stacked_delta_factors(cls, layers: list["AdapterLayer"]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """delta_factors() of every layer stacked: [(U (L, out, k), V (L, k, in)), ...]. Methods override
+        it with the same maths on stacked parameters where that saves per-layer work."""
+        per = [layer.delta_factors() for layer in layers]
+        return [(torch.stack([f[i][0] for f in per]), torch.stack([f[i][1] for f in per])) for i in range(len(per[0]))]
+
+    def distance_group(self) -> tuple:
+        """Layers with equal keys can share one distance_all call (same method, shapes and options)."""
+        return type(self), self.out_features, self.in_features, id(self.config)
+
     def extra_loss(self) -> torch.Tensor | None:
         return None
 

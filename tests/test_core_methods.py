@@ -332,3 +332,21 @@ def test_etherplus_token_heavy_path_equals_the_reflection_path():
     y_refl, g_refl = outputs_and_grads(split=True)  # 3 tokens at a time < 10 outputs: the reflections
     assert rel_err(y_fast, y_refl) < 1e-6
     assert len(g_fast) == 4 and all(rel_err(a, b) < 1e-5 for a, b in zip(g_fast, g_refl))
+
+
+@pytest.mark.parametrize("method,opts", CASES, ids=IDS)
+def test_weight_distance_of_a_group_of_same_shaped_layers(method, opts):
+    """weight_distance measures same-shaped layers of a method in one batched call: each layer's number
+    must still be its own ‖W_eff − W0‖_F (dense), not a neighbour's."""
+    torch.manual_seed(7)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)], nn.Linear(8, 4))
+    pretrained = copy.deepcopy(model)
+    opts = {k: (4 if k == "dyndora_initial_rank" else v) for k, v in opts.items()}   # the 4-wide layer allows 4
+    names = inject(model, AdapterConfig(method=method, rank=2, target_modules=["0", "1", "2", "3"], **opts))
+    perturb(model)
+    dist = lowrank.weight_distance(model)
+    for n in names:
+        layer = model.get_submodule(n)
+        dense = (layer.weight + layer.delta_weight() - pretrained.get_submodule(n).weight).norm().item()
+        assert dist[n] == pytest.approx(dense, rel=1e-4, abs=1e-6), n
+    assert len({round(dist[n], 6) for n in names[:3]}) == 3      # three different layers, three numbers

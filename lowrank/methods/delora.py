@@ -90,6 +90,21 @@ class DeloraLayer(AdapterLayer):
             factors.append(self._initial_factors())
         return factors
 
+    @classmethod
+    def stacked_delta_factors(cls, layers):
+        """delta_factors of a group in batched ops: Ξ, the scalings and the frozen copy for all L at once."""
+        cfg = layers[0].config
+        A = torch.stack([layer.delora_A for layer in layers])                      # (L, r, in)
+        B = torch.stack([layer.delora_B for layer in layers])                      # (L, out, r)
+        lam = torch.stack([layer.delora_lambda for layer in layers])               # (L, 1)
+        w = torch.stack([layer.delora_w_norm for layer in layers]).unsqueeze(1)    # (L, 1, in) or (L, 1, 1)
+        xi = lam / (cfg.rank * A.norm(dim=2).clamp_min(cfg.delora_eps) * B.norm(dim=1).clamp_min(cfg.delora_eps))
+        factors = [(B * xi.unsqueeze(1), A * w)]
+        if cfg.delora_init == "subtract":
+            frozen = [layer._initial_factors() for layer in layers]
+            factors.append((torch.stack([u for u, _ in frozen]), torch.stack([v for _, v in frozen])))
+        return factors
+
     def _initial_factors(self):
         """−ΔW(0) as factors (−B0Ξ0λ0/r, A0 ⊙ w), from frozen tensors: computed once per device."""
         cached = self._cache_f0

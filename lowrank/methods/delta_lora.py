@@ -98,6 +98,9 @@ class DeltaLoraLayer(LoraLayer):
         up = torch.cat([B * (c * s), self.deltalora_B_start * (-self.ratio * s)], dim=1)  # (out, 2r)
         return add_low_rank(self.base_linear(x), x.to(down.dtype) @ down.T, up)
 
+    def distance_group(self) -> tuple:   # before and after the snapshot the factors differ in number
+        return (*super().distance_group(), self._started)
+
     def delta_factors(self):
         """ΔW = W_t + sBA − W_0 = (1+λ)s·BA − λs·B_K A_K (W_0 is never modified)."""
         if not self._started:

@@ -56,18 +56,25 @@ class DoraLayer(LoraLayer):
         return k * (w + self.scale * self.lora_B @ self.lora_A) - w
 
     def distance(self) -> torch.Tensor:
-        # ΔW_i = (k_i − 1) W_i + k_i s (BA)_i: full rank, so expand row by row with the Gram terms of
-        # row_norm(): ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ.
-        # One fp32 GEMM (W Aᵀ, shared with k); the rest is (out x r) work in float64.
-        A, B, s = self.lora_A, self.lora_B, self.scale
-        WA = (self.weight.to(A.dtype) @ A.T).double()
+        return type(self).distance_all([self])[0].sqrt()
+
+    @classmethod
+    def distance_all(cls, layers):
+        """‖ΔW‖²_F of a group. ΔW_i = (k−1) W_i + k s (BA)_i is full rank, so expand row by row with the Gram
+        terms of row_norm(): ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ. One fp32
+        GEMM per layer (W Aᵀ), the rest over all L layers at once, in float64; k as the forward has it (fp32)."""
+        s = layers[0].scale
+        A = torch.stack([layer.lora_A for layer in layers])                        # (L, r, in)
+        B = torch.stack([layer.lora_B for layer in layers])                        # (L, out, r)
+        WA = torch.stack([layer.weight.to(A.dtype) @ layer.lora_A.T for layer in layers]).double()
+        w_sq = torch.stack([layer.lora_w_row_sq for layer in layers])              # (L, out)
+        m = torch.stack([layer.lora_magnitude for layer in layers])
         A, B = A.double(), B.double()
-        w_sq = self.lora_w_row_sq.double()
-        cross, quad = (B * WA).sum(1), ((B @ (A @ A.T)) * B).sum(1)
-        n = (self.lora_w_row_sq + 2 * s * cross.float() + s * s * quad.float()).clamp_min(1e-12).sqrt()
-        k = (self.lora_magnitude / n).double()     # the forward's k (fp32): exactly 1 at init
-        sq = (k - 1) ** 2 * w_sq + 2 * (k - 1) * k * s * cross + (k * s) ** 2 * quad
-        return sq.sum().clamp_min(0).sqrt()
+        cross, quad = (B * WA).sum(2), ((B @ (A @ A.mT)) * B).sum(2)
+        n = (w_sq + 2 * s * cross.float() + s * s * quad.float()).clamp_min(1e-12).sqrt()
+        k = (m / n).double()
+        sq = (k - 1) ** 2 * w_sq.double() + 2 * (k - 1) * k * s * cross + (k * s) ** 2 * quad
+        return sq.sum(1).clamp_min(0)
 
     @torch.no_grad()
     def merge(self) -> None:
