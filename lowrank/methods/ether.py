@@ -152,6 +152,25 @@ class EtherPlusLayer(EtherLayer):
             factors.append((HWM, ci.unsqueeze(1) * Mi.T))
         return factors
 
+    @classmethod
+    def stacked_delta_factors(cls, layers):
+        """delta_factors of a group with one block per side (the default) in batched ops: two W products
+        per layer, the normalisations and H⁺ over all L at once."""
+        if layers[0].config.ether_blocks != 1:
+            return super().stacked_delta_factors(layers)
+        def unit_t(u_name: str, v_name: str) -> torch.Tensor:   # (L, d, 2): [û v̂] of every layer
+            uv = torch.cat([torch.stack([getattr(layer, n) for layer in layers]) for n in (u_name, v_name)], dim=1)
+            return (uv / uv.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mT
+
+        Mo, co = unit_t("ether_u", "ether_v"), layers[0]._coef_out                 # co = [−1, 1]
+        factors = [(Mo * co, torch.stack([(Mo_l.T @ layer.weight.float()) for Mo_l, layer in zip(Mo, layers)]))]
+        if layers[0].two_sided:
+            Mi = unit_t("ether_u_in", "ether_v_in")                                 # (L, in, 2)
+            WM = torch.stack([layer.weight.float() @ Mi_l for Mi_l, layer in zip(Mi, layers)])  # (L, out, 2)
+            HWM = WM + (Mo * co) @ (Mo.mT @ WM)                                    # H⁺ W M̃, all at once
+            factors.append((HWM, layers[0]._coef_in.unsqueeze(1) * Mi.mT))
+        return factors
+
     def reflection_distance(self) -> list[float]:
         """max over sides of ‖H⁺ − I‖_F per block = sqrt(2 − 2(û·v̂)²) ≤ √2 (the paper states the looser ≤ 2)."""
         sides = [(self.ether_u, self.ether_v)] + ([(self.ether_u_in, self.ether_v_in)] if self.two_sided else [])
