@@ -60,9 +60,11 @@ class DoraLayer(LoraLayer):
 
     @classmethod
     def distance_all(cls, layers):
-        """‖ΔW‖²_F of a group. ΔW_i = (k−1) W_i + k s (BA)_i is full rank, so expand row by row with the Gram
-        terms of row_norm(): ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ. One fp32
-        GEMM per layer (W Aᵀ), the rest over all L layers at once, in float64; k as the forward has it (fp32)."""
+        """‖ΔW‖²_F of a group. ΔW_i = (k−1) W_i + k s (BA)_i is full rank, so expand row by row with the
+        Gram terms of row_norm():
+            ‖ΔW_i‖² = (k−1)²‖W_i‖² + 2(k−1)k s B_i·(WAᵀ)_i + k² s² B_i(AAᵀ)B_iᵀ.
+        One fp32 GEMM per layer (W Aᵀ), the rest over all L layers at once, in float64; k as the forward
+        has it (fp32)."""
         s = layers[0].scale
         A = torch.stack([layer.lora_A for layer in layers])                        # (L, r, in)
         B = torch.stack([layer.lora_B for layer in layers])                        # (L, out, r)

@@ -7,8 +7,8 @@ ETHER+  W' = H⁺ W H̃⁺,      H⁺ = I − ûûᵀ + v̂v̂ᵀ (‖H⁺ − I
 W is stored (out, in), so H acts on the output dimension and H̃⁺ on the input dimension; every H is
 block-diagonal with `ether_blocks` blocks, each with its own unit vectors. Nothing d x d is ever
 built in forward: y = W' x is the base GEMM on H̃⁺x, followed by H on the output, and a reflection
-of a vector is y − 2(y·û)û (two-sided ETHER+ on many tokens: W x plus a rank-4n path, see adapted()). ETHER starts as a reflection (not the identity: that is the method);
-ETHER+ starts with v = u, so H⁺ = I.
+of a vector is y − 2(y·û)û (two-sided ETHER+ on many tokens: W x plus a rank-4n path, see adapted()).
+ETHER starts as a reflection (not the identity: that is the method); ETHER+ starts with v = u, so H⁺ = I.
 """
 from __future__ import annotations
 
