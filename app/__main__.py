@@ -66,8 +66,10 @@ def serve(args: argparse.Namespace, block: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from training.common.args import file_in_the_way
+
     runs = Path(args.runs_dir).expanduser()
-    bad = next((p for p in [runs, *runs.parents] if p.exists() and not p.is_dir()), None)
+    bad = file_in_the_way(runs)
     if bad is not None:
         print(f"error: --runs_dir {runs}: {bad} is a file, not a folder; choose another --runs_dir", file=sys.stderr)
         return 2

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import EvalError
-from .common import (ArgumentParser, checkpoint_dirs, final_step, logger, read_jsonl, read_metrics, read_run, run_main,
-                     run_setting, write_text)
+from .common import (ArgumentParser, checkpoint_dirs, final_step, logger, read_jsonl, read_metrics, read_run,
+                     run_main, run_setting, write_text)
 from .images import PROMPTS_FILE, open_image
 
 FIG3_LAYER = "attn1.to_out.0"
@@ -235,7 +235,7 @@ def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (run.json, metrics.jsonl, ...)")
     p.add_argument("--out", required=True, help="folder for report.md, report.csv and the PNG figures")
     p.add_argument("--distance_key", default="auto",

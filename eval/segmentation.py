@@ -149,7 +149,7 @@ def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m eval.segmentation", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated_dir", required=True, help="generated images, paired with label maps by file stem")
     p.add_argument("--label_dir", required=True, help="label maps (single-channel PNGs of class ids)")
     p.add_argument("--model", default=SEG_MODEL, help=f"semantic-segmentation model, hub name or local folder "

@@ -191,7 +191,7 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m eval.subject", description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to score (a folder pair, or a trained run)")
     src.add_argument("--real_dir", help="folder of real subject photos (with --run_dir: overrides the run's "
                                         "instance_data_dir)")
@@ -240,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag} must be at least 1")
     if args.output:   # checked now, not after minutes of scoring
+        from training.common.args import file_in_the_way
+
         out = Path(args.output).expanduser()
-        bad = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+        bad = file_in_the_way(out.parent)
         if out.is_dir() or bad is not None:
             raise EvalError(f"--output {out}: {'it is a folder' if bad is None else f'{bad} is a file'}; "
                             f"name a .json file in a folder")

@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig
@@ -74,9 +73,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
         raise AdapterFileError(f"cannot read {d / CONFIG_NAME}: {e}") from None
     config = AdapterConfig.from_json(text)
     try:
-        state = load_file(str(d / WEIGHTS_NAME))
-        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:   # one read: tensors and metadata
             meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFileError(f"{d / WEIGHTS_NAME} is not a valid safetensors file ({e})") from None
     if "config" in meta and AdapterConfig.from_json(meta["config"]) != config:

@@ -9,7 +9,8 @@ over channels) with weight W0 (out x in) and bias b. A method subclass provides:
   delta_factors()     [(U, V), ...] with ΔW = W_eff − W_pretrained = Σ U @ V (U: out x k, V: k x in);
                       gives delta_weight(), merge and a cheap distance() through k x k Gram products
 
-and may override delta_weight(), distance(), merge()/unmerge(), extra_loss(),
+and may override delta_weight(), distance_all() / stacked_delta_factors() (the per-step distance of a
+group of layers), merge()/unmerge(), extra_loss(),
 after_optimizer_step(step) and the class-level after_optimizer_step_all(layers, step).
 """
 from __future__ import annotations
@@ -22,17 +23,6 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterMismatchError, ConfigError, TargetError
-
-
-def gram_norm(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """‖Σ U_k V_k‖_F without forming the product: sqrt(Σ (UᵀU) ∘ (VVᵀ)) over the stacked factors.
-
-    Grams are taken in float64: the subtract-style updates (DeLoRA Eq. 9, Delta-LoRA) are differences
-    of nearly equal terms, and an fp32 Gram would leave a noise floor of ~3e-4·‖term‖ after the sqrt.
-    """
-    U = torch.cat([u.double() for u, _ in factors], dim=1)
-    V = torch.cat([v.double() for _, v in factors], dim=0)
-    return ((U.T @ U) * (V @ V.T)).sum().clamp_min(0.0).sqrt()
 
 
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -139,7 +129,7 @@ class AdapterLayer(nn.Module):
 
     def distance(self) -> torch.Tensor:
         """‖W_eff − W_pretrained‖_F as a 0-dim tensor, from Gram products (no out x in matrix)."""
-        return gram_norm(self.delta_factors())
+        return type(self).distance_all([self])[0].sqrt()
 
     @classmethod
     def distance_all(cls, layers: list["AdapterLayer"]) -> torch.Tensor:
@@ -147,10 +137,8 @@ class AdapterLayer(nn.Module):
 
         What weight_distance calls every training step, so it works on the whole group at once: one
         batched Gram product over stacked factors (stacked_delta_factors) instead of a dozen small ops
-        per layer. A method with its own distance() falls back to it layer by layer unless it overrides
-        this too."""
-        if cls.distance is not AdapterLayer.distance:
-            return torch.stack([layer.distance().double() ** 2 for layer in layers])
+        per layer. Grams are float64 where ΔW is a difference of terms: the subtract-style updates (DeLoRA
+        Eq. 9, Delta-LoRA) cancel, and fp32 would leave a noise floor of ~3e-4·‖term‖ after the sqrt."""
         factors = cls.stacked_delta_factors(layers)
         if len(factors) == 1:   # one product: no cancellation between terms, fp32 Grams suffice
             U, V = factors[0]

@@ -67,13 +67,13 @@ class DeloraLayer(AdapterLayer):
         super()._load_from_state_dict(*args, **kwargs)
         self._cache_f0 = None
 
-    def _xi(self, A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """λ/r · Ξ as an (r,) vector: λ / (r ‖b_i‖ ‖a_i‖), norms clamped at delora_eps."""
+    def _factors(self, A, B, lam, w=None):
+        """(B·λΞ/r, A ⊙ ‖W̄‖) with Ξ_ii = 1/(‖b_i‖‖a_i‖), norms clamped at delora_eps (Eq. 8, 15). Shape-generic:
+        A (…, r, in), B (…, out, r), λ (…, 1), w (…, in) or (…, 1), so a stacked group works the same."""
+        w = self.delora_w_norm if w is None else w
         eps = self.config.delora_eps
-        return lam / (self.config.rank * A.norm(dim=1).clamp_min(eps) * B.norm(dim=0).clamp_min(eps))
-
-    def _factors(self, A, B, lam):
-        return B * self._xi(A, B, lam), A * self.delora_w_norm
+        xi = lam / (self.config.rank * A.norm(dim=-1).clamp_min(eps) * B.norm(dim=-2).clamp_min(eps))   # (…, r)
+        return B * xi.unsqueeze(-2), A * w.unsqueeze(-2)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         # ‖W̄‖ folded into A and λΞ/r into B: r x in and out x r scalings instead of passes over tokens,
@@ -93,14 +93,10 @@ class DeloraLayer(AdapterLayer):
     @classmethod
     def stacked_delta_factors(cls, layers):
         """delta_factors of a group in batched ops: Ξ, the scalings and the frozen copy for all L at once."""
-        cfg = layers[0].config
-        A = torch.stack([layer.delora_A for layer in layers])                      # (L, r, in)
-        B = torch.stack([layer.delora_B for layer in layers])                      # (L, out, r)
-        lam = torch.stack([layer.delora_lambda for layer in layers])               # (L, 1)
-        w = torch.stack([layer.delora_w_norm for layer in layers]).unsqueeze(1)    # (L, 1, in) or (L, 1, 1)
-        xi = lam / (cfg.rank * A.norm(dim=2).clamp_min(cfg.delora_eps) * B.norm(dim=1).clamp_min(cfg.delora_eps))
-        factors = [(B * xi.unsqueeze(1), A * w)]
-        if cfg.delora_init == "subtract":
+        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
+        factors = [layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"),
+                                      stack("delora_w_norm"))]
+        if layers[0].config.delora_init == "subtract":
             frozen = [layer._initial_factors() for layer in layers]
             factors.append((torch.stack([u for u, _ in frozen]), torch.stack([v for _, v in frozen])))
         return factors

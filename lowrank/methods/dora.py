@@ -55,9 +55,6 @@ class DoraLayer(LoraLayer):
         w = self.weight.float()
         return k * (w + self.scale * self.lora_B @ self.lora_A) - w
 
-    def distance(self) -> torch.Tensor:
-        return type(self).distance_all([self])[0].sqrt()
-
     @classmethod
     def distance_all(cls, layers):
         """‖ΔW‖²_F of a group. ΔW_i = (k−1) W_i + k s (BA)_i is full rank, so expand row by row with the

@@ -22,8 +22,8 @@ from ..layer import AdapterLayer, add_low_rank
 
 
 def unit(u: torch.Tensor) -> torch.Tensor:
-    """Row-normalise the (blocks, block_dim) vectors."""
-    return u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """Normalise the (…, blocks, block_dim) vectors along their last dim."""
+    return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def rank1_update(y: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -38,10 +38,11 @@ def rank1_update(y: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor]) -> t
 
 def stack_terms(vectors: torch.Tensor, coef: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, c) for raw vectors (k·blocks, m) stacked term by term (u's blocks, then v's ...): all
-    normalised at once, block-embedded side by side; coef (k·blocks,) holds each column's coefficient."""
+    normalised at once, block-embedded side by side; coef (k·blocks,) holds each column's coefficient.
+    With one block, vectors may carry a leading layer dim (L, k, m) -> M (L, m, k)."""
     uh = unit(vectors)
     if blocks == 1:
-        return uh.T, coef
+        return uh.mT, coef
     return torch.cat([embed(t) for t in uh.split(blocks)], dim=1), coef
 
 
@@ -158,17 +159,18 @@ class EtherPlusLayer(EtherLayer):
         per layer, the normalisations and H⁺ over all L at once."""
         if layers[0].config.ether_blocks != 1:
             return super().stacked_delta_factors(layers)
-        def unit_t(u_name: str, v_name: str) -> torch.Tensor:   # (L, d, 2): [û v̂] of every layer
+        def side(u_name: str, v_name: str, coef: torch.Tensor):   # (M (L, d, 2) = [û v̂] per layer, c)
             uv = torch.cat([torch.stack([getattr(layer, n) for layer in layers]) for n in (u_name, v_name)], dim=1)
-            return (uv / uv.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mT
+            return stack_terms(uv, coef, 1)
 
-        Mo, co = unit_t("ether_u", "ether_v"), layers[0]._coef_out                 # co = [−1, 1]
+        first = layers[0]
+        Mo, co = side("ether_u", "ether_v", first._coef_out)                       # co = [−1, 1]
         factors = [(Mo * co, torch.stack([(Mo_l.T @ layer.weight.float()) for Mo_l, layer in zip(Mo, layers)]))]
-        if layers[0].two_sided:
-            Mi = unit_t("ether_u_in", "ether_v_in")                                 # (L, in, 2)
+        if first.two_sided:
+            Mi, ci = side("ether_u_in", "ether_v_in", first._coef_in)                # (L, in, 2)
             WM = torch.stack([layer.weight.float() @ Mi_l for Mi_l, layer in zip(Mi, layers)])  # (L, out, 2)
             HWM = WM + (Mo * co) @ (Mo.mT @ WM)                                    # H⁺ W M̃, all at once
-            factors.append((HWM, layers[0]._coef_in.unsqueeze(1) * Mi.mT))
+            factors.append((HWM, ci.unsqueeze(1) * Mi.mT))
         return factors
 
     def reflection_distance(self) -> list[float]:

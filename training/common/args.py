@@ -25,13 +25,18 @@ FALLBACK_LR = 6e-4
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing path among `path` and its parents if it is a file (creating `path` as a
+    folder, or a file inside it, would fail there); None when the way is clear."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def check_folder_path(path: Path, flag: str) -> None:
     """A folder the trainer will create or fill: neither it nor any parent may be a file."""
-    for p in [path, *path.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise TrainingError(f"{flag} {path}: {p} exists and is not a directory; choose another path")
-            return
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise TrainingError(f"{flag} {path}: {blocker} exists and is not a directory; choose another path")
 
 
 class ArgumentParser(argparse.ArgumentParser):
