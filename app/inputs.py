@@ -15,9 +15,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+import lowrank
 from training.common.data import to_rgb
 
-METHODS = ("lora", "dora", "delora", "ether", "etherplus", "deltalora", "dyndora")
+METHODS = tuple(lowrank.METHODS)      # registry order; lowrank.METHODS is the only list of methods
 MIN_IMAGES, MAX_IMAGES = 3, 20
 MAX_IMAGE_MB = 20.0
 MAX_PIXELS = 40_000_000               # ~ 6300 x 6300; a bigger decode is refused (decompression bombs too)

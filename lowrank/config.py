@@ -2,7 +2,9 @@
 
 Fields prefixed with a method name (``delora_*``, ``ether_*``...) only matter to that method; they
 are kept in one flat config (rather than one class per method) so that a trainer can expose every
-option as a flag without knowing which method will run.
+option as a flag without knowing which method will run. The generic fields are checked here, each
+method's own fields by its class's check_config (lowrank/methods/), and the list of methods (names,
+help text) comes from the registry alone.
 """
 from __future__ import annotations
 
@@ -14,8 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .registry import METHODS
 
 SD_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _distinct_checks() -> list[type]:
+    """One method class per distinct check_config (subclasses that inherit it are checked once)."""
+    seen: dict = {}
+    for cls in METHODS.values():
+        seen.setdefault(cls.check_config.__func__, cls)
+    return list(seen.values())
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -26,7 +37,8 @@ def _f(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class AdapterConfig:
-    method: str = _f("lora", "Adapter method: lora, dora, delora, ether, etherplus, deltalora, dyndora.")
+    method: str = _f("lora", "Adapter method: " + "; ".join(f"{name} ({cls.summary})" for name, cls in METHODS.items())
+                     + ".")
     rank: int = _f(8, "Rank r of the low-rank update (ignored by ether/etherplus, which are rank-1/4 by construction).")
     alpha: float | None = _f(None, "LoRA scale numerator: the update is (alpha/r)·BA. None means alpha = rank (scale 1).")
     target_modules: list[str] | str = _f(
@@ -72,8 +84,7 @@ class AdapterConfig:
     dyndora_prune_interval: int = _f(10, "Prune to the cubic budget every this many steps between t_i and T − t_f.")
 
     def __post_init__(self) -> None:
-        from .registry import METHODS  # late import: registry imports the methods, which import config
-
+        """Generic checks here; each method checks its own fields (AdapterLayer.check_config)."""
         self._check_types()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; known methods: {', '.join(sorted(METHODS))}")
@@ -96,29 +107,8 @@ class AdapterConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ConfigError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
-        choices = {"delora_norm": ("column", "frobenius", "none"), "delora_init": ("subtract", "zero_b")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        positive = {"ether_blocks": self.ether_blocks, "delora_eps": self.delora_eps,
-                    "dyndora_total_steps": self.dyndora_total_steps, "dyndora_prune_interval": self.dyndora_prune_interval}
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        if self.deltalora_ratio < 0:
-            raise ConfigError(f"deltalora_ratio (Delta-LoRA's λ) must be >= 0, got {self.deltalora_ratio}")
-        if self.deltalora_start_step < 0:
-            raise ConfigError(f"deltalora_start_step must be >= 0, got {self.deltalora_start_step}")
-        if not 0.0 <= self.dyndora_beta <= 1.0 or self.dyndora_dem < 0:
-            raise ConfigError(f"dyndora needs 0 <= dyndora_beta <= 1 and dyndora_dem >= 0, "
-                              f"got {self.dyndora_beta}, {self.dyndora_dem}")
-        if self.method == "deltalora" and self.dropout > 0:
-            raise ConfigError("deltalora needs dropout = 0: its update W += λΔ(BA) relies on g_W = g_BA, "
-                              "which dropout on the low-rank branch breaks (Delta-LoRA Eq. 7)")
-        if self.dyndora_initial_rank is None:
-            self.dyndora_initial_rank = math.ceil(1.5 * self.rank)
-        if self.dyndora_initial_rank < self.rank:
-            raise ConfigError(f"dyndora_initial_rank ({self.dyndora_initial_rank}) must be >= rank ({self.rank})")
+        for cls in _distinct_checks():
+            cls.check_config(self)
 
     def _check_types(self) -> None:
         """Each field against its annotation (JSON and flags hand over strings, bools, lists...): a

@@ -7,12 +7,10 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterError, TargetError
-from .layer import AdapterLayer
+from .layer import adapter_layers
+from .registry import METHODS
 
-
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """{module name: AdapterLayer} in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+__all__ = ["adapter_layers", "eject", "inject", "matches"]   # adapter_layers lives in layer.py (methods use it)
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -34,8 +32,6 @@ def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -
     random init; load_adapter uses it so a fresh model is rebuilt bit for bit.
     Returns the adapted module names.
     """
-    from .registry import METHODS
-
     if adapter_layers(model):
         raise AdapterError("model already has adapters; call lowrank.eject(model) first")
     names = [n for n, _ in model.named_modules() if n and matches(n, config.target_modules)]

@@ -12,17 +12,27 @@ over channels) with weight W0 (out x in) and bias b. A method subclass provides:
 and may override delta_weight(), distance_all() / stacked_delta_factors() (the per-step distance of a
 group of layers), merge()/unmerge(), extra_loss(),
 after_optimizer_step(step) and the class-level after_optimizer_step_all(layers, step).
+
+A method class also carries what the rest of the project knows about it (so lowrank.METHODS is the only
+list of methods): `summary` (one line for help texts and the app), `default_learning_rate` (the trainers'
+default) and `check_config(config)`, the checks of its own AdapterConfig fields, which AdapterConfig runs
+once per config (never per layer).
+
+AdapterConfig is imported for annotations only: config.py imports the registry (its `method` help text
+and checks come from the method classes), so a runtime import here would be a cycle.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig
 from .errors import AdapterMismatchError, ConfigError, TargetError
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
 
 
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -41,6 +51,17 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     prefix: ClassVar[str] = ""          # e.g. "lora_": every trainable name starts with it
     keeps_weight_on_merge: ClassVar[bool] = False  # True where ΔW cannot be undone arithmetically
+    summary: ClassVar[str] = ""         # one line: what the method does (help texts, the app)
+    default_learning_rate: ClassVar[float] = 1e-4   # the trainers' --learning_rate when none is given
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:
+        """Raise ConfigError for values of this method's own fields that no run could use.
+
+        AdapterConfig calls it once per config for every registered method (one call per distinct
+        check_config), after the generic checks, whatever method is selected: a config is valid as a
+        whole. Checks that only matter when this method runs look at `config.method`. It may fill this
+        method's None defaults that depend on generic fields (e.g. dyndora_initial_rank from rank)."""
 
     def __init__(self, base: nn.Module, config: AdapterConfig, init_state: dict | None = None):
         super().__init__()
@@ -222,3 +243,8 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """{module name: AdapterLayer} in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}

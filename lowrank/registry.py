@@ -1,4 +1,17 @@
-"""Method name -> AdapterLayer subclass: one line per method."""
+"""Method name -> AdapterLayer subclass: one line per method, and the only list of methods.
+
+Everything else derives from this dict: AdapterConfig's `method` choices and help text, the config
+checks (each class's check_config), the trainers' --method choices and default learning rates
+(`default_learning_rate`), the app's method list and the tests' method matrix.
+
+Adding a method = one file + one registry line + its config fields:
+  1. lowrank/methods/<name>.py: a subclass of lowrank.layer.AdapterLayer with `method`, `prefix`,
+     `summary`, `default_learning_rate`, init_adapter(), adapted(x), delta_factors(), and, if it has
+     options, check_config(config) for them (equation numbers in comments);
+  2. one line in METHODS below;
+  3. its fields in lowrank/config.py's AdapterConfig, prefixed with the method name (`<name>_...`),
+     each with a help string.
+"""
 from .methods.delora import DeloraLayer
 from .methods.delta_lora import DeltaLoraLayer
 from .methods.dora import DoraLayer

@@ -23,16 +23,33 @@ given back bit for bit. Unfolded, W̄ is never touched and every path is exact i
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..layer import AdapterLayer, add_low_rank
+
+if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
+    from ..config import AdapterConfig
+
+CHOICES = {"delora_norm": ("column", "frobenius", "none"), "delora_init": ("subtract", "zero_b")}
 
 
 class DeloraLayer(AdapterLayer):
     method = "delora"
     prefix = "delora_"
+    summary = "DeLoRA: normalised rank-1 terms scaled by a learnable boundary λ and ‖W‖, a bounded update"
+    default_learning_rate = 6e-3
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(config, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+        if config.delora_eps <= 0:
+            raise ConfigError(f"delora_eps must be positive, got {config.delora_eps}")
 
     def init_adapter(self) -> None:
         cfg, r, w = self.config, self.config.rank, self.weight.detach()

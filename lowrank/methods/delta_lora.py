@@ -23,15 +23,20 @@ before the snapshot the layer runs LoRA's code path unchanged.
 Gradients: the paper's W_t is a constant in backward, so A and B must get LoRA's gradient s·(…), not
 (1+λ)s·(…). _ScaleGrad multiplies their gradients by 1/(1+λ) on the parameters themselves (r x in and
 out x r, not tokens), which leaves the input gradient, (W_t + sBA)ᵀg, as the paper's.
-No dropout (Eq. 7: it breaks g_W = g_BA; AdapterConfig rejects it).
+No dropout (Eq. 7: it breaks g_W = g_BA; check_config rejects it).
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterError
+from typing import TYPE_CHECKING
+
+from ..errors import AdapterError, ConfigError
 from ..layer import add_low_rank
 from .lora import LoraLayer
+
+if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
+    from ..config import AdapterConfig
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -50,6 +55,18 @@ class _ScaleGrad(torch.autograd.Function):
 class DeltaLoraLayer(LoraLayer):
     method = "deltalora"
     prefix = "lora_"
+    summary = "Delta-LoRA: LoRA whose base weight W also moves by λ times each step's change of (α/r)·BA"
+    default_learning_rate = 6e-4
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:
+        if config.deltalora_ratio < 0:
+            raise ConfigError(f"deltalora_ratio (Delta-LoRA's λ) must be >= 0, got {config.deltalora_ratio}")
+        if config.deltalora_start_step < 0:
+            raise ConfigError(f"deltalora_start_step must be >= 0, got {config.deltalora_start_step}")
+        if config.method == cls.method and config.dropout > 0:
+            raise ConfigError("deltalora needs dropout = 0: its update W += λΔ(BA) relies on g_W = g_BA, "
+                              "which dropout on the low-rank branch breaks (Delta-LoRA Eq. 7)")
 
     def init_adapter(self) -> None:
         super().init_adapter()

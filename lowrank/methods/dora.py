@@ -18,6 +18,8 @@ from .lora import LoraLayer
 class DoraLayer(LoraLayer):
     method = "dora"
     prefix = "lora_"  # lora_A, lora_B, lora_magnitude: peft's names
+    summary = "DoRA: a learned magnitude per output row times the row-normalised W + (α/r)·BA"
+    default_learning_rate = 6e-4
 
     def init_adapter(self) -> None:
         super().init_adapter()

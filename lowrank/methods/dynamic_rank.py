@@ -32,13 +32,16 @@ with the adapter and checkpoints restore the prune state.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
 from ..errors import ConfigError
-from ..layer import AdapterLayer, add_low_rank
+from ..layer import AdapterLayer, adapter_layers, add_low_rank
+
+if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
+    from ..config import AdapterConfig
 
 
 def phases(cfg: AdapterConfig) -> tuple[int, int, int]:
@@ -62,16 +65,32 @@ def budget(step: int, b0: float, bT: float, warmup: int, final: int, total: int)
 class DynDoraLayer(AdapterLayer):
     method = "dyndora"
     prefix = "dyndora_"
+    summary = "Dynamic-rank DoRA: gated rank-1 components W + s·Σ c_i b_i a_iᵀ pruned to a global budget"
+    default_learning_rate = 6e-4
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:
+        for name in ("dyndora_total_steps", "dyndora_prune_interval"):
+            if getattr(config, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+        if not 0.0 <= config.dyndora_beta <= 1.0 or config.dyndora_dem < 0:
+            raise ConfigError(f"dyndora needs 0 <= dyndora_beta <= 1 and dyndora_dem >= 0, "
+                              f"got {config.dyndora_beta}, {config.dyndora_dem}")
+        if config.dyndora_initial_rank is None:
+            config.dyndora_initial_rank = math.ceil(1.5 * config.rank)
+        if config.dyndora_initial_rank < config.rank:
+            raise ConfigError(f"dyndora_initial_rank ({config.dyndora_initial_rank}) must be >= rank ({config.rank})")
+        t_i, t_f, T = phases(config)
+        # only a dyndora run uses the schedule (other methods may carry any values, e.g. unset warm-up ratios)
+        if config.method == cls.method and (t_i < 0 or t_f < 0 or t_i + t_f > T):
+            raise ConfigError(f"dyndora needs 0 <= dyndora_warmup_steps + dyndora_final_steps <= dyndora_total_steps, "
+                              f"got t_i={t_i}, t_f={t_f}, T={T}")
 
     def check_rank(self, rank: int) -> None:
         super().check_rank(self.config.dyndora_initial_rank)
 
     def init_adapter(self) -> None:
         cfg = self.config
-        t_i, t_f, T = phases(cfg)
-        if T <= 0 or t_i < 0 or t_f < 0 or t_i + t_f > T:
-            raise ConfigError(f"dyndora needs 0 <= dyndora_warmup_steps + dyndora_final_steps <= dyndora_total_steps, "
-                              f"got t_i={t_i}, t_f={t_f}, T={T}")
         n, w = cfg.dyndora_initial_rank, self.weight
         kw = dict(device=w.device, dtype=torch.float32)
         self.dyndora_A = nn.Parameter(torch.empty(n, self.in_features, **kw))   # rows a_iᵀ
@@ -140,7 +159,6 @@ class DynDoraLayer(AdapterLayer):
 
 def live_ranks(model: nn.Module) -> dict[str, int]:
     """{module name: live components (its prune mask's sum)} for every dynamic-rank layer; one device sync."""
-    from ..inject import adapter_layers
     layers = {name: layer for name, layer in adapter_layers(model).items() if isinstance(layer, DynDoraLayer)}
     if not layers:
         return {}

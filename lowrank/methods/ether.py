@@ -13,12 +13,16 @@ ETHER starts as a reflection (not the identity: that is the method); ETHER+ star
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdapterLayer, add_low_rank
+
+if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
+    from ..config import AdapterConfig
 
 
 def unit(u: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,13 @@ def embed(uh: torch.Tensor) -> torch.Tensor:
 class EtherLayer(AdapterLayer):
     method = "ether"
     prefix = "ether_"
+    summary = "ETHER: W times a Householder reflection per block, bounded: ‖H − I‖_F = 2"
+    default_learning_rate = 6e-3
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:   # ETHER+ shares it (ether_blocks)
+        if config.ether_blocks <= 0:
+            raise ConfigError(f"ether_blocks must be positive, got {config.ether_blocks}")
 
     def check_rank(self, rank: int) -> None:  # rank does not apply: ETHER is rank-1 per block
         n = self.config.ether_blocks
@@ -109,6 +120,8 @@ class EtherLayer(AdapterLayer):
 
 class EtherPlusLayer(EtherLayer):
     method = "etherplus"
+    summary = "ETHER+: relaxed Householder reflections H⁺ W H̃⁺ on both sides of W, bounded: ‖H⁺ − I‖_F ≤ 2"
+    default_learning_rate = 6e-3
     keeps_weight_on_merge = True  # H⁺ can be singular (v̂ ⟂ û): unmerge restores a saved copy
 
     @property

@@ -16,6 +16,8 @@ from ..layer import AdapterLayer, add_low_rank
 class LoraLayer(AdapterLayer):
     method = "lora"
     prefix = "lora_"
+    summary = "LoRA: W + (α/r)·BA, an unbounded low-rank additive update"
+    default_learning_rate = 6e-4
 
     def init_adapter(self) -> None:
         r = self.config.rank
