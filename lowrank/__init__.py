@@ -14,14 +14,14 @@ from .errors import AdapterError, AdapterFileError, AdapterMismatchError, Config
 from .hooks import step_hooks
 from .inject import adapter_layers, eject, inject
 from .io import load_adapter, read_adapter, save_adapter
-from .peft_export import export_peft
-from .ops import merge, parameter_groups, unmerge
 from .methods.dynamic_rank import live_ranks
+from .ops import merge, parameter_groups, unmerge
+from .peft_export import export_peft
 from .registry import METHODS
 
 __all__ = [
     "AdapterConfig", "inject", "eject", "merge", "unmerge", "save_adapter", "load_adapter", "read_adapter",
     "parameter_groups", "weight_distance", "distance_summary", "count_parameters", "step_hooks",
-    "adapter_layers", "export_peft", "live_ranks", "METHODS", "AdapterError", "ConfigError", "TargetError", "AdapterFileError",
-    "AdapterMismatchError",
+    "adapter_layers", "export_peft", "live_ranks", "METHODS", "AdapterError", "ConfigError", "TargetError",
+    "AdapterFileError", "AdapterMismatchError",
 ]

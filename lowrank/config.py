@@ -37,10 +37,12 @@ def _f(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class AdapterConfig:
-    method: str = _f("lora", "Adapter method: " + "; ".join(f"{name} ({cls.summary})" for name, cls in METHODS.items())
-                     + ".")
-    rank: int = _f(8, "Rank r of the low-rank update (ignored by ether/etherplus, which are rank-1/4 by construction).")
-    alpha: float | None = _f(None, "LoRA scale numerator: the update is (alpha/r)·BA. None means alpha = rank (scale 1).")
+    method: str = _f("lora", "Adapter method: "
+                     + "; ".join(f"{name} ({cls.summary})" for name, cls in METHODS.items()) + ".")
+    rank: int = _f(8, "Rank r of the low-rank update (ignored by ether/etherplus, which are rank-1/4 by "
+                      "construction).")
+    alpha: float | None = _f(None, "LoRA scale numerator: the update is (alpha/r)·BA. None means alpha = rank "
+                                   "(scale 1).")
     target_modules: list[str] | str = _f(
         list(SD_ATTENTION),
         "Modules to adapt. A list matches by dotted-name suffix ('to_out.0' matches '...attn1.to_out.0'); "
@@ -48,15 +50,18 @@ class AdapterConfig:
     dropout: float = _f(0.0, "Dropout on the input of the low-rank branch (lora, dora, delora, dyndora).")
 
     # DoRA (weight-decomposed)
-    dora_detach_norm: bool = _f(True, "DoRA §4.3: treat the row norm ||W + sBA|| as a constant in backward (saves memory).")
-    dora_fixed_magnitude: bool = _f(False, "Freeze the magnitude m at ||W0|| (DeLoRA appendix C ablation, 'fixed magnitude').")
+    dora_detach_norm: bool = _f(True, "DoRA §4.3: treat the row norm ||W + sBA|| as a constant in backward "
+                                      "(saves memory).")
+    dora_fixed_magnitude: bool = _f(False, "Freeze the magnitude m at ||W0|| (DeLoRA appendix C ablation, "
+                                           "'fixed magnitude').")
 
     # DeLoRA
     delora_lambda: float = _f(15.0, "Initial value of DeLoRA's learnable boundary lambda (one per adapted matrix).")
-    delora_norm: str = _f("column", "Pretrained-norm scaling of ΔW: 'column' (one norm per input column, as peft and the "
-                                    "official code), 'frobenius' (a scalar, as the paper text reads), 'none' (ablation).")
-    delora_init: str = _f("subtract", "'subtract': A, B Kaiming and the frozen initial update subtracted (paper Eq. 9), "
-                                      "carried as a second frozen rank-r path; "
+    delora_norm: str = _f("column", "Pretrained-norm scaling of ΔW: 'column' (one norm per input column, as peft "
+                                    "and the official code), 'frobenius' (a scalar, as the paper text reads), "
+                                    "'none' (ablation).")
+    delora_init: str = _f("subtract", "'subtract': A, B Kaiming and the frozen initial update subtracted (paper "
+                                      "Eq. 9), carried as a second frozen rank-r path; "
                                       "'zero_b': B = 0 (peft's init).")
     delora_eps: float = _f(1e-4, "Lower clamp of ||a_i|| and ||b_i|| in Ξ (avoids division by zero).")
 

@@ -27,9 +27,10 @@ class StepHooks:
         self._loss_groups = {cls: ls for cls, ls in groups.items()
                              if cls.extra_loss is not AdapterLayer.extra_loss
                              or cls.extra_loss_all.__func__ is not AdapterLayer.extra_loss_all.__func__}
+        step_all = AdapterLayer.after_optimizer_step_all.__func__
         self._step_groups = {cls: ls for cls, ls in groups.items()
                              if cls.after_optimizer_step is not AdapterLayer.after_optimizer_step
-                             or cls.after_optimizer_step_all.__func__ is not AdapterLayer.after_optimizer_step_all.__func__}
+                             or cls.after_optimizer_step_all.__func__ is not step_all}
 
     @property
     def active(self) -> bool:

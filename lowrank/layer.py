@@ -73,7 +73,8 @@ class AdapterLayer(nn.Module):
             self.is_conv = True
             out_f, in_f = base.weight.shape[:2]
         else:
-            raise TargetError(f"cannot adapt {type(base).__name__}: only nn.Linear and plain 1x1 nn.Conv2d are supported")
+            raise TargetError(f"cannot adapt {type(base).__name__}: only nn.Linear and plain 1x1 nn.Conv2d are "
+                              f"supported")
         self.base = base
         self.in_features, self.out_features = in_f, out_f
         self.config = config

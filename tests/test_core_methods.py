@@ -13,8 +13,8 @@ from torch import nn
 
 import lowrank
 from lowrank import AdapterConfig, inject
-from tests.nets import MLP
 from lowrank.methods.ether import rank1_update
+from tests.nets import MLP
 from tests.reference import REFERENCES, block_householder
 
 CASES = [
@@ -205,7 +205,8 @@ def test_merge_unmerge_distance_and_frozen_base(method, opts, kind):
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("opts", [o for m, o in CASES if m == "delora"], ids=[i for i, (m, _) in zip(IDS, CASES) if m == "delora"])
+@pytest.mark.parametrize("opts", [o for m, o in CASES if m == "delora"],
+                         ids=[i for i, (m, _) in zip(IDS, CASES) if m == "delora"])
 def test_delora_bound_holds_through_training(opts):
     """‖W_eff − W̄‖_F ≤ |λ|·N (zero_b) or (|λ| + |λ0|)·N (subtract), N = max column norm / ‖W̄‖_F / 1."""
     model, pretrained, cfg, names, x = adapted("delora", opts, "linear")
@@ -235,7 +236,8 @@ def applied_sides(layer, pretrained_layer):
     x = torch.randn(5, layer.in_features)
     H_out = rank1_update(torch.eye(layer.out_features), layer.out_terms()).detach()
     two = getattr(layer, "two_sided", False)
-    H_in = rank1_update(torch.eye(layer.in_features), layer.in_terms()).detach() if two else torch.eye(layer.in_features)
+    eye_in = torch.eye(layer.in_features)
+    H_in = rank1_update(eye_in, layer.in_terms()).detach() if two else eye_in
     W0 = pretrained_layer.weight.detach()
     torch.testing.assert_close(layer(x).detach(), F.linear(x, H_out @ W0 @ H_in, pretrained_layer.bias),
                                atol=1e-5, rtol=1e-5)
@@ -255,7 +257,8 @@ def test_ether_is_orthogonal_and_keeps_singular_values(blocks):
         for b in range(blocks):  # ‖H − I‖_F = 2 per block, and nothing outside the blocks
             blk = H[b * m:(b + 1) * m, b * m:(b + 1) * m]
             assert (blk - torch.eye(m)).norm().item() == pytest.approx(2.0, rel=1e-5)
-        assert (H - torch.block_diag(*[H[b * m:(b + 1) * m, b * m:(b + 1) * m] for b in range(blocks)])).abs().max() == 0
+        diagonal = torch.block_diag(*[H[b * m:(b + 1) * m, b * m:(b + 1) * m] for b in range(blocks)])
+        assert (H - diagonal).abs().max() == 0
     lowrank.merge(model)
     for n in names:
         s_merged = torch.linalg.svdvals(model.get_submodule(n).weight.double())
@@ -281,10 +284,10 @@ def test_etherplus_relaxes_orthogonality_within_bound(opts):
             ref = block_householder([(-1.0, getattr(layer, u).detach()), (1.0, getattr(layer, v).detach())], None)
             torch.testing.assert_close(H, ref, atol=1e-6, rtol=0)
             m = H.shape[0] // cfg.ether_blocks
-            I = torch.eye(H.shape[0])
-            non_orthogonal |= not torch.allclose(H.T @ H, I, atol=1e-3)
+            eye = torch.eye(H.shape[0])
+            non_orthogonal |= not torch.allclose(H.T @ H, eye, atol=1e-3)
             for b in range(cfg.ether_blocks):
-                d = (H - I)[b * m:(b + 1) * m, b * m:(b + 1) * m].norm().item()
+                d = (H - eye)[b * m:(b + 1) * m, b * m:(b + 1) * m].norm().item()
                 assert d <= 2.0 + 1e-6
                 worst = max(worst, d)
         assert max(layer.reflection_distance()) == pytest.approx(max(

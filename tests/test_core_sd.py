@@ -33,14 +33,14 @@ def test_lora_counts_match_the_paper(attention_shapes):
     assert n16 == 128                      # q, k, v, out of attn1 and attn2 in 16 transformer blocks
     assert p16 == 3_188_736                # "3.2M"
     assert count("lora", 4)[1] == 797_184  # "0.8M"
-    in_out = sum(l.in_features + l.out_features for l in lowrank.adapter_layers(unet).values())
+    in_out = sum(m.in_features + m.out_features for m in lowrank.adapter_layers(unet).values())
     assert p16 == 16 * in_out              # r·(in + out) per matrix
 
 
 def test_other_methods_counts():
     assert count("delora", 16)[1] == 3_188_736 + 128                 # + one λ per matrix
     n, p, unet = count("dora", 16)
-    outs = sum(l.out_features for l in lowrank.adapter_layers(unet).values())
+    outs = sum(m.out_features for m in lowrank.adapter_layers(unet).values())
     assert p == 3_188_736 + outs                                     # + one magnitude per output row
     assert count("etherplus", 16)[1] == 2 * 199_296                  # u, v on both sides: "0.4M"
     assert count("ether", 16)[1] == outs == 99_840                   # one unit vector per matrix: "0.1M"

@@ -27,9 +27,9 @@ No dropout (Eq. 7: it breaks g_W = g_BA; check_config rejects it).
 """
 from __future__ import annotations
 
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from ..errors import AdapterError, ConfigError
 from ..layer import add_low_rank
