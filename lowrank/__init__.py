@@ -7,21 +7,22 @@
     parameter_groups(model, lr=1e-3, lambda_lr=1e-2)
     weight_distance(model)              # {module name: ‖W_eff − W0‖_F}
     step_hooks(model)                   # .extra_loss(), .after_optimizer_step(step)
+    export(unet, "out/", format="diffusers")  # exact LoRA files: diffusers, kohya, peft
 """
 from .analysis import count_parameters, distance_summary, weight_distance
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError, ConfigError, TargetError
+from .export import ExportError, export, export_peft
 from .hooks import step_hooks
 from .inject import adapter_layers, eject, inject
 from .io import load_adapter, read_adapter, save_adapter
 from .methods.dynamic_rank import live_ranks
 from .ops import merge, parameter_groups, unmerge
-from .peft_export import export_peft
 from .registry import METHODS
 
 __all__ = [
     "AdapterConfig", "inject", "eject", "merge", "unmerge", "save_adapter", "load_adapter", "read_adapter",
     "parameter_groups", "weight_distance", "distance_summary", "count_parameters", "step_hooks",
-    "adapter_layers", "export_peft", "live_ranks", "METHODS", "AdapterError", "ConfigError", "TargetError",
-    "AdapterFileError", "AdapterMismatchError",
+    "adapter_layers", "export", "export_peft", "ExportError", "live_ranks", "METHODS", "AdapterError",
+    "ConfigError", "TargetError", "AdapterFileError", "AdapterMismatchError",
 ]

@@ -98,10 +98,17 @@ def test_export_loads_in_peft(method, tmp_path):
     torch.testing.assert_close(loaded(x), ours(x), rtol=1e-5, atol=1e-6)
 
 
-def test_export_refuses_what_peft_cannot_represent(tmp_path):
-    for cfg in [dict(method="ether"), dict(method="delora", delora_init="subtract")]:
-        model = MLP()
+def test_methods_peft_lacks_export_as_exact_lora(tmp_path):
+    """ETHER and subtract-init DeLoRA have no peft method, but their updates are exactly low rank: they go out
+    as plain peft LoRA files (scale folded, alpha = r) that peft's own loader reproduces."""
+    for i, cfg in enumerate([dict(method="ether"), dict(method="delora", delora_init="subtract")]):
+        torch.manual_seed(5)
+        base = MLP()
+        model = copy.deepcopy(base)
         inject(model, AdapterConfig(target_modules=TARGETS, rank=4, **cfg))
-        with pytest.raises(lowrank.AdapterError, match="peft"):
-            lowrank.export_peft(model, tmp_path)
-        assert not (tmp_path / "adapter_model.safetensors").exists()
+        perturb(model)
+        lowrank.export_peft(model, tmp_path / str(i))
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / str(i))
+        assert loaded.peft_config["default"].peft_type == "LORA"
+        x = torch.randn(4, 12)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,302 @@
+"""Exact export of a trained adapter into the files other tools load: diffusers, kohya (ComfyUI / A1111), peft.
+
+    lowrank.export(unet, "out/", format="diffusers")   # pipe.load_lora_weights("out/")
+    lowrank.export(unet, "out/", format="kohya")       # out/out.safetensors: lora_unet_… for ComfyUI / A1111
+    lowrank.export(unet, "out/", format="peft")        # PeftModel.from_pretrained(unet, "out/")
+
+Why every method fits a plain LoRA file. Every method except DoRA changes a weight by an update of exactly
+low rank, and each layer's delta_factors() already gives it as factors, ΔW = W_eff − W0 = Σ_t U_t V_t:
+  lora                 s·B A                                             rank r
+  deltalora            (1+λ)s·B A − λs·B_K A_K (after the snapshot K)    rank 2r (r before K)
+  delora (zero_b)      (λ/r)·B Ξ A diag(‖W̄‖)                             rank r  (DeLoRA Eq. 8)
+  delora (subtract)    the same minus the frozen initial update          rank 2r (DeLoRA Eq. 9)
+  dyndora              s·Σ c_i b_i a_iᵀ over live components              rank = live components (c_i = 0 dropped)
+  ether                H W − W = −2 Û (Ûᵀ W),  Û the n block unit vectors rank n   (one per block of H)
+  etherplus one-sided  H⁺W − W = P W,  P = −ÛÛᵀ + V̂V̂ᵀ                     rank 2n
+  etherplus            H⁺ W H̃⁺ − W = P W + H⁺ (W P̃)                       rank 4n
+(ETHER's factors contain W0: the export needs the model with its base weights, not the adapter file alone.)
+Concatenating the terms, [U_1 … U_T] @ [V_1; …; V_T] = ΔW with no approximation; the file's rank is the sum of
+the terms' ranks. The scale (α/r, λΞ/r, ‖W̄‖ …) is folded into the factors, so the file says scale 1
+(alpha = rank) and no loader can apply a different one: diffusers reads no adapter_config.json and
+silently assumes alpha = rank. Each rank-1 term u vᵀ is split as (u·√(‖v‖/‖u‖), v·√(‖u‖/‖v‖)), both halves of
+equal norm, so neither factor is tiny nor huge in fp16 (computed in float64, stored in float32).
+Every layer is padded with zero terms to the model's largest rank, so the file has one rank and one alpha:
+loaders that derive the scale from the most common rank (older diffusers) cannot get another layer wrong.
+
+DoRA, m ⊙ (W + sBA)/‖W + sBA‖, is not low rank: it goes out in peft's DoRA layout (lora_A, lora_B,
+lora_magnitude_vector), which peft and diffusers load exactly, and kohya files are refused.
+Anything that cannot be exact raises ExportError naming the formats that can hold it; nothing is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import AdapterError, AdapterFileError
+from .inject import adapter_layers
+from .io import _atomic_write, model_config
+
+FORMATS = ("diffusers", "kohya", "peft")
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+# the model part the adapters live in -> (diffusers key prefix, kohya key prefix)
+COMPONENTS = {"unet": ("unet", "lora_unet_"), "text_encoder": ("text_encoder", "lora_te_")}
+
+
+class ExportError(AdapterError, ValueError):
+    """A method the requested format cannot hold exactly; the message names the formats that can."""
+
+
+def _dora_refusal(fmt: str) -> ExportError:
+    return ExportError(f"DoRA cannot be written exactly as a {fmt} file: its update m ⊙ (W + sBA)/‖W + sBA‖ is "
+                       f"not low rank and {fmt} files hold plain LoRA only; export it as 'diffusers' or 'peft' "
+                       f"(both load DoRA exactly), or as a merged pipeline (python -m training.export "
+                       f"--format pipeline)")
+
+
+# ----- factors --------------------------------------------------------------------------------------
+@torch.no_grad()
+def _balanced(up: torch.Tensor, down: torch.Tensor, drop_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down unchanged, each rank-1 term split so that ‖up_k‖ = ‖down_k‖ (float64);
+    terms that are exactly zero (pruned dyndora components, B = 0 columns) dropped when drop_zero."""
+    up, down = up.double(), down.double()
+    nu, nv = up.norm(dim=0), down.norm(dim=1)
+    live = (nu > 0) & (nv > 0)
+    if drop_zero:
+        up, down, nu, nv, live = up[:, live], down[live], nu[live], nv[live], live[live]
+    g = torch.where(live, (nv / nu.where(live, torch.ones_like(nu))).sqrt(), torch.ones_like(nu))
+    return up * g, down / g.unsqueeze(1)
+
+
+@torch.no_grad()
+def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (out, k), down (k, in)) in float64 with up @ down = ΔW = W_eff − W0 exactly (module docstring)."""
+    if layer.method == "dora":
+        raise _dora_refusal("LoRA")
+    terms = layer.delta_factors()
+    up = torch.cat([u.detach().double() for u, _ in terms], dim=1)
+    down = torch.cat([v.detach().double() for _, v in terms], dim=0)
+    return _balanced(up, down)
+
+
+def _pad(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k = up.shape[1]
+    return (torch.cat([up, up.new_zeros(up.shape[0], rank - k)], dim=1),
+            torch.cat([down, down.new_zeros(rank - k, down.shape[1])], dim=0))
+
+
+def _as_layer_weight(t: torch.Tensor, conv: bool) -> torch.Tensor:
+    """float32, contiguous, on the CPU; 4-D (…, 1, 1) for a 1x1 conv, as peft's and kohya's conv LoRA hold it."""
+    t = t.detach().float().cpu()
+    return (t.reshape(*t.shape, 1, 1) if conv else t).contiguous()
+
+
+def _checked_layers(model: nn.Module) -> dict:
+    model_config(model)   # raises "model has no adapters" with the one wording lowrank uses
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        if layer.merged:
+            raise AdapterError(f"{name} is merged; unmerge(model) before exporting (the factors need W0)")
+    return layers
+
+
+def low_rank_state(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """{module name: (up (out, R), down (R, in))} with one rank R for every layer (zero-padded), and R."""
+    layers = _checked_layers(model)
+    factors = {name: lora_factors(layer) for name, layer in layers.items()}
+    rank = max(1, max(u.shape[1] for u, _ in factors.values()))
+    return {name: _pad(u, v, rank) for name, (u, v) in factors.items()}, rank
+
+
+def _dora_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """{name: (up, down, magnitude)} with the scale s folded into the factors (peft's DoRA sees only s·BA)."""
+    out = {}
+    for name, layer in _checked_layers(model).items():
+        up, down = _balanced(layer.lora_B.detach() * layer.scale, layer.lora_A.detach(), drop_zero=False)
+        out[name] = (up, down, layer.lora_magnitude.detach())
+    return out
+
+
+def _lora_config(rank: int, alpha: float, targets: list[str], dora: bool = False) -> dict:
+    """peft LoraConfig fields: what diffusers writes as lora_adapter_metadata and peft as adapter_config.json."""
+    return {"r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+            "use_dora": dora, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}
+
+
+# ----- formats --------------------------------------------------------------------------------------
+def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
+    """Keys as diffusers' save_lora_weights writes them: '<component>.<module>.lora_A.weight' / 'lora_B.weight'
+    (+ '.lora_magnitude_vector' for DoRA), and the peft config as 'lora_adapter_metadata' JSON with keys
+    '<component>.r', '<component>.lora_alpha' … (diffusers' _pack_dict_with_prefix)."""
+    prefix = COMPONENTS[component][0]
+    layers = adapter_layers(model)
+    state: dict[str, torch.Tensor] = {}
+    if model_config(model).method == "dora":
+        dora = _dora_state(model)
+        for name, (up, down, mag) in dora.items():
+            conv = layers[name].is_conv
+            state[f"{prefix}.{name}.lora_A.weight"] = _as_layer_weight(down, conv)
+            state[f"{prefix}.{name}.lora_B.weight"] = _as_layer_weight(up, conv)
+            # peft's DoRA magnitude: (out,) for Linear, (1, out, 1, 1) for Conv2d
+            state[f"{prefix}.{name}.lora_magnitude_vector"] = mag.float().cpu().reshape(
+                (1, -1, 1, 1) if conv else (-1,)).contiguous()
+        rank = next(iter(dora.values()))[0].shape[1]
+    else:
+        factors, rank = low_rank_state(model)
+        for name, (up, down) in factors.items():
+            conv = layers[name].is_conv
+            state[f"{prefix}.{name}.lora_A.weight"] = _as_layer_weight(down, conv)
+            state[f"{prefix}.{name}.lora_B.weight"] = _as_layer_weight(up, conv)
+    cfg = _lora_config(rank, float(rank), sorted(layers), dora=model_config(model).method == "dora")
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in cfg.items()},
+                                                                indent=2, sort_keys=True)}
+    return state, meta, DIFFUSERS_WEIGHTS
+
+
+def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict, str]:
+    """kohya-ss sd-scripts' networks.lora keys, what ComfyUI and A1111 read: 'lora_unet_<module path with _>'
+    + '.lora_down.weight' (R, in[, 1, 1]), '.lora_up.weight' (out, R[, 1, 1]), '.alpha' = R (scale alpha/R = 1)."""
+    if model_config(model).method == "dora":
+        raise _dora_refusal("kohya")
+    prefix = COMPONENTS[component][1]
+    layers = adapter_layers(model)
+    factors, rank = low_rank_state(model)
+    state = {}
+    for name, (up, down) in factors.items():
+        key = prefix + name.replace(".", "_")
+        conv = layers[name].is_conv
+        state[f"{key}.lora_down.weight"] = _as_layer_weight(down, conv)
+        state[f"{key}.lora_up.weight"] = _as_layer_weight(up, conv)
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+            "lowrank_method": model_config(model).method}
+    return state, meta, file_name
+
+
+def _native_peft(model: nn.Module, prefix: str) -> tuple[dict, dict] | None:
+    """The adapter as peft itself would train it (lora, dora: r and alpha as trained; delora with peft's own
+    zero_b init and column norms): a peft user can keep training it. None where peft has no such method."""
+    cfg = model_config(model)
+    layers = _checked_layers(model)
+    if cfg.method == "delora" and (cfg.delora_init != "zero_b" or cfg.delora_norm != "column"):
+        return None
+    if cfg.method not in ("lora", "dora", "delora"):
+        return None
+    if cfg.method != "lora" and any(layer.is_conv for layer in layers.values()):
+        return None   # peft's DeLoRA is Linear-only; DoRA on a conv goes the folded way (magnitude reshaped)
+    state = {}
+    for name, layer in layers.items():
+        key, conv = prefix + name, (1, 1) if layer.is_conv else ()
+        if cfg.method in ("lora", "dora"):
+            state[f"{key}.lora_A.weight"] = layer.lora_A.detach().reshape(*layer.lora_A.shape, *conv)
+            state[f"{key}.lora_B.weight"] = layer.lora_B.detach().reshape(*layer.lora_B.shape, *conv)
+            if cfg.method == "dora":
+                state[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude.detach()
+        else:
+            for t in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"):
+                state[f"{key}.{t}"] = getattr(layer, t).detach()
+    targets = sorted(layers)
+    if cfg.method == "delora":
+        peft_cfg = {"peft_type": "DELORA", "r": cfg.rank, "delora_lambda": cfg.delora_lambda,
+                    "module_dropout": cfg.dropout, "target_modules": targets, "init_weights": True}
+    else:
+        peft_cfg = {"peft_type": "LORA", **_lora_config(cfg.rank, cfg.alpha if cfg.alpha is not None else cfg.rank,
+                                                        targets, dora=cfg.method == "dora")}
+        peft_cfg["lora_dropout"] = cfg.dropout
+    return {k: v.float().contiguous().cpu() for k, v in state.items()}, peft_cfg
+
+
+def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
+    native = _native_peft(model, prefix)
+    if native is not None:
+        return native
+    layers = adapter_layers(model)
+    state = {}
+    if model_config(model).method == "dora":   # DoRA on 1x1 convs: peft's conv DoRA layout, scale folded
+        for name, (up, down, mag) in _dora_state(model).items():
+            conv = layers[name].is_conv
+            state[f"{prefix}{name}.lora_A.weight"] = _as_layer_weight(down, conv)
+            state[f"{prefix}{name}.lora_B.weight"] = _as_layer_weight(up, conv)
+            state[f"{prefix}{name}.lora_magnitude_vector"] = mag.float().cpu().reshape(
+                (1, -1, 1, 1) if conv else (-1,)).contiguous()
+        rank, dora = model_config(model).rank, True
+    else:   # every other method: an exact plain LoRA of the rank it needs (module docstring)
+        factors, rank = low_rank_state(model)
+        for name, (up, down) in factors.items():
+            conv = layers[name].is_conv
+            state[f"{prefix}{name}.lora_A.weight"] = _as_layer_weight(down, conv)
+            state[f"{prefix}{name}.lora_B.weight"] = _as_layer_weight(up, conv)
+        dora = False
+    return state, {"peft_type": "LORA", **_lora_config(rank, float(rank), sorted(layers), dora=dora)}
+
+
+# ----- entry points ---------------------------------------------------------------------------------
+def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffusers", component: str = "unet",
+           peft_prefix: str = "base_model.model.") -> Path:
+    """Write the adapters injected in `model` to `directory` in `format`; returns the weights file's path.
+
+    diffusers: directory/pytorch_lora_weights.safetensors, for pipe.load_lora_weights(directory).
+    kohya:     directory/<directory name>.safetensors (lora_unet_… keys), for ComfyUI / A1111 / diffusers.
+    peft:      directory/{adapter_config.json, adapter_model.safetensors}, for PeftModel.from_pretrained.
+    `component` says which pipeline part `model` is ("unet" or "text_encoder"): it sets the key prefix
+    of diffusers and kohya files. The model must hold its pretrained base weights, unmerged (ETHER's and
+    DeLoRA's factors depend on W0). Raises ExportError for a method the format cannot hold exactly
+    (DoRA in kohya), before anything is written.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if component not in COMPONENTS:
+        raise ExportError(f"unknown component {component!r}; choose one of {', '.join(COMPONENTS)}")
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out} exists and is not a directory; choose another output path")
+    # every tensor is built (and every refusal raised) before the first byte is written
+    if format == "diffusers":
+        state, meta, name = _diffusers(model, component)
+    elif format == "kohya":
+        state, meta, name = _kohya(model, component, f"{out.resolve().name or 'lora'}.safetensors")
+    else:
+        state, peft_cfg = _peft(model, peft_prefix)
+        peft_cfg.update({"task_type": None, "base_model_name_or_path": None, "inference_mode": True})
+        meta, name = {"format": "pt"}, PEFT_WEIGHTS
+    _check_finite(state)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / name, lambda p: save_file(state, p, metadata=meta))
+    if format == "peft":
+        _atomic_write(out / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2)))
+    return out / name
+
+
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"the adapter has non-finite values ({bad[0]}{' …' if len(bad) > 1 else ''}); "
+                          f"export an earlier checkpoint")
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, prefix: str = "base_model.model.") -> Path:
+    """peft's format (adapter_config.json + adapter_model.safetensors): export(model, directory, 'peft')."""
+    export(model, directory, "peft", peft_prefix=prefix)
+    return Path(directory)
+
+
+def file_rank(model: nn.Module) -> int:
+    """The rank a diffusers/kohya/peft-LoRA export of `model` has (the largest exact rank of any layer)."""
+    if model_config(model).method == "dora":
+        return model_config(model).rank
+    return low_rank_state(model)[1]
+
+
+if __name__ == "__main__":   # the CLI needs the base model, which needs diffusers: it lives in training/
+    import sys
+
+    print("error: exporting needs the base model's weights (ETHER's and DeLoRA's factors depend on W0), so the "
+          "command is: python -m training.export RUN_OR_ADAPTER_DIR --format diffusers --output DIR",
+          file=sys.stderr)
+    sys.exit(2)
