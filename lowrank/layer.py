@@ -51,6 +51,10 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     prefix: ClassVar[str] = ""          # e.g. "lora_": every trainable name starts with it
     keeps_weight_on_merge: ClassVar[bool] = False  # True where ΔW cannot be undone arithmetically
+    # True where W_eff is W transformed (H·W, k ⊙ W): undoing it applies H or 1/k to the merged weight's
+    # rounding error too, which in fp16/bf16 lands on an element as more than one rounding of it (H mixes the
+    # errors of a column's large entries into its small ones). Such methods keep W on merge below fp32.
+    rescales_weight: ClassVar[bool] = False
     summary: ClassVar[str] = ""         # one line: what the method does (help texts, the app)
     default_learning_rate: ClassVar[float] = 1e-4   # the trainers' --learning_rate when none is given
 
@@ -211,7 +215,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         w = self.weight
-        if self.keeps_weight_on_merge:
+        if self.keeps_weight_on_merge or (self.rescales_weight and w.element_size() < 4):
             self._saved_weight = w.detach().clone()
         new = w.double() + self.merge_delta().double()
         w.copy_(new.to(w.dtype))

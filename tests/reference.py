@@ -73,4 +73,13 @@ def dyndora(P, W0, cfg):  # DynDoRA Eq. 6: W0 + s Σ c_i b_i a_iᵀ,  s = α/r'
                         for i in range(P["dyndora_c"].numel()))
 
 
-REFERENCES = {"lora": lora, "dora": dora, "delora": delora, "ether": ether, "etherplus": etherplus, "dyndora": dyndora}
+def deltalora(P, W0, cfg):  # Delta-LoRA Eq. 6 telescoped: W_t + sBA = W0 + (1+λ)s·BA − λs·B_K A_K after step K
+    s, lam = cfg.scale, cfg.deltalora_ratio
+    W = W0 + s * P["lora_B"] @ P["lora_A"]
+    if P["deltalora_started"]:
+        W = W + lam * s * (P["lora_B"] @ P["lora_A"] - P["deltalora_B_start"] @ P["deltalora_A_start"])
+    return W
+
+
+REFERENCES = {"lora": lora, "dora": dora, "delora": delora, "ether": ether, "etherplus": etherplus,
+              "deltalora": deltalora, "dyndora": dyndora}

@@ -20,6 +20,7 @@ class DoraLayer(LoraLayer):
     prefix = "lora_"  # lora_A, lora_B, lora_magnitude: peft's names
     summary = "DoRA: a learned magnitude per output row times the row-normalised W + (α/r)·BA"
     default_learning_rate = 6e-4
+    rescales_weight = True   # W_eff = k ⊙ (W + sBA): unmerge divides the merged rounding by k
 
     def init_adapter(self) -> None:
         super().init_adapter()

@@ -62,6 +62,7 @@ class EtherLayer(AdapterLayer):
     prefix = "ether_"
     summary = "ETHER: W times a Householder reflection per block, bounded: ‖H − I‖_F = 2"
     default_learning_rate = 6e-3
+    rescales_weight = True   # W_eff = H W: unmerge applies H to the merged weight's rounding error too
 
     @classmethod
     def check_config(cls, config: AdapterConfig) -> None:   # ETHER+ shares it (ether_blocks)
