@@ -40,6 +40,13 @@ CASES = [
 IDS = [m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in CASES]
 
 
+def test_every_registered_method_has_cases_and_a_reference():
+    """A method added to lowrank.METHODS joins this matrix (deltalora's steps are in test_training_methods)."""
+    assert {m for m, _ in CASES} | {"deltalora"} == set(lowrank.METHODS) == set(REFERENCES)
+    for cls in lowrank.METHODS.values():
+        assert cls.summary and "\n" not in cls.summary and cls.default_learning_rate > 0
+
+
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
