@@ -238,11 +238,12 @@ def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
 
 # ----- entry points ---------------------------------------------------------------------------------
 def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffusers", component: str = "unet",
-           peft_prefix: str = "base_model.model.") -> Path:
+           peft_prefix: str = "base_model.model.", name: str | None = None) -> Path:
     """Write the adapters injected in `model` to `directory` in `format`; returns the weights file's path.
 
     diffusers: directory/pytorch_lora_weights.safetensors, for pipe.load_lora_weights(directory).
-    kohya:     directory/<directory name>.safetensors (lora_unet_… keys), for ComfyUI / A1111 / diffusers.
+    kohya:     directory/<name>.safetensors (lora_unet_… keys; name defaults to the directory's name), for
+               ComfyUI / A1111 (copy it into their LoRA folder) and diffusers.
     peft:      directory/{adapter_config.json, adapter_model.safetensors}, for PeftModel.from_pretrained.
     `component` says which pipeline part `model` is ("unet" or "text_encoder"): it sets the key prefix
     of diffusers and kohya files. The model must hold its pretrained base weights, unmerged (ETHER's and
@@ -260,7 +261,7 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
     if format == "diffusers":
         state, meta, name = _diffusers(model, component)
     elif format == "kohya":
-        state, meta, name = _kohya(model, component, f"{out.resolve().name or 'lora'}.safetensors")
+        state, meta, name = _kohya(model, component, f"{name or out.resolve().name or 'lora'}.safetensors")
     else:
         state, peft_cfg = _peft(model, peft_prefix)
         peft_cfg.update({"task_type": None, "base_model_name_or_path": None, "inference_mode": True})

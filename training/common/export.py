@@ -1,0 +1,162 @@
+"""Export a trained adapter for use elsewhere: the exact LoRA files of lowrank.export, or a merged pipeline.
+
+    export_model(unet, run_dir, "diffusers")        # in memory, e.g. at the end of training
+    export_run("runs/cat", "out/cat", "kohya")      # from a run folder (or any adapter folder) on disk
+    python -m training.export runs/cat --format pipeline --output out/cat-pipeline
+
+Why here and not in lowrank: the factors of ETHER (H W − W) and DeLoRA (‖W̄‖) depend on the pretrained
+weights W0, so exporting a saved adapter means loading the base model, which takes diffusers; lowrank stays
+torch-only. The base is the run's own (run.json's args.pretrained_model_name_or_path / revision) unless
+`pipeline` names another.
+
+Formats: diffusers, kohya, peft (lowrank.export: exact LoRA files) and pipeline: a complete diffusers
+pipeline folder with the adapter merged into the UNet (lowrank.eject(merge=True): every method, DoRA
+included), for StableDiffusionPipeline.from_pretrained(dir). The CLI writes into a temporary folder beside
+the output and renames it into place, so an interrupted export never leaves a half-written folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lowrank
+from lowrank.export import FORMATS as FILE_FORMATS
+from lowrank.io import CONFIG_NAME, WEIGHTS_NAME
+
+from . import TrainingError
+
+FORMATS = (*FILE_FORMATS, "pipeline")   # diffusers, kohya, peft + pipeline
+
+
+class ExportInputError(TrainingError, ValueError):
+    """Bad input to an export (not an adapter folder, unknown format, output in the way): one line, exit 2."""
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def run_json(adapter_dir: Path) -> dict | None:
+    """run.json of the run an adapter folder belongs to: the run folder itself (final adapter) or the parent
+    of a checkpoint-N folder."""
+    for d in (adapter_dir, adapter_dir.parent):
+        f = d / "run.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ExportInputError(f"cannot read {f}: {e}") from None
+    return None
+
+
+def base_model(adapter_dir: Path, pipeline: str | None) -> tuple[str | None, str | None]:
+    """(name or path, revision) of the base pipeline: `pipeline` if given, else the run's base model."""
+    if pipeline:
+        return pipeline, None
+    info = run_json(adapter_dir)
+    if info is None:
+        raise ExportInputError(f"{adapter_dir} has no run.json (nor its parent), so its base model is unknown; "
+                               f"pass --pipeline BASE (a hub name, a local pipeline folder or 'tiny')")
+    args = info.get("args", {})
+    return args.get("pretrained_model_name_or_path"), args.get("revision")
+
+
+def _check(format: str) -> None:
+    if format not in FORMATS:
+        raise ExportInputError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _check_output(output: Path, format: str) -> None:
+    if output.exists() and not output.is_dir():
+        raise ExportInputError(f"--output {output} is a file; give a folder (it is created if missing)")
+    if format == "pipeline" and output.is_dir() and any(output.iterdir()):
+        raise ExportInputError(f"--output {output} is a folder that is not empty; a merged pipeline needs a new "
+                               f"or empty folder (stale files would mix with the new pipeline)")
+
+
+def save_merged_pipeline(pipe, unet, directory: Path) -> None:
+    """pipe's components with `unet` (adapters merged in and ejected) saved by save_pretrained."""
+    lowrank.eject(unet, merge=True)   # W_eff into the base weights (DoRA too), plain diffusers modules back
+    original = pipe.unet
+    pipe.unet = unet
+    try:
+        pipe.save_pretrained(directory, safe_serialization=True)
+    finally:
+        pipe.unet = original
+
+
+def export_model(unet, output: str | os.PathLike, format: str = "diffusers", pipeline=None,
+                 consume: bool = False, name: str | None = None) -> Path:
+    """Export the adapters injected in `unet` (in memory). Returns the written file (or pipeline folder).
+
+    diffusers / kohya / peft: lowrank.export into `output` (created if missing; each file written atomically,
+    other files in the folder left alone: a run folder can hold pytorch_lora_weights.safetensors beside its
+    own adapter, and pipe.load_lora_weights(run_folder) picks it). pipeline: `pipeline` is the loaded
+    StableDiffusionPipeline the UNet belongs to (its other components are saved as they are); the UNet is
+    merged in a deep copy unless consume=True (then `unet` loses its adapters). `unet` must be unwrapped
+    (accelerator.unwrap_model) and unmerged. Raises lowrank.AdapterError (e.g. ExportError) or
+    ExportInputError with one-line messages.
+    """
+    _check(format)
+    output = Path(output)
+    _check_output(output, "file" if format != "pipeline" else format)
+    if format != "pipeline":
+        return lowrank.export(unet, output, format, name=name)
+    if pipeline is None:
+        raise ExportInputError("format 'pipeline' needs the pipeline the UNet belongs to (pipeline=...)")
+    model = unet if consume else copy.deepcopy(unet)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:
+        save_merged_pipeline(pipeline, model, tmp)
+        _move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """tmp -> output: one rename when output is missing or empty; else each file replaced atomically."""
+    if output.is_dir() and not any(output.iterdir()):
+        output.rmdir()
+    if not output.exists():
+        os.rename(tmp, output)
+        return
+    for f in tmp.iterdir():
+        os.replace(f, output / f.name)
+
+
+def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike, format: str = "diffusers",
+               pipeline: str | None = None) -> Path:
+    """Export a saved adapter (a run folder, a checkpoint-N folder or any lowrank adapter folder).
+
+    Loads the base pipeline (`pipeline`, default: the run's base model from run.json), loads the adapter into
+    its UNet and exports it; the output appears complete or not at all (written into a temporary folder
+    beside it, then renamed). Returns the written file (pipeline: the folder)."""
+    from .models import load_pipeline
+
+    _check(format)
+    src, output = Path(run_or_adapter_dir).expanduser(), Path(output).expanduser()
+    if not src.is_dir() or not is_adapter_dir(src):
+        raise ExportInputError(f"{src} is not a run or adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}; "
+                               f"a run folder holds its final adapter at the top)")
+    _check_output(output, format)
+    if output.resolve() == src.resolve() and format == "pipeline":
+        raise ExportInputError("--output must not be the adapter folder itself for format 'pipeline'")
+    name, revision = base_model(src, pipeline)
+    pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
+    lowrank.load_adapter(pipe.unet, src)
+    if format == "pipeline":
+        return export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:   # kohya names its file after the final folder, not the temporary one
+        written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
+        _move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output / written.name
