@@ -130,29 +130,41 @@ def _lora_config(rank: int, alpha: float, targets: list[str], dora: bool = False
 
 
 # ----- formats --------------------------------------------------------------------------------------
+def _names(layers: dict, component: str) -> dict[str, str]:
+    """{module name: its name in a diffusers/kohya file}. A text encoder's modules are named from the CLIPTextModel
+    root, 'text_model.encoder.layers.…' (transformers < 5, and what A1111/ComfyUI/kohya expect); transformers 5
+    flattened the model to 'encoder.layers.…', so the prefix is put back (diffusers strips it where the model
+    lacks it). The metadata's target_modules keep the model's own names: peft matches them as suffixes, so they
+    fit either layout."""
+    if component == "text_encoder":
+        return {n: n if n.startswith("text_model.") else f"text_model.{n}" for n in layers}
+    return {n: n for n in layers}
+
+
 def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
     """Keys as diffusers' save_lora_weights writes them: '<component>.<module>.lora_A.weight' / 'lora_B.weight'
     (+ '.lora_magnitude_vector' for DoRA), and the peft config as 'lora_adapter_metadata' JSON with keys
     '<component>.r', '<component>.lora_alpha' … (diffusers' _pack_dict_with_prefix)."""
     prefix = COMPONENTS[component][0]
     layers = adapter_layers(model)
+    file_names = _names(layers, component)
     state: dict[str, torch.Tensor] = {}
     if model_config(model).method == "dora":
         dora = _dora_state(model)
         for name, (up, down, mag) in dora.items():
-            conv = layers[name].is_conv
-            state[f"{prefix}.{name}.lora_A.weight"] = _as_layer_weight(down, conv)
-            state[f"{prefix}.{name}.lora_B.weight"] = _as_layer_weight(up, conv)
+            conv, key = layers[name].is_conv, f"{prefix}.{file_names[name]}"
+            state[f"{key}.lora_A.weight"] = _as_layer_weight(down, conv)
+            state[f"{key}.lora_B.weight"] = _as_layer_weight(up, conv)
             # peft's DoRA magnitude: (out,) for Linear, (1, out, 1, 1) for Conv2d
-            state[f"{prefix}.{name}.lora_magnitude_vector"] = mag.float().cpu().reshape(
+            state[f"{key}.lora_magnitude_vector"] = mag.float().cpu().reshape(
                 (1, -1, 1, 1) if conv else (-1,)).contiguous()
         rank = next(iter(dora.values()))[0].shape[1]
     else:
         factors, rank = low_rank_state(model)
         for name, (up, down) in factors.items():
-            conv = layers[name].is_conv
-            state[f"{prefix}.{name}.lora_A.weight"] = _as_layer_weight(down, conv)
-            state[f"{prefix}.{name}.lora_B.weight"] = _as_layer_weight(up, conv)
+            conv, key = layers[name].is_conv, f"{prefix}.{file_names[name]}"
+            state[f"{key}.lora_A.weight"] = _as_layer_weight(down, conv)
+            state[f"{key}.lora_B.weight"] = _as_layer_weight(up, conv)
     cfg = _lora_config(rank, float(rank), sorted(layers), dora=model_config(model).method == "dora")
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in cfg.items()},
                                                                 indent=2, sort_keys=True)}
@@ -168,8 +180,9 @@ def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict
     layers = adapter_layers(model)
     factors, rank = low_rank_state(model)
     state = {}
+    file_names = _names(layers, component)
     for name, (up, down) in factors.items():
-        key = prefix + name.replace(".", "_")
+        key = prefix + file_names[name].replace(".", "_")
         conv = layers[name].is_conv
         state[f"{key}.lora_down.weight"] = _as_layer_weight(down, conv)
         state[f"{key}.lora_up.weight"] = _as_layer_weight(up, conv)
