@@ -223,7 +223,8 @@ def test_bad_input_is_one_error_line_and_exit_2(bad_dirs, capsys, case):
     assert code == 2, err
     assert len(error_lines) == 1 and expected in error_lines[0], err
     # only the trainer's own lines (the error, its warnings, its note on the example subject): no library chatter
-    assert all(line.startswith(("error:", "warning:", "instance images:")) for line in err.splitlines() if line.strip()), err
+    own = ("error:", "warning:", "instance images:")
+    assert all(line.startswith(own) for line in err.splitlines() if line.strip()), err
     assert not (bad_dirs / "out").exists()       # bad input leaves no empty output folder behind
 
 
@@ -299,15 +300,18 @@ def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path, method):
 
 
 def test_checkpoint_listing_ignores_partial_and_stale_folders(tmp_path):
+    from lowrank.runfolder import list_checkpoints, remove_stale
     from training.common import TrainingError
-    from training.common.checkpoint import list_checkpoints, remove_stale, resolve_resume
+    from training.common.checkpoint import resolve_resume
 
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-4.old", "checkpoint-x"):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-4.old", "checkpoint-x",
+                 "checkpoint-6"):
         (tmp_path / name).mkdir()
-    for name in ("checkpoint-2", "checkpoint-10"):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-6"):
         (tmp_path / name / "trainer_state.json").write_text("{}")
         (tmp_path / name / "adapter_config.json").write_text("{}")
-    (tmp_path / "checkpoint-12.tmp" / "trainer_state.json").write_text("{}")
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp"):   # checkpoint-6 lacks its weights
+        (tmp_path / name / "adapter.safetensors").write_bytes(b"")
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10]      # numeric order, complete ones only
     assert resolve_resume(tmp_path, "latest").name == "checkpoint-10"
     assert resolve_resume(tmp_path, "checkpoint-2").name == "checkpoint-2"
@@ -315,4 +319,5 @@ def test_checkpoint_listing_ignores_partial_and_stale_folders(tmp_path):
         resolve_resume(tmp_path, "checkpoint-12.tmp")
     assert resolve_resume(tmp_path / "empty", "latest") is None
     remove_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2", "checkpoint-x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2", "checkpoint-6",
+                                                          "checkpoint-x"]

@@ -1,19 +1,24 @@
-"""Pieces every trainer shares (DreamBooth now; semantic-map and language trainers next).
+"""Pieces every trainer shares: a trainer (dreambooth.py, ...) is its data, loss and sampling on these.
 
+    loop.py        TrainingRun + Task: seed, resume, optimizer, the step, NaN checks, checkpoints, exit codes
     args.py        diffusers-named flags + one flag per AdapterConfig field
     models.py      load_pipeline(name_or_path) and the offline tiny SD preset (TINY)
-    data.py        image loading/validation, the embedded example subject, deterministic batches
+    data.py        image loading/validation, the embedded example subject
     checkpoint.py  atomic checkpoint-N/ directories, resume, rotation
     logging.py     metrics.jsonl + trackers, per-step weight distances
     samples.py     fixed-seed validation images, prompts.jsonl, sample grids
 
-Imports point one way: training -> lowrank (never app or eval).
+The run folder's layout and readers are lowrank.runfolder's. Imports point one way: training -> lowrank
+(never app or eval).
 """
+from lowrank.cli import CommandError
 
 
-class TrainingError(Exception):
+class TrainingError(CommandError):
     """Bad input or an unrecoverable training state. Trainers print it as one `error:` line, exit 2."""
 
 
 class DivergedError(TrainingError):
     """The loss became NaN/inf. Trainers print it as one `error:` line and exit 1."""
+
+    exit_code = 1

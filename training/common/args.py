@@ -12,15 +12,10 @@ import types
 import typing
 from pathlib import Path
 
-from lowrank import METHODS, AdapterConfig
+from lowrank import METHODS, AdapterConfig, cli
 
 from . import TrainingError
 
-# Per-method default learning rates (ETHER paper App. C / OFT protocol for SD-1.5 DreamBooth: LoRA 6e-4,
-# ETHER/ETHER+ 6e-3; DeLoRA is bounded like ETHER, and peft's docs recommend 10-100x LoRA's rate).
-DEFAULT_LR = {"lora": 6e-4, "dora": 6e-4, "deltalora": 6e-4, "dyndora": 6e-4,
-              "delora": 6e-3, "ether": 6e-3, "etherplus": 6e-3}
-FALLBACK_LR = 6e-4
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
 
@@ -39,9 +34,8 @@ def check_folder_path(path: Path, flag: str) -> None:
         raise TrainingError(f"{flag} {path}: {blocker} exists and is not a directory; choose another path")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump, caught by main() like any bad input
-        raise TrainingError(message)
+class ArgumentParser(cli.ArgumentParser):
+    error_class = TrainingError
 
 
 def _bool(text: str) -> bool:
@@ -125,14 +119,15 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
     p("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
     p("--checkpointing_steps", type=int, default=500,
       help="Write output_dir/checkpoint-N (adapter, optimizer/scheduler/RNG state, samples) every N steps.")
-    p("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go first).")
+    p("--checkpoints_total_limit", type=int, default=None,
+      help="Keep at most this many checkpoints (oldest go first).")
     p("--resume_from_checkpoint", default=None,
       help="'latest' (the newest checkpoint in output_dir; starts fresh if there is none) or a checkpoint folder.")
     p("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimizer step.")
     p("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
     p("--learning_rate", type=float, default=None,
       help="Learning rate of the adapter matrices (default per method: "
-           + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + f"; otherwise {FALLBACK_LR:g}).")
+           + ", ".join(f"{m} {cls.default_learning_rate:g}" for m, cls in METHODS.items()) + ").")
     p("--lr_scheduler", default="constant",
       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
       help="Learning-rate schedule (diffusers.optimization.get_scheduler).")
@@ -179,4 +174,4 @@ def check_training_args(args: argparse.Namespace) -> None:
 
 
 def default_learning_rate(method: str) -> float:
-    return DEFAULT_LR.get(method, FALLBACK_LR)
+    return METHODS[method].default_learning_rate

@@ -1,54 +1,29 @@
 """Checkpoints: output_dir/checkpoint-{step}/ with the adapter, the accelerator state and extras.
 
-    checkpoint-N/adapter_config.json, adapter.safetensors   lowrank.save_adapter (via a save-state hook)
+    checkpoint-N/adapter_config.json, adapter.safetensors   the task's save (lowrank.save_adapter + extras)
     checkpoint-N/optimizer.bin, custom_checkpoint_0.pkl (lr scheduler), random_states_*.pkl   accelerator.save_state
     checkpoint-N/trainer_state.json                          global step, seed, method
-    checkpoint-N/samples/                                    written by the trainer (extras callback)
+    checkpoint-N/samples/                                    written by the task (at_checkpoint)
 
 A checkpoint is built in checkpoint-N.tmp and renamed into place, so a kill at any moment leaves either
-a complete checkpoint or a .tmp that resume ignores (and the next run deletes).
+a complete checkpoint or a .tmp that resume ignores (and the next run deletes); what "complete" means
+is lowrank.runfolder.is_complete_checkpoint, the one rule training, eval and the app share.
 
-Resume order (what makes it exact): the adapter is loaded with lowrank.load_adapter into the *plain*
-freshly loaded model, which injects it with the saved tensors before any initial fold into the base
-weight (DeLoRA's subtract init) happens, so base weights are bit-identical to the original run's.
-Only then are the optimizer built, prepared, and accelerator.load_state restores optimizer, scheduler
-and RNG states; the load hook skips model weights because the adapter is already in place.
+Resume order: the adapter is loaded into the plain, freshly loaded model before the optimizer exists
+(lowrank.load_adapter injects it with the saved tensors instead of a random init, which would draw from
+the RNG and so change everything after it). Then the optimizer is built and prepared, and
+accelerator.load_state restores optimizer, scheduler and RNG states; the load hook leaves the model
+alone because the adapter is already in place.
 """
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 
-import lowrank
+from lowrank import runfolder
 
 from . import TrainingError
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_NAME = "trainer_state.json"
-ADAPTER_CONFIG = "adapter_config.json"   # what lowrank.save_adapter writes (with adapter.safetensors)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_NAME).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
@@ -56,22 +31,24 @@ def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     if not value:
         return None
     if value == "latest":
-        found = list_checkpoints(output_dir)
+        found = runfolder.list_checkpoints(output_dir)
         return found[-1][1] if found else None
     p = Path(value).expanduser()
     if not p.exists() and not p.is_absolute():
         p = Path(output_dir) / value
-    if not (p / STATE_NAME).is_file() or not (p / ADAPTER_CONFIG).is_file():
-        raise TrainingError(f"--resume_from_checkpoint {value}: {p} is not a checkpoint folder (expected "
-                            f"checkpoint-N with {STATE_NAME}); use 'latest' to pick the newest one")
+    if not runfolder.is_complete_checkpoint(p):
+        raise TrainingError(f"--resume_from_checkpoint {value}: {p} is not a checkpoint folder (expected a complete "
+                            f"checkpoint-N with {runfolder.TRAINER_STATE} and the adapter files); use 'latest' to "
+                            f"pick the newest one")
     return p
 
 
 def read_state(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / STATE_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainingError(f"cannot read {checkpoint / STATE_NAME}: {e}") from None
+    state = runfolder.read_json(checkpoint / runfolder.TRAINER_STATE)
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise TrainingError(f"cannot read {checkpoint / runfolder.TRAINER_STATE}; resume from an earlier "
+                            f"checkpoint with --resume_from_checkpoint DIR")
+    return state
 
 
 def load_accelerator_state(accelerator, checkpoint: Path) -> None:
@@ -84,31 +61,14 @@ def load_accelerator_state(accelerator, checkpoint: Path) -> None:
                             f"earlier checkpoint with --resume_from_checkpoint DIR") from None
 
 
-def remove_stale(output_dir: str | Path) -> None:
-    """Delete leftovers of a killed run: half-written checkpoint-N.tmp and half-deleted *.old folders."""
-    d = Path(output_dir)
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_dir() and p.name.startswith("checkpoint-") and p.name.endswith((".tmp", ".old")):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _delete(path: Path) -> None:
-    """Rename first, so a kill mid-delete never leaves a half checkpoint under a valid name."""
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(path, old)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def register_adapter_hooks(accelerator) -> None:
-    """accelerator.save_state writes the adapter (lowrank format) instead of the full UNet weights;
-    load_state leaves the model alone (the adapter was loaded before prepare, see the module doc)."""
+def register_adapter_hooks(accelerator, save) -> None:
+    """accelerator.save_state writes the adapter through `save(model, folder)` instead of the full model
+    weights; load_state leaves the model alone (the adapter was loaded before prepare, see above)."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                lowrank.save_adapter(accelerator.unwrap_model(model), output_dir)
+                save(accelerator.unwrap_model(model), Path(output_dir))
         weights.clear()   # nothing else of the model is saved: base weights are the pretrained ones
 
     def load_hook(models, input_dir):
@@ -131,12 +91,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     if accelerator.is_main_process:
         if extras is not None:
             extras(tmp)
-        write_json_atomic(tmp / STATE_NAME, {"global_step": step, **state})
-        if final.exists():                    # e.g. re-running a step after resuming from an older checkpoint
-            _delete(final)
-        os.rename(tmp, final)
+        runfolder.write_json(tmp / runfolder.TRAINER_STATE, {"global_step": step, **state})
+        runfolder.replace_dir(tmp, final)     # e.g. re-running a step after resuming from an older checkpoint
         if total_limit:
-            for _, old in list_checkpoints(out)[:-total_limit]:
-                _delete(old)
+            for _, old in runfolder.list_checkpoints(out)[:-total_limit]:
+                runfolder.remove_dir(old)
     accelerator.wait_for_everyone()
     return final

@@ -1,14 +1,13 @@
-"""Images in, tensors out: folder loading with validation, the embedded example subject, and a
-deterministic batch order.
+"""Images in, tensors out: folder loading with validation, the embedded example subject, the DreamBooth
+dataset.
 
-Determinism is what makes kill-and-resume exact: the batch order of an epoch is a function of
-(seed, epoch) and each sample's crop a function of (seed, its position in the whole run), so a
-resumed run sees exactly the batches the uninterrupted run saw, with no RNG state to carry over.
+Each sample's crop is a function of (seed, its position in the whole run) and the batch order a function
+of (seed, epoch) (loop.epoch_batches), so a resumed run sees exactly the batches the uninterrupted run
+saw, with no RNG state to carry over.
 """
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import TrainingError
+from .loop import mix_seed
 
 logger = logging.getLogger("lowrank.training")
 
@@ -104,11 +104,6 @@ def example_subject(resolution: int) -> list[Image.Image]:
     return [resize_short(c, resolution) for c in crops]
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, same on every platform)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
 def to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0     # [-1, 1], as diffusers' Normalize([0.5], [0.5])
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
@@ -147,20 +142,3 @@ def collate(items: list[dict]) -> torch.Tensor:
     """Instance images first, then class images: the loss splits the batch in two halves."""
     pixels = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     return torch.stack(pixels)
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """This process's batches of epoch `epoch`, as lists of run positions (epoch * n + i).
-
-    The permutation depends on (seed, epoch) only, so every process agrees; it is padded by wrapping
-    so all processes get the same number of batches (an uneven shard would deadlock DDP's all-reduce).
-    """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
-    per = math.ceil(n / world)
-    perm = (perm * world)[: per * world]
-    mine = [epoch * n + i for i in perm[rank::world]]
-    return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
-    return math.ceil(math.ceil(math.ceil(n / world) / batch_size) / grad_accum)

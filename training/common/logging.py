@@ -13,13 +13,13 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import lowrank
+from lowrank import runfolder
 
 from . import TrainingError
 
@@ -141,27 +141,11 @@ def write_rank_heatmap(records: list[tuple[int, dict[str, int]]], path: str | Pa
     ax.set_title("Live rank per adapted layer")
     fig.colorbar(im, ax=ax, label="live components")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        runfolder.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a killed writer) is dropped."""
-    rows = []
-    p = Path(path)
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def resolve_report_to(value: str | None) -> str | None:
@@ -188,13 +172,11 @@ class MetricsLogger:
     def __init__(self, accelerator, output_dir: str | Path, project: str, config: dict,
                  resume_step: int | None, report_to: str | None):
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / runfolder.METRICS
         self.trackers = report_to is not None
         if accelerator.is_main_process:
-            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, self.path)
+            keep = [r for r in runfolder.read_metrics(output_dir) if r["step"] <= resume_step] if resume_step else []
+            runfolder.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
             self.file = open(self.path, "a")
         if self.trackers:
             # trackers take flat scalars/strings only

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from lowrank import runfolder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -76,16 +77,11 @@ def write_samples(directory: Path, samples: list[tuple[str, int, Image.Image]]) 
         img.save(tmp / name)
         lines.append(json.dumps({"image": name, "prompt": prompt, "seed": seed}))
     (tmp / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
-    return directory
+    return runfolder.replace_dir(tmp, directory)
 
 
 def write_grid(path: Path, samples: list[tuple[str, int, Image.Image]], cols: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid([img for _, _, img in samples], cols).save(tmp)
-    os.replace(tmp, path)
+    runfolder.atomic_write(path, grid([img for _, _, img in samples], cols).save)
 
 
 def count_images(directory: Path) -> int:
@@ -96,17 +92,17 @@ def count_images(directory: Path) -> int:
 
 @torch.no_grad()
 def generate_class_images(pipe, directory: Path, prompt: str, num: int, resolution: int, steps: int,
-                          guidance_scale: float, batch_size: int, rank: int = 0, world: int = 1,
+                          guidance_scale: float, batch_size: int, process_index: int = 0, num_processes: int = 1,
                           show_progress: bool = True) -> int:
     """Fill `directory` up to `num` images of `prompt` with the base pipeline (DreamBooth's prior
     preservation). Generated image j is class-{j:05d}.png with seed j; processes split the work
-    (j % world == rank). The plan depends only on the user's own images, never on what another process
+    (j % num_processes == process_index). The plan depends only on the user's own images, never on what another process
     has written so far, so processes agree. Files are written under a temp name and renamed.
     Returns how many this process generated."""
     directory.mkdir(parents=True, exist_ok=True)
     own = count_images(directory) - sum(1 for _ in directory.glob("class-[0-9][0-9][0-9][0-9][0-9].png"))
     todo = [j for j in range(max(0, num - own))
-            if j % world == rank and not (directory / f"class-{j:05d}.png").exists()]
+            if j % num_processes == process_index and not (directory / f"class-{j:05d}.png").exists()]
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(todo), desc="Generating class images", disable=not show_progress)
     for start in range(0, len(todo), batch_size):
@@ -115,9 +111,7 @@ def generate_class_images(pipe, directory: Path, prompt: str, num: int, resoluti
                       height=resolution, width=resolution, num_inference_steps=steps,
                       guidance_scale=guidance_scale).images
         for j, img in zip(chunk, images):
-            tmp = directory / f".class-{j:05d}.tmp.png"
-            img.save(tmp)
-            os.replace(tmp, directory / f"class-{j:05d}.png")
+            runfolder.atomic_write(directory / f"class-{j:05d}.png", img.save)
         bar.update(len(chunk))
     bar.close()
     return len(todo)

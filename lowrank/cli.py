@@ -1,0 +1,43 @@
+"""The command-line contract every lowrank command shares (trainers, eval, the app, the benches).
+
+Bad input is one line on stderr, `error: <what is wrong and what to do>`, and exit status 2; never
+argparse's usage dump, never a traceback. Each package subclasses `ArgumentParser` with its own error
+class and calls `run_cli`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+class CommandError(Exception):
+    """Bad input to a command: printed as one `error:` line; the process exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise `error_class` (one line, caught by run_cli) instead of printing usage."""
+
+    error_class: type[Exception] = CommandError
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)   # an abbreviated flag is a typo waiting to change meaning
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise self.error_class(f"{message} (see {self.prog} --help)")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+            errors: tuple[type[BaseException], ...] = (CommandError,), interrupted: str = "interrupted") -> int:
+    """Call main(argv); an exception in `errors` becomes `error: <message>` and its `exit_code` (default 2)."""
+    try:
+        return main(argv) or 0
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return 130

@@ -1,0 +1,352 @@
+"""The training loop every trainer shares: a trainer is its data, its loss and its sampling (a `Task`),
+and this module does the rest.
+
+    run = TrainingRun(args, "dreambooth")           # accelerator, resume point, seed, output folder
+    ... load the data (bad input fails in seconds), then the model ...
+    config, names = run.adapt(unet, args, total_steps)   # inject, or load the checkpoint's adapter
+    run.fit(unet, task, dataset, collate, info={...})    # optimizer, steps, checkpoints, final save
+
+What it guarantees, for every trainer:
+- exact resume: the batch order of an epoch is a function of (seed, epoch), each micro-batch's noise a
+  function of (seed, step, micro-batch, process), and the checkpoint holds the adapter plus optimizer,
+  scheduler and RNG states, so a run SIGKILLed after checkpoint N and resumed ends bit-identical;
+- exit codes: 0 done, 2 bad input (TrainingError: one `error:` line), 1 diverged (the loss or the
+  gradient norm became NaN/inf: DivergedError, nothing saved after the last good checkpoint);
+- per-step weight distances of every adapted layer in metrics.jsonl; checkpoints with the task's
+  samples; DDP over any number of processes (only the main process writes).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lowrank
+from lowrank import runfolder
+
+from . import DivergedError, TrainingError
+from .args import adapter_config, default_learning_rate
+from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
+from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
+
+logger = setup_console()
+
+
+# ----- deterministic batches ------------------------------------------------------------------------------
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, same on every platform)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, process_index: int = 0,
+                  num_processes: int = 1) -> list[list[int]]:
+    """This process's batches of epoch `epoch`, as lists of run positions (epoch * n + i).
+
+    The permutation depends on (seed, epoch) only, so every process agrees; it is padded by wrapping so
+    all processes get the same number of batches (an uneven shard would deadlock DDP's all-reduce).
+    Datasets take a run position k and use example k % n (seeding their augmentation from k)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
+    per = math.ceil(n / num_processes)
+    perm = (perm * num_processes)[: per * num_processes]
+    mine = [epoch * n + i for i in perm[process_index::num_processes]]
+    return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
+    return math.ceil(math.ceil(math.ceil(n / num_processes) / batch_size) / grad_accum)
+
+
+# ----- what a trainer plugs in ------------------------------------------------------------------------------
+class Task:
+    """A trainer's part of the loop. `loss` is required; every other hook has a default."""
+
+    name = "task"
+
+    def loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+        """The training loss of one micro-batch. `model` is the prepared (DDP-wrapped) model: call it, so
+        gradients synchronise; draw all randomness from `generator` (seeded per step and micro-batch)."""
+        raise NotImplementedError
+
+    def param_groups(self, model: torch.nn.Module, lr: float, args) -> list[dict]:
+        """AdamW groups: the adapter's (λ in its own group); a trainer adds modules it trains in full."""
+        return lowrank.parameter_groups(model, lr=lr, lambda_lr=args.lambda_learning_rate,
+                                        weight_decay=args.adam_weight_decay)
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """Everything a checkpoint or the final output needs to rebuild the trained model."""
+        lowrank.save_adapter(model, folder)
+
+    def load(self, model: torch.nn.Module, folder: Path) -> list[str]:
+        """Rebuild a saved state into the freshly loaded plain model (before the optimizer exists)."""
+        return lowrank.load_adapter(model, folder)
+
+    def at_checkpoint(self, folder: Path, step: int) -> None:
+        """Main process, inside checkpoint-N.tmp before it is renamed: e.g. samples into folder/samples."""
+
+    def at_validation(self, step: int) -> None:
+        """Main process, every --validation_steps that is not a checkpoint step."""
+
+    def at_epoch_end(self, epoch: int, step: int) -> dict | None:
+        """Every process, after an epoch's last step; a returned dict is logged (e.g. a dev-set score)."""
+        return None
+
+    def finish(self, output_dir: Path, step: int) -> None:
+        """Main process, after the final adapter is saved: final samples, reports."""
+
+
+# ----- the run ----------------------------------------------------------------------------------------------
+class TrainingRun:
+    """Accelerator, resume point, seed and output folder of one run; `adapt` then `fit`."""
+
+    def __init__(self, args, project: str):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        self.args, self.project = args, project
+        self.output_dir = Path(args.output_dir).expanduser()
+        self.report_to = resolve_report_to(args.report_to)
+        self.accelerator = acc = Accelerator(
+            mixed_precision=args.mixed_precision, log_with=self.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")))
+        self.is_main, self.process_index, self.num_processes, self.device = (
+            acc.is_main_process, acc.process_index, acc.num_processes, acc.device)
+        setup_console(self.is_main)
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            # adapters are a few MB and the models fit one GPU: sharding buys nothing, and saving and
+            # resuming need whole (unsharded) adapter tensors on every process
+            raise TrainingError(f"{acc.distributed_type.name} is not supported by this script; "
+                                f"use data parallel: accelerate launch --multi_gpu --num_processes N")
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        # frozen weights in the mixed-precision dtype; trainable parameters stay fp32
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+
+        # The resume point and the seed come first: the seed drives the adapter init, data order and noise.
+        self.resume_dir = resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        if args.resume_from_checkpoint and self.resume_dir is None:
+            logger.info("no checkpoint in %s yet; starting a new run", self.output_dir)
+        self.state = read_state(self.resume_dir) if self.resume_dir else {}
+        seed = args.seed if args.seed is not None else self.state.get("seed")
+        if seed is None:   # pick one on the main process and share it, so all processes agree
+            seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+        self.seed = seed
+        set_seed(seed)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            runfolder.remove_stale(self.output_dir)
+            if self.resume_dir is None and runfolder.list_checkpoints(self.output_dir):
+                logger.warning("%s holds checkpoints of an earlier run; new ones replace those with the same step, "
+                               "and --resume_from_checkpoint latest picks the newest of all", self.output_dir)
+        acc.wait_for_everyone()
+
+    def adapt(self, model: torch.nn.Module, total_steps: int, task: Task | None = None,
+              **fill) -> tuple[lowrank.AdapterConfig, list[str]]:
+        """Inject the adapter from the flags, or, resuming, load the checkpoint's into the plain model.
+
+        Loading into the plain model rebuilds the adapter from the saved tensors before anything touches
+        the base weights, so base and adapter are bit-identical to the run that wrote the checkpoint.
+        `fill` gives defaults for adapter fields the user left unset (e.g. target_modules per task)."""
+        args, task = self.args, task or Task()
+        config = adapter_config(args, dyndora_total_steps=total_steps, **fill)
+        if self.resume_dir:
+            saved, _ = lowrank.read_adapter(self.resume_dir)
+            # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
+            # --max_train_steps without silently changing a schedule the adapter already follows
+            config = adapter_config(args, **{**fill, "dyndora_total_steps": saved.dyndora_total_steps})
+            if saved != config:
+                diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
+                raise TrainingError(f"{self.resume_dir} was trained with {', '.join(diff)}; "
+                                    f"resume with the same adapter flags")
+            names = task.load(model, self.resume_dir)
+        else:
+            names = lowrank.inject(model, config)
+        for p in model.parameters():   # trainable parameters in fp32 (diffusers' cast_training_params)
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.config, self.names = config, names
+        return config, names
+
+    def fit(self, model: torch.nn.Module, task: Task, dataset, collate: Callable, info: dict | None = None,
+            num_train_steps: int | None = None) -> Path:
+        """Train `model` (adapted by `adapt`) on `dataset` with `task.loss`; returns the output folder."""
+        from diffusers.optimization import get_scheduler
+        from tqdm.auto import tqdm
+
+        args, acc, out = self.args, self.accelerator, self.output_dir
+        per_epoch = steps_per_epoch(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
+                                    self.num_processes)
+        max_steps = num_train_steps or args.max_train_steps or args.num_train_epochs * per_epoch
+        num_epochs = math.ceil(max_steps / per_epoch)
+
+        learning_rate = args.learning_rate or default_learning_rate(self.config.method)
+        optimizer = torch.optim.AdamW(task.param_groups(model, learning_rate, args),
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        # stepped once per optimizer step, not prepared (a prepared scheduler steps num_processes times)
+        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                     num_training_steps=max_steps)
+        register_adapter_hooks(acc, task.save)
+        wrapped, optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(lr_scheduler)
+        model = self.model = acc.unwrap_model(wrapped)
+        hooks = lowrank.step_hooks(model)   # every step, unconditionally: methods without hooks cost nothing
+        probe = DistanceProbe(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        step = 0
+        if self.resume_dir:
+            load_accelerator_state(acc, self.resume_dir)   # optimizer, scheduler, RNG; the adapter is in place
+            step = int(self.state["global_step"])
+            logger.info("resumed from %s at step %d", self.resume_dir, step)
+
+        run = run_info(args, seed=self.seed, learning_rate=learning_rate, max_train_steps=max_steps,
+                       num_train_epochs=num_epochs, steps_per_epoch=per_epoch, adapter_config=self.config.to_dict(),
+                       adapted_layers=len(self.names), fig3_layer=probe.fig3, task=self.project,
+                       parameters=lowrank.count_parameters(model), num_processes=self.num_processes,
+                       mixed_precision=acc.mixed_precision, device=str(self.device),
+                       resumed_from=str(self.resume_dir) if self.resume_dir else None, report_to=self.report_to,
+                       distance_at_start={"step": step, **{k: v for k, v in probe().items() if "/" not in k}},
+                       **(info or {}))
+        if self.is_main:
+            runfolder.write_json(out / runfolder.RUN_JSON, run)
+        metrics = MetricsLogger(acc, out, f"{self.project}-lowrank", {**vars(args), "seed": self.seed},
+                                resume_step=step if self.resume_dir else None, report_to=self.report_to)
+        self.metrics = metrics   # tasks log their images through it
+        progress = tqdm(total=max_steps, initial=step, desc="Steps", disable=not self.is_main)
+
+        def diverged(what: str, value: float) -> DivergedError:
+            progress.close()   # the bar's last line must not swallow the error line
+            metrics.close()
+            last = runfolder.list_checkpoints(out)
+            where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
+            return DivergedError(f"{what} is {value} at step {step + 1} (lr {lr_scheduler.get_last_lr()[0]:g}); "
+                                 f"stopped without saving; {where} (resume it with --resume_from_checkpoint latest "
+                                 f"and a lower --learning_rate)")
+
+        logger.info("training %s (%d layers, %s trainable params) for %d steps on %d process(es); outputs in %s",
+                    self.config.method, len(self.names), f"{run['parameters']['trainable']:,}", max_steps,
+                    self.num_processes, out)
+        accum = args.gradient_accumulation_steps
+        wrapped.train()
+        for epoch in range(step // per_epoch, num_epochs):
+            batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
+                                    self.num_processes)
+            remaining = batches[(step - epoch * per_epoch) * accum:]   # skips what a resumed run already did
+            loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
+                                                      num_workers=args.dataloader_num_workers))
+            for start in range(0, len(remaining), accum):
+                t0 = time.perf_counter()
+                group = min(accum, len(remaining) - start)   # the epoch's last step may have fewer micro-batches
+                losses = []
+                for micro in range(group):
+                    batch = next(loader)
+                    gen = torch.Generator().manual_seed(mix_seed(self.seed, step, micro, self.process_index))
+                    # manual accumulation: gradients all-reduce only on the step's last micro-batch
+                    with contextlib.nullcontext() if micro == group - 1 else acc.no_sync(wrapped):
+                        loss = task.loss(wrapped, batch, gen) + hooks.extra_loss()
+                        if args.debug_nan_at_step == step + 1:
+                            loss = loss * float("nan")
+                        mean_loss = acc.reduce(loss.detach(), reduction="mean")   # all processes agree
+                        if not torch.isfinite(mean_loss):
+                            raise diverged("the loss", mean_loss.item())
+                        acc.backward(loss / group)
+                    losses.append(mean_loss.item())
+                grad_norm = acc.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                # with fp16 an inf norm is routine: the grad scaler skips that step and lowers its scale
+                if acc.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                    raise diverged("the gradient norm", float(grad_norm))
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                hooks.after_optimizer_step(step)
+
+                lrs = lr_scheduler.get_last_lr()
+                row = {"loss": sum(losses) / len(losses), "lr": lrs[0],
+                       "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None, "epoch": epoch}
+                row.update({f"lr_{g['name']}": lr for g, lr in zip(optimizer.param_groups[1:], lrs[1:])
+                            if g.get("name")})
+                if self.is_main:   # adapters are identical on every process: measure once
+                    t_train = time.perf_counter() - t0
+                    row.update(probe())
+                    row["time/step"] = t_train + row["time/distance"]
+                    row["time/distance_share"] = row["time/distance"] / row["time/step"]
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", dist_fig3=f"{row['distance_fig3']:.3g}")
+                if step == max_steps or start + accum >= len(remaining):
+                    row.update(task.at_epoch_end(epoch, step) or {})
+                metrics.log(step, row)
+                progress.update(1)
+
+                if step % args.checkpointing_steps == 0:
+                    save_checkpoint(acc, out, step, {"seed": self.seed, "method": self.config.method,
+                                                     "max_train_steps": max_steps},
+                                    lambda folder, s=step: task.at_checkpoint(folder, s), args.checkpoints_total_limit)
+                elif args.validation_steps and step % args.validation_steps == 0 and self.is_main:
+                    task.at_validation(step)
+                if args.debug_step_delay:
+                    time.sleep(args.debug_step_delay)
+                if step >= max_steps:
+                    break
+            if step >= max_steps:
+                break
+        progress.close()
+
+        if self.num_processes > 1:   # DDP keeps replicas identical; a per-process hook that drifted shows here
+            checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+            sums = acc.gather(checksum.to(self.device))
+            if not torch.all(sums == sums[0]):
+                raise TrainingError(f"the {self.num_processes} processes ended with different adapters "
+                                    f"({sums.tolist()}); please report")
+        acc.wait_for_everyone()
+        if self.is_main:
+            task.save(model, out)
+            task.finish(out, step)
+            records = rank_records(runfolder.read_metrics(out))
+            if records:   # dynamic-rank methods: where the rank budget went
+                from .logging import write_rank_heatmap
+
+                runfolder.write_json(out / "live_ranks.json", {"final": records[-1][1], "steps": records})
+                write_rank_heatmap(records, out / "live_ranks.png")
+            print(f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
+                  f"metrics.jsonl (distances), checkpoint-*/, run.json{task_outputs(task)}")
+        metrics.close()
+        return out
+
+
+def task_outputs(task: Task) -> str:
+    extra = getattr(task, "outputs", "")
+    return f", {extra}" if extra else ""
+
+
+# ----- the entry point -----------------------------------------------------------------------------------------
+def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
+    """main() of every trainer: parse, train, and map failures to exit codes (0 done, 1 diverged, 2 bad
+    input). An output folder this run created is removed again if bad input stops it before any file."""
+    created = None
+    try:
+        args = parse_args(argv)
+        out = Path(args.output_dir).expanduser()
+        created = None if out.exists() else out
+        train(args)
+        return 0
+    except DivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (TrainingError, lowrank.AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
