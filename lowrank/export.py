@@ -300,13 +300,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, prefix: str = "b
     return Path(directory)
 
 
-def file_rank(model: nn.Module) -> int:
-    """The rank a diffusers/kohya/peft-LoRA export of `model` has (the largest exact rank of any layer)."""
-    if model_config(model).method == "dora":
-        return model_config(model).rank
-    return low_rank_state(model)[1]
-
-
 if __name__ == "__main__":   # the CLI needs the base model, which needs diffusers: it lives in training/
     import sys
 
