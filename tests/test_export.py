@@ -139,8 +139,10 @@ def test_every_method_every_format_loads_exactly(method, pipe, unet64, base64, t
 
 
 def test_float32_default_delora(pipe, unet32, tmp_path):
-    """The default method at float32, as people run it: the export is exact to fp32 rounding."""
+    """The default method at float32, as people run it: the export is exact to fp32 rounding. Written beside our
+    own adapter files, as a trainer does in its run folder: load_lora_weights(run folder) picks the diffusers file."""
     model = adapted(unet32, "delora")
+    lowrank.save_adapter(model, tmp_path)
     lowrank.export(model, tmp_path, "diffusers")
     fresh = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(unet32)})
     fresh.load_lora_weights(str(tmp_path))
