@@ -12,13 +12,13 @@ import signal
 import sys
 from pathlib import Path
 
+from lowrank import cli
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):   # one line, as every other bad input; --help has the flags
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+class ArgumentParser(cli.ArgumentParser):
+    """One `error:` line for a bad flag, as every other bad input; --help has the flags."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,14 +65,17 @@ def serve(args: argparse.Namespace, block: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from training.common.args import file_in_the_way
 
     runs = Path(args.runs_dir).expanduser()
     bad = file_in_the_way(runs)
     if bad is not None:
-        print(f"error: --runs_dir {runs}: {bad} is a file, not a folder; choose another --runs_dir", file=sys.stderr)
-        return 2
+        raise cli.CommandError(f"--runs_dir {runs}: {bad} is a file, not a folder; choose another --runs_dir")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)       # gradio's own start-up probes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # SIGTERM -> finally blocks -> trainers cancelled
@@ -81,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as e:          # port in use, bad host
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise cli.CommandError(str(e)) from None
     return 0
 
 

@@ -9,15 +9,13 @@ import re
 import sys
 from pathlib import Path
 
+from training.common.models import is_tiny
+
 from .inputs import InputError, TrainForm
 from .jobs import PROJECT_ROOT
 
 LAUNCHERS = ("accelerate", "python")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-
-def is_tiny(name: str | None) -> bool:
-    return str(name or "").strip() in ("", "tiny")
 
 
 def _offline() -> bool:
@@ -35,7 +33,8 @@ def check_model(name: str) -> str:
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
     if looks_like_path:
         if not path.exists():
-            raise InputError(f"Base model: no such folder {name!r}. Use 'tiny', a local pipeline folder or a hub name.")
+            raise InputError(f"Base model: no such folder {name!r}. Use 'tiny', a local pipeline folder or a hub "
+                             f"name.")
         if not (path.is_dir() and (path / "model_index.json").is_file()):
             raise InputError(f"Base model: {name!r} is not a saved Stable Diffusion pipeline (no model_index.json).")
         return str(path.resolve())

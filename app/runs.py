@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# run folders are read one way across the product: eval's readers (re-exported for the app's modules)
-from eval.common import ADAPTER_FILES, is_adapter_dir  # noqa: F401
-from eval.common import checkpoint_dirs as checkpoints  # noqa: F401
+from lowrank import runfolder
+
+# run folders are read one way across the product: lowrank.runfolder's readers, under the app's names
+ADAPTER_FILES, is_adapter_dir, read_json = runfolder.ADAPTER_FILES, runfolder.is_adapter_dir, runfolder.read_json
+checkpoints, read_eval = runfolder.list_checkpoints, runfolder.read_eval
 
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
@@ -35,19 +37,8 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # ----- small file helpers -------------------------------------------------------------------------
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
-
-
 def write_json(path: Path, data) -> None:
-    """Atomic: write a temp file next to it, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    runfolder.write_json(path, data, indent=1)
 
 
 def process_start(pid: int) -> int | None:
@@ -143,39 +134,15 @@ class _MetricsCache:
 
 
 def _parse_lines(data: bytes) -> list[dict]:
-    out = []
-    for line in data.decode("utf-8", "replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            out.append({k: row[k] for k in SUMMARY_KEYS if k in row})
-    return out
+    rows, _ = runfolder.parse_jsonl(data.decode("utf-8", "replace"), valid=lambda r: isinstance(r.get("step"), int))
+    return [{k: row[k] for k in SUMMARY_KEYS if k in row} for row in rows]
 
 
 _METRICS = _MetricsCache()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return _METRICS.read(Path(run_dir) / "metrics.jsonl")
-
-
-def read_eval(run_dir: Path) -> list[dict]:
-    """eval.jsonl (eval/subject.py): one JSON per scored checkpoint, sorted by step."""
-    rows = []
-    try:
-        text = (Path(run_dir) / "eval.jsonl").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return sorted(rows, key=lambda r: (r.get("step") is None, r.get("step") or 0))
+    return _METRICS.read(Path(run_dir) / runfolder.METRICS)
 
 
 # ----- checkpoints and samples -------------------------------------------------------------------
@@ -323,9 +290,10 @@ def list_runs(runs_dir: Path) -> list[RunInfo]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
+    markers = (APP_JSON, runfolder.RUN_JSON, runfolder.METRICS)
     out = []
     for p in runs_dir.iterdir():
-        if p.is_dir() and valid_name(p.name) and any((p / f).exists() for f in (APP_JSON, "run.json", "metrics.jsonl")):
+        if p.is_dir() and valid_name(p.name) and any((p / f).exists() for f in markers):
             out.append(info(p))
     return sorted(out, key=lambda r: (-r.created, r.name))
 

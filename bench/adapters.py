@@ -20,6 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
 from bench.common import base_parser, interleaved, peak_cuda_bytes, saved_bytes, write_results  # noqa: E402
+from lowrank import cli  # noqa: E402
 
 # (name, in_features, out_features, tokens): SD-1.5 self-attention at 64/32/16 px latents, and the
 # cross-attention key/value projections of the 77 text tokens.
@@ -109,7 +110,8 @@ def run(args):
                    "seconds": secs, "saved_bytes": mem, "peak_cuda_bytes": peak, "peft_rel_diff": equal}
             rows.append(row)
             print(f"\n{name} (in {d_in}, out {d_out}, tokens {tokens}), r={rank}")
-            print(f"  {'method':<10} {'ms':>8} {'vs_lora':>8} {'vs_peft':>8} {'vs_floor':>9} {'act_MB':>8} {'peft_diff':>9}")
+            print(f"  {'method':<10} {'ms':>8} {'vs_lora':>8} {'vs_peft':>8} {'vs_floor':>9} {'act_MB':>8} "
+                  f"{'peft_diff':>9}")
             for m in ["floor"] + methods:
                 vs_peft = secs[m] / secs["peft-" + m] if "peft-" + m in secs else float("nan")
                 print(f"  {m:<10} {secs[m] * 1e3:8.2f} {secs[m] / secs['lora']:8.3f} {vs_peft:8.3f} "
@@ -147,4 +149,4 @@ def main(argv=None):
     write_results(args, "adapters", "", argv, summ, rows)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from lowrank import cli, runfolder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -71,7 +70,8 @@ def peak_cuda_bytes(fn, device: str) -> int | None:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -80,15 +80,12 @@ def machine() -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    runfolder.write_json(path, data)
 
 
 def base_parser(doc: str, reps: int, warmup: int) -> argparse.ArgumentParser:
     """The flags every bench takes: device, autocast dtype, methods, repetitions."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (bf16 on GPU)")
     p.add_argument("--methods", nargs="*", help="subset of methods (default: all registered)")

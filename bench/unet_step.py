@@ -5,8 +5,9 @@
 One step = VAE encode, noise, UNet forward/backward, AdamW step, step hooks, weight-distance
 logging: what training/dreambooth.py does per step. The floor is the frozen UNet backpropagating to
 its input (the work every adapter pays for). `lora#2` is a second, identical LoRA: how far its ratio
-strays from 1.00 is the noise of the run. Delta-LoRA is measured on its path after step K. Also measured: the share of the step spent in
-weight_distance(), and merged inference (adapter folded in) against the plain base UNet.
+strays from 1.00 is the noise of the run. Delta-LoRA is measured on its path after step K. Also measured:
+the share of the step spent in weight_distance(), and merged inference (adapter folded in) against the
+plain base UNet.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
 from bench.common import base_parser, interleaved, peak_cuda_bytes, write_results  # noqa: E402
+from lowrank import cli  # noqa: E402
 
 MID_UNET = dict(block_out_channels=(64, 128, 256), layers_per_block=1, cross_attention_dim=256, attention_head_dim=8,
                 down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
@@ -106,14 +108,16 @@ def run_resolution(args, res, unet_cfg):
     def infer(model):
         def f():
             with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-                model(torch.randn(args.batch, 4, res // 8, res // 8, device=device), torch.tensor([10], device=device), text)
+                model(torch.randn(args.batch, 4, res // 8, res // 8, device=device), torch.tensor([10], device=device),
+                      text)
         return f
     inf = interleaved({"merged": infer(merged), "ejected": infer(ejected), "base": infer(base)},
                       max(args.reps, 15), 1, device)
     row = {"resolution": res, "seconds": secs, "peak_cuda_bytes": peak,
            "distance_share": {m: dist[m] / secs[m] for m in methods},
            "merged_vs_base": inf["merged"] / inf["base"], "ejected_vs_base": inf["ejected"] / inf["base"]}
-    print(f"\nUNet step at {res} px ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M-param UNet), r={args.rank}")
+    size = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(f"\nUNet step at {res} px ({size:.1f}M-param UNet), r={args.rank}")
     print(f"  {'method':<10} {'ms':>9} {'vs_lora':>8} {'vs_floor':>9}")
     for k in ["floor"] + methods:
         ref = secs.get("lora", secs[methods[0]])
@@ -128,7 +132,8 @@ def run_resolution(args, res, unet_cfg):
 def main(argv=None):
     p = base_parser(__doc__, reps=7, warmup=2)
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="image sizes (latents are /8)")
-    p.add_argument("--sd15", action="store_true", help="the SD-1.5 UNet architecture (random weights) instead of the mid-size one")
+    p.add_argument("--sd15", action="store_true",
+                   help="the SD-1.5 UNet architecture (random weights) instead of the mid-size one")
     p.add_argument("--rank", type=int, default=16, help="adapter rank")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     args = p.parse_args(argv)
@@ -144,4 +149,4 @@ def main(argv=None):
     write_results(args, "unet_step", "-sd15" if args.sd15 else "", argv, summ, rows)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

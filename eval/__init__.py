@@ -14,6 +14,8 @@ Every CLI prints bad input as one `error: <message>` line on stderr and exits 2;
 under a temporary name and renamed, so a failed run never leaves half a file.
 """
 
+from lowrank.cli import CommandError
 
-class EvalError(Exception):
+
+class EvalError(CommandError):
     """Bad input (missing folders, unreadable models, malformed files): one line that says what to do."""

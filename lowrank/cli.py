@@ -7,6 +7,7 @@ class and calls `run_cli`.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -41,3 +42,15 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return 130
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (not the one at setup), so redirected stderr still sees it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass

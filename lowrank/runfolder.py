@@ -7,6 +7,7 @@
     RUN/samples/             final samples (+ prompts.jsonl)
     RUN/eval.jsonl           one JSON object per scored checkpoint                  (eval)
     RUN/results.json         task results in the shape of peft's method comparison (language trainers)
+    RUN/exit_status.json     {"code", "message"}: how the trainer ended, in its own words   (trainer)
 
 Training, eval, the app and the benches all import these names and readers, so a run folder written by
 any trainer is read the same way everywhere. Pure standard library: it sits at the bottom of the import
@@ -29,6 +30,7 @@ RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
 RESULTS = "results.json"
+EXIT_STATUS = "exit_status.json"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"

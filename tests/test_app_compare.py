@@ -20,7 +20,7 @@ def fake_run(root, name, method, steps=(1, 2), final=True, scores=None):
     folders = [d / f"checkpoint-{s}" for s in steps] + ([d] if final else [])
     for k, folder in enumerate(folders):
         (folder / "samples").mkdir(parents=True)
-        for f in R.ADAPTER_FILES:
+        for f in (*R.ADAPTER_FILES, "trainer_state.json"):   # what a complete checkpoint holds
             (folder / f).write_text("{}")
         Image.new("RGB", (32, 32), (40 * k, 200, 30)).save(folder / "samples" / "p00-s0.png")
         (folder / "samples" / "prompts.jsonl").write_text(json.dumps({"image": "p00-s0.png", "prompt": "a sks cat"}))

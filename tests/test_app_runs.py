@@ -116,6 +116,7 @@ def test_checkpoints_and_samples(tmp_path):
     d = make_run(tmp_path)
     for step in (2, 10):
         write_adapter(d / f"checkpoint-{step}")
+        (d / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
         (d / f"checkpoint-{step}" / "samples").mkdir()
         (d / f"checkpoint-{step}" / "samples" / "p00-s0.png").write_bytes(b"png")
         (d / f"checkpoint-{step}" / "samples" / "prompts.jsonl").write_text(

@@ -45,7 +45,7 @@ def make_run(root: Path, name: str, method: str, lr: float, steps: int = 6, fig3
     for s in (2, 4, 6):
         samples = run / f"checkpoint-{s}" / "samples"
         samples.mkdir(parents=True)
-        for f in ("adapter_config.json", "adapter.safetensors"):
+        for f in ("adapter_config.json", "adapter.safetensors", "trainer_state.json"):
             (run / f"checkpoint-{s}" / f).write_text("{}")
         rows = sample_rows or [("a photo of sks cat", 0, "red")]
         for i, (prompt, seed, colour) in enumerate(rows):

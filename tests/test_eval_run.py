@@ -36,6 +36,7 @@ def run_dir(tmp_path_factory):
                 if p.requires_grad:
                     p.normal_(0, 0.5)
         lowrank.save_adapter(pipe.unet, run / f"checkpoint-{step}")
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (run / "run.json").write_text(json.dumps({
         "args": {"pretrained_model_name_or_path": None, "instance_data_dir": None, "resolution": 32,
                  "instance_prompt": "a photo of sks cat", "class_prompt": "a photo of cat",

@@ -142,7 +142,7 @@ def fake_run(root: Path, steps=(2, 4), final: int | None = 6) -> Path:
     (run / "run.json").write_text(json.dumps({"args": {"instance_prompt": "a photo of sks cat"}}))
     for s in steps:
         (run / f"checkpoint-{s}").mkdir()
-        for f in ("adapter_config.json", "adapter.safetensors"):
+        for f in ("adapter_config.json", "adapter.safetensors", "trainer_state.json"):
             (run / f"checkpoint-{s}" / f).write_text("{}")
     if final is not None:
         for f in ("adapter_config.json", "adapter.safetensors"):

@@ -19,25 +19,13 @@ import time
 from pathlib import Path
 
 import lowrank
-from lowrank import runfolder
+from lowrank import cli, runfolder
 
 from . import TrainingError
 
 logger = logging.getLogger("lowrank.training")
 
 FIG3_PATTERN = "attn1.to_out.0"   # DeLoRA Fig. 3: out-projection of the first self-attention
-
-
-class _Stderr(logging.StreamHandler):
-    """Writes to the current sys.stderr (not the one at creation), so redirected stderr still gets it."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
 
 
 class _Format(logging.Formatter):
@@ -49,8 +37,8 @@ class _Format(logging.Formatter):
 def setup_console(main: bool = True) -> logging.Logger:
     """The trainers' logger: info as plain lines, `warning: ...` otherwise; quiet on non-main processes."""
     log = logging.getLogger("lowrank.training")
-    if not any(isinstance(h, _Stderr) for h in log.handlers):
-        handler = _Stderr()
+    if not any(isinstance(h, cli.StderrHandler) for h in log.handlers):
+        handler = cli.StderrHandler()
         handler.setFormatter(_Format())
         log.addHandler(handler)
         log.propagate = False   # one line per message, whatever the root logger has

@@ -33,7 +33,8 @@ def cache_dir() -> Path:
 
 
 def is_tiny(name_or_path: str | None) -> bool:
-    return name_or_path in (None, "", TINY)
+    """The built-in preset: no name, an empty one, or 'tiny' (surrounding spaces from a form ignored)."""
+    return str(name_or_path or "").strip() in ("", TINY)
 
 
 # ----- the tokenizer: a real byte-level BPE vocabulary written by the project -----------------------
