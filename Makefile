@@ -1,4 +1,5 @@
-# lowrank: the two commands a new user needs are `make install` and `make test`.
+# lowrank: the two commands a new user needs are `make demo` (installs, then trains on the embedded defaults)
+# and `make test`.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -29,8 +30,13 @@ browser:
 		&& echo "chromium: installed" || echo "chromium: apt install failed; the browser test will skip"; \
 	else echo "chromium: not installed (needs root + apt); the browser test will skip"; fi
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest tests
+
+# ruff (configured in pyproject.toml: line length 119, import order); part of `make test`
+.PHONY: lint
+lint: install
+	$(BIN)/ruff check .
 
 # Includes the slow, real-scale checks.
 test-all: install

@@ -16,9 +16,8 @@ under mixed precision, and rounding W_0 − λs·B_K A_K perturbs every element 
 for a snapshot of 1e-3..1e-2·‖W‖ that is 16-77 % of ‖λs·B_K A_K‖ in bf16 (2-20 % in fp16), and eject could
 not give W_0 back bit for bit. The rank-2r path is exact in any dtype and leaves W_0 untouched, so merge,
 unmerge, eject and the saved adapter are plain additive ones. Its price over LoRA is r·(in + out) more
-multiply-adds per token (the snapshot half of the bottleneck), ~2r/d of the base d x d GEMM (measured on
-CPU, forward+backward of one layer: +2 % over LoRA at d=320 r=4, +8-11 % at d=640-1280 r=16);
-before the snapshot the layer runs LoRA's code path unchanged.
+multiply-adds per token (the snapshot half of the bottleneck), ~2r/d of the base d x d GEMM (BENCHMARKS.md
+has the measured cost); before the snapshot the layer runs LoRA's code path unchanged.
 
 Gradients: the paper's W_t is a constant in backward, so A and B must get LoRA's gradient s·(…), not
 (1+λ)s·(…). _ScaleGrad multiplies their gradients by 1/(1+λ) on the parameters themselves (r x in and

@@ -13,8 +13,8 @@ The official code divides the same sum by 2n, so its η = 0.1 is η = 0.05 here.
 once the allocation is fixed; we keep it on throughout (the seed adds it to the loss unconditionally, and
 extra_loss has no step to switch on).
 
-Budget b(t) = average live components per layer, from b_0 = r' to b_T = r. The seed's written schedule
-does not reach b_T (seeds-extraction §12.25); as the issue asks we use AdaLoRA's cubic form
+Budget b(t) = average live components per layer, from b_0 = r' to b_T = r. The paper's written schedule
+does not reach b_T (its formula has typos), so we use AdaLoRA's cubic form
     b(t) = b_0                                                 t < t_i
     b(t) = b_T + (b_0 − b_T)·(1 − (t − t_i)/(T − t_f − t_i))³    t_i ≤ t < T − t_f
     b(t) = b_T                                                 t ≥ T − t_f

@@ -147,8 +147,8 @@ class EtherPlusLayer(EtherLayer):
         if self.two_sided and x.numel() >= self.in_features * self.out_features:
             # Many tokens (≥ out): H⁺ W H̃⁺ = W + U V with U V of rank ≤ 4n (delta_factors), a LoRA-shaped
             # path whose factors cost O(out·in·n) per step but which writes and keeps no extra
-            # tokens x in activation. Measured on d=320 x 4096 tokens: 0.96x LoRA, against 1.54x for the
-            # reflections applied to the activations; with few tokens the weight-side work dominates.
+            # tokens x in activation; with few tokens the weight-side work dominates (BENCHMARKS.md has
+            # the measured costs of both paths).
             U, V = (torch.cat(t, dim=d) for t, d in zip(zip(*self.delta_factors()), (1, 0)))
             return add_low_rank(self.base_linear(x), x.to(V.dtype) @ V.T, U)
         if self.two_sided:
