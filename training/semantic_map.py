@@ -1,0 +1,444 @@
+#!/usr/bin/env python
+"""Semantic map to image with lowrank adapters:  accelerate launch training/semantic_map.py --method delora
+
+The DeLoRA paper's Table 2 setting (ETHER/OFT's semantic-map protocol): Stable Diffusion learns to draw
+an image that follows an ADE20K segmentation map. Two parts train:
+- an adapter in the UNet (default targets: q, k, v, out of every attention and ff.net.0.proj, OFT's set);
+- a light conditioning encoder, ControlNet's hint block (diffusers' ControlNetConditioningEmbedding):
+  8 convs, 3 -> 16 -> 16 -> 32 -> 32 -> 96 -> 96 -> 256 -> C (C = the UNet's first block width, 320 for
+  SD-1.5), 3x3, SiLU between, stride 2 at convs 3, 5 and 7, the last conv zero-initialised. Its output is
+  added once to the output of the UNet's conv_in (as peft's boft_controlnet and OFT do), so at step 0 the
+  model is exactly the base UNet. At SD-1.5 it has 1,086,480 parameters; OFT's "3.1M" also counts a
+  2.05M time-embedding MLP its encoder never uses, which is not built here. Models whose VAE downsamples
+  less than 8x (the tiny preset: 2x) get one stride-2 stage per halving: block widths (16, 32, 96, 256)
+  cut to log2(vae factor) + 1 entries. It trains at --conditioning_learning_rate (default: the adapter's,
+  capped at 1e-4 as the ETHER protocol does) and is saved as conditioning_encoder.safetensors beside the
+  adapter in every adapter folder.
+- or, with --controlnet_model_name_or_path, a pretrained diffusers ControlNet, frozen, supplies the
+  down/mid residuals instead (the paper's "pretrained ControlNet encoder" reading); only the adapter trains.
+
+Data (checked before the model loads): ADE20K as distributed (--train_data_dir .../ADEChallengeData2016),
+diffusers' imagefolder with metadata.jsonl, or --dataset_name; with no data flag the embedded example set
+(training/common/segdata.py says how its maps are made). Captions come from the data when it has them,
+else from the map's largest classes ("a photo of wall, floor, bed"); run.json's caption_source says which.
+--condition canny|shuffle trains on controlnet-aux's weight-free detectors applied to the target image.
+
+Outputs (output_dir), DreamBooth's layout:
+    adapter_config.json, adapter.safetensors, conditioning_encoder.safetensors   the final model
+    samples/  per validation map i: p{i}-map.png (control), p{i}-label.png (ids), p{i}-s{seed}.png; grid.png
+    checkpoint-N/    adapter + encoder, optimizer/scheduler/RNG state, samples/
+    metrics.jsonl    per step: loss, lr (lr_conditioning too), distance/unet.<layer> of every adapted layer
+    run.json         arguments, resolved settings (condition, caption_source, encoder parameters, ...)
+Score it with  python -m eval.segmentation --run_dir OUTPUT_DIR --checkpoints all
+Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (accelerate launch training/semantic_map.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import lowrank
+from lowrank import AdapterConfig, runfolder
+from training.common import TrainingError
+from training.common import segdata as sd
+from training.common.args import (
+    ArgumentParser,
+    adapter_config,
+    add_adapter_args,
+    add_training_args,
+    check_folder_path,
+    check_training_args,
+)
+from training.common.logging import setup_console
+from training.common.loop import Task, TrainingRun, mix_seed, run_trainer, steps_per_epoch
+from training.common.models import is_tiny, load_pipeline
+from training.common.samples import grid, sampling_pipeline
+
+logger = setup_console()
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
+ENCODER_FILE = "conditioning_encoder.safetensors"
+ENCODER_WIDTHS = (16, 32, 96, 256)
+MAX_CONDITIONING_LR = 1e-4
+
+
+# ----- the model ----------------------------------------------------------------------------------------
+def conditioning_encoder(unet, vae_scale_factor: int):
+    """ControlNet's hint block sized to this UNet: output width = block_out_channels[0], one stride-2
+    stage per halving of the VAE (3 for SD's 8x VAE), last conv zero-initialised (diffusers does that)."""
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
+    stages = int(round(math.log2(vae_scale_factor)))
+    return ControlNetConditioningEmbedding(conditioning_embedding_channels=unet.config.block_out_channels[0],
+                                           conditioning_channels=3, block_out_channels=ENCODER_WIDTHS[:stages + 1])
+
+
+class ConditionedUNet(torch.nn.Module):
+    """The UNet plus what turns a control image into its input: the trained encoder (added to conv_in's
+    output) or a frozen pretrained ControlNet (down/mid residuals). Set the control image with
+    `conditioned(control)`; the hooks make any caller of `unet` (the sampling pipeline too) follow it.
+    A batch that is a multiple of the control batch (classifier-free guidance doubles it) repeats it."""
+
+    def __init__(self, unet, encoder=None, controlnet=None):
+        super().__init__()
+        self.unet, self.conditioning_embedding, self.controlnet = unet, encoder, controlnet
+        self._control = None
+        if encoder is not None:
+            unet.conv_in.register_forward_hook(self._add_embedding)
+        if controlnet is not None:
+            unet.register_forward_pre_hook(self._controlnet_residuals, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def conditioned(self, control: torch.Tensor):
+        self._control = control
+        try:
+            yield self
+        finally:
+            self._control = None
+
+    def _repeat(self, control: torch.Tensor, batch: int) -> torch.Tensor:
+        return control if control.shape[0] == batch else control.repeat(batch // control.shape[0], 1, 1, 1)
+
+    def _add_embedding(self, module, inputs, output):
+        if self._control is None:
+            return output
+        emb = self.conditioning_embedding(self._control.to(self.conditioning_embedding.conv_in.weight.dtype))
+        return output + self._repeat(emb, output.shape[0]).to(output.dtype)
+
+    def _controlnet_residuals(self, module, args, kwargs):
+        if self._control is None:
+            return args, kwargs
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        hidden = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        control = self._repeat(self._control, sample.shape[0]).to(sample.device, self.controlnet.dtype)
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=hidden, controlnet_cond=control,
+                                    return_dict=False)
+        return args, {**kwargs, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def forward(self, sample, timestep, encoder_hidden_states, control):
+        with self.conditioned(control):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def save_encoder(encoder, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    runfolder.atomic_write(Path(folder) / ENCODER_FILE, lambda p: save_file(
+        tensors, str(p), metadata={"format": "pt", "kind": "ControlNetConditioningEmbedding"}))
+
+
+def load_encoder(encoder, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(folder) / ENCODER_FILE
+    if not path.is_file():
+        raise TrainingError(f"{folder} has no {ENCODER_FILE}; it was not written by this trainer's encoder")
+    try:
+        state = load_file(str(path))
+        encoder.load_state_dict({k: v.to(encoder.conv_in.weight.dtype) for k, v in state.items()})
+    except (RuntimeError, OSError, ValueError) as e:
+        raise TrainingError(f"{path} does not fit this model's encoder ({str(e).splitlines()[0][:160]})") from None
+
+
+# ----- flags --------------------------------------------------------------------------------------------
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)")
+    g = parser.add_argument_group("semantic map")
+    g.add_argument("--train_data_dir", default=None,
+                   help="ADE20K root (images/{training,validation}/*.jpg + annotations/{training,validation}/*.png, "
+                        "raw ids 0 = other, 1..150) or an imagefolder with metadata.jsonl (default: the embedded "
+                        "example set).")
+    g.add_argument("--dataset_name", default=None, help="A hub dataset with image / conditioning image / caption "
+                                                        "columns (needs the 'datasets' package).")
+    g.add_argument("--cache_dir", default=None, help="Cache folder for --dataset_name.")
+    g.add_argument("--image_column", default=None, help="Image column (metadata.jsonl default: file_name; "
+                                                        "hub default: the first column).")
+    g.add_argument("--conditioning_image_column", default=None,
+                   help="Conditioning image column (default: conditioning_image; hub: the second column).")
+    g.add_argument("--caption_column", default=None, help="Caption column (default: text; hub: the third column). "
+                                                          "Without captions, they are made from the map.")
+    g.add_argument("--condition", default="seg", help="seg (the painted map, default), canny or shuffle "
+                                                      "(controlnet-aux's weight-free detectors on the image).")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Share of training captions replaced by the empty prompt (0..1).")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training pairs.")
+    g.add_argument("--validation_image", nargs="+", default=None,
+                   help="Control images or label maps sampled at checkpoints (default: the validation split's first "
+                        "--num_validation_maps maps). Paired with --validation_prompt N:N, 1:N or N:1.")
+    g.add_argument("--num_validation_maps", type=int, default=4, help="Validation maps sampled at checkpoints.")
+    g.add_argument("--conditioning_learning_rate", type=float, default=None,
+                   help=f"Learning rate of the conditioning encoder (default: the adapter's, capped at "
+                        f"{MAX_CONDITIONING_LR:g}).")
+    g.add_argument("--controlnet_model_name_or_path", default=None,
+                   help="A pretrained diffusers ControlNet, frozen, supplies the control residuals instead of "
+                        "the trained encoder.")
+    add_adapter_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_training_args(args)
+    if args.condition not in sd.CONDITIONS:
+        raise TrainingError(f"--condition {args.condition!r} is unknown; use one of {', '.join(sd.CONDITIONS)} "
+                            f"(detectors that need hub weights are not offered)")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise TrainingError("--proportion_empty_prompts must be between 0 and 1")
+    for name in ("max_train_samples", "num_validation_maps", "conditioning_learning_rate"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise TrainingError(f"--{name} must be positive, got {v}")
+    if args.train_data_dir and args.dataset_name:
+        raise TrainingError("give --train_data_dir or --dataset_name, not both")
+    vi, vp = args.validation_image or [], args.validation_prompt or []
+    if vi and vp and len(vi) != len(vp) and 1 not in (len(vi), len(vp)):
+        raise TrainingError(f"{len(vi)} --validation_image and {len(vp)} --validation_prompt: give as many of "
+                            f"each, or one of either")
+    args.output_dir = args.output_dir or f"outputs/semantic-map-{args.method or AdapterConfig().method}"
+    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    if args.resolution is None:
+        args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
+    adapter_config(args, target_modules=TARGET_MODULES)
+    return args
+
+
+def main(argv=None) -> int:
+    return run_trainer(parse_args, train, argv)
+
+
+# ----- data ---------------------------------------------------------------------------------------------
+def load_data(args) -> tuple[list, list, str]:
+    """(training examples, validation examples, source description); everything checked."""
+    if args.dataset_name:
+        train = sd.hub_dataset(args.dataset_name, args.image_column, args.conditioning_image_column,
+                               args.caption_column, args.condition, args.cache_dir)
+        val, source = train[:args.num_validation_maps], f"--dataset_name {args.dataset_name}"
+    elif args.train_data_dir:
+        root = Path(args.train_data_dir).expanduser()
+        if not root.is_dir():
+            raise TrainingError(f"--train_data_dir {root} is not a folder")
+        if (root / "metadata.jsonl").is_file():
+            train = sd.metadata_rows(root, args.image_column, args.conditioning_image_column, args.caption_column,
+                                     args.condition)
+            val, source = [], f"imagefolder {root}"
+        elif (root / "images").is_dir() or (root / "annotations").is_dir():
+            train, val = sd.ade_split(root, "training"), sd.ade_split(root, "validation", required=False)
+            source = f"ADE20K layout {root}"
+        else:
+            if not any(root.iterdir()):
+                raise TrainingError(f"--train_data_dir {root} is empty; see --help for the two layouts")
+            raise TrainingError(f"--train_data_dir {root} has neither metadata.jsonl nor images/ + annotations/ "
+                                f"(ADE20K layout); see --help")
+        if args.max_train_samples:
+            train = train[:args.max_train_samples]
+        sd.check_pairs(train, f"--train_data_dir {root}")
+        val = sd.check_pairs(val[:args.num_validation_maps], f"{root} (validation)") if val else []
+    else:
+        train, val = sd.example_set()
+        source = sd.EXAMPLE_NAME
+    if args.max_train_samples:
+        train = train[:args.max_train_samples]
+    val = (val or train)[:args.num_validation_maps]
+    return train, val, source
+
+
+def validation_items(args, val: list) -> list[dict]:
+    """[{control, label, prompt}] sampled at every checkpoint, at the training resolution."""
+    if args.validation_image:
+        items = []
+        for path in map(Path, args.validation_image):
+            if args.condition == "seg":
+                label = sd.read_label(path)
+                ex = sd.Example(path.stem, sd.paint(label), label)
+            else:
+                ex = sd.Example(path.stem, sd.read_image(path), sd.read_image(path), caption="", is_label=False)
+            items.append(sd.prepare(ex, args.resolution, args.condition, 0))
+    else:
+        items = [sd.prepare(ex, args.resolution, args.condition, mix_seed(0, i)) for i, ex in enumerate(val)]
+    prompts = args.validation_prompt or [it["caption"] for it in items]
+    if len(items) == 1 and len(prompts) > 1:
+        items = items * len(prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(items)
+    return [{**it, "prompt": p} for it, p in zip(items, prompts)]
+
+
+# ----- the task -----------------------------------------------------------------------------------------
+class SemanticMap(Task):
+    """Diffusion loss with the control added to the UNet (ControlNet's objective), samples per map."""
+
+    name = "semantic-map"
+    outputs = f"{ENCODER_FILE}, samples/ (map | samples in samples/grid.png)"
+
+    def __init__(self, run: TrainingRun, pipe, model: ConditionedUNet, validation: list[dict], args):
+        from diffusers import DDPMScheduler
+
+        self.run, self.args, self.model = run, args, model
+        self.vae, self.tokenizer, self.text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.val_pipe = sampling_pipeline(pipe.components)
+        self.validation = validation
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:   # frozen text encoder: each caption once
+        missing = [c for c in dict.fromkeys(captions) if c not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.run.device)
+            for c, e in zip(missing, self.text_encoder(ids)[0]):
+                self._prompt_cache[c] = e
+        return torch.stack([self._prompt_cache[c] for c in captions])
+
+    def loss(self, model, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        device, sched = self.run.device, self.noise_scheduler
+        pixels = batch["pixel_values"].to(device, dtype=self.run.weight_dtype)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        control = batch["conditioning_pixel_values"].to(device)
+        pred = model(noisy, timesteps, self.encode(batch["captions"]), control).float()
+        target = sched.get_velocity(latents, noise, timesteps) if sched.config.prediction_type == "v_prediction" \
+            else noise
+        return F.mse_loss(pred, target.float())
+
+    def param_groups(self, model, lr: float, args) -> list[dict]:
+        groups = super().param_groups(model, lr, args)
+        if model.conditioning_embedding is not None:
+            enc_lr = args.conditioning_learning_rate or min(lr, MAX_CONDITIONING_LR)
+            groups.append({"params": list(model.conditioning_embedding.parameters()), "lr": enc_lr,
+                           "weight_decay": args.adam_weight_decay, "name": "conditioning"})
+        return groups
+
+    def save(self, model, folder: Path) -> None:
+        lowrank.save_adapter(self.model.unet, folder)
+        if self.model.conditioning_embedding is not None:
+            save_encoder(self.model.conditioning_embedding, folder)
+
+    def load(self, model, folder: Path) -> list[str]:
+        names = lowrank.load_adapter(self.model.unet, folder)
+        if self.model.conditioning_embedding is not None:
+            load_encoder(self.model.conditioning_embedding, folder)
+        return names
+
+    @torch.no_grad()
+    def samples(self, step: int, folder: Path, tag: str = "validation") -> None:
+        """Fixed seeds 0..N-1 per validation map; written with its control map (and ids) beside it."""
+        a, pipe = self.args, self.val_pipe
+        was_training = self.model.training
+        self.model.eval()
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        rows, tiles, logged = [], [], []
+        try:
+            for i, item in enumerate(self.validation):
+                control = sd.to_tensor(item["control"])[None].to(self.run.device)
+                gens = [torch.Generator().manual_seed(s) for s in range(a.num_validation_images)]
+                with self.model.conditioned(control), self.run.accelerator.autocast():
+                    images = pipe(prompt=[item["prompt"]] * a.num_validation_images, generator=gens,
+                                  height=a.resolution, width=a.resolution, num_inference_steps=a.num_inference_steps,
+                                  guidance_scale=a.guidance_scale).images
+                item["control"].save(tmp / f"p{i:02d}-map.png")
+                if item["label"] is not None:
+                    runfolder.atomic_write(tmp / f"p{i:02d}-label.png", Image.fromarray(item["label"]).save)
+                for s, img in enumerate(images):
+                    img.save(tmp / f"p{i:02d}-s{s}.png")
+                    rows.append({"image": f"p{i:02d}-s{s}.png", "prompt": item["prompt"], "seed": s,
+                                 "map": f"p{i:02d}-map.png",
+                                 "label": f"p{i:02d}-label.png" if item["label"] is not None else None})
+                tiles += [item["control"], *images]
+                logged += images
+        finally:
+            self.model.train(was_training)
+        (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        grid(tiles, cols=1 + a.num_validation_images).save(tmp / "grid.png")
+        runfolder.replace_dir(tmp, folder)
+        self.run.metrics.log_images(step, logged, tag=tag)
+
+    def at_checkpoint(self, folder: Path, step: int) -> None:
+        self.samples(step, folder / "samples")
+
+    def at_validation(self, step: int) -> None:
+        self.samples(step, self.run.output_dir / "validation" / f"step-{step}")
+
+    def finish(self, output_dir: Path, step: int) -> None:
+        self.samples(step, output_dir / "samples", tag="final")
+        runfolder.atomic_write(output_dir / "samples_grid.png",
+                               lambda p: shutil.copyfile(output_dir / "samples" / "grid.png", p))
+
+
+def train(args) -> None:
+    run = TrainingRun(args, "semantic-map")
+    train_set, val_set, source = load_data(args)   # bad input fails in seconds, before the model loads
+    logger.info("training pairs: %d from %s; validation maps: %d", len(train_set), source, len(val_set))
+    validation = validation_items(args, val_set)
+    captions = {ex.caption is not None for ex in train_set}
+    caption_source = "data" if captions == {True} else "map" if captions == {False} else "data, else map"
+
+    with run.accelerator.main_process_first():
+        pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
+                             torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
+    if args.resolution % (pipe.vae_scale_factor * 2):
+        raise TrainingError(f"--resolution {args.resolution} must be a multiple of {pipe.vae_scale_factor * 2} "
+                            f"for this model")
+    for module in [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]:
+        module.requires_grad_(False)
+        module.to(run.device)
+
+    encoder = controlnet = None
+    if args.controlnet_model_name_or_path:
+        from diffusers import ControlNetModel
+
+        try:
+            controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path,
+                                                         torch_dtype=run.weight_dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise TrainingError(f"cannot load --controlnet_model_name_or_path {args.controlnet_model_name_or_path}: "
+                                f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        controlnet.requires_grad_(False).to(run.device)
+    else:
+        with torch.random.fork_rng(devices=[]):   # its own seed: the same encoder with or without resume
+            torch.manual_seed(mix_seed(run.seed, 1))
+            encoder = conditioning_encoder(pipe.unet, pipe.vae_scale_factor).to(run.device)
+    model = ConditionedUNet(pipe.unet, encoder, controlnet)
+    task = SemanticMap(run, pipe, model, validation, args)
+
+    dataset = sd.SemanticMapDataset(train_set, args.resolution, args.condition, run.seed,
+                                    args.proportion_empty_prompts)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
+        len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
+    run.adapt(pipe.unet, max_train_steps, task, target_modules=TARGET_MODULES)
+    if encoder is not None:
+        encoder.requires_grad_(True)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    enc_params = sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
+    run.fit(model, task, dataset, sd.collate, num_train_steps=max_train_steps,
+            info={"data": source, "train_pairs": len(train_set), "validation_maps": len(validation),
+                  "condition": args.condition, "caption_source": caption_source,
+                  "conditioning": "controlnet" if controlnet is not None else "encoder",
+                  "conditioning_encoder_parameters": enc_params,
+                  "conditioning_learning_rate": (args.conditioning_learning_rate or min(
+                      args.learning_rate or lowrank.METHODS[run.config.method].default_learning_rate,
+                      MAX_CONDITIONING_LR)) if encoder is not None else None})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
