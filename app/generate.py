@@ -16,6 +16,10 @@ from .inputs import InputError
 
 BASE = "base model (no adapter)"
 FINAL = "final"
+# the Generate tab's export choices -> training.common.export formats (exact files; see lowrank/export.py)
+EXPORT_FORMATS = {"diffusers (pipe.load_lora_weights)": "diffusers", "kohya (ComfyUI / AUTOMATIC1111)": "kohya",
+                  "peft (PeftModel.from_pretrained)": "peft"}
+EXPORTS = "exports"
 
 
 def checkpoint_choices(run_dir: Path) -> list[str]:
@@ -39,6 +43,37 @@ def adapter_dir(run_dir: Path, choice: str) -> Path | None:
         if choice in (f"step {step}", str(step), path.name):
             return path
     raise InputError(f"No checkpoint {choice!r} in run {run_dir.name}.")
+
+
+def export(run_dir: Path, choice: str, label: str) -> Path:
+    """Export a checkpoint's (or the final) adapter as a file other tools load; returns the file to download
+    (peft's two files zipped). Written under RUN/exports/<checkpoint>-<format>/, each file atomically."""
+    import shutil
+    import tempfile
+
+    from lowrank import AdapterError
+    from training.common import TrainingError
+    from training.common.export import export_run
+
+    fmt = EXPORT_FORMATS.get(str(label or "").strip(), str(label or "").strip())
+    if fmt not in EXPORT_FORMATS.values():
+        raise InputError(f"Unknown export format {label!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+    adir = adapter_dir(Path(run_dir), choice)
+    if adir is None:
+        raise InputError("The base model has no adapter to export: pick a checkpoint or 'final'.")
+    tag = "final" if adir == Path(run_dir) else adir.name
+    out = Path(run_dir) / EXPORTS / f"{tag}-{fmt}"
+    try:
+        written = export_run(adir, out, fmt)
+    except (AdapterError, TrainingError, OSError) as e:   # e.g. DoRA as kohya: the error names the formats that can
+        raise InputError(f"Cannot export {Path(run_dir).name} ({tag}) as {fmt}: {e}") from None
+    if fmt != "peft":
+        return written
+    archive = out.with_suffix(".zip")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        made = shutil.make_archive(str(Path(tmp) / out.name), "zip", root_dir=out)
+        Path(made).replace(archive)
+    return archive
 
 
 class Generator:
@@ -73,6 +108,7 @@ class Generator:
     def generate(self, run_dir: Path, choice: str, prompt: str, seed: int = 0, num_images: int = 1,
                  steps: int = 25, guidance: float = 7.5, merged: bool = False, resolution: int | None = None):
         import torch
+
         from lowrank import eject, load_adapter, merge, read_adapter
 
         prompt = str(prompt or "").strip()

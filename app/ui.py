@@ -147,6 +147,12 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                         g_merge = gr.Checkbox(False, label="Merge the adapter into the base weights",
                                               elem_id="gen-merge")
                         g_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                        with gr.Row():
+                            g_fmt = gr.Dropdown(list(G.EXPORT_FORMATS), value=next(iter(G.EXPORT_FORMATS)),
+                                                label="Export the checkpoint's adapter as", elem_id="gen-format")
+                            g_export = gr.Button("Export", elem_id="gen-export")
+                        g_file = gr.File(label="Exported adapter (exact: every method as its own LoRA factors)",
+                                         elem_id="gen-export-file")
                     with gr.Column():
                         g_out = gr.Gallery(label="Images", columns=2, elem_id="gen-images")
                         g_msg = gr.Markdown(elem_id="gen-msg")
@@ -244,6 +250,16 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 return [], _message(e)
             return images, f"{len(images)} image(s), seed {int(seed_ or 0)}{', adapter merged' if merged else ''}."
 
+        def export_fn(name, ckpt, label):
+            try:
+                run_dir = R.run_path(service.runs_dir, name)
+                path = G.export(run_dir, ckpt, label)
+            except ValueError as e:
+                return None, _message(e if isinstance(e, InputError) else InputError(f"Pick a run first ({e})."))
+            except Exception as e:
+                return None, _message(e)
+            return str(path), f"Exported {path.name} ({G.EXPORT_FORMATS.get(label, label)})."
+
         train_inputs = [files, methods, noun, token, rank, lr, steps, every, lam, model, seed, res, sample_steps,
                         n_samples, prior, n_class]
         train_outputs = [progress, status, loss_plot, dist_plot, jobs, batch]
@@ -267,4 +283,5 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         g_run.change(gen_ckpts, [g_run, g_prompt], [g_ckpt, g_prompt], api_name="checkpoints", queue=False)
         g_btn.click(gen_fn, [g_run, g_ckpt, g_prompt, g_seed, g_n, g_steps, g_cfg, g_merge], [g_out, g_msg],
                     api_name="generate", concurrency_limit=1)
+        g_export.click(export_fn, [g_run, g_ckpt, g_fmt], [g_file, g_msg], api_name="export", concurrency_limit=1)
     return demo
