@@ -385,8 +385,8 @@ class SemanticMap(Task):
 
 
 def train(args) -> None:
+    train_set, val_set, source = load_data(args)   # bad input fails in seconds, before anything is written
     run = TrainingRun(args, "semantic-map")
-    train_set, val_set, source = load_data(args)   # bad input fails in seconds, before the model loads
     logger.info("training pairs: %d from %s; validation maps: %d", len(train_set), source, len(val_set))
     validation = validation_items(args, val_set)
     captions = {ex.caption is not None for ex in train_set}
