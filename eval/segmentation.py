@@ -16,6 +16,10 @@ UperNet-101 (ResNet-101), which transformers does not ship, so absolute numbers 
 paper's; compare methods under one --model.
 
     python -m eval.segmentation --generated_dir gen/ --label_dir labels/ --output seg.json
+    python -m eval.segmentation --run_dir outputs/semantic-map-delora --checkpoints all   (eval.semantic_run)
+
+The mean of mIoU: --miou_mean present (mmseg's reading, the default with transformers' UperNet) or all
+(mit-semseg's, which the papers' UperNet-101 numbers use); every result records which.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from .images import Loaded, check_dir, image_files, open_image, open_label, try_
 
 SEG_MODEL = "openmmlab/upernet-convnext-small"
 IGNORE_INDEX = 255
+MIOU_MEANS = ("present", "all")
 
 
 # ----- the arithmetic -----------------------------------------------------------------------------
@@ -58,17 +63,28 @@ def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def scores_from_confusion(cm: np.ndarray) -> dict:
-    """mIoU, pixel accuracy (aAcc), mean class accuracy, and per-class IoU/accuracy (NaN: absent)."""
+def scores_from_confusion(cm: np.ndarray, miou_mean: str = "present") -> dict:
+    """mIoU, pixel accuracy (aAcc), mean class accuracy, and per-class IoU/accuracy (NaN: absent).
+
+    miou_mean "present" (mmseg): the mean over classes in the labels or the predictions; "all"
+    (mit-semseg, whose UperNet-101 the DeLoRA/ETHER papers used): over every class, absent ones as 0
+    (IoU and accuracy alike). On a small set the two differ by a large factor: always say which."""
+    if miou_mean not in MIOU_MEANS:
+        raise ValueError(f"miou_mean must be one of {MIOU_MEANS}, got {miou_mean!r}")
     cm = np.asarray(cm, dtype=np.float64)
     tp, gt, pred = np.diag(cm), cm.sum(1), cm.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = tp / (gt + pred - tp)          # 0/0 = NaN: the class is in neither labels nor predictions
         acc = tp / gt
     total = cm.sum()
-    return {"miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-            "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
-            "mean_accuracy": float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
+
+    def mean(values: np.ndarray) -> float:
+        if miou_mean == "all":
+            return float(np.nan_to_num(values, nan=0.0).mean())
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+    return {"miou": mean(iou), "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+            "mean_accuracy": mean(acc), "miou_mean": miou_mean,
             "iou": iou.tolist(), "accuracy": acc.tolist(), "valid_pixels": int(total)}
 
 
@@ -109,7 +125,8 @@ def pair_files(generated_dir: Path, label_dir: Path) -> tuple[list[tuple[str, Pa
     return pairs, unpaired
 
 
-def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool = True) -> dict:
+def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool = True,
+             miou_mean: str = "present") -> dict:
     gdir, ldir = check_dir(generated_dir, "--generated_dir"), check_dir(label_dir, "--label_dir")
     pairs, unpaired = pair_files(gdir, ldir)
     if not pairs:
@@ -134,7 +151,7 @@ def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool
     if not loaded.items:
         raise EvalError(f"none of the {len(pairs)} image/label pairs could be read "
                         f"(skipped {', '.join(loaded.skipped + labels.skipped)})")
-    scores = scores_from_confusion(cm)
+    scores = scores_from_confusion(cm, miou_mean)
     per_class = [{"class": c, "name": segmenter.id2label.get(c, str(c)), "iou": scores["iou"][c],
                   "accuracy": scores["accuracy"][c], "label_pixels": int(cm[c].sum()),
                   "predicted_pixels": int(cm[:, c].sum())} for c in range(n)]
@@ -143,15 +160,30 @@ def evaluate(generated_dir, label_dir, segmenter: Segmenter, reduce_labels: bool
             "valid_pixels": scores["valid_pixels"], "ignored_out_of_range_pixels": ignored_values,
             "n_skipped": len(loaded.skipped) + len(labels.skipped) + len(unpaired),
             "skipped": loaded.skipped + [f"{ldir.name}/{x}" for x in labels.skipped] + unpaired,
-            "model": segmenter.name, "reduce_zero_label": reduce_labels, "classes": per_class}
+            "model": segmenter.name, "reduce_zero_label": reduce_labels, "miou_mean": miou_mean,
+            "classes": per_class}
 
 
 # ----- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m eval.segmentation", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generated_dir", required=True, help="generated images, paired with label maps by file stem")
-    p.add_argument("--label_dir", required=True, help="label maps (single-channel PNGs of class ids)")
+    p.add_argument("--generated_dir", help="generated images, paired with label maps by file stem")
+    p.add_argument("--label_dir", help="label maps (single-channel PNGs of class ids)")
+    p.add_argument("--miou_mean", default="present", choices=MIOU_MEANS,
+                   help="mean of the per-class IoU: 'present' (mmseg: classes in labels or predictions, default) or "
+                        "'all' (mit-semseg: all classes, absent ones as 0); written into every result")
+    run = p.add_argument_group("a semantic-map training run (eval.semantic_run)")
+    run.add_argument("--run_dir", help="a training/semantic_map.py run: generate from its validation maps at each "
+                                       "checkpoint and append mIoU rows to RUN/eval.jsonl")
+    run.add_argument("--checkpoints", default="all", help="all, last, or steps such as 200,400 (default all)")
+    run.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default 50)")
+    run.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0], help="one image per map and seed (default 0)")
+    run.add_argument("--max_maps", type=int, default=None, help="score only the first N validation maps")
+    run.add_argument("--skip_bounds", action="store_true",
+                     help="skip the real-image (upper) and base-model (lower) bounds")
+    run.add_argument("--regenerate", action="store_true", help="score the bounds again even if eval.jsonl has them")
     p.add_argument("--model", default=SEG_MODEL, help=f"semantic-segmentation model, hub name or local folder "
                                                        f"(default {SEG_MODEL}; the paper's UperNet-101 is not in "
                                                        f"transformers)")
@@ -165,11 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.run_dir:
+        if args.generated_dir or args.label_dir:
+            raise EvalError("give either --run_dir or --generated_dir with --label_dir, not both")
+        if args.num_inference_steps <= 0 or (args.max_maps is not None and args.max_maps <= 0):
+            raise EvalError("--num_inference_steps and --max_maps must be positive")
+        from .semantic_run import score_run
+
+        device = resolve_device(args.device)
+        score_run(args, Segmenter(args.model, device), device)
+        return 0
+    if not (args.generated_dir and args.label_dir):
+        raise EvalError("give --generated_dir and --label_dir, or --run_dir")
     # folders before the model: a typo fails in milliseconds, not after a model download
     check_dir(args.generated_dir, "--generated_dir")
     check_dir(args.label_dir, "--label_dir")
     segmenter = Segmenter(args.model, resolve_device(args.device))
-    result = evaluate(args.generated_dir, args.label_dir, segmenter, args.reduce_zero_label)
+    result = evaluate(args.generated_dir, args.label_dir, segmenter, args.reduce_zero_label, args.miou_mean)
     print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
           f"({result['n_images']} images, {result['valid_pixels']} valid pixels)", file=sys.stderr)
     if args.output:

@@ -17,6 +17,8 @@ from lowrank import ade20k
 from training import semantic_map as sm
 from training.common import segdata as sd
 
+from .test_eval_support import tiny_upernet  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--method", "delora", "--rank", "4", "--seed", "0", "--resolution", "32", "--num_inference_steps", "1",
         "--num_validation_images", "1", "--num_validation_maps", "1", "--report_to", "none"]
@@ -158,8 +160,10 @@ def read_final(out: Path):
     return load_file(str(out / "adapter.safetensors")), load_file(str(out / sm.ENCODER_FILE))
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+def test_resume_equals_uninterrupted_run_and_eval_scores_the_run(tmp_path, tiny_upernet):  # noqa: F811
     import shutil
+
+    from eval import segmentation as seg
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = [*FAST, "--max_train_steps", "3", "--checkpointing_steps", "2"]
@@ -176,6 +180,16 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert run["conditioning_encoder_parameters"] == sum(v.numel() for v in a_enc.values())
     rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(r["lr_conditioning"] == 1e-4 for r in rows)    # DeLoRA's default lr, capped at 1e-4
+
+    # eval.segmentation --run_dir: bounds once, then one row per chosen checkpoint, the mean recorded
+    argv = ["--run_dir", str(straight), "--model", str(tiny_upernet), "--num_inference_steps", "1", "--max_maps",
+            "1", "--checkpoints", "last", "--miou_mean", "all", "--device", "cpu"]
+    assert seg.main(argv) == 0
+    evals = [json.loads(x) for x in (straight / "eval.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in evals] == [("real", None), ("base", None), ("checkpoint", 3)]
+    assert all(r["miou_mean"] == "all" and r["num_inference_steps"] == 1 and r["scheduler"] == "DDIMScheduler"
+               and 0 <= r["miou"] <= r["pixel_accuracy"] * 150 for r in evals)
+    assert len(list((straight / "eval" / "seg-step-3").glob("*-s0.png"))) == 1
 
 
 @pytest.fixture
@@ -229,6 +243,11 @@ def test_miou_aacc_against_a_hand_computed_confusion_matrix():
     assert s["iou"] == pytest.approx(iou) and s["miou"] == pytest.approx(sum(iou) / 3)
     assert s["pixel_accuracy"] == pytest.approx(4 / 7)          # diagonal / valid pixels
     assert s["mean_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+    # a 4th class in neither labels nor predictions: 'present' leaves it out, 'all' (mit-semseg) counts 0
+    cm4 = confusion_matrix(pred, label, 4)
+    assert scores_from_confusion(cm4, "present")["miou"] == pytest.approx(sum(iou) / 3)
+    assert scores_from_confusion(cm4, "all")["miou"] == pytest.approx(sum(iou) / 4)
+    assert scores_from_confusion(cm4, "all")["mean_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 4)
 
 
 def test_accelerate_launch_smoke(tmp_path):
