@@ -54,5 +54,17 @@ demo: install
 	@echo "results: $(DEMO_OUT)/samples_grid.png (final samples), $(DEMO_OUT)/metrics.jsonl (loss + distances per step),"
 	@echo "         $(DEMO_OUT)/checkpoint-{100,200,300}/samples, $(DEMO_OUT)/adapter.safetensors, $(DEMO_OUT)/run.json"
 
+# The semantic-map trainer on its embedded set (5 scikit-image photos with k-means ADE label maps), tiny SD,
+# then mIoU per checkpoint with the default segmenter when it can be loaded (needs the hub or its cache).
+SEG_OUT ?= outputs/demo-seg-$(DEMO_METHOD)
+.PHONY: demo-seg
+demo-seg: install
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		training/semantic_map.py --method $(DEMO_METHOD) --output_dir $(SEG_OUT) --seed 0 \
+		--max_train_steps 200 --checkpointing_steps 100 --num_validation_images 2
+	@echo "results: $(SEG_OUT)/samples_grid.png (map | samples), $(SEG_OUT)/checkpoint-{100,200}/samples,"
+	@echo "         $(SEG_OUT)/conditioning_encoder.safetensors + adapter.safetensors, $(SEG_OUT)/metrics.jsonl"
+	@echo "score:   $(BIN)/python -m eval.segmentation --run_dir $(SEG_OUT) --checkpoints all"
+
 clean:
 	rm -rf $(VENV) .pytest_cache
