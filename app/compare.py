@@ -20,7 +20,7 @@ from . import runs as R
 
 DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
                  "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
-EVAL_KEYS = ("dino", "clip_i", "clip_t")
+EVAL_KEYS = ("dino", "clip_i", "clip_t", "miou", "pixel_accuracy")   # eval.subject; eval.segmentation
 CELL = 128
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -165,6 +165,7 @@ def metrics_table(run_infos: list[R.RunInfo]) -> pd.DataFrame:
     for run in run_infos:
         last = (R.read_metrics(run.path) or [{}])[-1]
         ev = R.read_eval(run.path)
+        ev = [e for e in ev if isinstance(e.get("step"), int)]   # bound rows (real/base images) have no step
         score = ev[-1] if ev else {}
         steps = f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step)
         rows.append({"run": run.name, "method": run.method, "rank": run.rank, "lr": run.learning_rate,
