@@ -101,12 +101,14 @@ def test_rotation_validation_accumulation_and_tensorboard(tmp_path):
     out = tmp_path / "out"
     extra = ["--method", "lora", "--max_train_steps", "5", "--checkpointing_steps", "2", "--checkpoints_total_limit",
              "1", "--validation_steps", "3", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
-             "--gradient_checkpointing", "--validation_prompt", "a sks cat", "a sks cat on the beach"]
+             "--gradient_checkpointing", "--validation_prompt", "a sks cat", "a sks cat on the beach",
+             "--export_diffusers", "false"]
     has_tb = importlib_has("tensorboard")
     if has_tb:
         extra += ["--report_to", "tensorboard"]
     assert train(out, *extra) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]      # checkpoint-2 rotated out
+    assert not (out / "pytorch_lora_weights.safetensors").exists()                  # --export_diffusers false
     lines = check_samples(out / "validation" / "step-3", 4)
     assert {x["prompt"] for x in lines} == {"a sks cat", "a sks cat on the beach"}
     assert {x["seed"] for x in lines} == {0, 1}

@@ -59,8 +59,11 @@ def test_accelerate_launch_smoke_every_method(tmp_path, env, method):
     assert f"done: 2 steps of {method}" in proc.stdout
     for name in ("adapter.safetensors", "adapter_config.json", "samples_grid.png", "samples/prompts.jsonl",
                  "run.json", "checkpoint-1/adapter.safetensors", "checkpoint-2/optimizer.bin",
-                 "checkpoint-2/samples/prompts.jsonl"):
+                 "checkpoint-2/samples/prompts.jsonl", "pytorch_lora_weights.safetensors"):
         assert (out / name).is_file(), name
+    # the diffusers file is the exact LoRA form of the final adapter (tests/test_export.py loads it in diffusers)
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("unet.") for k in lora)
     assert json.loads((out / "adapter_config.json").read_text())["method"] == method
     n_layers = json.loads((out / "run.json").read_text())["adapted_layers"]
     logged = rows(out)

@@ -44,6 +44,7 @@ from training.common.data import (
     example_subject,
     load_image_dir,
 )
+from training.common.export import export_diffusers
 from training.common.logging import setup_console
 from training.common.loop import Task, TrainingRun, run_trainer, steps_per_epoch
 from training.common.models import is_tiny, load_pipeline
@@ -117,7 +118,7 @@ class DreamBooth(Task):
     """DreamBooth's loss (DreamBooth Eq. 1, + Eq. 2 with prior preservation) and its samples."""
 
     name = "dreambooth"
-    outputs = "samples_grid.png, samples/"
+    outputs = "samples_grid.png, samples/, pytorch_lora_weights.safetensors (for diffusers)"
 
     def __init__(self, run: TrainingRun, pipe, instance_prompt: str, class_prompt: str | None, args):
         from diffusers import DDPMScheduler
@@ -178,6 +179,8 @@ class DreamBooth(Task):
     def finish(self, output_dir: Path, step: int) -> None:
         shots = self.samples(step, output_dir / "samples", tag="final")
         write_grid(output_dir / "samples_grid.png", shots, cols=self.args.num_validation_images)
+        if self.args.export_diffusers:
+            export_diffusers(self.unet, output_dir)
 
 
 def train(args) -> None:

@@ -61,6 +61,8 @@ def _flag_type(name: str, hint) -> tuple[typing.Callable, dict]:
     """argparse type (and extra add_argument kwargs) for an AdapterConfig field's annotation."""
     if name == "target_modules":
         return _targets, {}
+    if name == "modules_to_save":   # 'classifier,pooler' -> ['classifier', 'pooler']; '' -> none
+        return (lambda text: [t.strip() for t in text.split(",") if t.strip()]), {}
     args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or \
         typing.get_origin(hint) is typing.Union else [hint]
     base = args[0] if len(args) == 1 else str
@@ -104,17 +106,30 @@ def adapter_config(args: argparse.Namespace, **fill: typing.Any) -> AdapterConfi
 
 def add_training_args(parser: argparse.ArgumentParser, default_resolution: str = "") -> None:
     """The flags shared by the diffusion trainers (diffusers' names and, where sensible, defaults)."""
+    add_model_args(parser)
+    add_run_args(parser, batch_help="Batch size per device (the paper's protocol uses 1).")
+    add_diffusion_args(parser, default_resolution)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("--pretrained_model_name_or_path", default=None,
       help="Hub name or local folder of a Stable Diffusion pipeline; 'tiny' (the default) is the built-in tiny "
            "SD with random weights, for trying the machinery offline.")
     p("--revision", default=None, help="Revision (branch, tag or commit) of the pretrained model on the hub.")
+
+
+def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size per device.",
+                 train_batch_size: int = 1) -> None:
+    """The flags of every trainer on training.common.loop (any task): output, seed, steps, checkpoints,
+    resume, optimizer and schedule, precision, trackers. Language trainers use these without the
+    diffusion group."""
+    p = parser.add_argument
     p("--output_dir", default=None, help="Where the adapter, checkpoints, samples and metrics go "
                                         "(default: outputs/<task>-<method>).")
     p("--seed", type=int, default=None, help="Seed for the adapter init, data order and noise (recorded in "
                                             "run.json; a random one is picked when not given).")
-    p("--resolution", type=int, default=None, help=f"Training and sample resolution in pixels{default_resolution}.")
-    p("--train_batch_size", type=int, default=1, help="Batch size per device (the paper's protocol uses 1).")
+    p("--train_batch_size", type=int, default=train_batch_size, help=batch_help)
     p("--num_train_epochs", type=int, default=1, help="Epochs to train when --max_train_steps is not given.")
     p("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
     p("--checkpointing_steps", type=int, default=500,
@@ -124,7 +139,6 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
     p("--resume_from_checkpoint", default=None,
       help="'latest' (the newest checkpoint in output_dir; starts fresh if there is none) or a checkpoint folder.")
     p("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimizer step.")
-    p("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
     p("--learning_rate", type=float, default=None,
       help="Learning rate of the adapter matrices (default per method: "
            + ", ".join(f"{m} {cls.default_learning_rate:g}" for m, cls in METHODS.items()) + ").")
@@ -143,7 +157,18 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
     p("--report_to", default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
       help="Trackers besides output_dir/metrics.jsonl (default: tensorboard when installed, else none).")
     p("--dataloader_num_workers", type=int, default=0,
-      help="Worker processes for image loading (0: in the main process).")
+      help="Worker processes for data loading (0: in the main process).")
+    add_runtime_args(parser)
+    # test-only hooks, hidden from --help
+    p("--debug_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
+    p("--debug_step_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def add_diffusion_args(parser: argparse.ArgumentParser, default_resolution: str = "") -> None:
+    """Resolution, UNet memory and sampling flags of the image trainers."""
+    p = parser.add_argument
+    p("--resolution", type=int, default=None, help=f"Training and sample resolution in pixels{default_resolution}.")
+    p("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
     p("--validation_prompt", nargs="+", default=None,
       help="Prompt(s) sampled at every checkpoint and at the end with fixed seeds 0..N-1 "
            "(default: the instance prompt).")
@@ -152,16 +177,34 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
       help="Also sample every N steps into output_dir/validation/step-N (default: only at checkpoints and the end).")
     p("--num_inference_steps", type=int, default=25, help="Denoising steps for samples and class images.")
     p("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for samples and class images.")
-    # test-only hooks, hidden from --help
-    p("--debug_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
-    p("--debug_step_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p("--export_diffusers", type=_bool, nargs="?", const=True, default=True,
+      help="At the end, also write output_dir/pytorch_lora_weights.safetensors: the final adapter as the exact "
+           "LoRA file diffusers' pipe.load_lora_weights(output_dir) reads (every method but DoRA as plain LoRA "
+           "factors; DoRA in diffusers' DoRA layout). --export_diffusers false skips it.")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Reproducibility and multi-process flags every trainer shares (see training/common/runtime.py)."""
+    p = parser.add_argument
+    p("--deterministic", action="store_true",
+      help="Bit-identical reruns on the same machine: deterministic kernels (torch.use_deterministic_algorithms, "
+           "cuDNN without autotuning, CUBLAS_WORKSPACE_CONFIG=:4096:8) and a fixed --num_threads. Some GPU ops "
+           "get slower; an op with no deterministic kernel stops the run with an error.")
+    p("--num_threads", type=int, default=None,
+      help="CPU threads for torch's intra-op parallelism (results depend on it; default: torch's own choice, "
+           "with --deterministic the cores this process may use).")
+    p("--ddp_timeout", type=int, default=1800,
+      help="Seconds a process waits for the others in a collective (all-reduce, barrier) before it stops with "
+           "an error: bounds the time a multi-process run hangs when one worker dies. Raise it when the main "
+           "process does long work alone (e.g. generating many class images).")
 
 
 def check_training_args(args: argparse.Namespace) -> None:
     """Cross-flag checks shared by the trainers; one TrainingError per problem."""
     positive = ["train_batch_size", "num_train_epochs", "checkpointing_steps", "gradient_accumulation_steps",
-                "num_validation_images", "num_inference_steps"]
-    for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution"]:
+                "num_validation_images", "num_inference_steps", "ddp_timeout"]
+    for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution",
+                          "num_threads"]:
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise TrainingError(f"--{name} must be positive, got {v}")

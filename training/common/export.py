@@ -26,8 +26,10 @@ from pathlib import Path
 import lowrank
 from lowrank.export import FORMATS as FILE_FORMATS
 from lowrank.io import CONFIG_NAME, WEIGHTS_NAME
+from lowrank.runfolder import RUN_JSON, is_adapter_dir
 
 from . import TrainingError
+from .logging import logger
 
 FORMATS = (*FILE_FORMATS, "pipeline")   # diffusers, kohya, peft + pipeline
 
@@ -36,15 +38,11 @@ class ExportInputError(TrainingError, ValueError):
     """Bad input to an export (not an adapter folder, unknown format, output in the way): one line, exit 2."""
 
 
-def is_adapter_dir(path: Path) -> bool:
-    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
-
-
 def run_json(adapter_dir: Path) -> dict | None:
     """run.json of the run an adapter folder belongs to: the run folder itself (final adapter) or the parent
     of a checkpoint-N folder."""
     for d in (adapter_dir, adapter_dir.parent):
-        f = d / "run.json"
+        f = d / RUN_JSON
         if f.is_file():
             try:
                 return json.loads(f.read_text(encoding="utf-8"))
@@ -160,3 +158,14 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output / written.name
+
+
+def export_diffusers(unet, output_dir: str | os.PathLike) -> Path | None:
+    """The trainers' end-of-run export: output_dir/pytorch_lora_weights.safetensors beside the run's own
+    adapter, so pipe.load_lora_weights(output_dir) works on a run folder. A method the format cannot hold
+    is a warning, not a failure: the run itself is done and its own adapter saved."""
+    try:
+        return export_model(unet, output_dir, "diffusers")
+    except lowrank.AdapterError as e:
+        logger.warning("no diffusers file written: %s", e)
+        return None
