@@ -73,6 +73,10 @@ class AdapterConfig:
     # Delta-LoRA
     deltalora_ratio: float = _f(2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − B_t A_t).")
     deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W moves after every optimizer step t > K (t counted "
+    # DeLoRA's multiplicative ablation variants (mult_relaxed V5, mult_highrank V6, mult_bounded V7)
+    mult_lambda: float = _f(2.0, "Initial learnable boundary λ of the mult_* variants: W' = Ĥ W with ‖Ĥ − I‖_F ≤ |λ| "
+                                 "(2 = ETHER+'s boundary; mult_bounded at λ = 2 starts as one-sided ETHER+).")
+
                                         "from 1: W_T = W_0 + λ·(α/r)·(B_T A_T − B_K A_K)); Algorithm 1's 0-based "
                                         "loop corresponds to K + 1.")
 

@@ -14,6 +14,7 @@ low rank, and each layer's delta_factors() already gives it as factors, ΔW = W_
   ether                H W − W = −2 Û (Ûᵀ W),  Û the n block unit vectors rank n   (one per block of H)
   etherplus one-sided  H⁺W − W = P W,  P = −ÛÛᵀ + V̂V̂ᵀ                     rank 2n
   etherplus            H⁺ W H̃⁺ − W = P W + H⁺ (W P̃)                       rank 4n
+  mult_* (V5-V7)       Ĥ W − W = (up @ down) W                               rank r (mult_bounded: 2)
 (ETHER's factors contain W0: the export needs the model with its base weights, not the adapter file alone.)
 Concatenating the terms, [U_1 … U_T] @ [V_1; …; V_T] = ΔW with no approximation; the file's rank is the sum of
 the terms' ranks. The scale (α/r, λΞ/r, ‖W̄‖ …) is folded into the factors, so the file says scale 1

@@ -18,6 +18,7 @@ from .methods.dora import DoraLayer
 from .methods.dynamic_rank import DynDoraLayer
 from .methods.ether import EtherLayer, EtherPlusLayer
 from .methods.lora import LoraLayer
+from .methods.multiplicative import BoundedEtherPlusLayer, HighRankLayer, RelaxedLayer
 
 METHODS = {
     "lora": LoraLayer,
@@ -27,4 +28,7 @@ METHODS = {
     "etherplus": EtherPlusLayer,
     "deltalora": DeltaLoraLayer,
     "dyndora": DynDoraLayer,
+    "mult_relaxed": RelaxedLayer,            # DeLoRA Table 1 ablation rows V5-V7 (ETHER side)
+    "mult_highrank": HighRankLayer,
+    "mult_bounded": BoundedEtherPlusLayer,
 }

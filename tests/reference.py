@@ -81,5 +81,28 @@ def deltalora(P, W0, cfg):  # Delta-LoRA Eq. 6 telescoped: W_t + sBA = W0 + (1+�
     return W
 
 
+def mult_highrank(P, W0, cfg, r=None):  # DeLoRA Eq. 12-14: (I − (λ/r)UΣUᵀ + (λ/r)VΘVᵀ) W, Σ_ii = 1/‖u_i‖²
+    r = cfg.rank if r is None else r
+    U, V = P["mult_u"].T, P["mult_v"].T                     # columns u_i, v_i (out x r/2)
+    Sigma, Theta = torch.diag(1.0 / U.norm(dim=0) ** 2), torch.diag(1.0 / V.norm(dim=0) ** 2)
+    H = torch.eye(W0.shape[0], dtype=W0.dtype) - P["mult_lambda"] / r * (U @ Sigma @ U.T - V @ Theta @ V.T)
+    return H @ W0
+
+
+def mult_bounded(P, W0, cfg):  # DeLoRA Eq. 10: (I − (λ/2)ûûᵀ + (λ/2)v̂v̂ᵀ) W
+    u, v = unit(P["mult_u"][0]), unit(P["mult_v"][0])
+    H = torch.eye(W0.shape[0], dtype=W0.dtype) - P["mult_lambda"] / 2 * (torch.outer(u, u) - torch.outer(v, v))
+    return H @ W0
+
+
+def mult_relaxed(P, W0, cfg):  # DeLoRA §2.2 relaxation: (I − (λ/r)(BΞA − DΦC)) W, Ξ_ii = 1/(‖b_i‖‖a_i‖)
+    A, B, C, D = (P[f"mult_{k}"] for k in "ABCD")
+    Xi = torch.diag(1.0 / (B.norm(dim=0) * A.norm(dim=1)))
+    Phi = torch.diag(1.0 / (D.norm(dim=0) * C.norm(dim=1)))
+    H = torch.eye(W0.shape[0], dtype=W0.dtype) - P["mult_lambda"] / cfg.rank * (B @ Xi @ A - D @ Phi @ C)
+    return H @ W0
+
+
 REFERENCES = {"lora": lora, "dora": dora, "delora": delora, "ether": ether, "etherplus": etherplus,
-              "deltalora": deltalora, "dyndora": dyndora}
+              "deltalora": deltalora, "dyndora": dyndora,
+              "mult_relaxed": mult_relaxed, "mult_highrank": mult_highrank, "mult_bounded": mult_bounded}

@@ -36,6 +36,11 @@ CASES = [
     ("etherplus", {"ether_blocks": 4}),
     ("dyndora", {}),
     ("dyndora", {"dyndora_initial_rank": 8}),
+    ("mult_relaxed", {}),
+    ("mult_relaxed", {"mult_lambda": -0.5}),
+    ("mult_highrank", {}),
+    ("mult_highrank", {"mult_lambda": 5.0}),
+    ("mult_bounded", {}),
 ]
 IDS = [m + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for m, o in CASES]
 

@@ -21,6 +21,9 @@ from training.common.models import load_pipeline  # noqa: E402
 FAST = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--seed", "0", "--resolution", "32",
         "--num_inference_steps", "2", "--num_validation_images", "2", "--rank", "4", "--report_to", "none"]
 ADAPTER_FILES = {"adapter_config.json", "adapter.safetensors"}
+# the mult_* ablation variants (DeLoRA Table 1 V5-V7) share one layer class (forward, save, merge, resume state):
+# mult_relaxed, the widest, stands for the family in trainer runs; the core matrix covers each of them
+TRAINER_METHODS = sorted(m for m in lowrank.METHODS if m not in ("mult_highrank", "mult_bounded"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +55,7 @@ def check_samples(folder, n):
     return lines
 
 
-@pytest.mark.parametrize("method", sorted(lowrank.METHODS))
+@pytest.mark.parametrize("method", TRAINER_METHODS)
 def test_every_method_trains_checkpoints_and_logs_distances(tmp_path, method):
     out = tmp_path / "out"
     assert train(out, "--method", method) == 0
@@ -284,7 +287,7 @@ ACTIVE_HOOKS = {"deltalora": ["--deltalora_start_step", "1"],
                 "dyndora": ["--dyndora_prune_interval", "1", "--dyndora_total_steps", "5"]}
 
 
-@pytest.mark.parametrize("method", sorted(lowrank.METHODS))
+@pytest.mark.parametrize("method", TRAINER_METHODS)
 def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path, method):
     """In-process twin of the SIGKILL test for every method: batch 2, 2 micro-batches per step, resume
     inside an epoch; the adapter checkpoint alone (plus optimizer state) must restore everything."""

@@ -39,6 +39,11 @@ def env(tmp_path_factory):
     return e
 
 
+# the mult_* ablation variants (DeLoRA Table 1 V5-V7) share one layer class (forward, save, merge, resume state):
+# mult_relaxed, the widest, stands for the family in trainer runs; the core matrix covers each of them
+TRAINER_METHODS = sorted(m for m in lowrank.METHODS if m not in ("mult_highrank", "mult_bounded"))
+
+
 def run(cmd, env, timeout=300):
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,7 +54,7 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", sorted(lowrank.METHODS))
+@pytest.mark.parametrize("method", TRAINER_METHODS)
 def test_accelerate_launch_smoke_every_method(tmp_path, env, method):
     out = tmp_path / method
     args = ["--method", method, "--rank", "4", "--seed", "0", "--resolution", "32", "--max_train_steps", "2",

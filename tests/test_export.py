@@ -28,8 +28,12 @@ OPTIONS = {   # alpha != r wherever alpha applies: the scale must be folded, not
     "etherplus": dict(),                                      # two-sided: rank 4
     "deltalora": dict(rank=4, alpha=6.0, deltalora_start_step=0),   # snapshot at init: rank 2r
     "dyndora": dict(rank=2, alpha=6.0, dyndora_total_steps=10),
+    "mult_relaxed": dict(rank=4),                             # (Ĥ − I)W: r/2 terms per side, rank r
+    "mult_highrank": dict(rank=4),
+    "mult_bounded": dict(),                                   # one pair: rank 2
 }
-FILE_RANK = {"lora": 4, "dora": 4, "delora": 8, "ether": 2, "etherplus": 4, "deltalora": 8, "dyndora": 2}
+FILE_RANK = {"lora": 4, "dora": 4, "delora": 8, "ether": 2, "etherplus": 4, "deltalora": 8, "dyndora": 2,
+             "mult_relaxed": 4, "mult_highrank": 4, "mult_bounded": 2}
 
 
 @pytest.fixture(scope="module")
