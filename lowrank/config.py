@@ -48,6 +48,9 @@ class AdapterConfig:
         "Modules to adapt. A list matches by dotted-name suffix ('to_out.0' matches '...attn1.to_out.0'); "
         "a string is a regex that must match the full module name.")
     dropout: float = _f(0.0, "Dropout on the input of the low-rank branch (lora, dora, delora, dyndora).")
+    modules_to_save: list[str] = _f(
+        [], "Modules trained in full and saved with the adapter (peft's modules_to_save), matched by dotted-name "
+            "suffix like target_modules: e.g. a new classification head ('classifier').")
 
     # DoRA (weight-decomposed)
     dora_detach_norm: bool = _f(True, "DoRA §4.3: treat the row norm ||W + sBA|| as a constant in backward "
@@ -70,13 +73,13 @@ class AdapterConfig:
     etherplus_one_sided: bool = _f(False, "ETHER+ on the output side only, H⁺W (ablation 'ETHER+ one-side'); "
                                           "default is the two-sided H⁺ W H̃⁺.")
 
-    # Delta-LoRA
-    deltalora_ratio: float = _f(2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − B_t A_t).")
-    deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W moves after every optimizer step t > K (t counted "
     # DeLoRA's multiplicative ablation variants (mult_relaxed V5, mult_highrank V6, mult_bounded V7)
     mult_lambda: float = _f(2.0, "Initial learnable boundary λ of the mult_* variants: W' = Ĥ W with ‖Ĥ − I‖_F ≤ |λ| "
                                  "(2 = ETHER+'s boundary; mult_bounded at λ = 2 starts as one-sided ETHER+).")
 
+    # Delta-LoRA
+    deltalora_ratio: float = _f(2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − B_t A_t).")
+    deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W moves after every optimizer step t > K (t counted "
                                         "from 1: W_T = W_0 + λ·(α/r)·(B_T A_T − B_K A_K)); Algorithm 1's 0-based "
                                         "loop corresponds to K + 1.")
 
@@ -116,6 +119,15 @@ class AdapterConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 raise ConfigError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
+        if not isinstance(self.modules_to_save, (list, tuple)) or \
+                not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_modules, list):
+            both = sorted(set(self.modules_to_save) & set(self.target_modules))
+            if both:
+                raise ConfigError(f"{', '.join(both)} is both adapted (target_modules) and trained in full "
+                                  f"(modules_to_save); choose one")
         for cls in _distinct_checks():
             cls.check_config(self)
 
@@ -126,7 +138,7 @@ class AdapterConfig:
         kinds = {"str": str, "int": int, "float": (int, float), "bool": bool}
         for f in dataclasses.fields(self):
             value, allowed = getattr(self, f.name), [k.strip() for k in str(f.type).split("|")]
-            if value is None and "None" in allowed or f.name == "target_modules":
+            if value is None and "None" in allowed or f.name in ("target_modules", "modules_to_save"):
                 continue
             ok = any(k in kinds and isinstance(value, kinds[k]) and (k == "bool" or not isinstance(value, bool))
                      for k in allowed)

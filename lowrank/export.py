@@ -279,6 +279,7 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
     else:
         state, peft_cfg = _peft(model, peft_prefix)
         peft_cfg.update({"task_type": None, "base_model_name_or_path": None, "inference_mode": True})
+        _peft_extras(model, peft_prefix, state, peft_cfg)
         meta, name = {"format": "pt"}, PEFT_WEIGHTS
     _check_finite(state)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,6 +287,22 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
     if format == "peft":
         _atomic_write(out / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2)))
     return out / name
+
+
+def _peft_extras(model: nn.Module, prefix: str, state: dict, peft_cfg: dict) -> None:
+    """What peft keeps beside the adapters: the modules trained in full under their own names
+    ('<prefix><module>.<tensor>', peft's modules_to_save keys, which its loader maps to the wrapper's copy) and
+    fan_in_fan_out for GPT-2 Conv1D layers (weight stored transposed; the factors stay (r, in) and (out, r))."""
+    from .inject import saved_modules
+
+    full = saved_modules(model, model_config(model))
+    for name, module in full.items():
+        state.update({f"{prefix}{name}.{k}": v.detach().float().contiguous().cpu()
+                      for k, v in module.state_dict().items()})
+    if full:
+        peft_cfg["modules_to_save"] = sorted(full)
+    if any(getattr(layer, "fan_in_fan_out", False) for layer in adapter_layers(model).values()):
+        peft_cfg["fan_in_fan_out"] = True
 
 
 def _check_finite(state: dict[str, torch.Tensor]) -> None:

@@ -10,7 +10,8 @@ from .errors import AdapterError, TargetError
 from .layer import adapter_layers
 from .registry import METHODS
 
-__all__ = ["adapter_layers", "eject", "inject", "matches"]   # adapter_layers lives in layer.py (methods use it)
+# adapter_layers lives in layer.py (methods use it)
+__all__ = ["adapter_layers", "eject", "inject", "matches", "saved_modules"]
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -25,8 +26,30 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def saved_modules(model: nn.Module, config: AdapterConfig, adapted: list[str] | None = None) -> dict[str, nn.Module]:
+    """{name: module} of config.modules_to_save in `model` (outermost matches only): the modules trained in
+    full and saved with the adapter. TargetError when a name matches nothing or holds an adapted layer."""
+    if not config.modules_to_save:
+        return {}
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if name and matches(name, config.modules_to_save) and not any(name.startswith(f + ".") for f in found):
+            found[name] = module
+    missing = [t for t in config.modules_to_save if not any(matches(n, [t]) for n in found)]
+    if missing:
+        raise TargetError(f"modules_to_save {missing[0]!r} matched no module of this model")
+    adapted = adapted if adapted is not None else list(adapter_layers(model))
+    for name in found:
+        inner = [a for a in adapted if a == name or a.startswith(name + ".")]
+        if inner:
+            raise TargetError(f"{name} is in modules_to_save but holds the adapted layer {inner[0]}; "
+                              f"train a module either in full or through an adapter")
+    return found
+
+
 def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -> list[str]:
-    """Wrap every module whose name matches config.target_modules; freeze everything else.
+    """Wrap every module whose name matches config.target_modules, leave config.modules_to_save trainable
+    (trained in full), freeze everything else.
 
     `state` (module name -> adapter tensors) gives the layers their initial values instead of a
     random init; load_adapter uses it so a fresh model is rebuilt bit for bit.
@@ -40,6 +63,7 @@ def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -
         hint = ", ".join(linear[:6]) + (" ..." if len(linear) > 6 else "")
         raise TargetError(f"target_modules {config.target_modules!r} matched no module; "
                           f"linear modules in this model include: {hint or 'none'}")
+    full = saved_modules(model, config, names)   # checked before anything changes
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
@@ -54,6 +78,8 @@ def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -
                 p.requires_grad_(True)
             raise type(e)(f"{name}: {e}") from None
         _set_module(model, name, layer)
+    for module in full.values():   # e.g. a new classification head: trained in full, saved with the adapter
+        module.requires_grad_(True)
     return names
 
 

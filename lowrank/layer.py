@@ -1,7 +1,8 @@
 """AdapterLayer: the protocol every method implements.
 
-An AdapterLayer wraps one frozen base layer (nn.Linear, or a 1x1 nn.Conv2d treated as a linear map
-over channels) with weight W0 (out x in) and bias b. A method subclass provides:
+An AdapterLayer wraps one frozen base layer (nn.Linear, a 1x1 nn.Conv2d treated as a linear map over
+channels, or GPT-2's Conv1D, whose weight is stored transposed) with weight W0 (out x in) and bias b.
+A method subclass provides:
 
   init_adapter()      create its parameters/buffers (names carry the method prefix: lora_A, delora_lambda...)
   adapted(x)          the efficient forward on channel-last input; never builds an out x in matrix
@@ -47,6 +48,14 @@ def add_low_rank(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: floa
     return out.view(shape)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D` (a linear layer with its weight stored (in, out)), recognised by shape and
+    name: lowrank imports torch alone, never transformers."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2 \
+        and getattr(module, "nf", None) == w.shape[1]
+
+
 class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     prefix: ClassVar[str] = ""          # e.g. "lora_": every trainable name starts with it
@@ -69,16 +78,20 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base: nn.Module, config: AdapterConfig, init_state: dict | None = None):
         super().__init__()
+        self.is_conv = self.fan_in_fan_out = False
         if isinstance(base, nn.Linear):
-            self.is_conv = False
             out_f, in_f = base.weight.shape
         elif isinstance(base, nn.Conv2d) and base.kernel_size == (1, 1) and base.groups == 1 \
                 and base.stride == (1, 1) and base.padding in ((0, 0), "valid") and base.dilation == (1, 1):
             self.is_conv = True
             out_f, in_f = base.weight.shape[:2]
+        elif is_conv1d(base):
+            # GPT-2's Conv1D: y = x W + b with W stored (in, out), transposed (peft's fan_in_fan_out)
+            self.fan_in_fan_out = True
+            in_f, out_f = base.weight.shape
         else:
-            raise TargetError(f"cannot adapt {type(base).__name__}: only nn.Linear and plain 1x1 nn.Conv2d are "
-                              f"supported")
+            raise TargetError(f"cannot adapt {type(base).__name__}: only nn.Linear, plain 1x1 nn.Conv2d and "
+                              f"GPT-2 style Conv1D are supported")
         self.base = base
         self.in_features, self.out_features = in_f, out_f
         self.config = config
@@ -99,6 +112,8 @@ class AdapterLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         """W as an (out, in) view of the base weight (shares storage: in-place edits hit the base)."""
         w = self.base.weight
+        if self.fan_in_fan_out:
+            return w.T
         return w.view(self.out_features, self.in_features) if self.is_conv else w
 
     @property
