@@ -40,7 +40,8 @@ from torch import nn
 
 from .errors import AdapterError, AdapterFileError
 from .inject import adapter_layers
-from .io import _atomic_write, model_config
+from .io import model_config
+from .runfolder import atomic_write
 
 FORMATS = ("diffusers", "kohya", "peft")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -283,9 +284,9 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
         meta, name = {"format": "pt"}, PEFT_WEIGHTS
     _check_finite(state)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / name, lambda p: save_file(state, p, metadata=meta))
+    atomic_write(out / name, lambda p: save_file(state, str(p), metadata=meta))
     if format == "peft":
-        _atomic_write(out / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(peft_cfg, indent=2)))
+        atomic_write(out / PEFT_CONFIG, lambda p: p.write_text(json.dumps(peft_cfg, indent=2)))
     return out / name
 
 

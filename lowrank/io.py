@@ -10,7 +10,6 @@ detected on load instead of silently pairing tensors with another save's options
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,22 +20,12 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError
 from .inject import adapter_layers, eject, inject, saved_modules
+from .runfolder import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "lowrank/1"
 FULL_PREFIX = "modules_to_save."   # key prefix of the modules trained in full
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_config(model: nn.Module) -> AdapterConfig:
@@ -95,8 +84,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
     meta = {"format": FORMAT, "method": config.method, "config": config.to_json()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
+    atomic_write(out / CONFIG_NAME, lambda p: p.write_text(config.to_json()))
     return out
 
 

@@ -22,3 +22,10 @@ class DivergedError(TrainingError):
     """The loss became NaN/inf. Trainers print it as one `error:` line and exit 1."""
 
     exit_code = 1
+
+
+class StoppedError(TrainingError):
+    """SIGTERM during training: a checkpoint at the current step is saved. Printed as a `stopped:` line;
+    exit 143 (128 + SIGTERM, what a process killed by it reports)."""
+
+    exit_code = 143

@@ -24,6 +24,7 @@ from pathlib import Path
 from lowrank import runfolder
 
 from . import TrainingError
+from .faults import fault_point
 
 
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
@@ -83,18 +84,28 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     """Collective: every process must call it. Returns the final checkpoint folder."""
     out = Path(output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))          # every process writes its RNG state; main the rest
-    if accelerator.is_main_process:
-        if extras is not None:
-            extras(tmp)
-        runfolder.write_json(tmp / runfolder.TRAINER_STATE, {"global_step": step, **state})
-        runfolder.replace_dir(tmp, final)     # e.g. re-running a step after resuming from an older checkpoint
-        if total_limit:
-            for _, old in runfolder.list_checkpoints(out)[:-total_limit]:
-                runfolder.remove_dir(old)
+    index = accelerator.process_index
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            fault_point("checkpoint-before", step, index, str(tmp))
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))          # every process writes its RNG state; main the rest
+        fault_point("checkpoint-between", step, index, str(tmp / runfolder.TRAINER_STATE))
+        if accelerator.is_main_process:
+            if extras is not None:
+                extras(tmp)
+            runfolder.write_json(tmp / runfolder.TRAINER_STATE, {"global_step": step, **state})
+            fault_point("checkpoint-after", step, index, str(final))
+            runfolder.replace_dir(tmp, final)     # e.g. re-running a step after resuming from an older checkpoint
+            fault_point("checkpoint-renamed", step, index, str(final))
+            if total_limit:
+                for _, old in runfolder.list_checkpoints(out)[:-total_limit]:
+                    runfolder.remove_dir(old)
+    except OSError:   # e.g. a full disk: give the space of the partial checkpoint back; older ones are untouched
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final

@@ -11,19 +11,29 @@ What it guarantees, for every trainer:
   function of (seed, step, micro-batch, process), and the checkpoint holds the adapter plus optimizer,
   scheduler and RNG states, so a run SIGKILLed after checkpoint N and resumed ends bit-identical;
 - exit codes: 0 done, 2 bad input (TrainingError: one `error:` line), 1 diverged (the loss or the
-  gradient norm became NaN/inf: DivergedError, nothing saved after the last good checkpoint);
+  gradient norm became NaN/inf: DivergedError, nothing saved after the last good checkpoint) or a write
+  failed (a full disk: one `error:` line, the last complete checkpoint untouched), 143 stopped by SIGTERM
+  (a checkpoint at the current step, without samples, then a `stopped:` line saying how to resume);
+  the main process records the code and its line in RUN/exit_status.json (`accelerate launch` turns
+  every non-zero code into its own 1: the file is the trainer's own word);
+- SIGKILL at any moment, a checkpoint write included, loses at most the steps after the last complete
+  checkpoint (training/common/faults.py kills at exact points of the write in the tests);
+- --deterministic: deterministic kernels and a fixed thread count, for bit-identical reruns on one machine
+  (see `make_deterministic`);
 - per-step weight distances of every adapted layer in metrics.jsonl; checkpoints with the task's
   samples; DDP over any number of processes (only the main process writes).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import random
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +42,12 @@ import torch
 import lowrank
 from lowrank import runfolder
 
-from . import DivergedError, TrainingError
+from . import DivergedError, StoppedError, TrainingError
 from .args import adapter_config, default_learning_rate
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
+from .faults import fault_point
 from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
+from .runtime import StopRequest, make_deterministic, restore_signals, write_exit_status
 
 logger = setup_console()
 
@@ -108,15 +120,23 @@ class TrainingRun:
 
     def __init__(self, args, project: str):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         self.args, self.project = args, project
+        if getattr(args, "deterministic", False):   # before the accelerator: cuBLAS reads its setting at CUDA init
+            make_deterministic(args.num_threads)
+        elif getattr(args, "num_threads", None):
+            torch.set_num_threads(args.num_threads)
         self.output_dir = Path(args.output_dir).expanduser()
         self.report_to = resolve_report_to(args.report_to)
+        # a bounded wait for the other processes: a dead worker ends the others' collectives with an error
+        # after --ddp_timeout seconds instead of torch's default half hour
+        timeout = getattr(args, "ddp_timeout", None)
+        handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
         self.accelerator = acc = Accelerator(
-            mixed_precision=args.mixed_precision, log_with=self.report_to,
+            mixed_precision=args.mixed_precision, log_with=self.report_to, kwargs_handlers=handlers,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")))
         self.is_main, self.process_index, self.num_processes, self.device = (
@@ -145,6 +165,7 @@ class TrainingRun:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             runfolder.remove_stale(self.output_dir)
+            (self.output_dir / runfolder.EXIT_STATUS).unlink(missing_ok=True)   # an earlier attempt's word
             if self.resume_dir is None and runfolder.list_checkpoints(self.output_dir):
                 logger.warning("%s holds checkpoints of an earlier run; new ones replace those with the same step, "
                                "and --resume_from_checkpoint latest picks the newest of all", self.output_dir)
@@ -237,6 +258,7 @@ class TrainingRun:
                     self.config.method, len(self.names), f"{run['parameters']['trainable']:,}", max_steps,
                     self.num_processes, out)
         accum = args.gradient_accumulation_steps
+        stop = StopRequest(acc)
         wrapped.train()
         for epoch in range(step // per_epoch, num_epochs):
             batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
@@ -245,6 +267,8 @@ class TrainingRun:
             loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
                                                       num_workers=args.dataloader_num_workers))
             for start in range(0, len(remaining), accum):
+                if step >= max_steps:   # resumed from the last step's checkpoint: only the final save is left
+                    break
                 t0 = time.perf_counter()
                 group = min(accum, len(remaining) - start)   # the epoch's last step may have fewer micro-batches
                 losses = []
@@ -293,13 +317,25 @@ class TrainingRun:
                                     lambda folder, s=step: task.at_checkpoint(folder, s), args.checkpoints_total_limit)
                 elif args.validation_steps and step % args.validation_steps == 0 and self.is_main:
                     task.at_validation(step)
+                fault_point("step", step, self.process_index)
                 if args.debug_step_delay:
                     time.sleep(args.debug_step_delay)
+                if step < max_steps and stop.requested():
+                    progress.close()
+                    metrics.close()
+                    if step % args.checkpointing_steps:   # samples skipped: the grace before SIGKILL is short
+                        save_checkpoint(acc, out, step, {"seed": self.seed, "method": self.config.method,
+                                                         "max_train_steps": max_steps},
+                                        None, args.checkpoints_total_limit)
+                    stop.restore()
+                    raise StoppedError(f"{stop.name} at step {step} of {max_steps}; checkpoint-{step} is saved in "
+                                       f"{out}; continue with the same command and --resume_from_checkpoint latest")
                 if step >= max_steps:
                     break
             if step >= max_steps:
                 break
         progress.close()
+        stop.restore()   # from here on a SIGTERM ends the process at once: only the final save is left
 
         if self.num_processes > 1:   # DDP keeps replicas identical; a per-process hook that drifted shows here
             checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
@@ -309,6 +345,7 @@ class TrainingRun:
                                     f"({sums.tolist()}); please report")
         acc.wait_for_everyone()
         if self.is_main:
+            fault_point("final", step, self.process_index, str(out / runfolder.ADAPTER_WEIGHTS))
             task.save(model, out)
             task.finish(out, step)
             records = rank_records(runfolder.read_metrics(out))
@@ -330,23 +367,58 @@ def task_outputs(task: Task) -> str:
 
 # ----- the entry point -----------------------------------------------------------------------------------------
 def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
-    """main() of every trainer: parse, train, and map failures to exit codes (0 done, 1 diverged, 2 bad
-    input). An output folder this run created is removed again if bad input stops it before any file."""
-    created = None
+    """main() of every trainer: parse, train, and map failures to exit codes (0 done, 1 diverged or a
+    failed write, 2 bad input, 143 stopped by SIGTERM). An output folder this run created is removed again
+    if bad input stops it before any file. The code and its line go to RUN/exit_status.json."""
+    created, out = None, None
     try:
         args = parse_args(argv)
         out = Path(args.output_dir).expanduser()
         created = None if out.exists() else out
         train(args)
+        write_exit_status(out, 0, "done")
         return 0
-    except DivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except StoppedError as e:
+        close_progress_bars()
+        print(f"stopped: {e}", file=sys.stderr)
+        write_exit_status(out, e.exit_code, f"stopped: {e}")
+        return e.exit_code
     except (TrainingError, lowrank.AdapterError) as e:
+        code = getattr(e, "exit_code", 2) if isinstance(e, TrainingError) else 2
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
-        if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):
+        if code == 2 and created is not None and created.is_dir() and \
+                not any(p.is_file() for p in created.rglob("*")):
             shutil.rmtree(created, ignore_errors=True)
-        return 2
+        elif out is not None:
+            write_exit_status(out, code, f"error: {e}")
+        return code
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        last = runfolder.list_checkpoints(out) if out is not None else []
+        where = (f"the last complete checkpoint is {last[-1][1]}; free space, then continue with "
+                 f"--resume_from_checkpoint latest") if last else "no complete checkpoint was written"
+        message = f"cannot write {e.filename or out}: {e.strerror or e}; {where}"
+        close_progress_bars()
+        print(f"error: {message}", file=sys.stderr)
+        write_exit_status(out, 1, f"error: {message}")
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        write_exit_status(out, 130, "error: interrupted")
         return 130
+    finally:
+        restore_signals()
+
+
+def close_progress_bars() -> None:
+    """End any open progress bar's line, so that the `error:` line after it is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+# a write that fails for lack of space or a broken disk: not a bug, one `error:` line and exit 1
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}

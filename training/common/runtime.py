@@ -1,0 +1,109 @@
+"""Process-level behaviour of a training run: deterministic mode, SIGTERM as a stop request, and the
+exit status file the trainer leaves for whoever started it.
+
+Reproducibility. On one machine, with the same flags, seed and thread count, two CPU runs are bit-identical
+(float32 matmuls and convolutions are deterministic for a fixed number of threads). What changes results
+without --deterministic: the number of intra-op threads (torch splits GEMM/convolution reductions by
+thread, so 1, 2 or 16 threads sum in different orders: differences of ~1e-7 relative per op, which grow
+through a deep UNet to ~1e-5 in the adapter after one step), a different CPU/ISA (AVX2 vs AVX-512 kernels),
+and on GPU cuDNN's autotuned algorithm choice, atomics in some backward kernels and cuBLAS's split-K
+workspaces. --deterministic fixes the thread count (--num_threads, default the number of cores this process
+may use, read once at start), turns on torch.use_deterministic_algorithms (a non-deterministic kernel is
+an error, not a silent difference), cuDNN's deterministic mode without benchmark autotuning, and
+CUBLAS_WORKSPACE_CONFIG=:4096:8. Not guaranteed even then: identical results across machines, CPU
+instruction sets, GPU models, library versions, or between CPU and GPU.
+
+SIGTERM (what schedulers and the app's Cancel send): the loop finishes the step it is in, saves a
+checkpoint at that step and exits with StoppedError (code 143 = 128 + SIGTERM). With several processes
+the request is agreed on through one all-reduce per step, so every process stops after the same step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import torch
+
+from lowrank import runfolder
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def default_num_threads() -> int:
+    """The cores this process may run on (the affinity mask: what a scheduler or taskset granted)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def make_deterministic(num_threads: int | None = None) -> int:
+    """Deterministic kernels and a fixed intra-op thread count; returns the thread count used."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    threads = num_threads or default_num_threads()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return threads
+
+
+class StopRequest:
+    """Turns SIGTERM (and SIGUSR1, which some schedulers send ahead of the end of a job) into a flag the
+    loop checks after each step. Only the main thread can install handlers; elsewhere it is a no-op."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, accelerator=None):
+        self.accelerator, self.signum, self._old = accelerator, None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+            _installed.append(self)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "stop"
+
+    def requested(self) -> bool:
+        local = self.signum is not None
+        acc = self.accelerator
+        if acc is None or acc.num_processes == 1:
+            return local
+        flag = torch.tensor([float(local)], device=acc.device)
+        agreed = bool(acc.reduce(flag, reduction="sum").item() > 0)   # every process stops after the same step
+        if agreed and self.signum is None:
+            self.signum = signal.SIGTERM
+        return agreed
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        if self in _installed:
+            _installed.remove(self)
+
+
+_installed: list[StopRequest] = []
+
+
+def restore_signals() -> None:
+    """Put back the handlers of every StopRequest still installed (a run that ended by an exception)."""
+    for request in reversed(list(_installed)):
+        request.restore()
+
+
+def write_exit_status(output_dir, code: int, message: str) -> None:
+    """RUN/exit_status.json {"code", "message"} from the main process, if the run folder exists."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        out = os.path.expanduser(str(output_dir))
+        if os.path.isdir(out):
+            runfolder.write_json(os.path.join(out, runfolder.EXIT_STATUS), {"code": code, "message": message})
+    except OSError:   # a full disk: the exit code and the printed line still say it
+        pass
