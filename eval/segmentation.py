@@ -10,16 +10,18 @@ models predict 0..149. reduce_zero_label (on by default) maps 0 -> 255 (ignored)
 --no-reduce_zero_label takes maps that already hold 0..149. Label values outside the model's classes
 (after reduction) are ignored like 255. Predictions are resized (bilinear logits) to each label map.
 
-Model: any transformers semantic-segmentation model by hub name or folder (default: UperNet with a
-ConvNeXt-S backbone trained on ADE20K, openmmlab/upernet-convnext-small). The paper used CSAILVision's
-UperNet-101 (ResNet-101), which transformers does not ship, so absolute numbers differ from the
-paper's; compare methods under one --model.
+Segmenter (--segmenter): `transformers` (default), any transformers semantic-segmentation model by hub name
+or folder (--model; default UperNet with a ConvNeXt-S backbone trained on ADE20K,
+openmmlab/upernet-convnext-small); or `upernet101`, the papers' CSAILVision UperNet-101 (ResNet-101,
+eval.upernet101) from its two official checkpoint files in --upernet101_dir. Numbers from different
+segmenters are not comparable: compare methods under one segmenter.
 
     python -m eval.segmentation --generated_dir gen/ --label_dir labels/ --output seg.json
     python -m eval.segmentation --run_dir outputs/semantic-map-delora --checkpoints all   (eval.semantic_run)
 
-The mean of mIoU: --miou_mean present (mmseg's reading, the default with transformers' UperNet) or all
-(mit-semseg's, which the papers' UperNet-101 numbers use); every result records which.
+The mean of mIoU: --miou_mean present (mmseg's reading, the default with --segmenter transformers) or all
+(mit-semseg's, which the papers' UperNet-101 numbers use: the default with --segmenter upernet101); every
+result records which.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from .images import Loaded, check_dir, image_files, open_image, open_label, try_
 SEG_MODEL = "openmmlab/upernet-convnext-small"
 IGNORE_INDEX = 255
 MIOU_MEANS = ("present", "all")
+SEGMENTERS = ("transformers", "upernet101")
 
 
 # ----- the arithmetic -----------------------------------------------------------------------------
@@ -170,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated_dir", help="generated images, paired with label maps by file stem")
     p.add_argument("--label_dir", help="label maps (single-channel PNGs of class ids)")
-    p.add_argument("--miou_mean", default="present", choices=MIOU_MEANS,
-                   help="mean of the per-class IoU: 'present' (mmseg: classes in labels or predictions, default) or "
-                        "'all' (mit-semseg: all classes, absent ones as 0); written into every result")
+    p.add_argument("--miou_mean", default=None, choices=MIOU_MEANS,
+                   help="mean of the per-class IoU: 'present' (mmseg: classes in labels or predictions; default with "
+                        "--segmenter transformers) or 'all' (mit-semseg: all classes, absent ones as 0; default with "
+                        "--segmenter upernet101); written into every result")
     run = p.add_argument_group("a semantic-map training run (eval.semantic_run)")
     run.add_argument("--run_dir", help="a training/semantic_map.py run: generate from its validation maps at each "
                                        "checkpoint and append mIoU rows to RUN/eval.jsonl")
@@ -184,9 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip_bounds", action="store_true",
                      help="skip the real-image (upper) and base-model (lower) bounds")
     run.add_argument("--regenerate", action="store_true", help="score the bounds again even if eval.jsonl has them")
-    p.add_argument("--model", default=SEG_MODEL, help=f"semantic-segmentation model, hub name or local folder "
-                                                       f"(default {SEG_MODEL}; the paper's UperNet-101 is not in "
-                                                       f"transformers)")
+    p.add_argument("--segmenter", default="transformers", choices=SEGMENTERS,
+                   help="transformers: a transformers model (--model, default); upernet101: the papers' CSAILVision "
+                        "UperNet-101 from its official checkpoint files (--upernet101_dir)")
+    p.add_argument("--model", default=SEG_MODEL, help=f"--segmenter transformers: semantic-segmentation model, hub "
+                                                       f"name or local folder (default {SEG_MODEL})")
+    p.add_argument("--upernet101_dir", help="--segmenter upernet101: folder with mit-semseg's "
+                                            "ade20k-resnet101-upernet encoder_epoch_50.pth and decoder_epoch_50.pth "
+                                            "(read as plain state dicts, no pickled code runs)")
+    p.add_argument("--upernet101_scales", type=int, nargs="+", default=None,
+                   help="--segmenter upernet101: test short sides, probabilities averaged (default mit-semseg's "
+                        "300 375 450 525 600; one size, e.g. 512, is faster and not the papers' protocol)")
     p.add_argument("--reduce_zero_label", action=argparse.BooleanOptionalAction, default=True,
                    help="ADE20K raw maps: 0 = unlabelled (ignored), k -> class k-1 (default on; "
                         "--no-reduce_zero_label for maps already holding 0..N-1 with 255 ignored)")
@@ -195,8 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_segmenter(args, device):
+    """The chosen segmenter; also settles --miou_mean's default (mit-semseg's 'all' with its UperNet-101)."""
+    if args.segmenter == "upernet101":
+        from .upernet101 import TEST_SCALES, UperNet101Segmenter
+
+        if not args.upernet101_dir:
+            raise EvalError("--segmenter upernet101 needs --upernet101_dir, a folder with mit-semseg's "
+                            "encoder_epoch_50.pth and decoder_epoch_50.pth")
+        return UperNet101Segmenter(args.upernet101_dir, device, args.upernet101_scales or TEST_SCALES)
+    if args.upernet101_dir or args.upernet101_scales:
+        raise EvalError("--upernet101_dir/--upernet101_scales need --segmenter upernet101")
+    return Segmenter(args.model, device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.miou_mean is None:
+        args.miou_mean = "all" if args.segmenter == "upernet101" else "present"
     if args.run_dir:
         if args.generated_dir or args.label_dir:
             raise EvalError("give either --run_dir or --generated_dir with --label_dir, not both")
@@ -205,14 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         from .semantic_run import score_run
 
         device = resolve_device(args.device)
-        score_run(args, Segmenter(args.model, device), device)
+        score_run(args, make_segmenter(args, device), device)
         return 0
     if not (args.generated_dir and args.label_dir):
         raise EvalError("give --generated_dir and --label_dir, or --run_dir")
     # folders before the model: a typo fails in milliseconds, not after a model download
     check_dir(args.generated_dir, "--generated_dir")
     check_dir(args.label_dir, "--label_dir")
-    segmenter = Segmenter(args.model, resolve_device(args.device))
+    segmenter = make_segmenter(args, resolve_device(args.device))
     result = evaluate(args.generated_dir, args.label_dir, segmenter, args.reduce_zero_label, args.miou_mean)
     print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
           f"({result['n_images']} images, {result['valid_pixels']} valid pixels)", file=sys.stderr)
