@@ -1,0 +1,266 @@
+"""The DeLoRA paper's robustness study in one command (Figs. 2-4, App. D Fig. 6, Table 1):
+
+    python -m eval.robustness --ablation                       embedded DreamBooth defaults (tiny SD, CPU)
+    python -m eval.robustness --task glue --methods lora,delora --lr_factors 1,4,16
+    python -m eval.robustness --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --max_train_steps 400 --long_steps 2000 --checkpointing_steps 200 --resolution 512 \\
+        --num_validation_images 4 --dino_model facebook/dino-vits16 --clip_model openai/clip-vit-large-patch14
+
+Studies (--studies, default all four; --ablation adds Table 1):
+  lr      Fig. 2: each method at each factor x its base learning rate, N steps: score and the distance
+          ‖W_merged − W_pre‖_F of the figure's layer (the first self-attention's out-projection) vs factor
+  long    Fig. 3: one long run per method: that layer's distance over steps, the samples of every checkpoint
+  norms   Fig. 4: mean column norm of the pretrained weights per module type (q, k, v, out) and block
+  appd    App. D (Fig. 6): DeLoRA with the λ learning rate and the A/B learning rate raised separately
+  ablation  Table 1 rows V1 LoRA, V2, V3 DeLoRA, V5, V6, V7, V8 in the paper's order, with parameter counts
+Every (method, options, learning rates, steps) is an ordinary run folder under OUTPUT_DIR/runs/, trained by
+a subprocess of the task's trainer (flags this command does not know go to it unchanged). A run whose
+final adapter exists is reused, an interrupted one resumes from its latest checkpoint, a failed one is a
+row of the report with its error line. DeLoRA and the mult_* variants also get their proven bound, drawn
+dashed. The report folder holds report.md, results.csv, the PNGs and commands.txt.
+
+Defaults finish on 2 CPU cores in about 20-30 minutes on the embedded tiny SD (50 steps per sweep run, 200 per
+long run, 64 px, 2 samples per checkpoint); the paper's scale is the third example above (its Fig. 2
+used ~400-step runs of SD 1.5 at 512 px and 25 prompts x 4 images per score).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowrank import METHODS
+from lowrank.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json, write_text
+
+from . import EvalError
+from .common import ArgumentParser, run_main
+from .robustness_tasks import TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES = ("lr", "long", "norms", "appd")
+# Table 1 (DeLoRA), top to bottom: (row, ΔW as printed, method, trainer flags)
+ABLATION_ROWS = [
+    ("V1 LoRA [rank-r]", "BA", "lora", []),
+    ("V2 + normalize w/ controllable boundary", "(λ/r) BΞA", "delora", ["--delora_norm", "none"]),
+    ("V3 + weight-scaling (DeLoRA)", "(λ‖W‖/r) BΞA", "delora", []),
+    ("V5 ↑ + controllable scale + high rank + relaxed", "(λ/r)(BΞA − DΦC) W", "mult_relaxed", []),
+    ("V6 + controllable boundary + high rank", "(λ/r)(UΣUᵀ − VΘVᵀ) W", "mult_highrank", []),
+    ("V7 + controllable boundary", "λ(uuᵀ − vvᵀ) W (λ/2 per term, Eq. 10)", "mult_bounded", []),
+    ("V8 ETHER+ (one-side) [rank-2, boundary 2]", "(uuᵀ − vvᵀ) W", "etherplus", ["--etherplus_one_sided"]),
+]
+
+
+@dataclass
+class RunSpec:
+    """One training run of the study: what to train and where it lands."""
+    study: str
+    label: str                     # legend / table label
+    method: str
+    factor: float
+    lr: float
+    steps: int
+    lambda_lr: float | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:   # the folder: equal settings share one run (factor 1 of the sweep = App. D's)
+        opts = "".join(f"-{a.lstrip('-')}" for a in self.extra).replace("_", "")
+        # a λ rate equal to the adapter rate is the trainer's default: the same run as without the flag
+        lam = f"-lamlr{self.lambda_lr:g}" if self.lambda_lr not in (None, self.lr) else ""
+        return f"{self.method}{opts}-lr{self.lr:g}{lam}-n{self.steps}"
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    folder: Path
+    status: str                    # reused | trained | failed
+    error: str = ""
+    command: list[str] = field(default_factory=list)
+
+
+def base_lr(method: str) -> float:
+    return METHODS[method].default_learning_rate
+
+
+def plan(args) -> list[RunSpec]:
+    specs = []
+    n, f1 = args.max_train_steps, 1.0
+    if "lr" in args.studies:
+        specs += [RunSpec("lr", m, m, f, base_lr(m) * f, n) for m in args.methods for f in args.lr_factors]
+    if "long" in args.studies:
+        specs += [RunSpec("long", m, m, f1, base_lr(m), args.long_steps) for m in args.methods]
+    if "appd" in args.studies:
+        lr = base_lr("delora")
+        specs += [RunSpec("appd", "delora λ-lr ×f", "delora", f, lr, n, lambda_lr=lr * f) for f in args.lr_factors]
+        specs += [RunSpec("appd", "delora A/B-lr ×f", "delora", f, lr * f, n, lambda_lr=lr) for f in args.lr_factors]
+    if "ablation" in args.studies:
+        specs += [RunSpec("ablation", row, m, f1, base_lr(m), n, extra=list(extra))
+                  for row, _, m, extra in ABLATION_ROWS]
+    return specs
+
+
+# ----- running one run ------------------------------------------------------------------------------------
+def finished(folder: Path) -> bool:
+    """The final adapter is there and the trainer did not record a failure after writing it."""
+    status = read_json(folder / EXIT_STATUS, default={}) or {}
+    return is_adapter_dir(folder) and status.get("code", 0) == 0
+
+
+def error_line(log: str) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def trainer_command(spec: RunSpec, folder: Path, script: Path, args, passthrough: list[str]) -> list[str]:
+    cmd = [sys.executable, str(script), "--output_dir", str(folder), "--method", spec.method,
+           "--learning_rate", f"{spec.lr:g}", "--max_train_steps", str(spec.steps),
+           "--checkpointing_steps", str(min(args.checkpointing_steps, spec.steps)), "--seed", str(args.seed)]
+    if spec.lambda_lr not in (None, spec.lr):
+        cmd += ["--lambda_learning_rate", f"{spec.lambda_lr:g}"]
+    return cmd + spec.extra + passthrough
+
+
+def ensure_run(spec: RunSpec, args, task, passthrough: list[str]) -> RunResult:
+    folder = args.output_dir / "runs" / spec.name
+    cmd = trainer_command(spec, folder, task.script, args, passthrough)
+    if finished(folder):
+        return RunResult(spec, folder, "reused", command=cmd)
+    if list_checkpoints(folder):   # interrupted earlier: go on from where it stopped
+        cmd = cmd + ["--resume_from_checkpoint", "latest"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log = folder.parent / f"{spec.name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
+    if proc.returncode != 0 or not finished(folder):
+        text = log.read_text(errors="replace")
+        return RunResult(spec, folder, "failed", f"exit {proc.returncode}: {error_line(text)} (log: {log})", cmd)
+    return RunResult(spec, folder, "trained", command=cmd)
+
+
+def run_all(specs: list[RunSpec], args, task, passthrough: list[str]) -> list[RunResult]:
+    from tqdm.auto import tqdm
+
+    results, done = [], {}
+    bar = tqdm(specs, desc="robustness runs", unit="run")
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        if spec.name not in done:   # the same settings in two studies: one run
+            done[spec.name] = ensure_run(spec, args, task, passthrough)
+            r = done[spec.name]
+            print(f"{r.status}: {spec.name}" + (f"  {r.error}" if r.error else ""), file=sys.stderr)
+        first = done[spec.name]
+        results.append(RunResult(spec, first.folder, first.status, first.error, first.command))
+    return results
+
+
+# ----- CLI ------------------------------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive factors such as 1,2,4,8,16")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m eval.robustness", description=__doc__.split("\n\n")[0],
+                       epilog="Any other flag goes to the trainer unchanged (e.g. --resolution, --rank, "
+                              "--pretrained_model_name_or_path, --num_validation_images).")
+    p.add_argument("--task", default="dreambooth", choices=sorted(TASKS),
+                   help="Which trainer runs the study (default dreambooth).")
+    p.add_argument("--methods", type=_names, default=["lora", "dora", "etherplus", "delora"],
+                   help="Comma-separated methods for Figs. 2-3 (default lora,dora,etherplus,delora).")
+    p.add_argument("--lr_factors", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0],
+                   help="Learning-rate factors x each method's base rate (default 1,2,4,8,16).")
+    p.add_argument("--max_train_steps", type=int, default=50, help="Steps N of each sweep run (default 50).")
+    p.add_argument("--long_steps", type=int, default=200, help="Steps of each prolonged-training run (default 200).")
+    p.add_argument("--checkpointing_steps", type=int, default=25,
+                   help="Checkpoint (adapter + samples) every this many steps (default 25).")
+    p.add_argument("--studies", type=_names, default=list(STUDIES),
+                   help=f"Comma-separated studies to run (default {','.join(STUDIES)}).")
+    p.add_argument("--ablation", action="store_true", help="Also run DeLoRA Table 1's rows and tabulate them.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of every run (default 0).")
+    p.add_argument("--layer", default=None, help="Module whose distance the figures show (default: the run's "
+                                                 "Fig. 3 layer, the first self-attention out-projection; for "
+                                                 "models without one, the first adapted layer).")
+    p.add_argument("--output_dir", default=None, help="Report folder; runs go to OUTPUT_DIR/runs "
+                                                      "(default outputs/robustness-<task>).")
+    p.add_argument("--no_scores", action="store_true", help="Skip the task's scores (distances only).")
+    scores = p.add_argument_group("scores (DreamBooth: eval.subject)")
+    scores.add_argument("--dino_model", default=None, help="DINO ViT, hub name or local folder (default: "
+                                                           "eval.subject's).")
+    scores.add_argument("--clip_model", default=None, help="CLIP model, hub name or local folder (default: "
+                                                           "eval.subject's).")
+    scores.add_argument("--max_prompts", type=int, default=2,
+                        help="DreamBooth prompts per score (default 2; the paper's protocol: 25).")
+    scores.add_argument("--images_per_prompt", type=int, default=2,
+                        help="Images per prompt per score (default 2; the paper's protocol: 4).")
+    return p
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    args, passthrough = build_parser().parse_known_args(argv)
+    for flag in ("max_train_steps", "long_steps", "checkpointing_steps", "max_prompts", "images_per_prompt"):
+        if getattr(args, flag) < 1:
+            raise EvalError(f"--{flag} must be at least 1")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise EvalError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    bad = [s for s in args.studies if s not in STUDIES + ("ablation",)]
+    if bad:
+        raise EvalError(f"--studies: unknown {', '.join(bad)}; known: {', '.join(STUDIES)}, ablation")
+    if args.ablation and "ablation" not in args.studies:
+        args.studies.append("ablation")
+    for own in ("--output_dir", "--method", "--learning_rate", "--lambda_learning_rate", "--resume_from_checkpoint"):
+        if any(a == own or a.startswith(own + "=") for a in passthrough):
+            raise EvalError(f"{own} is set by the study for each run; leave it out")
+    args.output_dir = Path(args.output_dir or f"outputs/robustness-{args.task}").expanduser().resolve()
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise EvalError(f"--output_dir {args.output_dir} is a file; name a folder")
+    return args, passthrough
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .robustness_report import write_report
+
+    args, passthrough = parse(argv)
+    task = TASKS[args.task]
+    task.check()   # a trainer that does not exist yet: one error line, before anything runs
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    specs = plan(args)
+    results = run_all(specs, args, task, passthrough)
+    report = write_report(results, args, task, passthrough, argv if argv is not None else sys.argv[1:])
+    failed = sum(r.status == "failed" for r in {r.spec.name: r for r in results}.values())
+    print(f"report: {report}" + (f" ({failed} run(s) failed: see the table)" if failed else ""))
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_main(main, argv)
+
+
+def write_commands(path: Path, results: list[RunResult], own: list[str]) -> None:
+    import shlex
+
+    lines = ["# this study", "python -m eval.robustness " + shlex.join(own), "", "# its runs"]
+    seen = set()
+    for r in results:
+        if r.spec.name not in seen:
+            seen.add(r.spec.name)
+            lines.append(shlex.join(r.command))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,155 @@
+"""The tasks the robustness study runs on: each is its trainer script, the scores it reports and how to get
+them from a finished run folder, and how to load its base model (for the weight-norm analysis).
+
+Adding a task = one entry in TASKS. A score function returns ({score name: value}, note): values are what
+was measured, or absent with a note saying why (no metric model, nothing to read); never a made-up number.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowrank.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
+
+from . import EvalError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class StudyTask:
+    name: str
+    script: Path
+    score_names: tuple[str, ...]
+    score: Callable                # (run folder, args, step) -> ({name: value}, note)
+    load_base: Callable            # (model name or path) -> nn.Module with the adapted layers' base weights
+    model_flag: str = "--pretrained_model_name_or_path"
+    prepare: Callable | None = None   # (args) -> note: checks before the sweep (e.g. metric models load)
+
+    def check(self) -> None:
+        if not self.script.is_file():
+            raise EvalError(f"--task {self.name}: its trainer {self.script.relative_to(ROOT)} does not exist in this "
+                            f"installation; choose another --task")
+
+
+# ----- DreamBooth: DINO and CLIP-I through eval.subject ---------------------------------------------------
+def prepare_subject(args) -> str | None:
+    """Load the metric models once before the sweep: if they cannot load (offline, no local folder), every
+    run's scores are unavailable for the same reason, said once, instead of failing run by run."""
+    from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
+
+    args.dino_model, args.clip_model = args.dino_model or DINO_MODEL, args.clip_model or CLIP_MODEL
+    try:
+        device = resolve_device("auto")
+        DinoEmbedder(args.dino_model, device, 1)
+        ClipEmbedder(args.clip_model, device, 1)
+    except Exception as e:   # any loading failure means the same thing here: no scores
+        return f"scores unavailable: the metric models did not load ({str(e).splitlines()[0][:200]})"
+    return None
+
+
+def score_subject(folder: Path, args, step: int) -> tuple[dict, str]:
+    """DINO and CLIP-I of the run's last adapter (eval.subject: generates, scores, appends RUN/eval.jsonl;
+    a step already scored with the same models is read back, not recomputed)."""
+    def scored():
+        return next((r for r in read_eval(folder) if r.get("step") == step and r.get("dino_model") == args.dino_model
+                     and r.get("clip_model") == args.clip_model), None)
+    row = scored()
+    if row is None:
+        cmd = [sys.executable, "-m", "eval.subject", "--run_dir", str(folder), "--checkpoints", str(step),
+               "--dino_model", args.dino_model, "--clip_model", args.clip_model, "--max_prompts",
+               str(args.max_prompts), "--images_per_prompt", str(args.images_per_prompt)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        row = scored()
+        if proc.returncode != 0 or row is None:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
+            return {}, f"scoring failed: {lines[-1][:200]}"
+    return {"dino": row["dino"], "clip_i": row["clip_i"]}, ""
+
+
+def load_unet(name: str | None):
+    from training.common.models import load_pipeline
+
+    return load_pipeline(name).unet
+
+
+# ----- semantic map: mIoU through eval.segmentation ----------------------------------------------------------
+def score_segmentation(folder: Path, args, step: int) -> tuple[dict, str]:
+    row = next((r for r in read_eval(folder) if r.get("step") == step and r.get("miou") is not None), None)
+    if row is None:
+        cmd = [sys.executable, "-m", "eval.segmentation", "--run_dir", str(folder), "--checkpoints", str(step)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        row = next((r for r in read_eval(folder) if r.get("step") == step and r.get("miou") is not None), None)
+        if row is None:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
+            return {}, f"scoring failed: {lines[-1][:200]}"
+    return {"miou": row["miou"]}, ""
+
+
+# ----- GLUE: the trainer's own evaluation (RUN/results.json) -------------------------------------------------
+GLUE_METRICS = ("accuracy", "matthews_correlation", "pearson", "spearmanr", "f1")
+
+
+def _find_metric(data) -> tuple[str, float] | None:
+    """The first task metric in results.json, wherever the trainer nests it (peft's method-comparison shape
+    keeps them under train_info/metrics)."""
+    if isinstance(data, dict):
+        for key in GLUE_METRICS:
+            for k, v in data.items():
+                if k.split("/")[-1].removeprefix("eval_") == key and isinstance(v, (int, float)):
+                    return key, float(v)
+        for v in data.values():
+            found = _find_metric(v)
+            if found:
+                return found
+    if isinstance(data, list):
+        for v in reversed(data):   # the last evaluation
+            found = _find_metric(v)
+            if found:
+                return found
+    return None
+
+
+def score_glue(folder: Path, args, step: int) -> tuple[dict, str]:
+    found = _find_metric(read_json(folder / RESULTS, default=None))
+    if found is None:
+        return {}, f"no task metric in {RESULTS}"
+    return {"metric": found[1]}, f"metric = {found[0]}"
+
+
+def load_language_model(name: str | None):
+    from transformers import AutoModel
+
+    if not name:
+        raise EvalError("the language model's name is not known: pass --model_name_or_path")
+    return AutoModel.from_pretrained(name)
+
+
+TASKS = {
+    "dreambooth": StudyTask("dreambooth", ROOT / "training" / "dreambooth.py", ("dino", "clip_i"), score_subject,
+                            load_unet, prepare=prepare_subject),
+    "semantic_map": StudyTask("semantic_map", ROOT / "training" / "semantic_map.py", ("miou",), score_segmentation,
+                              load_unet),
+    "glue": StudyTask("glue", ROOT / "training" / "glue.py", ("metric",), score_glue, load_language_model,
+                      model_flag="--model_name_or_path"),
+}
+
+
+def base_model_name(task: StudyTask, passthrough: list[str], run_dirs: list[Path]) -> str | None:
+    """The base model of the study: the trainer flag if given, else what a finished run recorded."""
+    for i, a in enumerate(passthrough):
+        if a == task.model_flag and i + 1 < len(passthrough):
+            return passthrough[i + 1]
+        if a.startswith(task.model_flag + "="):
+            return a.split("=", 1)[1]
+    for d in run_dirs:
+        try:
+            name = run_setting(read_run(d), task.model_flag.lstrip("-"))
+        except ValueError:
+            continue
+        if name:
+            return name
+    return None
