@@ -98,6 +98,8 @@ def measure(results, args, task, base, score_note: str | None) -> list[dict]:
         if r.status == "failed":
             out.append(row)
             continue
+        if s.study == "ablation" and base is not None:
+            row["trainable_params"] = trainable_count(base, r.folder)
         if r.folder in cache:
             out.append({**cache[r.folder], **row})
             continue
@@ -118,8 +120,6 @@ def measure(results, args, task, base, score_note: str | None) -> list[dict]:
                     "checkpoints": [step for step, _ in ckpts]}
         scores, note = ({}, score_note) if score_note else task.score(r.folder, args, final_step)
         measured.update(scores, score_note=note or "")
-        if s.study == "ablation" and base is not None:
-            measured["trainable_params"] = trainable_count(base, r.folder)
         cache[r.folder] = measured
         out.append({**measured, **row})
     return out

@@ -31,8 +31,9 @@ class StudyTask:
 
     def check(self) -> None:
         if not self.script.is_file():
-            raise EvalError(f"--task {self.name}: its trainer {self.script.relative_to(ROOT)} does not exist in this "
-                            f"installation; choose another --task")
+            shown = self.script.relative_to(ROOT) if self.script.is_relative_to(ROOT) else self.script
+            raise EvalError(f"--task {self.name}: its trainer {shown} does not exist in this installation; choose "
+                            f"another --task")
 
 
 # ----- DreamBooth: DINO and CLIP-I through eval.subject ---------------------------------------------------

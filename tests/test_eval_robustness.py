@@ -1,0 +1,198 @@
+"""eval.robustness: the sweep driver against a stand-in trainer (a small script that writes a real run folder
+with real lowrank adapters, records how it was called, and fails on demand), then one real DreamBooth run
+through the whole study with tiny metric models."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from eval import robustness
+from eval.robustness_tasks import TASKS, StudyTask, score_glue
+
+from .test_eval_support import tiny_models  # noqa: F401
+
+FAKE_TRAINER = textwrap.dedent('''
+    import argparse, json, os, sys
+    from pathlib import Path
+    import torch
+    from torch import nn
+    import lowrank
+    from lowrank import runfolder
+
+    p = argparse.ArgumentParser()
+    for flag in ("--output_dir", "--method", "--learning_rate", "--max_train_steps", "--checkpointing_steps",
+                 "--seed", "--lambda_learning_rate", "--resume_from_checkpoint", "--delora_norm"):
+        p.add_argument(flag)
+    a = p.parse_args()
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps(sys.argv[1:]) + "\\n")
+    if a.method == "dora":
+        print("step 1 ...")
+        print("error: the stand-in trainer refuses dora", file=sys.stderr)
+        sys.exit(2)
+    out, steps, every = Path(a.output_dir), int(a.max_train_steps), int(a.checkpointing_steps)
+    lr = float(a.learning_rate)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.to_q = nn.Linear(6, 6)
+    lowrank.inject(model, lowrank.AdapterConfig(method=a.method, rank=2, target_modules=["to_q"]))
+    runfolder.write_json(out / "run.json", {"args": vars(a), "fig3_layer": "to_q"})
+    rows = []
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for n, t in model.named_parameters():
+                if t.requires_grad:
+                    t.add_(lr)
+        rows.append({"step": step, "loss": 1.0, "distance/to_q": lowrank.weight_distance(model)["to_q"]})
+        if step % every == 0:
+            ck = out / f"checkpoint-{step}"
+            lowrank.save_adapter(model, ck)
+            (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    runfolder.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\\n" for r in rows))
+    runfolder.write_json(out / "results.json", {"train_info": {"metrics": [{"eval_accuracy": 0.5 + lr}]}})
+    lowrank.save_adapter(model, out)
+''')
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.to_q = nn.Linear(6, 6)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.setitem(TASKS, "fake", StudyTask("fake", script, ("metric",), score_glue, lambda name: Base()))
+    return calls
+
+
+def calls_of(path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def study(out, *extra):
+    return robustness.cli(["--task", "fake", "--methods", "lora,delora,dora", "--lr_factors", "1",
+                           "--max_train_steps", "4", "--checkpointing_steps", "2", "--long_steps", "4",
+                           "--studies", "lr,long,norms", "--output_dir", str(out), *extra])
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_path, fake):
+    out = tmp_path / "study"
+    assert study(out, "--ablation") == 0
+    first = calls_of(fake)
+    # 3 methods (the long runs have the sweep's settings: the same folders, not trained twice) and the five
+    # ablation rows that are not already among them (V1 = lora, V3 = delora), less V8, which the stand-in's
+    # argument parser refuses before it records the call
+    assert len(first) == 3 + 4
+    rows = read_csv(out / "results.csv")
+    failed = [r for r in rows if r["method"] == "dora"]
+    assert failed and all(r["status"] == "failed" and "refuses dora" in r["error"] for r in failed)
+    report = (out / "report.md").read_text()
+    assert "run(s) failed" in report and "error: the stand-in trainer refuses dora" in report
+    for name in ("fig2_lr_sweep.png", "fig3_distance_over_steps.png", "fig4_weight_norms.png", "commands.txt"):
+        assert (out / name).is_file(), name
+
+    # the numbers are what the run folders hold: final distance, the task metric, DeLoRA's proven radius
+    from lowrank import read_adapter
+
+    for r in rows:
+        if r["status"] == "failed":
+            continue
+        folder = out / "runs" / r["run"]
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        step = int(r["step"])
+        assert float(r["distance"]) == pytest.approx(next(m for m in metrics if m["step"] == step)["distance/to_q"])
+        assert float(r["metric"]) == pytest.approx(0.5 + float(r["lr"]))
+        if r["method"] == "delora":
+            ck = folder if step == 4 else folder / f"checkpoint-{step}"
+            _, s = read_adapter(ck)
+            radius = (s["to_q.delora_lambda"].abs() + s["to_q.delora_lambda0"].abs()).item() * \
+                s["to_q.delora_w_norm"].max().item()
+            assert float(r["bound"]) == pytest.approx(radius, rel=1e-6)
+            assert float(r["distance"]) <= float(r["bound"])
+        elif not r["method"].startswith("mult_"):
+            assert r["bound"] == ""
+    long_steps = sorted(int(r["step"]) for r in rows if r["study"] == "long" and r["method"] == "delora")
+    assert long_steps == [2, 4]   # one row per checkpoint of the prolonged run
+
+    # Table 1 in the paper's order, with parameter counts
+    abl = [r for r in rows if r["study"] == "ablation"]
+    assert [r["label"].split()[0] for r in abl] == ["V1", "V2", "V3", "V5", "V6", "V7", "V8"]
+    # the stand-in only knows --delora_norm: the ETHER+ row (--etherplus_one_sided) fails, and says so
+    assert abl[-1]["status"] == "failed" and "unrecognized arguments" in abl[-1]["error"]
+    counts = {r["method"]: int(r["trainable_params"]) for r in abl if r["status"] != "failed"}
+    # one 6x6 layer at rank 2: LoRA 2·2·6; DeLoRA + λ; V5 4·(r/2)·out + λ; V6 r·out + λ; V7 2·out + λ
+    assert counts == {"lora": 24, "delora": 25, "mult_relaxed": 25, "mult_highrank": 13, "mult_bounded": 13}
+    for r in abl:
+        if r["method"].startswith("mult_"):   # |λ|·σ_max(W̄) of the base model's layer
+            _, s = read_adapter(out / "runs" / r["run"])
+            sigma = torch.linalg.matrix_norm(Base().to_q.weight.detach().double(), ord=2).item()
+            assert float(r["bound"]) == pytest.approx(abs(s["to_q.mult_lambda"].item()) * sigma, rel=1e-6)
+    assert "## Ablation (DeLoRA Table 1, paper order)" in report
+
+    # again: the finished runs are reused (no new training), only the failed one is tried again
+    assert study(out) == 0
+    again = calls_of(fake)[len(first):]
+    assert [c[c.index("--method") + 1] for c in again] == ["dora"]
+    rows = read_csv(out / "results.csv")
+    assert {r["status"] for r in rows if r["method"] != "dora"} == {"reused"}
+
+    # an interrupted run (a checkpoint, no final adapter) resumes from it instead of starting over
+    victim = out / "runs" / "lora-lr0.0006-n4"
+    for f in ("adapter.safetensors", "adapter_config.json"):
+        (victim / f).unlink()
+    assert study(out) == 0
+    resumed = [c for c in calls_of(fake) if "lora" in c and "--resume_from_checkpoint" in c]
+    assert len(resumed) == 1 and resumed[0][resumed[0].index("--resume_from_checkpoint") + 1] == "latest"
+
+
+def test_bad_input_is_one_error_line(tmp_path, fake, monkeypatch, capsys):
+    monkeypatch.setitem(TASKS, "missing", StudyTask("missing", tmp_path / "training" / "nope.py", ("metric",),
+                                                    score_glue, lambda name: Base()))
+    for argv in (["--task", "missing"], ["--methods", "lora,nope"], ["--lr_factors", "1,-2"],
+                 ["--task", "fake", "--learning_rate", "1e-3"], ["--studies", "lr,figs"]):
+        assert robustness.cli([*argv, "--output_dir", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow   # ~25 s on an idle 2-core machine: a real trainer and a real eval.subject subprocess
+def test_real_dreambooth_study_end_to_end(tmp_path, tiny_models):  # noqa: F811
+    """One real run of the embedded DreamBooth (2 steps, 32 px), scored by eval.subject with tiny metric
+    models: the report shows the scores and says they mean nothing on the random tiny SD."""
+    out = tmp_path / "db"
+    assert robustness.cli(["--methods", "delora", "--lr_factors", "1", "--max_train_steps", "2",
+                           "--checkpointing_steps", "2", "--long_steps", "2", "--studies", "lr,long,norms",
+                           "--max_prompts", "1", "--images_per_prompt", "1", "--dino_model", str(tiny_models["dino"]),
+                           "--clip_model", str(tiny_models["clip"]), "--output_dir", str(out), "--resolution", "32",
+                           "--num_validation_images", "1", "--num_inference_steps", "1", "--rank", "4"]) == 0
+    rows = read_csv(out / "results.csv")
+    assert {r["status"] for r in rows} == {"trained"}, rows
+    run = out / "runs" / rows[0]["run"]
+    scored = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert float(rows[0]["dino"]) == pytest.approx(scored[-1]["dino"])
+    assert float(rows[0]["distance"]) <= float(rows[0]["bound"])
+    report = (out / "report.md").read_text()
+    assert "random weights" in report and "Weight norms (Fig. 4)" in report
+    for name in ("fig2_lr_sweep.png", "fig3_distance_over_steps.png", "fig3_samples.png", "fig4_weight_norms.png"):
+        assert (out / name).is_file(), name
+    assert sys.executable in (out / "commands.txt").read_text()
