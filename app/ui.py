@@ -12,6 +12,7 @@ import time
 import gradio as gr
 
 from . import commands, compare, generate as G, runs as R
+from . import robustness as RB
 from .inputs import METHODS, InputError, check_form, preview_images
 from .service import Service
 
@@ -156,6 +157,19 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                     with gr.Column():
                         g_out = gr.Gallery(label="Images", columns=2, elem_id="gen-images")
                         g_msg = gr.Markdown(elem_id="gen-msg")
+
+            # ------------------------------------------------------------------ Robustness (eval.robustness)
+            with gr.Tab("Robustness", id="robustness"):
+                with gr.Row():
+                    rb_pick = gr.Dropdown(RB.report_folders(service.runs_dir), value=None, label="Report folder",
+                                          elem_id="robustness-report", allow_custom_value=True)
+                    rb_refresh = gr.Button("Refresh", elem_id="robustness-refresh")
+                rb_figs = gr.Gallery(label="Figures", columns=2, height=420, elem_id="robustness-figures")
+                rb_text = gr.Markdown(RB.show(service.runs_dir, None)[0], elem_id="robustness-text")
+            rb_pick.change(lambda n: RB.show(service.runs_dir, n)[::-1], rb_pick, [rb_figs, rb_text],
+                           api_name="robustness", queue=False)
+            rb_refresh.click(lambda: gr.update(choices=RB.report_folders(service.runs_dir)), None, rb_pick,
+                             api_name=False, queue=False)
 
         # ------------------------------------------------------------------ handlers
         def check_upload(paths):
