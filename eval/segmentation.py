@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max_maps", type=int, default=None, help="score only the first N validation maps")
     run.add_argument("--skip_bounds", action="store_true",
                      help="skip the real-image (upper) and base-model (lower) bounds")
+    run.add_argument("--fid_model", help="also FID of the generated vs the real validation images: a local "
+                                         "torchvision Inception-v3 state dict file (eval.fid; optional)")
     run.add_argument("--regenerate", action="store_true", help="score the bounds again even if eval.jsonl has them")
     p.add_argument("--segmenter", default="transformers", choices=SEGMENTERS,
                    help="transformers: a transformers model (--model, default); upernet101: the papers' CSAILVision "

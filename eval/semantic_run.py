@@ -5,7 +5,8 @@
 For each chosen checkpoint, the run's base pipeline with that adapter and conditioning encoder (or the
 run's frozen ControlNet) draws one image per validation map and seed (DDIM, 50 steps by default; the
 prompts are the maps' captions, as in training), the segmenter labels them, and the scores go to
-RUN/eval.jsonl (one row per step) and RUN/eval/seg-step-N/ (images + scores.json). Once per run (and
+RUN/eval.jsonl (one row per step) and RUN/eval/seg-step-N/ (images + scores.json); with --fid_model each row also
+has the FID of its images against the real validation images (eval.fid). Once per run (and
 again when the settings change) two bounds are scored the same way: the real validation images (upper
 bound, row "kind": "real") and the base model without adapter or conditioning (lower bound, "kind":
 "base"); their rows carry step null, before the checkpoint rows.
@@ -138,6 +139,29 @@ def score_pairs(pairs: list[tuple], segmenter, miou_mean: str) -> dict:
         "iou": s["iou"], "n_images": len(pairs)}
 
 
+class FidScorer:
+    """FID of generated images against the run's real validation images (eval.fid), when --fid_model is
+    given: the real features once, then {"fid", "fid_images"} per generated set; {} without a model."""
+
+    def __init__(self, fid_model, device, items: list[dict]):
+        self.extractor, self.real = None, None
+        if fid_model:
+            from .fid import InceptionFeatures
+
+            if len(items) < 2:
+                raise EvalError("--fid_model needs at least 2 validation maps (a covariance per set)")
+            self.extractor = InceptionFeatures(fid_model, device)
+            self.real = self.extractor([it["image"] for it in items])
+
+    def __call__(self, pairs: list[tuple]) -> dict:
+        if self.extractor is None:
+            return {}
+        from .fid import fid_from_features
+
+        generated = self.extractor([img for img, _ in pairs])
+        return {"fid": fid_from_features(self.real, generated), "fid_images": [len(self.real), len(generated)]}
+
+
 def update_eval_file(run_dir: Path, row: dict, same_keys: tuple) -> None:
     """Add `row` to RUN/eval.jsonl, replacing a row with the same `same_keys` (bounds first, then steps)."""
     path = run_dir / EVAL_FILE
@@ -160,6 +184,9 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
                 "guidance_scale": args.guidance_scale, "seeds": args.seeds, "maps": len(items),
                 "resolution": int(run_setting(run, "resolution", 512)), "seg_model": segmenter.name,
                 "miou_mean": args.miou_mean, "metric": "segmentation"}
+    fid = FidScorer(getattr(args, "fid_model", None), device, items)
+    if fid.extractor:
+        settings |= {"fid_model": fid.extractor.name}
     pipe, model = load_conditioned(run_dir, run, device, args.num_inference_steps)
     existing = read_jsonl(run_dir / EVAL_FILE, strict=False) if (run_dir / EVAL_FILE).is_file() else []
     results = []
@@ -168,8 +195,9 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
         row = {**row, **settings}
         update_eval_file(run_dir, {k: v for k, v in row.items() if k != "iou"}, ("step", "kind", "metric",
                                                                                "seg_model", "miou_mean"))
+        fid_text = f"  FID {row['fid']:.2f}" if row.get("fid") is not None else ""
         print(f"{label}: mIoU ({args.miou_mean}) {row['miou']:.4f}  aAcc {row['pixel_accuracy']:.4f}  "
-              f"mAcc {row['mean_accuracy']:.4f}  ({row['n_images']} images)", file=sys.stderr)
+              f"mAcc {row['mean_accuracy']:.4f}{fid_text}  ({row['n_images']} images)", file=sys.stderr)
         results.append(row)
 
     if not args.skip_bounds:
@@ -183,13 +211,13 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
                 load_checkpoint(model, None)
                 pairs = generate(pipe, model, items, args.seeds, settings, run_dir / "eval" / "seg-base",
                                  use_control=False)
-            result = score_pairs(pairs, segmenter, args.miou_mean)
+            result = score_pairs(pairs, segmenter, args.miou_mean) | (fid(pairs) if kind == "base" else {})
             record({**result, "step": None, "kind": kind}, f"{kind} images")
     for step, adapter_dir in chosen:
         load_checkpoint(model, adapter_dir)
         out = run_dir / "eval" / f"seg-step-{step}"
         pairs = generate(pipe, model, items, args.seeds, {**settings, "step": step}, out)
-        result = {**score_pairs(pairs, segmenter, args.miou_mean), "step": step, "kind": "checkpoint",
+        result = {**score_pairs(pairs, segmenter, args.miou_mean), **fid(pairs), "step": step, "kind": "checkpoint",
                   "checkpoint": adapter_dir.name if adapter_dir != run_dir else "final", "images": str(out)}
         write_json(out / "scores.json", {**result, **settings})
         record(result, f"step {step}")
