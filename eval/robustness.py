@@ -19,9 +19,10 @@ final adapter exists is reused, an interrupted one resumes from its latest check
 row of the report with its error line. DeLoRA and the mult_* variants also get their proven bound, drawn
 dashed. The report folder holds report.md, results.csv, the PNGs and commands.txt.
 
-Defaults finish on 2 CPU cores in about 20-30 minutes on the embedded tiny SD (50 steps per sweep run, 200 per
-long run, 64 px, 2 samples per checkpoint); the paper's scale is the third example above (its Fig. 2
-used ~400-step runs of SD 1.5 at 512 px and 25 prompts x 4 images per score).
+The defaults are sized for the embedded tiny SD on 2 CPU cores (50 steps per sweep run, 200 per long run,
+checkpoints every 25, the trainer's 64 px; with --ablation about 37 runs): estimated at 20-30 minutes from
+~15 s of start-up per run plus ~0.2 s per step, not timed end to end. The paper's scale is the third example
+above (its Fig. 2: SD 1.5 at 512 px, 25 prompts x 4 images per score).
 """
 from __future__ import annotations
 
