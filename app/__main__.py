@@ -1,6 +1,10 @@
 """`python -m app` / `lowrank-app`: serve the Gradio app (train, compare, generate).
 
     python -m app --runs_dir runs --port 7860
+    python -m app --host 0.0.0.0 --auth_file logins.txt     # reachable from other machines: logins required
+
+An app reachable beyond this machine (any --host but loopback, or --share) refuses to start without
+--auth/--auth_file (see app/auth.py), unless --insecure_no_auth says a proxy in front authenticates users.
 """
 from __future__ import annotations
 
@@ -40,13 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"--dino_model /models/dino-vits16 --clip_model /models/clip-vit-large\" (offline machines).")
     p.add_argument("--poll", type=float, default=1.0, help="Seconds between progress updates while training.")
     p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (needs internet).")
+    p.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                   help="A login for the app (repeatable). Required with a non-loopback --host or --share.")
+    p.add_argument("--auth_file", default=None,
+                   help="File of logins, one a line: user:password, or user:pbkdf2_sha256:... as printed by "
+                        "`python -m app.auth USER`. Required (or --auth) with a non-loopback --host or --share.")
+    p.add_argument("--insecure_no_auth", action="store_true",
+                   help="Serve a non-loopback --host or --share without logins (only behind a proxy that "
+                        "authenticates users: anyone who reaches the app can start training on this machine).")
     return p
 
 
 def serve(args: argparse.Namespace, block: bool = True):
     """Start the app; returns (demo, service). With block=False the server runs in a thread (tests)."""
+    from .auth import AuthError, checker, exposure_error, logins_from_flags
     from .service import Service
     from .ui import CSS, build
+
+    try:   # before anything is built: a refused start leaves nothing behind
+        logins = logins_from_flags(getattr(args, "auth", None), getattr(args, "auth_file", None))
+    except AuthError as e:
+        raise cli.CommandError(str(e)) from None
+    refusal = exposure_error(args.host, args.share, bool(logins), getattr(args, "insecure_no_auth", False))
+    if refusal:
+        raise cli.CommandError(refusal)
 
     service = Service(Path(args.runs_dir), launcher=args.launcher, grace_s=args.cancel_grace,
                       max_image_mb=args.max_image_mb, eval_args=shlex.split(args.eval_args))
@@ -55,7 +76,8 @@ def serve(args: argparse.Namespace, block: bool = True):
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block,
                     allowed_paths=[str(service.runs_dir)], max_file_size=f"{int(2 * args.max_image_mb) + 1}mb",
-                    show_error=False, quiet=not block, css=CSS)
+                    show_error=False, quiet=not block, css=CSS, auth=checker(logins) if logins else None,
+                    auth_message="lowrank: log in to train and compare adapters on this machine")
     except BaseException:
         service.close()
         raise
