@@ -1,4 +1,4 @@
-"""The command lines the app runs: the DreamBooth trainer (the CLI's own code path, through
+"""The command lines the app runs: the DreamBooth and semantic-map trainers (the CLI's own code path, through
 `accelerate launch`) and eval/'s scorer, plus an up-front check that a base model can be loaded.
 """
 from __future__ import annotations
@@ -99,6 +99,33 @@ def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Pat
         cmd += ["--with_prior_preservation"]
         if form.num_class_images:
             cmd += ["--num_class_images", str(form.num_class_images)]
+    for key, value in (form.extra or {}).items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def semantic_train_command(form: TrainForm, method: str, run_dir: Path, data_dir: Path | None,
+                           launcher: str = "accelerate") -> list[str]:
+    """training/semantic_map.py on uploaded pairs (data_dir, ADE20K layout) or, with None, its embedded set.
+    The DreamBooth-only fields of the form (token, class noun, prior preservation) do not apply."""
+    script = Path(trainer_script()).with_name("semantic_map.py")
+    cmd = [*launcher_prefix(launcher), str(script), "--method", method, "--rank", str(form.rank),
+           "--max_train_steps", str(form.steps), "--checkpointing_steps", str(form.checkpoint_every),
+           "--output_dir", str(run_dir), "--seed", str(form.seed)]
+    if data_dir is not None:
+        cmd += ["--train_data_dir", str(data_dir)]
+    if form.learning_rate is not None:
+        cmd += ["--learning_rate", repr(float(form.learning_rate))]
+    if method == "delora":
+        cmd += ["--delora_lambda", repr(float(form.delora_lambda))]
+    if not is_tiny(form.model):
+        cmd += ["--pretrained_model_name_or_path", form.model]
+    if form.resolution:
+        cmd += ["--resolution", str(form.resolution)]
+    if form.sample_steps:
+        cmd += ["--num_inference_steps", str(form.sample_steps)]
+    if form.num_samples:
+        cmd += ["--num_validation_maps", str(form.num_samples)]
     for key, value in (form.extra or {}).items():
         cmd += [f"--{key}", str(value)]
     return cmd

@@ -4,11 +4,14 @@ cancel it, score runs, list runs. ui.py only wires these to components.
 from __future__ import annotations
 
 import html
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import commands, compare, runs as R
+from . import commands, compare
+from . import runs as R
 from .generate import Generator
 from .inputs import MAX_IMAGE_MB, TrainForm, check_images, save_images
 from .jobs import Job, JobQueue
@@ -96,6 +99,40 @@ class Service:
                 "owner": R.owner_record(), "command": cmd})
             self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
             names.append(run_dir.name)
+        return names
+
+    def submit_semantic(self, image_files, map_files, form: TrainForm, embedded: bool = False) -> list[str]:
+        """Semantic-map runs (training/semantic_map.py), one per method, on uploaded image + map pairs
+        (checked and staged by app.semantic) or the trainer's embedded set. InputError: nothing written."""
+        from .semantic import stage_pairs
+
+        form.model = commands.check_model(form.model)
+        batch = time.strftime("%Y%m%d-%H%M%S")
+        staged, pairs = None, None
+        if not embedded:   # one checked copy per batch, then one per run so that a run folder stands alone
+            staged = self.runs_dir / f".staging-{batch}-{os.getpid()}"
+            pairs = stage_pairs(image_files, map_files, staged, self.max_image_mb)
+        names = []
+        try:
+            for method in form.methods:
+                run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
+                data = None
+                if staged is not None:
+                    data = run_dir / "seg_data"
+                    shutil.copytree(staged, data)
+                cmd = commands.semantic_train_command(form, method, run_dir, data, launcher=self.launcher)
+                R.write_json(run_dir / R.APP_JSON, {
+                    "task": "semantic_map", "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
+                    "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
+                    "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
+                    "seed": form.seed, "batch": batch, "methods": form.methods,
+                    "num_pairs": pairs, "data": "upload" if staged is not None else "embedded",
+                    "created": time.time(), "owner": R.owner_record(), "command": cmd})
+                self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
+                names.append(run_dir.name)
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
         return names
 
     def cancel(self, names) -> str:

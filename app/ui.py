@@ -1,7 +1,7 @@
 """The Gradio Blocks: three tabs (Train, Compare, Generate) wired to Service. No logic lives here
 beyond turning InputError into a message next to the button that caused it.
 
-API names (for gradio_client): /check_upload, /start, /follow, /cancel, /runs, /compare, /score,
+API names (for gradio_client): /check_upload, /start, /start_semantic, /follow, /cancel, /runs, /compare, /score,
 /report, /checkpoints, /generate.
 """
 from __future__ import annotations
@@ -11,8 +11,10 @@ import time
 
 import gradio as gr
 
-from . import commands, compare, generate as G, runs as R
+from . import commands, compare
+from . import generate as G
 from . import robustness as RB
+from . import runs as R
 from .inputs import METHODS, InputError, check_form, preview_images
 from .service import Service
 
@@ -86,6 +88,20 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="start")
                             cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                        with gr.Accordion("Semantic map → image (training/semantic_map.py)", open=False,
+                                          elem_id="seg-section"):
+                            gr.Markdown("Trains the methods, rank, steps and options above to draw images that "
+                                        "follow ADE20K label maps. Upload images and their maps under the same "
+                                        "file names (maps: PNG, class ids 0 = other, 1..150, or ADE palette "
+                                        "colours), or use the embedded example set. Subject images, token and "
+                                        "class noun are not used.")
+                            seg_embedded = gr.Checkbox(True, label="Use the embedded example set",
+                                                       elem_id="seg-embedded")
+                            with gr.Row():
+                                seg_images = gr.File(label="Images", file_count="multiple", elem_id="seg-images")
+                                seg_maps = gr.File(label="Label maps (PNG)", file_count="multiple",
+                                                   elem_id="seg-maps")
+                            seg_start = gr.Button("Start semantic-map training", elem_id="seg-start")
                 progress = gr.HTML("", elem_id="train-progress")
                 status = gr.Markdown("No training running.", elem_id="train-status")
                 batch = gr.JSON(visible=False, label="Runs of this batch")      # for API clients
@@ -227,6 +243,17 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 return
             yield from stream(names)
 
+        def seg_start_fn(img_paths, map_paths, embedded, meths, noun_, token_, rank_, lr_, steps_, every_, lam_,
+                         model_, seed_, res_, sample_steps_, n_samples_):
+            try:
+                form = check_form(meths, noun_ or "cat", token_ or "sks", rank_, lr_, steps_, every_, lam_, model_,
+                                  seed_, res_, sample_steps_, n_samples_)
+                names = service.submit_semantic(img_paths, map_paths, form, embedded=bool(embedded))
+            except Exception as e:
+                yield ("", _message(e), None, None, [], [])
+                return
+            yield from stream(names)
+
         def follow_fn():
             names = service.active_train_jobs()
             if not names:
@@ -283,6 +310,11 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         start_ev = start.click(start_fn, train_inputs, train_outputs, api_name="start", concurrency_limit=None,
                                show_progress="hidden", cancels=[load_ev], trigger_mode="once")
         start_ev.then(after_train, jobs, [chosen, g_run], api_name=False)
+        seg_inputs = [seg_images, seg_maps, seg_embedded] + train_inputs[1:-2]   # no subject files, no prior
+        seg_ev = seg_start.click(seg_start_fn, seg_inputs, train_outputs, api_name="start_semantic",
+                                 concurrency_limit=None, show_progress="hidden", cancels=[load_ev],
+                                 trigger_mode="once")
+        seg_ev.then(after_train, jobs, [chosen, g_run], api_name=False)
         cancel.click(lambda names: service.cancel(names), jobs, status, api_name="cancel", queue=False)
         refresh.click(run_lists, chosen, [chosen, g_run], api_name="runs", queue=False)
         demo.load(run_lists, chosen, [chosen, g_run], api_name=False, queue=False)
