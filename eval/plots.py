@@ -77,7 +77,7 @@ def lr_sweep(sweeps: dict[str, list[dict]], base: dict[str, float], distance_key
 
 
 def sample_grid(rows: list[str], columns: list[int], cells: dict[tuple[int, int], object], caption: str, path) -> None:
-    """rows: labels (one per run), columns: steps, cells[(row, col)] = PIL image. Blank where a run
+    """rows: labels (one per run), columns: steps (or a str title), cells[(row, col)] = PIL image. Blank where a run
     has no checkpoint at that step."""
     size = 1.9
     fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
@@ -92,7 +92,7 @@ def sample_grid(rows: list[str], columns: list[int], cells: dict[tuple[int, int]
             if (r, c) in cells:
                 ax.imshow(cells[(r, c)])
             if r == 0:
-                ax.set_title(f"step {step}", fontsize=9)
+                ax.set_title(step if isinstance(step, str) else f"step {step}", fontsize=9)   # "map" column
             if c == 0:
                 ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(caption, fontsize=9)

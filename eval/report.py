@@ -9,7 +9,8 @@ Writes into --out:
     scores_vs_step.png        DINO / CLIP-I / CLIP-T per scored checkpoint
     lr_sweep.png              runs of one method at several learning rates: scores and final distance
                               against the learning-rate factor (DeLoRA Fig. 2)
-    sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed)
+    sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed);
+                              semantic-map runs get their control map as the first column
 
 The distance is the Fig. 3 layer by default: the out-projection of the first self-attention
 (the first metrics key distance/...attn1.to_out.0, of transformer block 0), else distance_mean.
@@ -180,6 +181,18 @@ def first_sample(samples_dir: Path, want: tuple | None):
         return None, None
 
 
+def sample_map(samples_dir: Path, want: tuple | None):
+    """The control map of the sample row matching `want` (semantic-map runs write "map"), else None."""
+    rows = read_jsonl(samples_dir / PROMPTS_FILE, strict=False)
+    row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), None)
+    if row is None or not isinstance(row.get("map"), str):
+        return None
+    try:
+        return open_image(samples_dir / row["map"])
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
 def series(rows: list[dict], key: str) -> tuple[list, list]:
     """(steps, values) of the rows that have a numeric `key`."""
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get("step"), int) and isinstance(r.get(key), (int, float))]
@@ -225,6 +238,12 @@ def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
                     img, key = first_sample(r.samples[step], want)
                     if img is not None:
                         cells[(i, j)], want = img, want or key
+        # semantic-map runs: the map the samples were drawn from, first (map | samples per checkpoint)
+        maps = {i: m for i, r in enumerate(with_samples)
+                if (m := sample_map(r.samples[max(r.samples)], want)) is not None}
+        if maps:
+            cells = {(i, j + 1): im for (i, j), im in cells.items()} | {(i, 0): m for i, m in maps.items()}
+            columns = ["map", *columns]
         if cells:
             caption = f"prompt {want[0]!r}, seed {want[1]}" if want else ""
             plots.sample_grid([r.label for r in with_samples], columns, cells, caption, out / "sample_grid.png")
