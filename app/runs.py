@@ -4,7 +4,9 @@ is read back from files there, so runs survive a restart of the app.
     RUNS/<name>/app.json           what the app asked for (method, rank, steps, model, owner process)
     RUNS/<name>/instance_images/   the uploaded subject, re-encoded as PNG under sanitised names
     RUNS/<name>/pid                {"pid", "start"} of the training process while/after it runs
-    RUNS/<name>/exit_code          {"returncode", "cancelled"} once the process has ended
+    RUNS/<name>/exit_code          {"returncode", "cancelled"} once the process has ended (the launcher's)
+    RUNS/<name>/exit_status.json   {"code", "message"}: the trainer's own; read before exit_code, whose
+                                   returncode is accelerate's (1 for any failure)
     RUNS/<name>/train.log          the trainer's stdout and stderr
     RUNS/<name>/run.json, metrics.jsonl, checkpoint-N/, adapter.safetensors, eval.jsonl  (the trainer, eval/)
 
@@ -217,6 +219,12 @@ def status(run_dir: Path) -> tuple[str, str]:
     if isinstance(ex, dict):
         if ex.get("cancelled"):
             return "cancelled", ex.get("note") or "cancelled by the user"
+        # the trainer's own word first: `accelerate launch` turns every failure into its own exit code 1
+        own = read_json(run_dir / runfolder.EXIT_STATUS)
+        if isinstance(own, dict) and isinstance(own.get("code"), int):
+            if own["code"] == 0:
+                return "finished", ""
+            return "failed", f"the trainer reported code {own['code']}: {own.get('message') or 'no message'}"
         rc = ex.get("returncode")
         if rc == 0:
             return "finished", ""
