@@ -25,8 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import EvalError
-from .common import (ArgumentParser, checkpoint_dirs, final_step, logger, read_jsonl, read_metrics, read_run,
-                     run_main, run_setting, write_text)
+from .common import (
+    ArgumentParser,
+    checkpoint_dirs,
+    final_step,
+    logger,
+    read_jsonl,
+    read_metrics,
+    read_run,
+    run_main,
+    run_setting,
+    write_text,
+)
 from .images import PROMPTS_FILE, open_image
 
 FIG3_LAYER = "attn1.to_out.0"
@@ -195,7 +205,8 @@ def sample_map(samples_dir: Path, want: tuple | None):
 
 def series(rows: list[dict], key: str) -> tuple[list, list]:
     """(steps, values) of the rows that have a numeric `key`."""
-    points = [(r["step"], r[key]) for r in rows if isinstance(r.get("step"), int) and isinstance(r.get(key), (int, float))]
+    points = [(r["step"], r[key]) for r in rows
+              if isinstance(r.get("step"), int) and isinstance(r.get(key), (int, float))]
     return [s for s, _ in points], [v for _, v in points]
 
 

@@ -24,8 +24,20 @@ from pathlib import Path
 import torch
 
 from . import EvalError
-from .common import (ADAPTER_FILES, ArgumentParser, checkpoint_dirs, final_step, is_adapter_dir, logger, read_jsonl,
-                     read_run, run_main, run_setting, write_json, write_text)
+from .common import (
+    ADAPTER_FILES,
+    ArgumentParser,
+    checkpoint_dirs,
+    final_step,
+    is_adapter_dir,
+    logger,
+    read_jsonl,
+    read_run,
+    run_main,
+    run_setting,
+    write_json,
+    write_text,
+)
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 from .images import Loaded, load_folder, load_generated
 from .prompts import IMAGES_PER_PROMPT, protocol_prompts, subject_of

@@ -8,8 +8,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from app.__main__ import build_parser, main
 
 from .test_app_support import free_port

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from app import compare, runs as R
+from app import compare
+from app import runs as R
 
 
 def fake_run(root, name, method, steps=(1, 2), final=True, scores=None):
@@ -16,7 +17,8 @@ def fake_run(root, name, method, steps=(1, 2), final=True, scores=None):
     R.write_exit(d, 0)
     with open(d / "metrics.jsonl", "w") as f:
         for s in range(1, steps[-1] + 1):
-            f.write(json.dumps({"step": s, "loss": 1.0 / s, "distance_fig3": 0.1 * s, "distance_mean": 0.05 * s}) + "\n")
+            row = {"step": s, "loss": 1.0 / s, "distance_fig3": 0.1 * s, "distance_mean": 0.05 * s}
+            f.write(json.dumps(row) + "\n")
     folders = [d / f"checkpoint-{s}" for s in steps] + ([d] if final else [])
     for k, folder in enumerate(folders):
         (folder / "samples").mkdir(parents=True)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import compare, generate as G, runs as R
+from app import compare
+from app import generate as G
+from app import runs as R
 from app.inputs import check_form
 from app.service import Service
 
@@ -122,7 +124,8 @@ def test_compare_shows_both_runs_with_samples_and_curves(app, client, trained):
         assert has_line_colour(pixels, compare.PALETTE[0]) and has_line_colour(pixels, compare.PALETTE[1])
     curve = compare.curves(app[1].run_infos(trained["names"]), "distance_fig3")   # the data drawn
     assert set(curve["run"]) >= {f"lora · {lora}", f"delora · {delora}"} and (curve["value"] > 0).all()
-    assert [row[:2] + [row[4]] for row in table["data"]] == [[lora, "lora", "finished"], [delora, "delora", "finished"]]
+    assert [row[:2] + [row[4]] for row in table["data"]] == [[lora, "lora", "finished"],
+                                                            [delora, "delora", "finished"]]
     assert details == ""
 
 
@@ -198,7 +201,7 @@ def test_cancel_keeps_the_last_checkpoint_and_the_queue_shows_positions(app, sub
     assert service.queue.wait(names, timeout=30)
     lora, dora = R.info(lora_dir), R.info(dora_dir)
     assert lora.status == "cancelled" and len(lora.checkpoints) >= 1 and lora.step < 40
-    assert dora.status == "cancelled" and not R.PID_FILE in os.listdir(dora_dir)
+    assert dora.status == "cancelled" and R.PID_FILE not in os.listdir(dora_dir)
     assert R.process_start(pid) is None
     with pytest.raises(ProcessLookupError):                    # the whole process group is gone
         os.killpg(pid, 0)

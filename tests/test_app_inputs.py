@@ -152,7 +152,8 @@ def test_train_command_is_the_cli(tmp_path):
     assert pairs["--method"] == "delora" and pairs["--delora_lambda"] == "15.0"
     assert pairs["--instance_prompt"] == "a photo of sks cat" and pairs["--class_prompt"] == "a photo of cat"
     assert pairs["--output_dir"] == str(tmp_path / "run") and pairs["--learning_rate"] == "0.001"
-    assert (pairs["--resolution"], pairs["--num_inference_steps"], pairs["--num_validation_images"]) == ("32", "2", "1")
+    sampling = (pairs["--resolution"], pairs["--num_inference_steps"], pairs["--num_validation_images"])
+    assert sampling == ("32", "2", "1")
     assert "--pretrained_model_name_or_path" not in pairs     # tiny is the trainer's default
     lora = commands.train_command(form, "lora", tmp_path, tmp_path, launcher="python")
     assert "--delora_lambda" not in lora and lora[1] == str(commands.trainer_script())

@@ -102,7 +102,9 @@ def test_cli_run_without_app_files(tmp_path):
 def test_metrics_are_read_incrementally_and_a_torn_line_waits(tmp_path):
     d = make_run(tmp_path)
     path = d / "metrics.jsonl"
-    row = lambda s: {"step": s, "loss": 1.0 / s, "distance_fig3": 0.1 * s, "distance/x.to_q": 9.0}
+    def row(s):
+        return {"step": s, "loss": 1.0 / s, "distance_fig3": 0.1 * s, "distance/x.to_q": 9.0}
+
     path.write_text(json.dumps(row(1)) + "\n" + json.dumps(row(2))[:10])
     rows = R.read_metrics(d)
     assert [r["step"] for r in rows] == [1] and "distance/x.to_q" not in rows[0]

@@ -131,7 +131,8 @@ def test_figures_show_the_data_with_titles_labels_and_legends(runs, tmp_path, fi
     ax = figures["distance_vs_step.png"].axes[0]
     lines = {l.get_label(): l for l in ax.get_lines()}
     assert set(lines) == {"lora r=4 lr=0.0001", "lora r=4 lr=0.0004", "delora r=4 lr=0.001"}
-    np.testing.assert_allclose(lines["lora r=4 lr=0.0004"].get_ydata(), [distance(BLOCK0, s, 0.4) for s in range(1, 7)])
+    np.testing.assert_allclose(lines["lora r=4 lr=0.0004"].get_ydata(),
+                               [distance(BLOCK0, s, 0.4) for s in range(1, 7)])
     np.testing.assert_allclose(lines["delora r=4 lr=0.001"].get_ydata(), [distance("distance_mean", s, 1.0)
                                                                           for s in range(1, 7)])
     dino = figures["scores_vs_step.png"].axes[0]
