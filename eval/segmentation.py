@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         score_run(args, make_segmenter(args, device), device)
         return 0
     if not (args.generated_dir and args.label_dir):
-        raise EvalError("give --generated_dir and --label_dir, or --run_dir")
+        raise EvalError("give --generated_dir and --label_dir, or --run_dir (see python -m eval.segmentation --help)")
     # folders before the model: a typo fails in milliseconds, not after a model download
     check_dir(args.generated_dir, "--generated_dir")
     check_dir(args.label_dir, "--label_dir")
