@@ -1,9 +1,10 @@
 """Faults during training, injected at exact points (training/common/faults.py), never by chance timing:
 
 - a death at each phase of a checkpoint write (before, between, after the files; after the rename), then
-  --resume_from_checkpoint latest: the final adapter is bit-identical to an uninterrupted run's. One phase
-  with a real SIGKILL of a trainer process; the others in-process (`abort`: the files as a kill leaves
-  them), every phase with a real SIGKILL in the slow test;
+  --resume_from_checkpoint latest: the final adapter is bit-identical to an uninterrupted run's. In-process
+  (`abort`: the files as a kill leaves them) in the suite, a real SIGKILL of a trainer at each phase in the
+  slow test;
+- one of two DDP processes dying: the other stops at once with one `error:` line (slow);
 - a full disk (ENOSPC) while writing a checkpoint or the final adapter: one `error:` line, exit 1, the
   previous checkpoint intact, and resuming from it ends identical to the uninterrupted run;
 - SIGTERM: a checkpoint at the current step and a `stopped:` line saying how to resume, exit 143;
@@ -90,25 +91,21 @@ def status(out: Path) -> dict:
 def test_a_death_at_every_phase_of_a_checkpoint_write_then_resume_equals_the_uninterrupted_run(
         straight, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    # a real SIGKILL of a trainer process between the files: checkpoint-4.tmp is left half written
-    env = {**os.environ, faults.ENV: "checkpoint-between:kill", faults.ENV_STEP: "4"}
-    proc = subprocess.run([sys.executable, str(ROOT / "training" / "dreambooth.py"), "--output_dir", str(out), *ARGS],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [s for s, _ in runfolder.list_checkpoints(out)] == [2]
-    half = out / "checkpoint-4.tmp"
-    assert (half / runfolder.ADAPTER_WEIGHTS).is_file() and not (half / runfolder.TRAINER_STATE).exists()
-    assert not (out / runfolder.EXIT_STATUS).exists()           # a killed process leaves no word
-    # then in this process, each other phase in turn while writing checkpoint-4
-    for phase in ("checkpoint-before", "checkpoint-after", "checkpoint-renamed"):
+    # a death in this process at each phase in turn while writing checkpoint-4 (the files as a SIGKILL leaves
+    # them; the slow test below kills a real process at each phase)
+    for phase in PHASES:
         with pytest.raises(faults.Abort):
             train(out, *RESUME, fault=f"{phase}:abort", step=4, monkeypatch=monkeypatch)
         tmp = out / "checkpoint-4.tmp"
         if phase == "checkpoint-before":
             assert tmp.is_dir() and not any(tmp.iterdir())
+        elif phase == "checkpoint-between":                     # half written: adapter, no trainer state
+            assert (tmp / runfolder.ADAPTER_WEIGHTS).is_file() and not (tmp / runfolder.TRAINER_STATE).exists()
         elif phase == "checkpoint-after":                       # every file written, not yet renamed
             assert (tmp / runfolder.TRAINER_STATE).is_file()
+        if phase != "checkpoint-renamed":
             assert [s for s, _ in runfolder.list_checkpoints(out)] == [2]
+            assert not (out / runfolder.EXIT_STATUS).exists()   # a death leaves no word
     # the last death came after checkpoint-4 was renamed into place, before the final adapter
     assert [s for s, _ in runfolder.list_checkpoints(out)] == [2, 4]
     assert not (out / runfolder.ADAPTER_WEIGHTS).exists()
@@ -177,3 +174,31 @@ def test_a_real_sigkill_at_each_phase_then_resume_equals_the_uninterrupted_run(s
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed from {out / f'checkpoint-{expected[-1]}'}" in done.stderr
     same_adapter(straight, out)
+
+
+@pytest.mark.slow
+def test_one_ddp_worker_dying_stops_the_other_with_one_clear_line(cache, tmp_path):
+    """python -m pytest tests/test_training_faults.py -m slow -k ddp  (2 CPU processes over gloo, ~30 s)"""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "-q", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "training" / "dreambooth.py"), "--output_dir", str(out), *ARGS[:-2],
+           "--checkpointing_steps", "1", "--ddp_timeout", "60"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", faults.ENV: "step:exit", faults.ENV_STEP: "2",
+           faults.ENV_PROCESS: "1"}                                 # process 1 dies after step 2
+    # the bound: the survivor must be done well within the timeout (a hang would be --ddp_timeout and more)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "another training process stopped" in lines[0], proc.stderr[-3000:]
+    assert "continue with --resume_from_checkpoint latest" in lines[0]
+    assert status(out) == {"code": 1, "message": lines[0]}
+    assert runfolder.list_checkpoints(out)[-1][0] in (2, 3)         # the survivor saw the death at step 3's all-reduce

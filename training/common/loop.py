@@ -26,7 +26,6 @@ What it guarantees, for every trainer:
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import random
 import shutil
@@ -47,7 +46,16 @@ from .args import adapter_config, default_learning_rate
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
 from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
-from .runtime import StopRequest, make_deterministic, restore_signals, write_exit_status
+from .runtime import (
+    WRITE_ERRNOS,
+    StopRequest,
+    close_progress_bars,
+    is_peer_failure,
+    make_deterministic,
+    peer_error_text,
+    restore_signals,
+    write_exit_status,
+)
 
 logger = setup_console()
 
@@ -404,21 +412,20 @@ def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         write_exit_status(out, 1, f"error: {message}")
         return 1
+    except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
+        last = runfolder.list_checkpoints(out) if out is not None else []
+        message = (f"another training process stopped (died, was killed or timed out after --ddp_timeout): "
+                   f"{peer_error_text(e)}; " + (f"the last complete checkpoint is {last[-1][1]}; "
+                   f"continue with --resume_from_checkpoint latest" if last else "no checkpoint was written yet"))
+        close_progress_bars()
+        print(f"error: {message}", file=sys.stderr)
+        write_exit_status(out, 1, f"error: {message}")
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
         write_exit_status(out, 130, "error: interrupted")
         return 130
     finally:
         restore_signals()
-
-
-def close_progress_bars() -> None:
-    """End any open progress bar's line, so that the `error:` line after it is a line of its own."""
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-# a write that fails for lack of space or a broken disk: not a bug, one `error:` line and exit 1
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}

@@ -19,7 +19,9 @@ the request is agreed on through one all-reduce per step, so every process stops
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
 import threading
 
@@ -107,3 +109,34 @@ def write_exit_status(output_dir, code: int, message: str) -> None:
             runfolder.write_json(os.path.join(out, runfolder.EXIT_STATUS), {"code": code, "message": message})
     except OSError:   # a full disk: the exit code and the printed line still say it
         pass
+
+
+def is_peer_failure(e: RuntimeError) -> bool:
+    """A collective (all-reduce, barrier) that failed because another process is gone: gloo's and NCCL's
+    connection errors, a collective timeout. Only in a multi-process run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out",
+                            "NCCL", "gloo"))
+
+
+def peer_error_text(e: RuntimeError) -> str:
+    """The backend's first sentence without its source location ('[.../pair.cc:561] Connection closed ...')."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]
+
+
+def close_progress_bars() -> None:
+    """End any open progress bar's line, so that the `error:` line after it is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+# a write that fails for lack of space or a broken disk: not a bug, one `error:` line and exit 1
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
