@@ -240,6 +240,11 @@ class JobQueue:
                 while _group_alive(proc.pid) and time.monotonic() < end:
                     time.sleep(0.1)
                 _signal_group(proc.pid, signal.SIGKILL)
+                # SIGKILL is asynchronous: the run is over only once the kernel has removed the processes
+                # (a busy machine takes a moment), so nothing of it still writes when the job reports done
+                end = time.monotonic() + 10
+                while _group_alive(proc.pid) and time.monotonic() < end:
+                    time.sleep(0.05)
             if job.cancel_requested:
                 log.write(b"\n[lowrank-app] cancelled by the user\n")
             self._finish(job, rc)
