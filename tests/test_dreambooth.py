@@ -287,7 +287,13 @@ ACTIVE_HOOKS = {"deltalora": ["--deltalora_start_step", "1"],
                 "dyndora": ["--dyndora_prune_interval", "1", "--dyndora_total_steps", "5"]}
 
 
-@pytest.mark.parametrize("method", TRAINER_METHODS)
+# methods whose resume restores state beyond A and B (DeLoRA's frozen initial update, Delta-LoRA's snapshot,
+# dynamic-rank DoRA's scores and masks) and LoRA run in make test; every method with -m slow
+RESUME_METHODS = [m if m in ("lora", "delora", "deltalora", "dyndora") else pytest.param(m, marks=pytest.mark.slow)
+                  for m in TRAINER_METHODS]
+
+
+@pytest.mark.parametrize("method", RESUME_METHODS)
 def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path, method):
     """In-process twin of the SIGKILL test for every method: batch 2, 2 micro-batches per step, resume
     inside an epoch; the adapter checkpoint alone (plus optimizer state) must restore everything."""

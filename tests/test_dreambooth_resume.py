@@ -54,7 +54,12 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", TRAINER_METHODS)
+# every method trains through the trainer in-process (tests/test_dreambooth.py); the launch path does not depend
+# on the method, so `accelerate launch` runs two of them in make test and all of them with -m slow
+LAUNCH_METHODS = [m if m in ("lora", "delora") else pytest.param(m, marks=pytest.mark.slow) for m in TRAINER_METHODS]
+
+
+@pytest.mark.parametrize("method", LAUNCH_METHODS)
 def test_accelerate_launch_smoke_every_method(tmp_path, env, method):
     out = tmp_path / method
     args = ["--method", method, "--rank", "4", "--seed", "0", "--resolution", "32", "--max_train_steps", "2",
