@@ -76,13 +76,11 @@ def launcher_prefix(launcher: str = "accelerate", cpu: bool | None = None) -> li
             "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Path,
-                  launcher: str = "accelerate") -> list[str]:
-    cmd = [*launcher_prefix(launcher), str(trainer_script()),
-           "--method", method, "--rank", str(form.rank),
-           "--max_train_steps", str(form.steps), "--checkpointing_steps", str(form.checkpoint_every),
-           "--instance_data_dir", str(instance_dir), "--instance_prompt", form.instance_prompt,
-           "--class_prompt", form.class_prompt, "--output_dir", str(run_dir), "--seed", str(form.seed)]
+def _common_flags(form: TrainForm, method: str, run_dir: Path) -> list[str]:
+    """The flags every trainer the app starts takes from the form: method, rank, steps, checkpoints, output,
+    seed, learning rate, DeLoRA's λ, the base model and the sampling resolution/steps."""
+    cmd = ["--method", method, "--rank", str(form.rank), "--max_train_steps", str(form.steps),
+           "--checkpointing_steps", str(form.checkpoint_every), "--output_dir", str(run_dir), "--seed", str(form.seed)]
     if form.learning_rate is not None:
         cmd += ["--learning_rate", repr(float(form.learning_rate))]
     if method == "delora":
@@ -93,15 +91,25 @@ def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Pat
         cmd += ["--resolution", str(form.resolution)]
     if form.sample_steps:
         cmd += ["--num_inference_steps", str(form.sample_steps)]
+    return cmd
+
+
+def _extra_flags(form: TrainForm) -> list[str]:
+    return [arg for key, value in (form.extra or {}).items() for arg in (f"--{key}", str(value))]
+
+
+def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Path,
+                  launcher: str = "accelerate") -> list[str]:
+    cmd = [*launcher_prefix(launcher), str(trainer_script()), *_common_flags(form, method, run_dir),
+           "--instance_data_dir", str(instance_dir), "--instance_prompt", form.instance_prompt,
+           "--class_prompt", form.class_prompt]
     if form.num_samples:
         cmd += ["--num_validation_images", str(form.num_samples)]
     if form.prior_preservation:        # class images are generated into RUN/class_images by the trainer
         cmd += ["--with_prior_preservation"]
         if form.num_class_images:
             cmd += ["--num_class_images", str(form.num_class_images)]
-    for key, value in (form.extra or {}).items():
-        cmd += [f"--{key}", str(value)]
-    return cmd
+    return cmd + _extra_flags(form)
 
 
 def semantic_train_command(form: TrainForm, method: str, run_dir: Path, data_dir: Path | None,
@@ -109,26 +117,12 @@ def semantic_train_command(form: TrainForm, method: str, run_dir: Path, data_dir
     """training/semantic_map.py on uploaded pairs (data_dir, ADE20K layout) or, with None, its embedded set.
     The DreamBooth-only fields of the form (token, class noun, prior preservation) do not apply."""
     script = Path(trainer_script()).with_name("semantic_map.py")
-    cmd = [*launcher_prefix(launcher), str(script), "--method", method, "--rank", str(form.rank),
-           "--max_train_steps", str(form.steps), "--checkpointing_steps", str(form.checkpoint_every),
-           "--output_dir", str(run_dir), "--seed", str(form.seed)]
+    cmd = [*launcher_prefix(launcher), str(script), *_common_flags(form, method, run_dir)]
     if data_dir is not None:
         cmd += ["--train_data_dir", str(data_dir)]
-    if form.learning_rate is not None:
-        cmd += ["--learning_rate", repr(float(form.learning_rate))]
-    if method == "delora":
-        cmd += ["--delora_lambda", repr(float(form.delora_lambda))]
-    if not is_tiny(form.model):
-        cmd += ["--pretrained_model_name_or_path", form.model]
-    if form.resolution:
-        cmd += ["--resolution", str(form.resolution)]
-    if form.sample_steps:
-        cmd += ["--num_inference_steps", str(form.sample_steps)]
     if form.num_samples:
         cmd += ["--num_validation_maps", str(form.num_samples)]
-    for key, value in (form.extra or {}).items():
-        cmd += [f"--{key}", str(value)]
-    return cmd
+    return cmd + _extra_flags(form)
 
 
 SCORER = [sys.executable, "-m", "eval.subject"]      # + --run_dir RUN: writes RUN/eval.jsonl

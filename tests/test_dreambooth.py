@@ -26,17 +26,7 @@ ADAPTER_FILES = {"adapter_config.json", "adapter.safetensors"}
 TRAINER_METHODS = sorted(m for m in lowrank.METHODS if m not in ("mult_highrank", "mult_bounded"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """One tiny-SD cache for the whole session (other modules point at the same folder)."""
-    path = tmp_path_factory.getbasetemp() / "lowrank-cache"
-    old = os.environ.get("LOWRANK_CACHE")
-    os.environ["LOWRANK_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("LOWRANK_CACHE", None)
-    else:
-        os.environ["LOWRANK_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one tiny-SD cache for the session
 
 
 def train(out, *extra, base=FAST):

@@ -24,17 +24,7 @@ FAST = ["--method", "delora", "--rank", "4", "--seed", "0", "--resolution", "32"
         "--num_validation_images", "1", "--num_validation_maps", "1", "--report_to", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """One tiny-SD cache for the whole session (other modules point at the same folder)."""
-    path = tmp_path_factory.getbasetemp() / "lowrank-cache"
-    old = os.environ.get("LOWRANK_CACHE")
-    os.environ["LOWRANK_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("LOWRANK_CACHE", None)
-    else:
-        os.environ["LOWRANK_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one tiny-SD cache for the session
 
 
 def random_label(rng, h, w, classes=(1, 4, 13, 150)):

@@ -33,21 +33,10 @@ RESUME = ["--resume_from_checkpoint", "latest"]
 PHASES = ["checkpoint-before", "checkpoint-between", "checkpoint-after", "checkpoint-renamed"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The session's shared tiny-SD cache (other modules point at the same folder)."""
-    path = tmp_path_factory.getbasetemp() / "lowrank-cache"
-    old = os.environ.get("LOWRANK_CACHE")
-    os.environ["LOWRANK_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("LOWRANK_CACHE", None)
-    else:
-        os.environ["LOWRANK_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
-def straight(cache, tmp_path_factory):
+def straight(tiny_cache, tmp_path_factory):
     """The uninterrupted run every faulty one must end equal to."""
     out = tmp_path_factory.mktemp("straight")
     assert dreambooth.main(["--output_dir", str(out), *ARGS]) == 0
@@ -177,7 +166,7 @@ def test_a_real_sigkill_at_each_phase_then_resume_equals_the_uninterrupted_run(s
 
 
 @pytest.mark.slow
-def test_one_ddp_worker_dying_stops_the_other_with_one_clear_line(cache, tmp_path):
+def test_one_ddp_worker_dying_stops_the_other_with_one_clear_line(tiny_cache, tmp_path):
     """python -m pytest tests/test_training_faults.py -m slow -k ddp  (2 CPU processes over gloo, ~30 s)"""
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")

@@ -20,12 +20,13 @@ the reported number is the test part at the best tuning epoch.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lowrank import runfolder
 
 from . import TrainingError
 
@@ -163,16 +164,9 @@ def read_rows(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise TrainingError(f"cannot read {path}: {e}") from None
     if suffix in (".jsonl", ".json"):
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    row = None
-                if not isinstance(row, dict):
-                    raise TrainingError(f"{path} line {i} is not a JSON object")
-                rows.append(row)
+        rows, bad = runfolder.parse_jsonl(text)
+        if bad:
+            raise TrainingError(f"{path} line {bad[0][0]} is not a JSON object")
     elif suffix in (".tsv", ".csv"):
         kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
         rows = list(csv.DictReader(text.splitlines(), **kw))

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lowrank import runfolder
+
 from . import TrainingError
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -55,16 +57,9 @@ def read_json_records(path: Path) -> list[dict]:
         if bad:
             raise TrainingError(f"{path} item {bad} is not a JSON object")
     else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    row = None
-                if not isinstance(row, dict):
-                    raise TrainingError(f"{path} line {i} is not a JSON object")
-                rows.append(row)
+        rows, bad = runfolder.parse_jsonl(text)
+        if bad:
+            raise TrainingError(f"{path} line {bad[0][0]} is not a JSON object")
     if not rows:
         raise TrainingError(f"{path} has no examples")
     return rows
