@@ -46,8 +46,9 @@ from training.common.data import (
 )
 from training.common.export import export_diffusers
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, run_trainer, steps_per_epoch
+from training.common.loop import Task, TrainingRun, steps_per_epoch
 from training.common.models import is_tiny, load_pipeline
+from training.common.runtime import run_trainer
 from training.common.samples import (
     count_images,
     generate,

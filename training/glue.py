@@ -53,8 +53,9 @@ from training.common.glue_data import (
 )
 from training.common.language import CLASSIFIER_HEADS, DEFAULT_TARGETS, load_language_model, model_type
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, run_trainer, steps_per_epoch
+from training.common.loop import Task, TrainingRun, steps_per_epoch
 from training.common.results import summarize_seeds, write_results
+from training.common.runtime import run_trainer
 
 logger = setup_console()
 

@@ -47,8 +47,9 @@ from training.common.instruct_data import (
 )
 from training.common.language import DEFAULT_TARGETS, load_language_model, model_type
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, run_trainer, steps_per_epoch
+from training.common.loop import Task, TrainingRun, steps_per_epoch
 from training.common.results import write_results
+from training.common.runtime import run_trainer
 
 logger = setup_console()
 DEFAULT_MODEL = "tiny-llama"

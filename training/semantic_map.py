@@ -61,8 +61,9 @@ from training.common.args import (
     check_training_args,
 )
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, mix_seed, run_trainer, steps_per_epoch
+from training.common.loop import Task, TrainingRun, mix_seed, steps_per_epoch
 from training.common.models import is_tiny, load_pipeline
+from training.common.runtime import run_trainer
 from training.common.samples import grid, sampling_pipeline
 
 logger = setup_console()

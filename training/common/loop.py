@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -47,14 +45,8 @@ from .checkpoint import load_accelerator_state, read_state, register_adapter_hoo
 from .faults import fault_point
 from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
 from .runtime import (
-    WRITE_ERRNOS,
     StopRequest,
-    close_progress_bars,
-    is_peer_failure,
     make_deterministic,
-    peer_error_text,
-    restore_signals,
-    write_exit_status,
 )
 
 logger = setup_console()
@@ -371,61 +363,3 @@ class TrainingRun:
 def task_outputs(task: Task) -> str:
     extra = getattr(task, "outputs", "")
     return f", {extra}" if extra else ""
-
-
-# ----- the entry point -----------------------------------------------------------------------------------------
-def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
-    """main() of every trainer: parse, train, and map failures to exit codes (0 done, 1 diverged or a
-    failed write, 2 bad input, 143 stopped by SIGTERM). An output folder this run created is removed again
-    if bad input stops it before any file. The code and its line go to RUN/exit_status.json."""
-    created, out = None, None
-    try:
-        args = parse_args(argv)
-        out = Path(args.output_dir).expanduser()
-        created = None if out.exists() else out
-        train(args)
-        write_exit_status(out, 0, "done")
-        return 0
-    except StoppedError as e:
-        close_progress_bars()
-        print(f"stopped: {e}", file=sys.stderr)
-        write_exit_status(out, e.exit_code, f"stopped: {e}")
-        return e.exit_code
-    except (TrainingError, lowrank.AdapterError) as e:
-        code = getattr(e, "exit_code", 2) if isinstance(e, TrainingError) else 2
-        close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        if code == 2 and created is not None and created.is_dir() and \
-                not any(p.is_file() for p in created.rglob("*")):
-            shutil.rmtree(created, ignore_errors=True)
-        elif out is not None:
-            write_exit_status(out, code, f"error: {e}")
-        return code
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
-            raise
-        last = runfolder.list_checkpoints(out) if out is not None else []
-        where = (f"the last complete checkpoint is {last[-1][1]}; free space, then continue with "
-                 f"--resume_from_checkpoint latest") if last else "no complete checkpoint was written"
-        message = f"cannot write {e.filename or out}: {e.strerror or e}; {where}"
-        close_progress_bars()
-        print(f"error: {message}", file=sys.stderr)
-        write_exit_status(out, 1, f"error: {message}")
-        return 1
-    except RuntimeError as e:
-        if not is_peer_failure(e):
-            raise
-        last = runfolder.list_checkpoints(out) if out is not None else []
-        message = (f"another training process stopped (died, was killed or timed out after --ddp_timeout): "
-                   f"{peer_error_text(e)}; " + (f"the last complete checkpoint is {last[-1][1]}; "
-                   f"continue with --resume_from_checkpoint latest" if last else "no checkpoint was written yet"))
-        close_progress_bars()
-        print(f"error: {message}", file=sys.stderr)
-        write_exit_status(out, 1, f"error: {message}")
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
-        write_exit_status(out, 130, "error: interrupted")
-        return 130
-    finally:
-        restore_signals()
