@@ -62,7 +62,7 @@ def load_conditioned(run_dir: Path, run: dict, device: torch.device, num_inferen
     """(pipeline with DDIM, ConditionedUNet) for the run's base model; nothing loaded into it yet."""
     from diffusers import DDIMScheduler
 
-    from training.semantic_map import ConditionedUNet, conditioning_encoder
+    from training.common.conditioning import ConditionedUNet, conditioning_encoder
 
     from .generate import load_pipeline
 
@@ -81,7 +81,7 @@ def load_checkpoint(model, adapter_dir: Path | None) -> None:
     """The checkpoint's adapter + encoder into the model; None: the base model (no adapter, zero encoder)."""
     import lowrank
     from training.common import TrainingError
-    from training.semantic_map import load_encoder
+    from training.common.conditioning import load_encoder
 
     if lowrank.adapter_layers(model.unet):
         lowrank.eject(model.unet)

@@ -34,9 +34,7 @@ Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` lin
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -60,6 +58,13 @@ from training.common.args import (
     check_folder_path,
     check_training_args,
 )
+from training.common.conditioning import (
+    ENCODER_FILE,
+    ConditionedUNet,
+    conditioning_encoder,
+    load_encoder,
+    save_encoder,
+)
 from training.common.logging import setup_console
 from training.common.loop import Task, TrainingRun, mix_seed, steps_per_epoch
 from training.common.models import is_tiny, load_pipeline
@@ -69,89 +74,7 @@ from training.common.samples import grid, sampling_pipeline
 logger = setup_console()
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
-ENCODER_FILE = "conditioning_encoder.safetensors"
-ENCODER_WIDTHS = (16, 32, 96, 256)
 MAX_CONDITIONING_LR = 1e-4
-
-
-# ----- the model ----------------------------------------------------------------------------------------
-def conditioning_encoder(unet, vae_scale_factor: int):
-    """ControlNet's hint block sized to this UNet: output width = block_out_channels[0], one stride-2
-    stage per halving of the VAE (3 for SD's 8x VAE), last conv zero-initialised (diffusers does that)."""
-    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-
-    stages = int(round(math.log2(vae_scale_factor)))
-    return ControlNetConditioningEmbedding(conditioning_embedding_channels=unet.config.block_out_channels[0],
-                                           conditioning_channels=3, block_out_channels=ENCODER_WIDTHS[:stages + 1])
-
-
-class ConditionedUNet(torch.nn.Module):
-    """The UNet plus what turns a control image into its input: the trained encoder (added to conv_in's
-    output) or a frozen pretrained ControlNet (down/mid residuals). Set the control image with
-    `conditioned(control)`; the hooks make any caller of `unet` (the sampling pipeline too) follow it.
-    A batch that is a multiple of the control batch (classifier-free guidance doubles it) repeats it."""
-
-    def __init__(self, unet, encoder=None, controlnet=None):
-        super().__init__()
-        self.unet, self.conditioning_embedding, self.controlnet = unet, encoder, controlnet
-        self._control = None
-        if encoder is not None:
-            unet.conv_in.register_forward_hook(self._add_embedding)
-        if controlnet is not None:
-            unet.register_forward_pre_hook(self._controlnet_residuals, with_kwargs=True)
-
-    @contextlib.contextmanager
-    def conditioned(self, control: torch.Tensor):
-        self._control = control
-        try:
-            yield self
-        finally:
-            self._control = None
-
-    def _repeat(self, control: torch.Tensor, batch: int) -> torch.Tensor:
-        return control if control.shape[0] == batch else control.repeat(batch // control.shape[0], 1, 1, 1)
-
-    def _add_embedding(self, module, inputs, output):
-        if self._control is None:
-            return output
-        emb = self.conditioning_embedding(self._control.to(self.conditioning_embedding.conv_in.weight.dtype))
-        return output + self._repeat(emb, output.shape[0]).to(output.dtype)
-
-    def _controlnet_residuals(self, module, args, kwargs):
-        if self._control is None:
-            return args, kwargs
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        hidden = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        control = self._repeat(self._control, sample.shape[0]).to(sample.device, self.controlnet.dtype)
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states=hidden, controlnet_cond=control,
-                                    return_dict=False)
-        return args, {**kwargs, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-
-    def forward(self, sample, timestep, encoder_hidden_states, control):
-        with self.conditioned(control):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-def save_encoder(encoder, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    runfolder.atomic_write(Path(folder) / ENCODER_FILE, lambda p: save_file(
-        tensors, str(p), metadata={"format": "pt", "kind": "ControlNetConditioningEmbedding"}))
-
-
-def load_encoder(encoder, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    path = Path(folder) / ENCODER_FILE
-    if not path.is_file():
-        raise TrainingError(f"{folder} has no {ENCODER_FILE}; it was not written by this trainer's encoder")
-    try:
-        state = load_file(str(path))
-        encoder.load_state_dict({k: v.to(encoder.conv_in.weight.dtype) for k, v in state.items()})
-    except (RuntimeError, OSError, ValueError) as e:
-        raise TrainingError(f"{path} does not fit this model's encoder ({str(e).splitlines()[0][:160]})") from None
 
 
 # ----- flags --------------------------------------------------------------------------------------------
