@@ -1,10 +1,11 @@
 """The training loop every trainer shares: a trainer is its data, its loss and its sampling (a `Task`),
 and this module does the rest.
 
-    run = TrainingRun(args, "dreambooth")           # accelerator, resume point, seed, output folder
+    run = TrainingRun(args, "dreambooth")              # accelerator, resume point, seed, output folder
     ... load the data (bad input fails in seconds), then the model ...
-    config, names = run.adapt(unet, args, total_steps)   # inject, or load the checkpoint's adapter
-    run.fit(unet, task, dataset, collate, info={...})    # optimizer, steps, checkpoints, final save
+    config, names = run.adapt(unet, total_steps)       # inject, or load the checkpoint's adapter
+    run.fit(unet, task, dataset, collate, info={...})  # optimizer, steps, checkpoints, final save
+    # main() is training.common.runtime.run_trainer(parse_args, train): exit codes and exit_status.json
 
 What it guarantees, for every trainer:
 - exact resume: the batch order of an epoch is a function of (seed, epoch), each micro-batch's noise a
@@ -44,10 +45,7 @@ from .args import adapter_config, default_learning_rate
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
 from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
-from .runtime import (
-    StopRequest,
-    make_deterministic,
-)
+from .runtime import StopRequest, make_deterministic
 
 logger = setup_console()
 
