@@ -171,12 +171,6 @@ class DreamBooth(Task):
         self.run.metrics.log_images(step, [img for _, _, img in shots], tag=tag)
         return shots
 
-    def at_checkpoint(self, folder: Path, step: int) -> None:
-        self.samples(step, folder / "samples")
-
-    def at_validation(self, step: int) -> None:
-        self.samples(step, self.run.output_dir / "validation" / f"step-{step}")
-
     def finish(self, output_dir: Path, step: int) -> None:
         shots = self.samples(step, output_dir / "samples", tag="final")
         write_grid(output_dir / "samples_grid.png", shots, cols=self.args.num_validation_images)

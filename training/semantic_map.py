@@ -296,12 +296,6 @@ class SemanticMap(Task):
         runfolder.replace_dir(tmp, folder)
         self.run.metrics.log_images(step, logged, tag=tag)
 
-    def at_checkpoint(self, folder: Path, step: int) -> None:
-        self.samples(step, folder / "samples")
-
-    def at_validation(self, step: int) -> None:
-        self.samples(step, self.run.output_dir / "validation" / f"step-{step}")
-
     def finish(self, output_dir: Path, step: int) -> None:
         self.samples(step, output_dir / "samples", tag="final")
         runfolder.atomic_write(output_dir / "samples_grid.png",

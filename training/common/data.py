@@ -49,12 +49,12 @@ def open_image(path: Path) -> Image.Image:
         return to_rgb(img)
 
 
-def resize_short(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> size (bilinear, as diffusers' transforms.Resize); up or down."""
+def resize_short(img: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
+    """Shorter side -> size (bilinear by default, as diffusers' transforms.Resize; NEAREST for label maps)."""
     w, h = img.size
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return img if new == (w, h) else img.resize(new, Image.BILINEAR)
+    return img if new == (w, h) else img.resize(new, resample)
 
 
 def load_image_dir(directory: str | Path, resolution: int, flag: str = "--instance_data_dir",

@@ -79,6 +79,7 @@ class Task:
     """A trainer's part of the loop. `loss` is required; every other hook has a default."""
 
     name = "task"
+    run: TrainingRun   # the run the task belongs to (the trainers set it in __init__)
 
     def loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one micro-batch. `model` is the prepared (DDP-wrapped) model: call it, so
@@ -98,11 +99,16 @@ class Task:
         """Rebuild a saved state into the freshly loaded plain model (before the optimizer exists)."""
         return lowrank.load_adapter(model, folder)
 
+    def samples(self, step: int, folder: Path, tag: str = "validation") -> None:
+        """Fixed-seed samples of the model as it is now, written into `folder` (image tasks)."""
+
     def at_checkpoint(self, folder: Path, step: int) -> None:
-        """Main process, inside checkpoint-N.tmp before it is renamed: e.g. samples into folder/samples."""
+        """Main process, inside checkpoint-N.tmp before it is renamed: samples into folder/samples."""
+        self.samples(step, folder / runfolder.SAMPLES)
 
     def at_validation(self, step: int) -> None:
         """Main process, every --validation_steps that is not a checkpoint step."""
+        self.samples(step, self.run.output_dir / "validation" / f"step-{step}")
 
     def at_epoch_end(self, epoch: int, step: int) -> dict | None:
         """Every process, after an epoch's last step; a returned dict is logged (e.g. a dev-set score)."""

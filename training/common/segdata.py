@@ -264,17 +264,10 @@ def example_set(size: int = 128) -> tuple[list[Example], list[Example]]:
 
 # ----- tensors ------------------------------------------------------------------------------------------
 def centre_square(img: Image.Image, size: int, resample) -> Image.Image:
-    img = resize_short(img, size) if resample == Image.BILINEAR else resize_nearest(img, size)
+    img = resize_short(img, size, resample)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
-
-
-def resize_nearest(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return img if new == (w, h) else img.resize(new, Image.NEAREST)
 
 
 def condition_image(condition: str, image: Image.Image, label, resolution: int, seed: int) -> Image.Image:
