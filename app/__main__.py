@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace, block: bool = True):
     """Start the app; returns (demo, service). With block=False the server runs in a thread (tests)."""
     from .auth import AuthError, checker, exposure_error, logins_from_flags
+    from .robustness import RESULTS_DIR
     from .service import Service
     from .ui import CSS, build
 
@@ -75,7 +76,8 @@ def serve(args: argparse.Namespace, block: bool = True):
     demo.queue(default_concurrency_limit=1)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block,
-                    allowed_paths=[str(service.runs_dir)], max_file_size=f"{int(2 * args.max_image_mb) + 1}mb",
+                    allowed_paths=[str(service.runs_dir), str(RESULTS_DIR)],
+                    max_file_size=f"{int(2 * args.max_image_mb) + 1}mb",
                     show_error=False, quiet=not block, css=CSS, auth=checker(logins) if logins else None,
                     auth_message="lowrank: log in to train and compare adapters on this machine")
     except BaseException:

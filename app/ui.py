@@ -177,11 +177,14 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             # ------------------------------------------------------------------ Robustness (eval.robustness)
             with gr.Tab("Robustness", id="robustness"):
                 with gr.Row():
-                    rb_pick = gr.Dropdown(RB.report_folders(service.runs_dir), value=None, label="Report folder",
+                    reports = RB.report_folders(service.runs_dir)
+                    first = reports[0] if reports else None   # a fresh clone opens on the committed study
+                    rb_pick = gr.Dropdown(reports, value=first, label="Report folder",
                                           elem_id="robustness-report", allow_custom_value=True)
                     rb_refresh = gr.Button("Refresh", elem_id="robustness-refresh")
-                rb_figs = gr.Gallery(label="Figures", columns=2, height=420, elem_id="robustness-figures")
-                rb_text = gr.Markdown(RB.show(service.runs_dir, None)[0], elem_id="robustness-text")
+                rb_text0, rb_figs0 = RB.show(service.runs_dir, first)
+                rb_figs = gr.Gallery(rb_figs0, label="Figures", columns=2, height=420, elem_id="robustness-figures")
+                rb_text = gr.Markdown(rb_text0, elem_id="robustness-text")
             rb_pick.change(lambda n: RB.show(service.runs_dir, n)[::-1], rb_pick, [rb_figs, rb_text],
                            api_name="robustness", queue=False)
             rb_refresh.click(lambda: gr.update(choices=RB.report_folders(service.runs_dir)), None, rb_pick,

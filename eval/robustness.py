@@ -1,7 +1,8 @@
 """The DeLoRA paper's robustness study in one command (Figs. 2-4, App. D Fig. 6, Table 1):
 
     python -m eval.robustness --ablation                       embedded DreamBooth defaults (tiny SD, CPU)
-    python -m eval.robustness --task glue --methods lora,delora --lr_factors 1,4,16
+    python -m eval.robustness --task glue --task_name tweet_polarity --seeds 0 1 2 --jobs 2   real MiniLM, real labels
+    python -m eval.robustness --task glue --methods lora delora --lr_factors 1 4 16
     python -m eval.robustness --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --max_train_steps 400 --long_steps 2000 --checkpointing_steps 200 --resolution 512 \\
         --num_validation_images 4 --dino_model facebook/dino-vits16 --clip_model openai/clip-vit-large-patch14
@@ -13,8 +14,12 @@ Studies (--studies, default all four; --ablation adds Table 1):
   norms   Fig. 4: mean column norm of the pretrained weights per module type (q, k, v, out) and block
   appd    App. D (Fig. 6): DeLoRA with the λ learning rate and the A/B learning rate raised separately
   ablation  Table 1 rows V1 LoRA, V2, V3 DeLoRA, V5, V6, V7, V8 in the paper's order, with parameter counts
-Every (method, options, learning rates, steps) is an ordinary run folder under OUTPUT_DIR/runs/, trained by
-a subprocess of the task's trainer (flags this command does not know go to it unchanged). A run whose
+Every (method, options, learning rates, length, seed) is an ordinary run folder under OUTPUT_DIR/runs/, trained
+by a subprocess of the task's trainer (flags this command does not know go to it unchanged); --jobs N trains N
+at a time, each on cores/N threads. With --seeds the tables and figures show mean ± sample std over the seeds.
+Each method's base rate is the task's (GLUE's tweet tasks: the rates tuned on them; otherwise the method's
+lowrank default), or --base_lrs. GLUE runs are sized in epochs and scored by the trainer (the test part at the
+best tuning epoch); their prolonged runs train at a constant rate and are scored after every epoch. A run whose
 final adapter exists is reused, an interrupted one resumes from its latest checkpoint, a failed one is a
 row of the report with its error line. DeLoRA and the mult_* variants also get their proven bound, drawn
 dashed. The report folder holds report.md, results.csv, the PNGs and commands.txt.
@@ -31,6 +36,8 @@ import argparse
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,16 +70,25 @@ class RunSpec:
     method: str
     factor: float
     lr: float
-    steps: int
+    steps: int                     # with `epochs` set, the run is sized in epochs and this is unused
     lambda_lr: float | None = None
     extra: list[str] = field(default_factory=list)
+    seed: int = 0
+    epochs: int | None = None
 
     @property
     def name(self) -> str:   # the folder: equal settings share one run (factor 1 of the sweep = App. D's)
         opts = "".join(f"-{a.lstrip('-')}" for a in self.extra).replace("_", "")
         # a λ rate equal to the adapter rate is the trainer's default: the same run as without the flag
         lam = f"-lamlr{self.lambda_lr:g}" if self.lambda_lr not in (None, self.lr) else ""
-        return f"{self.method}{opts}-lr{self.lr:g}{lam}-n{self.steps}"
+        length = f"e{self.epochs}" if self.epochs else f"n{self.steps}"
+        return f"{self.method}{opts}-lr{self.lr:g}{lam}-{length}-s{self.seed}"
+
+    @property
+    def group(self) -> tuple:
+        """The settings without the seed: runs that differ only in their seed are averaged together."""
+        return (self.study, self.label, self.method, self.factor, self.lr, self.lambda_lr, tuple(self.extra),
+                self.steps, self.epochs)
 
 
 @dataclass
@@ -84,24 +100,29 @@ class RunResult:
     command: list[str] = field(default_factory=list)
 
 
-def base_lr(method: str) -> float:
-    return METHODS[method].default_learning_rate
+def plan(args, task, passthrough: list[str]) -> list[RunSpec]:
+    """Every run of the study, seed by seed. The prolonged runs take the first seed only: they are curves."""
+    def base_lr(method: str) -> float:
+        return args.base_lrs.get(method) or task.base_lr(method, passthrough)
 
-
-def plan(args) -> list[RunSpec]:
+    n, f1, e = args.max_train_steps, 1.0, args.num_train_epochs
+    long_extra = list(task.long_flags)
     specs = []
-    n, f1 = args.max_train_steps, 1.0
-    if "lr" in args.studies:
-        specs += [RunSpec("lr", m, m, f, base_lr(m) * f, n) for m in args.methods for f in args.lr_factors]
-    if "long" in args.studies:
-        specs += [RunSpec("long", m, m, f1, base_lr(m), args.long_steps) for m in args.methods]
-    if "appd" in args.studies:
-        lr = base_lr("delora")
-        specs += [RunSpec("appd", "delora λ-lr ×f", "delora", f, lr, n, lambda_lr=lr * f) for f in args.lr_factors]
-        specs += [RunSpec("appd", "delora A/B-lr ×f", "delora", f, lr * f, n, lambda_lr=lr) for f in args.lr_factors]
-    if "ablation" in args.studies:
-        specs += [RunSpec("ablation", row, m, f1, base_lr(m), n, extra=list(extra))
-                  for row, _, m, extra in ABLATION_ROWS]
+    for seed in args.seeds:
+        def spec(*a, **kw):
+            return RunSpec(*a, seed=seed, epochs=kw.pop("epochs", e), **kw)
+        if "lr" in args.studies:
+            specs += [spec("lr", m, m, f, base_lr(m) * f, n) for m in args.methods for f in args.lr_factors]
+        if "long" in args.studies and seed == args.seeds[0]:
+            specs += [spec("long", m, m, f1, base_lr(m), args.long_steps, extra=long_extra, epochs=args.long_epochs)
+                      for m in args.methods]
+        if "appd" in args.studies:
+            lr = base_lr("delora")
+            specs += [spec("appd", "delora λ-lr ×f", "delora", f, lr, n, lambda_lr=lr * f) for f in args.lr_factors]
+            specs += [spec("appd", "delora A/B-lr ×f", "delora", f, lr * f, n, lambda_lr=lr) for f in args.lr_factors]
+        if "ablation" in args.studies:
+            specs += [spec("ablation", row, m, f1, base_lr(m), n, extra=list(extra))
+                      for row, _, m, extra in ABLATION_ROWS]
     return specs
 
 
@@ -119,9 +140,12 @@ def error_line(log: str) -> str:
 
 
 def trainer_command(spec: RunSpec, folder: Path, script: Path, args, passthrough: list[str]) -> list[str]:
+    length = ["--num_train_epochs", str(spec.epochs)] if spec.epochs else ["--max_train_steps", str(spec.steps)]
+    every = args.checkpointing_steps if spec.epochs else min(args.checkpointing_steps, spec.steps)
     cmd = [sys.executable, str(script), "--output_dir", str(folder), "--method", spec.method,
-           "--learning_rate", f"{spec.lr:g}", "--max_train_steps", str(spec.steps),
-           "--checkpointing_steps", str(min(args.checkpointing_steps, spec.steps)), "--seed", str(args.seed)]
+           "--learning_rate", f"{spec.lr:g}", *length, "--checkpointing_steps", str(every), "--seed", str(spec.seed)]
+    if args.threads_per_run:
+        cmd += ["--num_threads", str(args.threads_per_run)]
     if spec.lambda_lr not in (None, spec.lr):
         cmd += ["--lambda_learning_rate", f"{spec.lambda_lr:g}"]
     return cmd + spec.extra + passthrough
@@ -145,34 +169,56 @@ def ensure_run(spec: RunSpec, args, task, passthrough: list[str]) -> RunResult:
 
 
 def run_all(specs: list[RunSpec], args, task, passthrough: list[str]) -> list[RunResult]:
+    """Train every distinct run (the same settings in two studies: one run), --jobs at a time; the longest
+    runs start first so the last lane does not wait on one long run."""
     from tqdm.auto import tqdm
 
-    results, done = [], {}
-    bar = tqdm(specs, desc="robustness runs", unit="run")
-    for spec in bar:
+    unique = list({s.name: s for s in specs}.values())
+    unique.sort(key=lambda s: (s.epochs or 0, s.steps), reverse=True)
+    done = {}
+    bar = tqdm(total=len(unique), desc="robustness runs", unit="run")
+
+    def one(spec: RunSpec) -> RunResult:
+        r = ensure_run(spec, args, task, passthrough)
+        bar.update(1)
         bar.set_postfix_str(spec.name)
-        if spec.name not in done:   # the same settings in two studies: one run
-            done[spec.name] = ensure_run(spec, args, task, passthrough)
-            r = done[spec.name]
-            print(f"{r.status}: {spec.name}" + (f"  {r.error}" if r.error else ""), file=sys.stderr)
-        first = done[spec.name]
-        results.append(RunResult(spec, first.folder, first.status, first.error, first.command))
-    return results
+        print(f"{r.status}: {spec.name}" + (f"  {r.error}" if r.error else ""), file=sys.stderr)
+        return r
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:   # threads only wait on the trainer subprocesses
+        for spec, r in zip(unique, pool.map(one, unique)):
+            done[spec.name] = r
+    bar.close()
+    return [RunResult(s, done[s.name].folder, done[s.name].status, done[s.name].error, done[s.name].command)
+            for s in specs]
 
 
 # ----- CLI ------------------------------------------------------------------------------------------------
-def _floats(text: str) -> list[float]:
+def _flat(values: list[str]) -> list[str]:
+    """A list flag's words, given space-separated (`--methods lora delora`) or comma-separated (`lora,delora`)."""
+    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+def _floats(values: list[str], flag: str) -> list[float]:
     try:
-        values = [float(t) for t in text.split(",") if t.strip()]
+        out = [float(t) for t in _flat(values)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive factors such as 1,2,4,8,16")
-    return values
+        raise EvalError(f"{flag}: {' '.join(values)!r} is not a list of numbers (e.g. 1 2 4 8 16)") from None
+    if not out or any(v <= 0 for v in out):
+        raise EvalError(f"{flag}: give positive factors such as 1 2 4 8 16")
+    return out
 
 
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _base_lrs(values: list[str]) -> dict[str, float]:
+    out = {}
+    for item in _flat(values):
+        method, _, rate = item.partition("=")
+        try:
+            out[method.strip()] = float(rate)
+        except ValueError:
+            raise EvalError(f"--base_lrs: {item!r} is not METHOD=RATE (e.g. lora=1e-3 delora=4e-3)") from None
+        if out[method.strip()] <= 0:
+            raise EvalError(f"--base_lrs: {item!r}: the rate must be positive")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,18 +227,31 @@ def build_parser() -> argparse.ArgumentParser:
                               "--pretrained_model_name_or_path, --num_validation_images).")
     p.add_argument("--task", default="dreambooth", choices=sorted(TASKS),
                    help="Which trainer runs the study (default dreambooth).")
-    p.add_argument("--methods", type=_names, default=["lora", "dora", "etherplus", "delora"],
-                   help="Comma-separated methods for Figs. 2-3 (default lora,dora,etherplus,delora).")
-    p.add_argument("--lr_factors", type=_floats, default=[1.0, 2.0, 4.0, 8.0, 16.0],
-                   help="Learning-rate factors x each method's base rate (default 1,2,4,8,16).")
-    p.add_argument("--max_train_steps", type=int, default=50, help="Steps N of each sweep run (default 50).")
-    p.add_argument("--long_steps", type=int, default=200, help="Steps of each prolonged-training run (default 200).")
-    p.add_argument("--checkpointing_steps", type=int, default=25,
-                   help="Checkpoint (adapter + samples) every this many steps (default 25).")
-    p.add_argument("--studies", type=_names, default=list(STUDIES),
-                   help=f"Comma-separated studies to run (default {','.join(STUDIES)}).")
+    p.add_argument("--methods", nargs="+", default=["lora", "dora", "etherplus", "delora"],
+                   help="Methods for Figs. 2-3, space- or comma-separated (default lora dora etherplus delora).")
+    p.add_argument("--lr_factors", nargs="+", default=["1", "2", "4", "8", "16"],
+                   help="Learning-rate factors x each method's base rate (default 1 2 4 8 16).")
+    p.add_argument("--base_lrs", nargs="+", default=[],
+                   help="Base rates METHOD=RATE (e.g. lora=1e-3 delora=4e-3) instead of the task's.")
+    p.add_argument("--max_train_steps", type=int, default=50, help="Steps N of each sweep run (default 50; GLUE "
+                                                                    "runs are sized by --num_train_epochs).")
+    p.add_argument("--long_steps", type=int, default=200, help="Steps of each prolonged-training run (default 200; "
+                                                               "GLUE: --long_epochs).")
+    p.add_argument("--num_train_epochs", type=int, default=None,
+                   help="Size each sweep run in epochs instead of steps (GLUE's default: 2).")
+    p.add_argument("--long_epochs", type=int, default=None, help="Epochs of each prolonged run (GLUE's default: 8).")
+    p.add_argument("--checkpointing_steps", type=int, default=None,
+                   help="Checkpoint (adapter + samples) every this many steps (default 25; GLUE 100).")
+    p.add_argument("--studies", nargs="+", default=list(STUDIES),
+                   help=f"Studies to run, space- or comma-separated (default {' '.join(STUDIES)}).")
     p.add_argument("--ablation", action="store_true", help="Also run DeLoRA Table 1's rows and tabulate them.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of every run (default 0).")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="Seeds: every sweep run once per seed; tables and figures show mean ± sample std "
+                        "(default: --seed).")
+    p.add_argument("--seed", type=int, default=0, help="The seed when --seeds is not given (default 0).")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Runs trained at the same time, each on (CPU cores / jobs) threads unless --num_threads "
+                        "is given (default 1). Results do not depend on it at a fixed thread count.")
     p.add_argument("--layer", default=None, help="Module whose distance the figures show (default: the run's "
                                                  "Fig. 3 layer, the first self-attention out-projection; for "
                                                  "models without one, the first adapted layer).")
@@ -213,12 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args, passthrough = build_parser().parse_known_args(argv)
-    for flag in ("max_train_steps", "long_steps", "checkpointing_steps", "max_prompts", "images_per_prompt"):
-        if getattr(args, flag) < 1:
+    task = TASKS[args.task]
+    args.methods, args.studies = _flat(args.methods), _flat(args.studies)
+    args.lr_factors, args.base_lrs = _floats(args.lr_factors, "--lr_factors"), _base_lrs(args.base_lrs)
+    for key, value in task.defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.checkpointing_steps = args.checkpointing_steps or 25
+    args.seeds = args.seeds or [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        raise EvalError(f"--seeds has duplicates: {args.seeds}")
+    for flag in ("max_train_steps", "long_steps", "checkpointing_steps", "max_prompts", "images_per_prompt", "jobs",
+                 "num_train_epochs", "long_epochs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag} must be at least 1")
-    unknown = [m for m in args.methods if m not in METHODS]
+    for i, word in enumerate(passthrough):   # a trainer flag takes one value: a second bare word is a stray
+        if not word.startswith("-") and (i == 0 or not passthrough[i - 1].startswith("-")):
+            raise EvalError(f"{word!r} belongs to no flag: give a list flag's values together (--methods lora "
+                            f"delora) and each trainer flag as --flag value")
+    unknown = [m for m in args.methods + list(args.base_lrs) if m not in METHODS]
     if unknown:
-        raise EvalError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        raise EvalError(f"--methods/--base_lrs: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     bad = [s for s in args.studies if s not in STUDIES + ("ablation",)]
     if bad:
         raise EvalError(f"--studies: unknown {', '.join(bad)}; known: {', '.join(STUDIES)}, ablation")
@@ -227,6 +301,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for own in ("--output_dir", "--method", "--learning_rate", "--lambda_learning_rate", "--resume_from_checkpoint"):
         if any(a == own or a.startswith(own + "=") for a in passthrough):
             raise EvalError(f"{own} is set by the study for each run; leave it out")
+    given_threads = any(a == "--num_threads" or a.startswith("--num_threads=") for a in passthrough)
+    args.threads_per_run = None if given_threads or args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
     args.output_dir = Path(args.output_dir or f"outputs/robustness-{args.task}").expanduser().resolve()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise EvalError(f"--output_dir {args.output_dir} is a file; name a folder")
@@ -240,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[args.task]
     task.check()   # a trainer that does not exist yet: one error line, before anything runs
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    specs = plan(args)
+    specs = plan(args, task, passthrough)
+    t0 = time.perf_counter()
     results = run_all(specs, args, task, passthrough)
+    args.wall_time = time.perf_counter() - t0
     report = write_report(results, args, task, passthrough, argv if argv is not None else sys.argv[1:])
     failed = sum(r.status == "failed" for r in {r.spec.name: r for r in results}.values())
     print(f"report: {report}" + (f" ({failed} run(s) failed: see the table)" if failed else ""))

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import csv
 import io
-import math
+import os
+import platform
 import re
+import statistics
 from pathlib import Path
 
 import torch
 
-from lowrank.runfolder import list_checkpoints, read_jsonl, read_metrics, read_run, write_text
+from lowrank.runfolder import list_checkpoints, read_metrics, read_run, write_text
 
-from .plots import nice, plt, sample_grid, save
+from .plots import nice
+from .robustness_figures import factor_figure, long_figures, norms_figure
 
 TYPES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "q_proj": "q", "k_proj": "k", "v_proj": "v",
          "out_proj": "out", "query": "q", "key": "k", "value": "v", "attention.output.dense": "out"}
@@ -94,7 +97,7 @@ def measure(results, args, task, base, score_note: str | None) -> list[dict]:
         s = r.spec
         row = {"study": s.study, "label": s.label, "method": s.method, "factor": s.factor, "lr": s.lr,
                "lambda_lr": s.lambda_lr, "steps_planned": s.steps, "run": r.folder.name, "status": r.status,
-               "error": r.error, "options": " ".join(s.extra)}
+               "error": r.error, "options": " ".join(s.extra), "seed": s.seed, "group": s.group}
         if r.status == "failed":
             out.append(row)
             continue
@@ -117,7 +120,7 @@ def measure(results, args, task, base, score_note: str | None) -> list[dict]:
         bounds = [(step, b) for step, d in ckpts if (b := bound_at(d, layer, sigma)) is not None]
         measured = {"layer": layer, "step": final_step, "distance": curve[-1][1] if curve else None,
                     "bound": bounds[-1][1] if bounds else None, "curve": curve, "bounds": bounds,
-                    "checkpoints": [step for step, _ in ckpts]}
+                    "checkpoints": [step for step, _ in ckpts], "epochs": epoch_curve(rows, dict(curve))}
         scores, note = ({}, score_note) if score_note else task.score(r.folder, args, final_step)
         measured.update(scores, score_note=note or "")
         cache[r.folder] = measured
@@ -125,125 +128,98 @@ def measure(results, args, task, base, score_note: str | None) -> list[dict]:
     return out
 
 
-# ----- figures ----------------------------------------------------------------------------------------------
-def _panels(ax_keys, figsize_w=4.6):
-    fig, axes = plt.subplots(1, len(ax_keys), figsize=(figsize_w * len(ax_keys), 4), squeeze=False)
-    return fig, axes[0]
+def epoch_curve(rows: list[dict], distance_at: dict) -> list[dict]:
+    """The trainer's per-epoch evaluations (GLUE: test/<metric> after every epoch) with the distance at that
+    step: [{"epoch" (epochs completed), "step", "distance", <metric>: value}]."""
+    out = []
+    for m in rows:
+        if "eval_epoch" in m:
+            scores = {k[5:]: v for k, v in m.items() if k.startswith("test/") and isinstance(v, (int, float))}
+            out.append({"epoch": m["eval_epoch"] + 1, "step": m["step"], "distance": distance_at.get(m["step"]),
+                        **scores})
+    return out
 
 
-def factor_figure(rows: list[dict], series_of, score_names, path: Path, title: str) -> bool:
-    """Score(s) and distance vs learning-rate factor, one line per series; bounds dashed in the same colour."""
-    series: dict[str, list[dict]] = {}
+SUMMARY_KEYS = ("distance", "bound", "tune_score", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1",
+                "matthews", "pearson", "spearman")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per setting over its seeds: KEY = mean, KEY_std = sample std (n − 1), n = finished seeds.
+    A setting with a failed seed says so in `status`; its mean is over the seeds that finished."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["status"] != "failed":
-            series.setdefault(series_of(r), []).append(r)
-    if not series:
-        return False
-    keys = [k for k in score_names if any(r.get(k) is not None for pts in series.values() for r in pts)]
-    fig, axes = _panels(keys + ["distance"])
-    for ax, key in zip(axes, keys + ["distance"]):
-        for label, pts in series.items():
-            pts = sorted(pts, key=lambda r: r["factor"])
-            xy = [(r["factor"], r[key]) for r in pts if r.get(key) is not None]
-            if not xy:
-                continue
-            line, = ax.plot(*zip(*xy), marker="o", label=label)
-            if key == "distance":
-                b = [(r["factor"], r["bound"]) for r in pts if r.get("bound") is not None]
-                if b:
-                    ax.plot(*zip(*b), linestyle="--", color=line.get_color(), label=f"{label} bound")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("learning-rate factor (× base rate)")
-        ax.set_ylabel("‖W_merged − W_pre‖_F" if key == "distance" else key)
-        ax.set_title(f"{key} vs factor", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    save(fig, path)
-    return True
+        groups.setdefault(r["group"], []).append(r)
+    out = []
+    for members in groups.values():
+        ok = [m for m in members if m["status"] != "failed"]
+        agg = {k: v for k, v in (ok or members)[0].items() if k not in SUMMARY_KEYS}
+        agg["seeds"] = [m["seed"] for m in ok]
+        agg["n"] = len(ok)
+        failed = len(members) - len(ok)
+        agg["status"] = "failed" if not ok else (f"{failed} of {len(members)} seeds failed" if failed else
+                                                  ok[0]["status"])
+        agg["error"] = next((m["error"] for m in members if m["error"]), "")
+        for k in SUMMARY_KEYS:
+            values = [m[k] for m in ok if m.get(k) is not None]
+            if values:
+                agg[k] = statistics.fmean(values)
+                agg[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(agg)
+    return out
 
 
-def long_figures(rows: list[dict], out: Path) -> list[str]:
-    long = [r for r in rows if r["study"] == "long" and r["status"] != "failed" and r.get("curve")]
-    if not long:
-        return []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in long:
-        line, = ax.plot(*zip(*r["curve"]), label=r["label"], linewidth=1.5)
-        if r.get("bounds"):
-            ax.plot(*zip(*r["bounds"]), linestyle="--", color=line.get_color(), label=f"{r['label']} bound")
-    ax.set_title(f"Distance over training steps ({long[0]['layer']})", fontsize=10)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("‖W_merged − W_pre‖_F")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, out / "fig3_distance_over_steps.png")
-    names = ["fig3_distance_over_steps.png"]
-    from PIL import Image
-
-    steps = sorted({s for r in long for s in r["checkpoints"]})
-    cells = {}
-    for i, r in enumerate(long):
-        for j, step in enumerate(steps):
-            folder = out / "runs" / r["run"]
-            sdir = folder / f"checkpoint-{step}" / "samples"
-            if not sdir.is_dir():
-                sdir = folder / "samples" if step == r["step"] else sdir
-            try:
-                first = read_jsonl(sdir / "prompts.jsonl", strict=False)[0]["image"]
-                cells[(i, j)] = Image.open(sdir / first).convert("RGB")
-            except (OSError, IndexError, KeyError, ValueError):
-                continue
-    if cells:
-        sample_grid([r["label"] for r in long], steps, cells, "first sample (seed 0) at each checkpoint",
-                    out / "fig3_samples.png")
-        names.append("fig3_samples.png")
-    return names
-
-
-def norms_figure(norms: list[dict], path: Path) -> None:
-    blocks = list(dict.fromkeys(r["block"] for r in norms))
-    kinds = [t for t in ("q", "k", "v", "out") if any(r["type"] == t for r in norms)]
-    attns = list(dict.fromkeys(r["attention"] for r in norms))
-    fig, axes = _panels(attns, figsize_w=max(4.6, 0.8 * len(blocks) + 2))
-    width = 0.8 / max(1, len(kinds))
-    for ax, attn in zip(axes, attns):
-        for k, kind in enumerate(kinds):
-            vals = []
-            for b in blocks:
-                sel = [r["mean_column_norm"] for r in norms if r["block"] == b and r["type"] == kind
-                       and r["attention"] == attn]
-                vals.append(sum(sel) / len(sel) if sel else math.nan)
-            ax.bar([i + k * width for i in range(len(blocks))], vals, width, label=kind)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(blocks))], blocks, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("mean column norm of W_pre")
-        ax.set_title(f"{attn or 'attention'} projections by block", fontsize=10)
-        ax.legend(fontsize=8)
-    save(fig, path)
+def pm(row: dict, key: str) -> str:
+    """'mean ± std' when the row averages several seeds, else the value."""
+    if row.get(key) is None:
+        return ""
+    return f"{nice(row[key])} ± {nice(row[f'{key}_std'])}" if row.get("n", 1) > 1 else nice(row[key])
 
 
 # ----- the report ------------------------------------------------------------------------------------------------
-CSV_COLUMNS = ["study", "label", "method", "options", "factor", "lr", "lambda_lr", "step", "score_names", "dino",
-               "clip_i", "miou", "metric", "distance", "bound", "trainable_params", "status", "error", "score_note",
+CSV_COLUMNS = ["study", "label", "method", "options", "factor", "lr", "lambda_lr", "seed", "step", "epoch",
+               "score_names", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews", "pearson",
+               "spearman", "tune_score", "distance", "bound", "trainable_params", "status", "error", "score_note",
                "run"]
+SUMMARY_COLUMNS = ["study", "label", "method", "options", "factor", "lr", "lambda_lr", "n", "step"] + \
+    [c for k in SUMMARY_KEYS for c in (k, f"{k}_std")] + ["trainable_params", "status", "error"]
 
 
 def csv_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         out.append({k: r.get(k) for k in CSV_COLUMNS})
-        if r["study"] == "long":   # the prolonged runs: one row per logged checkpoint step too
-            dist, bnd = dict(r.get("curve") or []), dict(r.get("bounds") or [])
-            for step in r.get("checkpoints", []):
+        if r["study"] == "long":   # the prolonged runs: one row per evaluated epoch or logged checkpoint too
+            dist, bnd, last = dict(r.get("curve") or []), dict(r.get("bounds") or []), out[-1]
+            for e in r.get("epochs") or []:
+                out.append({**last, **{k: v for k, v in e.items() if k in CSV_COLUMNS}, "bound": bnd.get(e["step"])})
+            for step in ([] if r.get("epochs") else r.get("checkpoints", [])):
                 if step != r.get("step"):
-                    out.append({**out[-1], "step": step, "distance": dist.get(step), "bound": bnd.get(step)})
+                    out.append({**last, "step": step, "distance": dist.get(step), "bound": bnd.get(step)})
     return out
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
+    write_text(path, buf.getvalue())
+
+
+def machine_info(args) -> dict:
+    """Where and how the study ran: what a reader needs to compare a rerun's numbers with these."""
+    from training.common.logging import library_versions
+
+    return {"wall_time_s": round(getattr(args, "wall_time", 0.0), 1), "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "platform": platform.platform(),
+            "jobs": args.jobs, "threads_per_run": args.threads_per_run, "versions": library_versions()}
 
 
 def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(t for t, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(nice(r.get(k)) if k != "error" else (r.get(k) or "")
-                                           for _, k in columns) + " |\n" for r in rows)
+    cell = lambda r, k: (r.get(k) or "") if k == "error" else pm(r, k) if f"{k}_std" in r else nice(r.get(k))  # noqa: E731
+    return head + "".join("| " + " | ".join(cell(r, k) for _, k in columns) + " |\n" for r in rows)
 
 
 def write_report(results, args, task, passthrough: list[str], own_argv: list[str]) -> Path:
@@ -270,35 +246,51 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     if score_note:
         notes.append(score_note[:1].upper() + score_note[1:] + ".")
     rows = measure(results, args, task, base, score_note)
+    summary = aggregate(rows)
+    score_names = [k for k in task.score_names if any(r.get(k) is not None for r in rows)] or list(task.score_names)
     figures = []
-    if factor_figure([r for r in rows if r["study"] == "lr"], lambda r: r["method"], task.score_names,
+    if factor_figure([r for r in summary if r["study"] == "lr"], lambda r: r["method"], score_names,
                      out / "fig2_lr_sweep.png", "Fig. 2: learning-rate robustness"):
         figures.append("fig2_lr_sweep.png")
-    figures += long_figures(rows, out)
+    figures += long_figures(rows, out, SUMMARY_KEYS)
     norms = weight_norms(base) if base is not None and "norms" in args.studies else []
     if norms:
         norms_figure(norms, out / "fig4_weight_norms.png")
         figures.append("fig4_weight_norms.png")
-    appd = [r for r in rows if r["study"] == "appd"] + [{**r, "label": "delora (both ×f)"} for r in rows
-                                                         if r["study"] == "lr" and r["method"] == "delora"]
-    if factor_figure(appd, lambda r: r["label"], task.score_names, out / "fig6_appd.png",
+    appd = [r for r in summary if r["study"] == "appd"] + [{**r, "label": "delora (both ×f)"} for r in summary
+                                                            if r["study"] == "lr" and r["method"] == "delora"]
+    if factor_figure(appd, lambda r: r["label"], score_names, out / "fig6_appd.png",
                      "App. D (Fig. 6): DeLoRA, λ or A/B learning rate raised alone"):
         figures.append("fig6_appd.png")
 
     table = csv_rows(rows)
     for t in table:
-        t["score_names"] = ",".join(task.score_names)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in t.items()} for t in table)
-    write_text(out / "results.csv", buf.getvalue())
+        t["score_names"] = ",".join(score_names)
+    write_csv(out / "results.csv", CSV_COLUMNS, table)
+    write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
     write_commands(out / "commands.txt", results, own_argv)
+    machine = machine_info(args)
+    import json
 
-    scores = [(k, k) for k in task.score_names]
+    write_text(out / "machine.json", json.dumps(machine, indent=2) + "\n")
+
+    scores = [(k, k) for k in score_names]
+
+    def base_rate(method: str) -> float:
+        return args.base_lrs.get(method) or task.base_lr(method, passthrough)
+    sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
+             f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
+    deterministic = "--deterministic" in passthrough
+    threads = args.threads_per_run or next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1])
+                                            if a == "--num_threads"), "torch's default")
     md = [f"# Robustness study: {args.task}", "", f"Base model: `{name or 'the trainer default'}`. "
-          f"Sweep runs: {args.max_train_steps} steps; long runs: {args.long_steps} steps; checkpoints every "
-          f"{args.checkpointing_steps}; seed {args.seed}. Distance: ‖W_merged − W_pre‖_F of "
+          f"Sweep runs: {sizes[0]}; long runs: {sizes[1]}; checkpoints every {args.checkpointing_steps} steps; "
+          f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
+          f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
+          f"Wall time of this command: {machine['wall_time_s'] / 60:.1f} min on {machine['cpu_count']} CPU cores "
+          f"({args.jobs} run(s) at a time, {threads} thread(s) each, "
+          f"{'--deterministic' if deterministic else 'not --deterministic'}; machine.json). "
+          f"Distance: ‖W_merged − W_pre‖_F of "
           f"`{next((r['layer'] for r in rows if r.get('layer')), '?')}`; bound: the radius the method proves "
           f"(DeLoRA (|λ| + |λ0|)·N, mult_* |λ|·σ_max(W̄)), dashed in the figures.", ""]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -307,17 +299,17 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
         md += [f"**{len({r['run'] for r in failed})} run(s) failed**; they are in the tables with their error "
                f"line.", ""]
     md += [f"![{f}]({f})" for f in figures] + [""]
-    base_cols = [("status", "status"), ("step", "step")] + scores + [("distance", "distance"), ("bound", "bound"),
-                                                                       ("error", "error")]
+    base_cols = [("status", "status"), ("n", "seeds"), ("step", "step")] + scores + \
+        [("distance", "distance"), ("bound", "bound"), ("error", "error")]
     for study, title, first in [("lr", "Learning-rate sweep (Fig. 2)", [("method", "method"), ("factor", "factor"),
                                                                       ("lr", "lr")]),
                                 ("long", "Prolonged training (Fig. 3)", [("method", "method")]),
                                 ("appd", "App. D (Fig. 6)", [("label", "variant"), ("factor", "factor"),
                                                              ("lr", "lr"), ("lambda_lr", "λ lr")])]:
-        sel = [r for r in rows if r["study"] == study]
+        sel = [r for r in summary if r["study"] == study]
         if sel:
             md += [f"## {title}", "", md_table(sel, [(t, k) for k, t in first] + [(t, k) for k, t in base_cols])]
-    abl = [r for r in rows if r["study"] == "ablation"]
+    abl = [r for r in summary if r["study"] == "ablation"]
     if abl:
         formula = {row: f for row, f, _, _ in ABLATION_ROWS}
         for r in abl:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowrank import METHODS
 from lowrank.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
 
 from . import EvalError
@@ -28,6 +29,14 @@ class StudyTask:
     load_base: Callable            # (model name or path) -> nn.Module with the adapted layers' base weights
     model_flag: str = "--pretrained_model_name_or_path"
     prepare: Callable | None = None   # (args) -> note: checks before the sweep (e.g. metric models load)
+    defaults: dict = field(default_factory=dict)   # the study's flags this task sizes differently
+    long_flags: tuple[str, ...] = ()               # trainer flags of the prolonged runs only
+    base_lr_of: Callable | None = None             # (method, trainer flags) -> the method's base rate here
+
+    def base_lr(self, method: str, passthrough: list[str]) -> float:
+        if self.base_lr_of is not None:
+            return self.base_lr_of(method, passthrough)
+        return METHODS[method].default_learning_rate
 
     def check(self) -> None:
         if not self.script.is_file():
@@ -114,19 +123,52 @@ def _find_metric(data) -> tuple[str, float] | None:
     return None
 
 
+GLUE_SCORES = ("accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman")
+
+
 def score_glue(folder: Path, args, step: int) -> tuple[dict, str]:
-    found = _find_metric(read_json(folder / RESULTS, default=None))
+    """training/glue.py's own numbers: the test part's metrics at the best tuning epoch (train_info.final) and
+    that epoch's tuning score; for another trainer's results.json, its first task metric as `metric`."""
+    data = read_json(folder / RESULTS, default=None)
+    info = data.get("train_info", {}) if isinstance(data, dict) else {}
+    final = info.get("final")
+    if isinstance(final, dict) and final:
+        scores = {k: float(v) for k, v in final.items() if k in GLUE_SCORES}
+        tune = (info.get("final_tune") or {}).get("score")
+        if tune is not None:
+            scores["tune_score"] = float(tune)
+        return scores, "test part at the best tuning epoch"
+    found = _find_metric(data)
     if found is None:
         return {}, f"no task metric in {RESULTS}"
     return {"metric": found[1]}, f"metric = {found[0]}"
 
 
-def load_language_model(name: str | None):
-    from transformers import AutoModel
+def _flag_value(passthrough: list[str], flag: str) -> str | None:
+    for i, a in enumerate(passthrough):
+        if a == flag and i + 1 < len(passthrough):
+            return passthrough[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
-    if not name:
-        raise EvalError("the language model's name is not known: pass --model_name_or_path")
-    return AutoModel.from_pretrained(name)
+
+def glue_base_lr(method: str, passthrough: list[str]) -> float:
+    """The tweet tasks' tuned rates (training.common.tweet_data); other GLUE data: the method's default."""
+    from training.common.tweet_data import TWEET_TASKS, tweet_learning_rate
+
+    if _flag_value(passthrough, "--task_name") in TWEET_TASKS:
+        return tweet_learning_rate(method)
+    return METHODS[method].default_learning_rate
+
+
+def load_language_model(name: str | None):
+    """The base encoder through the trainer's own loader, so presets ('minilm', the default) load offline."""
+    from training.common.language import MINILM
+    from training.common.language import load_language_model as load
+
+    model, _ = load(name or MINILM, "classification", num_labels=2)
+    return model
 
 
 TASKS = {
@@ -134,18 +176,18 @@ TASKS = {
                             load_unet, prepare=prepare_subject),
     "semantic_map": StudyTask("semantic_map", ROOT / "training" / "semantic_map.py", ("miou",), score_segmentation,
                               load_unet),
-    "glue": StudyTask("glue", ROOT / "training" / "glue.py", ("metric",), score_glue, load_language_model,
-                      model_flag="--model_name_or_path"),
+    "glue": StudyTask("glue", ROOT / "training" / "glue.py", GLUE_SCORES + ("metric",), score_glue,
+                      load_language_model, model_flag="--model_name_or_path", base_lr_of=glue_base_lr,
+                      defaults={"num_train_epochs": 2, "long_epochs": 8, "checkpointing_steps": 100},
+                      long_flags=("--lr_scheduler", "constant")),
 }
 
 
 def base_model_name(task: StudyTask, passthrough: list[str], run_dirs: list[Path]) -> str | None:
     """The base model of the study: the trainer flag if given, else what a finished run recorded."""
-    for i, a in enumerate(passthrough):
-        if a == task.model_flag and i + 1 < len(passthrough):
-            return passthrough[i + 1]
-        if a.startswith(task.model_flag + "="):
-            return a.split("=", 1)[1]
+    given = _flag_value(passthrough, task.model_flag)
+    if given:
+        return given
     for d in run_dirs:
         try:
             name = run_setting(read_run(d), task.model_flag.lstrip("-"))

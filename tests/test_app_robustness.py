@@ -9,12 +9,22 @@ def test_report_folders_and_show(tmp_path):
     (report / "report.md").write_text("# Robustness study\n\n![fig2_lr_sweep.png](fig2_lr_sweep.png)\n| a |\n")
     (report / "fig2_lr_sweep.png").write_bytes(b"png")
     (tmp_path / "some-run").mkdir()
-    assert RB.report_folders(tmp_path) == ["robustness-dreambooth"]
+    found = RB.report_folders(tmp_path)
+    assert found[0] == "robustness-dreambooth" and all(f.startswith("results/") for f in found[1:])
     text, figures = RB.show(tmp_path, "robustness-dreambooth")
     assert text.startswith("# Robustness study") and "![" not in text and "| a |" in text
     assert figures == [str(report / "fig2_lr_sweep.png")]
     assert "not a robustness report" in RB.show(tmp_path, "../..")[0]          # nothing outside the runs folder
     assert "python -m eval.robustness" in RB.show(tmp_path, None)[0]
+    assert "not a robustness report" in RB.show(tmp_path, "results/../../..")[0]   # nor outside results/
+
+
+def test_the_committed_study_is_offered_on_a_fresh_runs_folder(tmp_path):
+    """A fresh clone: no runs yet, and the Robustness tab still opens on the committed real-weights study."""
+    assert "results/tweets-minilm" in RB.report_folders(tmp_path)
+    text, figures = RB.show(tmp_path, "results/tweets-minilm")
+    assert text.startswith("# Robustness study") and "tweet_polarity" in text
+    assert any(f.endswith("fig2_lr_sweep.png") for f in figures)
 
 
 def test_ui_has_the_robustness_tab(tmp_path):

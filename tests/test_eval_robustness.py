@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import statistics
 import sys
 import textwrap
 from pathlib import Path
@@ -28,7 +30,7 @@ FAKE_TRAINER = textwrap.dedent('''
 
     p = argparse.ArgumentParser()
     for flag in ("--output_dir", "--method", "--learning_rate", "--max_train_steps", "--checkpointing_steps",
-                 "--seed", "--lambda_learning_rate", "--resume_from_checkpoint", "--delora_norm"):
+                 "--seed", "--lambda_learning_rate", "--resume_from_checkpoint", "--delora_norm", "--num_threads"):
         p.add_argument(flag)
     a = p.parse_args()
     with open(os.environ["FAKE_CALLS"], "a") as f:
@@ -57,7 +59,8 @@ FAKE_TRAINER = textwrap.dedent('''
             lowrank.save_adapter(model, ck)
             (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     runfolder.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\\n" for r in rows))
-    runfolder.write_json(out / "results.json", {"train_info": {"metrics": [{"eval_accuracy": 0.5 + lr}]}})
+    metric = 0.5 + lr + 0.01 * int(a.seed)
+    runfolder.write_json(out / "results.json", {"train_info": {"metrics": [{"eval_accuracy": metric}]}})
     lowrank.save_adapter(model, out)
 ''')
 
@@ -120,7 +123,7 @@ def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_p
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         step = int(r["step"])
         assert float(r["distance"]) == pytest.approx(next(m for m in metrics if m["step"] == step)["distance/to_q"])
-        assert float(r["metric"]) == pytest.approx(0.5 + float(r["lr"]))
+        assert float(r["metric"]) == pytest.approx(0.5 + float(r["lr"]) + 0.01 * int(r["seed"]))
         if r["method"] == "delora":
             ck = folder if step == 4 else folder / f"checkpoint-{step}"
             _, s = read_adapter(ck)
@@ -156,7 +159,7 @@ def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_p
     assert {r["status"] for r in rows if r["method"] != "dora"} == {"reused"}
 
     # an interrupted run (a checkpoint, no final adapter) resumes from it instead of starting over
-    victim = out / "runs" / "lora-lr0.0006-n4"
+    victim = out / "runs" / "lora-lr0.0006-n4-s0"
     for f in ("adapter.safetensors", "adapter_config.json"):
         (victim / f).unlink()
     assert study(out) == 0
@@ -168,11 +171,37 @@ def test_bad_input_is_one_error_line(tmp_path, fake, monkeypatch, capsys):
     monkeypatch.setitem(TASKS, "missing", StudyTask("missing", tmp_path / "training" / "nope.py", ("metric",),
                                                     score_glue, lambda name: Base()))
     for argv in (["--task", "missing"], ["--methods", "lora,nope"], ["--lr_factors", "1,-2"],
-                 ["--task", "fake", "--learning_rate", "1e-3"], ["--studies", "lr,figs"]):
+                 ["--task", "fake", "--learning_rate", "1e-3"], ["--studies", "lr,figs"],
+                 ["--task", "fake", "--methods", "lora", "--rank", "4", "8"], ["--seeds", "1", "1"],
+                 ["--base_lrs", "lora:1e-3"], ["--jobs", "0"]):
         assert robustness.cli([*argv, "--output_dir", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_seeds_are_averaged_and_runs_go_side_by_side(tmp_path, fake):
+    out = tmp_path / "seeds"
+    assert robustness.cli(["--task", "fake", "--methods", "lora", "delora", "--lr_factors", "1", "2", "--seeds", "0",
+                           "1", "2", "--max_train_steps", "2", "--checkpointing_steps", "2", "--studies", "lr",
+                           "--jobs", "2", "--base_lrs", "lora=1e-3", "--output_dir", str(out)]) == 0
+    calls = calls_of(fake)
+    assert len(calls) == 2 * 2 * 3
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert all(c[c.index("--num_threads") + 1] == threads for c in calls)
+    lora_rates = sorted({c[c.index("--learning_rate") + 1] for c in calls if "lora" in c})
+    assert lora_rates == ["0.001", "0.002"]   # --base_lrs × factors
+    rows, summary = read_csv(out / "results.csv"), read_csv(out / "summary.csv")
+    assert len(rows) == 12 and len(summary) == 4 and {r["n"] for r in summary} == {"3"}
+    for s in summary:
+        per = [float(r["metric"]) for r in rows if (r["method"], r["factor"]) == (s["method"], s["factor"])]
+        dist = [float(r["distance"]) for r in rows if (r["method"], r["factor"]) == (s["method"], s["factor"])]
+        assert len(per) == 3
+        assert float(s["metric"]) == pytest.approx(statistics.fmean(per))
+        assert float(s["metric_std"]) == pytest.approx(0.01)        # the stand-in's seeds differ by 0.01
+        assert float(s["distance"]) == pytest.approx(statistics.fmean(dist))
+    report = (out / "report.md").read_text()
+    assert "seeds 0 1 2" in report and " ± 0.01 |" in report
 
 
 @pytest.mark.slow   # ~25 s on an idle 2-core machine: a real trainer and a real eval.subject subprocess
@@ -196,3 +225,25 @@ def test_real_dreambooth_study_end_to_end(tmp_path, tiny_models):  # noqa: F811
     for name in ("fig2_lr_sweep.png", "fig3_distance_over_steps.png", "fig3_samples.png", "fig4_weight_norms.png"):
         assert (out / name).is_file(), name
     assert sys.executable in (out / "commands.txt").read_text()
+
+
+def test_glue_study_on_real_tweets_offline(tmp_path):
+    """The GLUE study end to end on MiniLM (the 'minilm' preset loads offline: weight norms, the bound and the
+    per-epoch curve of the prolonged run are in the report), tiny sizes."""
+    out = tmp_path / "glue"
+    assert robustness.cli(["--task", "glue", "--task_name", "tweet_polarity", "--methods", "delora",
+                           "--lr_factors", "1", "--long_epochs", "2", "--num_train_epochs", "1", "--studies",
+                           "lr", "long", "norms", "--output_dir", str(out), "--max_train_samples", "32",
+                           "--max_eval_samples", "16", "--train_batch_size", "16", "--num_threads", "1"]) == 0
+    rows = read_csv(out / "results.csv")
+    assert {r["status"] for r in rows} == {"trained"}, rows
+    sweep = next(r for r in rows if r["study"] == "lr")
+    assert sweep["accuracy"] and sweep["f1"] and sweep["tune_score"]
+    assert 0 < float(sweep["distance"]) <= float(sweep["bound"])
+    assert sweep["lr"] == "0.004"    # the tweet tasks' tuned base rate, not the DreamBooth default
+    long = [r for r in rows if r["study"] == "long"]
+    assert [r["epoch"] for r in long if r["epoch"]] == ["1", "2"] and all(r["accuracy"] for r in long)
+    report = (out / "report.md").read_text()
+    assert "did not load" not in report and "Weight norms (Fig. 4)" in report
+    for name in ("fig2_lr_sweep.png", "fig3_distance_over_steps.png", "fig4_weight_norms.png", "machine.json"):
+        assert (out / name).is_file(), name

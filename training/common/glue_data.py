@@ -82,6 +82,13 @@ def f1(pred, ref, positive: int = 1) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
+def macro_f1(pred, ref) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in the references or the predictions
+    (scikit-learn's f1_score(average="macro"))."""
+    classes = np.union1d(np.asarray(pred), np.asarray(ref))
+    return float(np.mean([f1(pred, ref, positive=k) for k in classes]))
+
+
 def matthews(pred, ref) -> float:
     """Matthews correlation, multiclass form (Gorodkin 2004; sklearn's matthews_corrcoef):
     (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²)); 0 when a side is constant."""
@@ -115,7 +122,8 @@ def spearman(pred, ref) -> float:
     return pearson(_ranks(np.asarray(pred, dtype=np.float64)), _ranks(np.asarray(ref, dtype=np.float64)))
 
 
-METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
+METRICS = {"accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "matthews": matthews, "pearson": pearson,
+           "spearman": spearman}
 
 
 def score(task: GlueTask, outputs: np.ndarray, refs) -> dict[str, float]:

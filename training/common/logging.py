@@ -64,7 +64,13 @@ def run_info(args, **resolved) -> dict:
 
 
 def fig3_layer(names: list[str]) -> str | None:
-    return next((n for n in names if FIG3_PATTERN in n), None)
+    """The layer the progress bar and the figures follow: DeLoRA Fig. 3's in a UNet; in a model without
+    self-attention blocks of that kind (a language model) the first adapted layer. A UNet whose targets leave
+    the Fig. 3 layer out has None (that layer has not moved)."""
+    found = next((n for n in names if FIG3_PATTERN in n), None)
+    if found is None and names and not any(".attn1." in n for n in names):
+        return names[0]
+    return found
 
 
 class DistanceProbe:
