@@ -75,7 +75,7 @@ RESULTS_FACTORS ?= 1 2 4 8
 .PHONY: results
 results: install
 	$(BIN)/python -m eval.robustness --task glue --task_name tweet_polarity --methods lora dora delora etherplus \
-		--lr_factors $(RESULTS_FACTORS) --seeds 0 1 2 --studies lr long norms --jobs 2 --deterministic \
+		--lr_factors $(RESULTS_FACTORS) --seeds 0 1 2 --studies lr long norms --jobs 2 --deterministic --num_threads 1 \
 		--output_dir $(RESULTS_OUT)
 
 clean:

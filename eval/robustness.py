@@ -29,6 +29,9 @@ checkpoints every 25, the trainer's 64 px; with --ablation 41 runs): `python -m 
 took 15 min 53 s end to end on the 2-core CPU (no GPU), all runs trained, distances and bounds measured;
 offline the DINO/CLIP scores are reported as unavailable. The paper's scale is the third example
 above (its Fig. 2: SD 1.5 at 512 px, 25 prompts x 4 images per score).
+
+Exit status: 0 every run finished; 1 some run failed (the report is still written and lists its error line);
+2 bad input (one `error:` line, nothing run).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from lowrank.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, rea
 
 from . import EvalError
 from .common import ArgumentParser, run_main
-from .robustness_tasks import TASKS
+from .robustness_tasks import TASKS, flag_value
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ("lr", "long", "norms", "appd")
@@ -144,7 +147,7 @@ def trainer_command(spec: RunSpec, folder: Path, script: Path, args, passthrough
     every = args.checkpointing_steps if spec.epochs else min(args.checkpointing_steps, spec.steps)
     cmd = [sys.executable, str(script), "--output_dir", str(folder), "--method", spec.method,
            "--learning_rate", f"{spec.lr:g}", *length, "--checkpointing_steps", str(every), "--seed", str(spec.seed)]
-    if args.threads_per_run:
+    if args.threads_per_run and not args.threads_given:
         cmd += ["--num_threads", str(args.threads_per_run)]
     if spec.lambda_lr not in (None, spec.lr):
         cmd += ["--lambda_learning_rate", f"{spec.lambda_lr:g}"]
@@ -301,8 +304,13 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for own in ("--output_dir", "--method", "--learning_rate", "--lambda_learning_rate", "--resume_from_checkpoint"):
         if any(a == own or a.startswith(own + "=") for a in passthrough):
             raise EvalError(f"{own} is set by the study for each run; leave it out")
-    given_threads = any(a == "--num_threads" or a.startswith("--num_threads=") for a in passthrough)
-    args.threads_per_run = None if given_threads or args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
+    given = flag_value(passthrough, "--num_threads")   # goes to the trainer as it is; recorded in machine.json
+    args.threads_given = given is not None
+    try:
+        args.threads_per_run = int(given) if given else (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1
+                                                         else None)
+    except ValueError:
+        raise EvalError(f"--num_threads {given!r} is not a whole number") from None
     args.output_dir = Path(args.output_dir or f"outputs/robustness-{args.task}").expanduser().resolve()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise EvalError(f"--output_dir {args.output_dir} is a file; name a folder")
@@ -323,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(results, args, task, passthrough, argv if argv is not None else sys.argv[1:])
     failed = sum(r.status == "failed" for r in {r.spec.name: r for r in results}.values())
     print(f"report: {report}" + (f" ({failed} run(s) failed: see the table)" if failed else ""))
-    return 0
+    return 1 if failed else 0   # the report is written either way; a script must still see that runs failed
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -338,7 +346,8 @@ def write_commands(path: Path, results: list[RunResult], own: list[str]) -> None
     for r in results:
         if r.spec.name not in seen:
             seen.add(r.spec.name)
-            lines.append(shlex.join(r.command))
+            # paths inside the checkout as they read from its root: the file is the same on every machine
+            lines.append(shlex.join(r.command).replace(str(ROOT) + os.sep, ""))
     write_text(path, "\n".join(lines) + "\n")
 
 

@@ -235,7 +235,7 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
         base = task.load_base(name)
     except Exception as e:
         notes.append(f"The base model {name!r} did not load ({str(e).splitlines()[0][:200]}): no weight norms, "
-                     f"no mult_* bounds, no parameter counts.")
+                     f"no `mult_*` bounds, no parameter counts.")
     from training.common.models import is_tiny
 
     if args.task != "glue" and is_tiny(name):
@@ -274,25 +274,26 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
 
     write_text(out / "machine.json", json.dumps(machine, indent=2) + "\n")
 
-    scores = [(k, k) for k in score_names]
+    scores = [(k, k) for k in score_names] + ([("tune_score", "tuning score")] if any(
+        r.get("tune_score") is not None for r in rows) else [])
 
     def base_rate(method: str) -> float:
         return args.base_lrs.get(method) or task.base_lr(method, passthrough)
     sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
              f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
     deterministic = "--deterministic" in passthrough
-    threads = args.threads_per_run or next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1])
-                                            if a == "--num_threads"), "torch's default")
+    threads = args.threads_per_run or "torch's default"
     md = [f"# Robustness study: {args.task}", "", f"Base model: `{name or 'the trainer default'}`. "
-          f"Sweep runs: {sizes[0]}; long runs: {sizes[1]}; checkpoints every {args.checkpointing_steps} steps; "
+          f"Sweep runs: {sizes[0]}; " + (f"long runs: {sizes[1]}; " if "long" in args.studies else "") +
+          f"checkpoints every {args.checkpointing_steps} steps; "
           f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
           f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
           f"Wall time of this command: {machine['wall_time_s'] / 60:.1f} min on {machine['cpu_count']} CPU cores "
           f"({args.jobs} run(s) at a time, {threads} thread(s) each, "
           f"{'--deterministic' if deterministic else 'not --deterministic'}; machine.json). "
-          f"Distance: ‖W_merged − W_pre‖_F of "
+          f"Distance: `‖W_merged − W_pre‖_F` of "
           f"`{next((r['layer'] for r in rows if r.get('layer')), '?')}`; bound: the radius the method proves "
-          f"(DeLoRA (|λ| + |λ0|)·N, mult_* |λ|·σ_max(W̄)), dashed in the figures.", ""]
+          f"(DeLoRA `(|λ| + |λ0|)·N`, `mult_*` `|λ|·σ_max(W̄)`), dashed in the figures.", ""]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:

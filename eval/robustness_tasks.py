@@ -144,7 +144,7 @@ def score_glue(folder: Path, args, step: int) -> tuple[dict, str]:
     return {"metric": found[1]}, f"metric = {found[0]}"
 
 
-def _flag_value(passthrough: list[str], flag: str) -> str | None:
+def flag_value(passthrough: list[str], flag: str) -> str | None:
     for i, a in enumerate(passthrough):
         if a == flag and i + 1 < len(passthrough):
             return passthrough[i + 1]
@@ -157,7 +157,7 @@ def glue_base_lr(method: str, passthrough: list[str]) -> float:
     """The tweet tasks' tuned rates (training.common.tweet_data); other GLUE data: the method's default."""
     from training.common.tweet_data import TWEET_TASKS, tweet_learning_rate
 
-    if _flag_value(passthrough, "--task_name") in TWEET_TASKS:
+    if flag_value(passthrough, "--task_name") in TWEET_TASKS:
         return tweet_learning_rate(method)
     return METHODS[method].default_learning_rate
 
@@ -185,7 +185,7 @@ TASKS = {
 
 def base_model_name(task: StudyTask, passthrough: list[str], run_dirs: list[Path]) -> str | None:
     """The base model of the study: the trainer flag if given, else what a finished run recorded."""
-    given = _flag_value(passthrough, task.model_flag)
+    given = flag_value(passthrough, task.model_flag)
     if given:
         return given
     for d in run_dirs:
