@@ -209,3 +209,26 @@ def test_export_run_and_cli(pipe, unet32, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_glue_run_exports_for_peft_with_its_head(tmp_path, capsys):
+    """`python -m training.export <glue run> --format peft` loads with PeftModel.from_pretrained on a fresh
+    AutoModelForSequenceClassification and gives the trained model's logits (head included)."""
+    from training import glue
+    from training.common.language import load_language_model
+    from training.export import main as export_cli
+
+    run = tmp_path / "run"
+    assert glue.main(["--method", "delora", "--model_name_or_path", "tiny-bert", "--max_train_steps", "2",
+                      "--output_dir", str(run), "--num_threads", "1"]) == 0
+    out = tmp_path / "peft"
+    assert export_cli([str(run), "--format", "peft", "--output", str(out)]) == 0
+    ours, tok = load_language_model("tiny-bert", "classification", num_labels=2)
+    lowrank.load_adapter(ours, run)
+    fresh, _ = load_language_model("tiny-bert", "classification", num_labels=2)
+    theirs = PeftModel.from_pretrained(fresh, out)
+    batch = tok(["a good film", "not a good film at all"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(**batch).logits, ours.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+    assert export_cli([str(run), "--format", "kohya", "--output", str(tmp_path / "k")]) == 2
+    assert "exports as --format peft" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     python -m training.export runs/cat --format kohya --output loras/cat          # loras/cat/cat.safetensors
     python -m training.export runs/cat --format pipeline --output sd-cat          # from_pretrained("sd-cat")
     python -m training.export runs/cat/checkpoint-400 --format peft --output out --pipeline BASE
+    python -m training.export outputs/glue-sst2-delora --format peft --output out    # a GLUE/instruct run: peft
 
 The base model is the run's own (run.json beside the adapter or in its parent) unless --pipeline names
 another. It is needed for every format: ETHER's and DeLoRA's exact factors depend on the pretrained

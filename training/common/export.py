@@ -145,6 +145,9 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     _check_output(output, format)
     if output.resolve() == src.resolve() and format == "pipeline":
         raise ExportInputError("--output must not be the adapter folder itself for format 'pipeline'")
+    info = run_json(src) or {}
+    if info.get("task") in LANGUAGE_TASKS:
+        return export_language_run(src, output, format, info, model=pipeline)
     name, revision = base_model(src, pipeline)
     pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
     lowrank.load_adapter(pipe.unet, src)
@@ -154,6 +157,43 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:   # kohya names its file after the final folder, not the temporary one
         written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
+        _move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output / written.name
+
+
+LANGUAGE_TASKS = {"glue": "classification", "instruct": "causal"}   # run.json's task -> the transformers head
+
+
+def export_language_run(src: Path, output: Path, format: str, info: dict, model: str | None = None) -> Path:
+    """A GLUE or instruction run in peft's format: its base transformers model (run.json's, or `model`) with
+    the adapter loaded, exported by lowrank.export with the head trained in full as peft's modules_to_save, so
+    PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=...), DIR)
+    gives the trained model's logits."""
+    from .glue_data import TASKS
+    from .language import MINILM, load_language_model
+    from .tweet_data import TWEET_TASKS
+
+    task = info["task"]
+    if format != "peft":
+        raise ExportInputError(f"a {task} run exports as --format peft (a transformers model with a peft adapter); "
+                               f"{format!r} is for Stable Diffusion runs")
+    args = info.get("args", {})
+    kind, extra = LANGUAGE_TASKS[task], {}
+    # each trainer's default model when the run was given none (glue.py: MiniLM, instruct.py: the tiny LLaMA)
+    name = model or args.get("model_name_or_path") or (MINILM if kind == "classification" else "tiny-llama")
+    if kind == "classification":
+        glue_task = {**TASKS, **TWEET_TASKS}.get(info.get("glue_task") or args.get("task_name") or "sst2")
+        if glue_task is None:
+            raise ExportInputError(f"{src}: run.json names an unknown GLUE task {info.get('glue_task')!r}")
+        extra["num_labels"] = glue_task.num_labels
+    base, _ = load_language_model(name, kind, revision=args.get("revision"), **extra)
+    lowrank.load_adapter(base, src)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:
+        written = lowrank.export(base, tmp, "peft")
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
