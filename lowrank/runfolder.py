@@ -44,6 +44,25 @@ class RunFolderError(ValueError):
 
 
 # ----- atomic writes ---------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0o022)   # the only way to read it is to set it; put it back at once (at import, one thread)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def public_dir(path: str | os.PathLike) -> Path:
+    """Give a folder made by tempfile.mkdtemp (0700), and everything in it (safetensors writes files 0600), the
+    modes of files and folders created the ordinary way, before it is renamed into place as an output."""
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~UMASK)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~UMASK)
+    return Path(path)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """write(tmp) into a temporary file next to `path`, then os.replace it into place.
 
@@ -54,6 +73,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
+        # the mode of a file created the ordinary way: some writers (safetensors) create 0600, which a UI
+        # running as another user (ComfyUI, A1111, a web server) cannot read
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):

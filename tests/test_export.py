@@ -232,3 +232,20 @@ def test_a_glue_run_exports_for_peft_with_its_head(tmp_path, capsys):
         torch.testing.assert_close(theirs.eval()(**batch).logits, ours.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
     assert export_cli([str(run), "--format", "kohya", "--output", str(tmp_path / "k")]) == 2
     assert "exports as --format peft" in capsys.readouterr().err
+
+
+def test_exported_files_are_readable_by_other_users(pipe, unet32, tmp_path):
+    """A UI running as another user (ComfyUI, A1111) must read the export: files and folders get the modes of
+    ordinary ones under this process's umask (safetensors alone would write 0600, mkdtemp 0700)."""
+    from lowrank.runfolder import UMASK
+
+    run_dir = tmp_path / "run"
+    lowrank.save_adapter(adapted(unet32, "lora"), run_dir)
+    (run_dir / "run.json").write_text(json.dumps({"args": {"pretrained_model_name_or_path": "tiny"}}))
+    for fmt in ("kohya", "pipeline"):
+        out = tmp_path / fmt
+        export_run(run_dir, out, fmt)
+        for p in [out, *out.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~UMASK
+            assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+    assert (run_dir / "adapter.safetensors").stat().st_mode & 0o777 == 0o666 & ~UMASK

@@ -26,7 +26,7 @@ from pathlib import Path
 import lowrank
 from lowrank.export import FORMATS as FILE_FORMATS
 from lowrank.io import CONFIG_NAME, WEIGHTS_NAME
-from lowrank.runfolder import RUN_JSON, is_adapter_dir
+from lowrank.runfolder import RUN_JSON, is_adapter_dir, public_dir
 
 from . import TrainingError
 from .logging import logger
@@ -122,7 +122,7 @@ def _move_into_place(tmp: Path, output: Path) -> None:
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()
     if not output.exists():
-        os.rename(tmp, output)
+        os.rename(public_dir(tmp), output)   # mkdtemp made it 0700: readable by this user only
         return
     for f in tmp.iterdir():
         os.replace(f, output / f.name)
