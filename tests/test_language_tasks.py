@@ -206,3 +206,21 @@ def test_real_minilm_loads_with_default_targets_and_head():
     assert len(names) == 12
     enc = tok(["a charming film."], return_tensors="pt")
     assert model(**enc).logits.shape == (1, 2)
+
+
+def test_a_mistyped_rerun_leaves_a_finished_run_alone(tmp_path, capsys):
+    """Bad input into the folder of a finished run: one error line, exit 2, and the run's files (its
+    exit_status.json included) exactly as they were."""
+    from training import glue
+
+    out = tmp_path / "run"
+    assert glue.main(["--model_name_or_path", "tiny-bert", "--max_train_steps", "1", "--output_dir", str(out),
+                      "--num_threads", "1"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert json.loads((out / "exit_status.json").read_text())["code"] == 0
+    capsys.readouterr()
+    assert glue.main(["--model_name_or_path", "tiny-bert", "--train_file", str(tmp_path / "missing.tsv"),
+                      "--validation_file", str(tmp_path / "missing.tsv"), "--output_dir", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error:") and "missing.tsv" in err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -169,7 +169,6 @@ class TrainingRun:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             runfolder.remove_stale(self.output_dir)
-            (self.output_dir / runfolder.EXIT_STATUS).unlink(missing_ok=True)   # an earlier attempt's word
             if self.resume_dir is None and runfolder.list_checkpoints(self.output_dir):
                 logger.warning("%s holds checkpoints of an earlier run; new ones replace those with the same step, "
                                "and --resume_from_checkpoint latest picks the newest of all", self.output_dir)
@@ -209,6 +208,8 @@ class TrainingRun:
         from tqdm.auto import tqdm
 
         args, acc, out = self.args, self.accelerator, self.output_dir
+        if self.is_main:   # training starts here: an earlier attempt's word no longer holds (bad input before
+            (out / runfolder.EXIT_STATUS).unlink(missing_ok=True)   # this point leaves the folder's record alone)
         per_epoch = steps_per_epoch(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
                                     self.num_processes)
         max_steps = num_train_steps or args.max_train_steps or args.num_train_epochs * per_epoch

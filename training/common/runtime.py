@@ -153,7 +153,8 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
     """main() of every trainer: parse, train, and map failures to exit codes (0 done, 1 diverged or a
     failed write, 2 bad input, 143 stopped by SIGTERM). An output folder this run created is removed again
-    if bad input stops it before any file. The code and its line go to RUN/exit_status.json."""
+    if bad input stops it before any file. The code and its line go to RUN/exit_status.json, except bad input
+    in a folder that existed before this command: that folder's record belongs to the run that made it."""
     created, out = None, None
     try:
         args = parse_args(argv)
@@ -174,7 +175,9 @@ def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
         if code == 2 and created is not None and created.is_dir() and \
                 not any(p.is_file() for p in created.rglob("*")):
             shutil.rmtree(created, ignore_errors=True)
-        elif out is not None:
+        elif out is not None and not (code == 2 and created is None):
+            # bad input stops a run before it trains: in a folder that was already there (a finished or
+            # stopped run, a mistyped rerun into it) the record of the run that made it stays as it was
             write_exit_status(out, code, f"error: {e}")
         return code
     except OSError as e:
