@@ -359,8 +359,11 @@ class TrainingRun:
 
                 runfolder.write_json(out / "live_ranks.json", {"final": records[-1][1], "steps": records})
                 write_rank_heatmap(records, out / "live_ranks.png")
+            ckpts = [d.name for _, d in runfolder.list_checkpoints(out)]   # what is there, not what might be
+            kept = (f"{ckpts[0]}/" if len(ckpts) == 1 else f"{ckpts[0]}/ ... {ckpts[-1]}/ ({len(ckpts)})") if ckpts \
+                else f"no checkpoint (every {args.checkpointing_steps} steps)"
             print(f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
-                  f"metrics.jsonl (distances), checkpoint-*/, run.json{task_outputs(task)}")
+                  f"metrics.jsonl (distances), {kept}, run.json{task_outputs(task)}")
         metrics.close()
         return out
 
