@@ -261,13 +261,15 @@ def info(run_dir: Path) -> RunInfo:
     top = read_json(run_dir / "run.json", {}) or {}
     top = top if isinstance(top, dict) else {}
     args = top.get("args") if isinstance(top.get("args"), dict) else {}
+    # what the trainer resolved: a CLI run given no --rank/--method still has them in its adapter config
+    cfg = top.get("adapter_config") if isinstance(top.get("adapter_config"), dict) else {}
     st, detail = status(run_dir)
     rows = read_metrics(run_dir)
     last = rows[-1] if rows else {}
 
     def pick(key, *alts):
         for k in (key, *alts):
-            for src in (app, top, args):
+            for src in (app, top, args, cfg):
                 if src.get(k) is not None:
                     return src[k]
         return None

@@ -72,7 +72,8 @@ class Service:
         return out
 
     def run_choices(self) -> list[tuple[str, str]]:
-        return [(f"{r.method} r{r.rank} · {r.name} [{r.status}]", r.name) for r in self.runs()]
+        return [(f"{r.method}{'' if r.rank is None else f' r{r.rank}'} · {r.name} [{r.status}]", r.name)
+                for r in self.runs()]
 
     # ----- training -------------------------------------------------------------------------------
     def check_upload(self, files) -> str:

@@ -98,6 +98,12 @@ def test_cli_run_without_app_files(tmp_path):
     ri = R.info(d)
     assert (ri.status, ri.method, ri.rank, ri.learning_rate, ri.total_steps) == ("finished", "dora", 8, 6e-4, 5)
 
+    # a run given neither --method nor --rank: the trainer's resolved adapter config names them
+    (d / "run.json").write_text(json.dumps({"args": {"method": None, "rank": None},
+                                            "adapter_config": {"method": "delora", "rank": 8}}))
+    ri = R.info(d)
+    assert (ri.method, ri.rank) == ("delora", 8)
+
 
 def test_metrics_are_read_incrementally_and_a_torn_line_waits(tmp_path):
     d = make_run(tmp_path)
