@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank.runfolder import list_checkpoints, read_metrics, read_run, write_text
+from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
@@ -207,11 +207,17 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def machine_info(args) -> dict:
-    """Where and how the study ran: what a reader needs to compare a rerun's numbers with these."""
+def machine_info(args, results) -> dict:
+    """Where and how the study ran: what a reader needs to compare a rerun's numbers with these. A command
+    that trained nothing (every run reused: the report rewritten) keeps the record of the one that trained."""
     from training.common.logging import library_versions
 
-    return {"wall_time_s": round(getattr(args, "wall_time", 0.0), 1), "cpu_count": os.cpu_count(),
+    trained = len({r.spec.name for r in results if r.status == "trained"})
+    previous = read_json(args.output_dir / "machine.json", default=None)
+    if not trained and isinstance(previous, dict) and previous.get("wall_time_s"):
+        return {**previous, "report_rewritten_by_a_later_command": True}
+    return {"wall_time_s": round(getattr(args, "wall_time", 0.0), 1), "runs_trained": trained,
+            "runs_reused": len({r.spec.name for r in results if r.status == "reused"}), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "platform": platform.platform(),
             "jobs": args.jobs, "threads_per_run": args.threads_per_run, "versions": library_versions()}
 
@@ -269,7 +275,7 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     write_csv(out / "results.csv", CSV_COLUMNS, table)
     write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
     write_commands(out / "commands.txt", results, own_argv)
-    machine = machine_info(args)
+    machine = machine_info(args, results)
     import json
 
     write_text(out / "machine.json", json.dumps(machine, indent=2) + "\n")
@@ -281,15 +287,17 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
         return args.base_lrs.get(method) or task.base_lr(method, passthrough)
     sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
              f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
+    # what the trainers were told (trainer_command): a step-sized run never checkpoints more rarely than its length
+    every = args.checkpointing_steps if args.num_train_epochs else min(args.checkpointing_steps, args.max_train_steps)
     deterministic = "--deterministic" in passthrough
     threads = args.threads_per_run or "torch's default"
     md = [f"# Robustness study: {args.task}", "", f"Base model: `{name or 'the trainer default'}`. "
           f"Sweep runs: {sizes[0]}; " + (f"long runs: {sizes[1]}; " if "long" in args.studies else "") +
-          f"checkpoints every {args.checkpointing_steps} steps; "
+          f"checkpoints every {every} steps; "
           f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
           f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
-          f"Wall time of this command: {machine['wall_time_s'] / 60:.1f} min on {machine['cpu_count']} CPU cores "
-          f"({args.jobs} run(s) at a time, {threads} thread(s) each, "
+          f"Wall time of the command that trained the runs: {machine['wall_time_s'] / 60:.1f} min on "
+          f"{machine['cpu_count']} CPU cores ({machine['jobs']} run(s) at a time, {threads} thread(s) each, "
           f"{'--deterministic' if deterministic else 'not --deterministic'}; machine.json). "
           f"Distance: `‖W_merged − W_pre‖_F` of "
           f"`{next((r['layer'] for r in rows if r.get('layer')), '?')}`; bound: the radius the method proves "

@@ -202,6 +202,16 @@ def test_seeds_are_averaged_and_runs_go_side_by_side(tmp_path, fake):
         assert float(s["distance"]) == pytest.approx(statistics.fmean(dist))
     report = (out / "report.md").read_text()
     assert "seeds 0 1 2" in report and " ± 0.01 |" in report
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["runs_trained"] == 12 and machine["wall_time_s"] > 0
+
+    # the report rewritten by a command that reuses every run keeps the record of the one that trained them
+    assert robustness.cli(["--task", "fake", "--methods", "lora", "delora", "--lr_factors", "1", "2", "--seeds", "0",
+                           "1", "2", "--max_train_steps", "2", "--checkpointing_steps", "2", "--studies", "lr",
+                           "--jobs", "2", "--base_lrs", "lora=1e-3", "--output_dir", str(out)]) == 0
+    assert len(calls_of(fake)) == 12
+    again = json.loads((out / "machine.json").read_text())
+    assert again["wall_time_s"] == machine["wall_time_s"] and again["report_rewritten_by_a_later_command"]
 
 
 @pytest.mark.slow   # ~25 s on an idle 2-core machine: a real trainer and a real eval.subject subprocess
