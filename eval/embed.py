@@ -9,7 +9,10 @@ checkpoints against the same real photos embeds those photos once per model.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from tqdm.auto import tqdm
@@ -30,29 +33,119 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise EvalError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
 
 
+# ----- loading by hub name or local folder: the local cache first, the hub once, never a retry storm ----------
+_TRUE = ("1", "true", "yes", "on")
+_REACHABLE: dict[str, bool] = {}   # hub endpoint -> could one TCP connection be opened (probed once per process)
+
+
+def hub_switched_off() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, as the environment or huggingface_hub (read at its import) says."""
+    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _endpoint() -> tuple[str, str, int]:
+    """(shown name, host, port) to probe: the hub's endpoint, or the proxy requests would go through."""
+    try:
+        from huggingface_hub import constants
+        url = urlsplit(constants.ENDPOINT)
+    except (ImportError, AttributeError, ValueError):
+        url = urlsplit("https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return f"{host} (through the proxy {p.hostname})", p.hostname or host, p.port or 80
+    return host, host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether one TCP connection to the hub (or its proxy) opens within `timeout` s; probed once per process,
+    so a second model (CLIP after DINO) does not wait again."""
+    shown, host, port = _endpoint()
+    if shown not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[shown] = True
+        except OSError:
+            _REACHABLE[shown] = False
+    return _REACHABLE[shown]
+
+
+def hub_unavailable() -> str | None:
+    """Why the hub cannot be asked (switched off, or unreachable), or None when it can."""
+    if hub_switched_off():
+        return "offline (HF_HUB_OFFLINE=1)"
+    if not hub_reachable():
+        return f"offline (no connection to {_endpoint()[0]})"
+    return None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1   # a path, not a hub id (org/name)
+
+
+def _cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:   # an invalid repo id, an old huggingface_hub: not cached as far as we can tell
+        return False
+
+
+def offline_first(flag: str, name: str, load):
+    """load(local_files_only) for a local folder or a hub name: a hub name is read from the local cache first
+    (no network at all when it is there) and the hub is asked only if it is on and reachable; when it is not,
+    one EvalError naming `flag` at once instead of the hub client's retries (5 of them, ~24 s per model)."""
+    if Path(name).expanduser().exists():
+        return load(False)
+    if _looks_like_path(name):
+        raise EvalError(f"{flag} {name} does not exist")
+    try:
+        return load(True)
+    except Exception as e:
+        why = hub_unavailable()
+        if why is None:
+            pass          # not (completely) in the cache and the hub answers: download below
+        elif _cached(name):
+            raise load_error(flag, name, e) from None   # in the cache but not loadable: that error, not "offline"
+        else:
+            raise EvalError(f"{flag} {name!r} is not in the local model cache and the hub is {why}: pass {flag} "
+                            f"DIR, a local model folder (written by save_pretrained), or run once online to cache "
+                            f"it") from None
+    return load(False)
+
+
 def load_error(flag: str, name: str, error: BaseException) -> EvalError:
     """One line saying why a model did not load and what to pass instead."""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    path = Path(name).expanduser()
-    if path.exists():
+    if Path(name).expanduser().exists():
         return EvalError(f"{flag} {name} is not a transformers model folder ({first}); expected a folder "
                          f"written by save_pretrained (config.json + weights)")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:   # a path, not a hub id (org/name)
+    if _looks_like_path(name):
         return EvalError(f"{flag} {name} does not exist")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return EvalError(f"{flag} {name!r} cannot be reached: the hub is offline (HF_HUB_OFFLINE=1) and it is not "
-                         f"in the cache; pass a local model folder")
     return EvalError(f"cannot load {flag} {name!r}: {first}")
 
 
 def load_model(flag: str, name: str, auto_class=None, model_kwargs=None):
-    """(config, model in eval mode) by hub name or local folder; EvalError if it is not a model.
+    """(config, model in eval mode) by hub name or local folder (offline_first); EvalError if it is not a model.
     model_kwargs(config) -> extra from_pretrained arguments that depend on the model type."""
     from transformers import AutoConfig, AutoModel
 
+    def load(local_only: bool):
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+        extra = model_kwargs(config) if model_kwargs else {}
+        return config, (auto_class or AutoModel).from_pretrained(name, local_files_only=local_only, **extra)
+
     try:
-        config = AutoConfig.from_pretrained(name)
-        model = (auto_class or AutoModel).from_pretrained(name, **(model_kwargs(config) if model_kwargs else {}))
+        config, model = offline_first(flag, name, load)
+    except EvalError:
+        raise
     except Exception as e:   # OSError, ValueError, safetensors' own errors...: all mean "not a usable model"
         raise load_error(flag, name, e) from None
     return config, model.eval()
@@ -61,8 +154,11 @@ def load_model(flag: str, name: str, auto_class=None, model_kwargs=None):
 def load_processor(flag: str, name: str, kind: str = "image"):
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    auto = AutoImageProcessor if kind == "image" else AutoTokenizer
     try:
-        return (AutoImageProcessor if kind == "image" else AutoTokenizer).from_pretrained(name)
+        return offline_first(flag, name, lambda local_only: auto.from_pretrained(name, local_files_only=local_only))
+    except EvalError:
+        raise
     except Exception as e:
         raise EvalError(f"{flag} {name}: no usable {kind} {'processor' if kind == 'image' else 'tokenizer'} "
                         f"saved with the model ({(str(e).splitlines() or [''])[0][:160]})") from None

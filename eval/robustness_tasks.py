@@ -52,13 +52,13 @@ def prepare_subject(args) -> str | None:
     from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 
     args.dino_model, args.clip_model = args.dino_model or DINO_MODEL, args.clip_model or CLIP_MODEL
-    try:
-        device = resolve_device("auto")
-        DinoEmbedder(args.dino_model, device, 1)
-        ClipEmbedder(args.clip_model, device, 1)
-    except Exception as e:   # any loading failure means the same thing here: no scores
-        return f"scores unavailable: the metric models did not load ({str(e).splitlines()[0][:200]})"
-    return None
+    device, failed = resolve_device("auto"), []
+    for embedder, name in ((DinoEmbedder, args.dino_model), (ClipEmbedder, args.clip_model)):
+        try:   # both tried, so one line names every flag to pass (offline is found once: the second fails at once)
+            embedder(name, device, 1)
+        except Exception as e:   # any loading failure means the same thing here: no scores
+            failed.append((str(e).splitlines() or [type(e).__name__])[0][:300])
+    return f"scores unavailable: the metric models did not load ({'; '.join(failed)})" if failed else None
 
 
 def score_subject(folder: Path, args, step: int) -> tuple[dict, str]:
