@@ -187,6 +187,8 @@ BAD = {
     "empty dir": (["--instance_data_dir", "{t}/empty", "--instance_prompt", "p"], "is empty"),
     "only junk": (["--instance_data_dir", "{t}/junk", "--instance_prompt", "p"], "no readable images"),
     "no prompt": (["--instance_data_dir", "{t}/junk"], "--instance_prompt is required"),
+    # the most useful error first: the folder is missing (not: the prompt that goes with it)
+    "missing dir, no prompt": (["--instance_data_dir", "{t}/nope"], "does not exist"),
     "unknown method": (["--method", "nope"], "unknown method 'nope'"),
     "output is a file": (["--output_dir", "{t}/afile"], "is not a directory"),
     "zero steps": (["--max_train_steps", "0"], "must be positive"),
@@ -322,3 +324,39 @@ def test_checkpoint_listing_ignores_partial_and_stale_folders(tmp_path):
     remove_stale(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-2", "checkpoint-6",
                                                           "checkpoint-x"]
+
+
+def test_default_run_length_is_a_meaningful_run(monkeypatch):
+    """No step or epoch flag: 300 steps with 3 checkpoints (not diffusers' one epoch of 5 images);
+    $LOWRANK_MAX_STEPS changes that number only; a step or epoch flag gives diffusers' defaults."""
+    monkeypatch.delenv("LOWRANK_MAX_STEPS", raising=False)
+    a = dreambooth.parse_args([])
+    assert (a.max_train_steps, a.checkpointing_steps, a.num_train_epochs) == (300, 100, 1)
+    a = dreambooth.parse_args(["--checkpointing_steps", "50"])
+    assert (a.max_train_steps, a.checkpointing_steps) == (300, 50)
+    assert (dreambooth.parse_args(["--max_train_steps", "7"]).checkpointing_steps) == 500
+    a = dreambooth.parse_args(["--num_train_epochs", "2"])
+    assert (a.max_train_steps, a.checkpointing_steps, a.num_train_epochs) == (None, 500, 2)
+    monkeypatch.setenv("LOWRANK_MAX_STEPS", "7")
+    assert (dreambooth.parse_args([]).max_train_steps, dreambooth.parse_args([]).checkpointing_steps) == (7, 2)
+    assert dreambooth.parse_args(["--max_train_steps", "4"]).max_train_steps == 4   # a flag wins
+    monkeypatch.setenv("LOWRANK_MAX_STEPS", "two")
+    from training.common import TrainingError
+
+    with pytest.raises(TrainingError, match="LOWRANK_MAX_STEPS must be a positive number"):
+        dreambooth.parse_args([])
+
+
+def test_default_run_writes_checkpoints_and_the_done_line_names_only_what_exists(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWRANK_MAX_STEPS", "2")
+    out = tmp_path / "out"
+    fast = FAST[4:]   # FAST without its step flags
+    assert train(out, "--method", "lora", "--export_diffusers", "false", base=fast) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "checkpoint-1" / "samples" / "prompts.jsonl").is_file()
+    assert (out / "checkpoint-2" / "samples" / "prompts.jsonl").is_file()
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert done.startswith("done: 2 steps of lora") and "checkpoint-1/ ... checkpoint-2/ (2)" in done, done
+    assert "pytorch_lora_weights" not in done and not (out / "pytorch_lora_weights.safetensors").exists()
+    named = [n.split()[0].rstrip("/") for n in done.split(": ", 2)[2].split(", ") if "..." not in n]
+    assert named and all((out / n).exists() for n in named), named

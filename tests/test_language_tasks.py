@@ -168,7 +168,7 @@ def test_mc_scorer_on_a_hand_made_item():
     for choice, value in zip(choices, got):   # one unpadded sequence per choice, summed by hand
         ctx = tok(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
         cont = tok(f" {choice}", add_special_tokens=False)["input_ids"]
-        logp = model(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+        logp = model(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1).detach()
         expected = sum(float(logp[len(ctx) - 1 + i, c]) for i, c in enumerate(cont))
         assert value == pytest.approx(expected, abs=1e-4)
     assert I.mc_score("arc", [-3.0, -1.0, -2.0], [1]) == 1.0 and I.mc_score("mmlu", [-3.0, -1.0], [0]) == 0.0

@@ -257,3 +257,14 @@ def test_accelerate_launch_smoke(tmp_path):
     row = json.loads((out / "checkpoint-1" / "samples" / "prompts.jsonl").read_text().splitlines()[0])
     assert row["map"] == "p00-map.png" and row["prompt"].startswith("a photo of")
     assert Image.open(out / "samples" / "grid.png").size == (64, 32)   # map | sample
+
+
+def test_default_run_length_is_a_meaningful_run(monkeypatch):
+    """No step or epoch flag: 200 steps with 2 checkpoints (what make demo-seg shows), not one epoch of 5 pairs."""
+    monkeypatch.delenv("LOWRANK_MAX_STEPS", raising=False)
+    a = sm.parse_args([])
+    assert (a.max_train_steps, a.checkpointing_steps, a.num_train_epochs) == (200, 100, 1)
+    a = sm.parse_args(["--num_train_epochs", "10"])
+    assert (a.max_train_steps, a.checkpointing_steps) == (None, 500)
+    monkeypatch.setenv("LOWRANK_MAX_STEPS", "2")
+    assert (sm.parse_args([]).max_train_steps, sm.parse_args([]).checkpointing_steps) == (2, 1)

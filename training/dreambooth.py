@@ -34,12 +34,14 @@ from training.common.args import (
     add_training_args,
     check_folder_path,
     check_training_args,
+    resolve_run_length,
 )
 from training.common.data import (
     EXAMPLE_CLASS_PROMPT,
     EXAMPLE_NAME,
     EXAMPLE_PROMPT,
     DreamBoothDataset,
+    check_image_folder,
     collate,
     example_subject,
     load_image_dir,
@@ -60,10 +62,15 @@ from training.common.samples import (
 
 logger = setup_console()
 
+# With no step or epoch flag: 300 steps, a checkpoint with samples every 100 (what `make demo` shows: the
+# distance curve over steps and samples along the way), not diffusers' one epoch (5 steps on the example).
+DEFAULT_STEPS = (300, 3)   # (steps, checkpoints)
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)")
+    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)",
+                      default_output="outputs/dreambooth-<method>", default_steps=DEFAULT_STEPS)
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--instance_data_dir", default=None,
                    help="Folder with 3-5 photos of the subject (default: the embedded example cat).")
@@ -87,7 +94,10 @@ def build_parser() -> ArgumentParser:
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
 
+    resolve_run_length(args, DEFAULT_STEPS)
     check_training_args(args)
+    if args.instance_data_dir is not None:   # the most useful error first: a missing folder, then its prompt
+        check_image_folder(args.instance_data_dir, "--instance_data_dir")
     args.output_dir = args.output_dir or f"outputs/dreambooth-{args.method or AdapterConfig().method}"
     out = Path(args.output_dir).expanduser()
     check_folder_path(out, "--output_dir")

@@ -90,7 +90,12 @@ def preset_defaults(preset: str, task_name: str) -> dict:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(parser, batch_help="Batch size per device (default 32; 16 on the embedded example).",
-                 train_batch_size=32)
+                 train_batch_size=32,
+                 default_output="outputs/glue-<task_name>-<method>, e.g. outputs/glue-sst2-delora")
+    for action in parser._actions:   # the run length depends on the task: say so instead of the generic 1
+        if action.dest == "num_train_epochs":
+            action.help = ("Epochs to train when --max_train_steps is not given (default: 3 on the embedded example, "
+                           "2 on the tweet tasks, the preset's with --preset, else 1).")
     g = parser.add_argument_group("GLUE")
     g.add_argument("--model_name_or_path", default=None,
                    help="Hub name or local folder of a model for AutoModelForSequenceClassification (e.g. "
@@ -202,7 +207,7 @@ class Glue(Task):
     """Cross-entropy (MSE on the single logit for STS-B); scores the tuning and test parts after every epoch."""
 
     name = "glue"
-    outputs = "results.json, best/"
+    outputs = "best/"   # results.json comes after fit, named in the last line
 
     def __init__(self, run: TrainingRun, task, tune: Encoded, test: Encoded, collate, eval_batch_size: int):
         self.run, self.task, self.parts = run, task, {"tune": tune, "test": test}
@@ -338,8 +343,9 @@ def train_one(args) -> dict:
                               "best_epoch": best and best.get("eval_epoch"), "best_step": best and best["step"],
                               "initial_tune": initial["tune"], "final_tune": {k[5:]: v for k, v in (best or {}).items()
                                                                               if k.startswith("tune/")}})
-        logger.info("%s: initial %s -> final %s (test part, best tuning epoch %s)", task.name,
-                    _fmt(initial["test"]), _fmt(final), best and best.get("eval_epoch"))
+        logger.info("%s: initial %s -> final %s (test part, best tuning epoch %s); %s", task.name,
+                    _fmt(initial["test"]), _fmt(final), best and best.get("eval_epoch"),
+                    run.output_dir / runfolder.RESULTS)
     return result
 
 

@@ -57,7 +57,8 @@ DEFAULT_MODEL = "tiny-llama"
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_run_args(parser, batch_help="Batch size per device.", train_batch_size=4)
+    add_run_args(parser, batch_help="Batch size per device.", train_batch_size=4,
+                 default_output="outputs/instruct-<method>")
     g = parser.add_argument_group("instruction tuning")
     g.add_argument("--model_name_or_path", default=None,
                    help="Hub name or local folder of a causal LM (e.g. meta-llama/Llama-2-7b-hf); presets: "
@@ -114,7 +115,7 @@ class Instruct(Task):
     """Next-token cross-entropy on the response tokens; multiple-choice accuracy per epoch."""
 
     name = "instruct"
-    outputs = "results.json"
+    outputs = ""   # results.json comes after fit, named in the last line
 
     def __init__(self, run: TrainingRun, tokenizer, mc_sets: dict):
         self.run, self.tokenizer, self.mc_sets = run, tokenizer, mc_sets
@@ -188,7 +189,7 @@ def train(args) -> None:
                       seed=run.seed, initial=initial, final=final, train_time=train_time, device=run.device,
                       model_name=args.model_name_or_path or DEFAULT_MODEL, dataset=str(train_path),
                       extra_train_info=extra)
-        logger.info("multiple choice: initial %s -> final %s", initial, final)
+        logger.info("multiple choice: initial %s -> final %s; %s", initial, final, run.output_dir / runfolder.RESULTS)
 
 
 def main(argv=None) -> int:

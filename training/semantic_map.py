@@ -57,6 +57,7 @@ from training.common.args import (
     add_training_args,
     check_folder_path,
     check_training_args,
+    resolve_run_length,
 )
 from training.common.conditioning import (
     ENCODER_FILE,
@@ -75,12 +76,16 @@ logger = setup_console()
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]
 MAX_CONDITIONING_LR = 1e-4
+# With no step or epoch flag: 200 steps, a checkpoint with samples every 100 (what `make demo-seg` shows), not
+# diffusers' one epoch (5 steps on the embedded set).
+DEFAULT_STEPS = (200, 2)   # (steps, checkpoints)
 
 
 # ----- flags --------------------------------------------------------------------------------------------
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)")
+    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)",
+                      default_output="outputs/semantic-map-<method>", default_steps=DEFAULT_STEPS)
     g = parser.add_argument_group("semantic map")
     g.add_argument("--train_data_dir", default=None,
                    help="ADE20K root (images/{training,validation}/*.jpg + annotations/{training,validation}/*.png, "
@@ -116,6 +121,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    resolve_run_length(args, DEFAULT_STEPS)
     check_training_args(args)
     if args.condition not in sd.CONDITIONS:
         raise TrainingError(f"--condition {args.condition!r} is unknown; use one of {', '.join(sd.CONDITIONS)} "

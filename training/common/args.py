@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,14 @@ from . import TrainingError
 
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
+
+# diffusers' run length when a flag is given: --num_train_epochs 1, a checkpoint every 500 steps
+DEFAULT_EPOCHS, DEFAULT_CHECKPOINTING_STEPS = 1, 500
+# The image trainers' run length when neither --max_train_steps nor --num_train_epochs is given (one epoch of
+# 5 example images would be 5 steps): the trainer's default steps (the environment variable overrides the
+# number, e.g. LOWRANK_MAX_STEPS=3 for a quick try; the README test uses it) and, unless --checkpointing_steps
+# is given, the trainer's number of checkpoints with samples spread evenly over them.
+MAX_STEPS_ENV = "LOWRANK_MAX_STEPS"
 
 
 def file_in_the_way(path: Path) -> Path | None:
@@ -104,10 +113,12 @@ def adapter_config(args: argparse.Namespace, **fill: typing.Any) -> AdapterConfi
     return AdapterConfig(**given)
 
 
-def add_training_args(parser: argparse.ArgumentParser, default_resolution: str = "") -> None:
+def add_training_args(parser: argparse.ArgumentParser, default_resolution: str = "",
+                      default_output: str = "outputs/<task>-<method>", default_steps: int | None = None) -> None:
     """The flags shared by the diffusion trainers (diffusers' names and, where sensible, defaults)."""
     add_model_args(parser)
-    add_run_args(parser, batch_help="Batch size per device (the paper's protocol uses 1).")
+    add_run_args(parser, batch_help="Batch size per device (the paper's protocol uses 1).",
+                 default_output=default_output, default_steps=default_steps)
     add_diffusion_args(parser, default_resolution)
 
 
@@ -120,20 +131,35 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size per device.",
-                 train_batch_size: int = 1) -> None:
+                 train_batch_size: int = 1, default_output: str = "outputs/<task>-<method>",
+                 default_steps: tuple[int, int] | None = None) -> None:
     """The flags of every trainer on training.common.loop (any task): output, seed, steps, checkpoints,
     resume, optimizer and schedule, precision, trackers. Language trainers use these without the
-    diffusion group."""
+    diffusion group. `default_steps`: the run length when neither --max_train_steps nor --num_train_epochs
+    is given, as (steps, checkpoints), see `resolve_run_length`; None: diffusers' one epoch."""
     p = parser.add_argument
-    p("--output_dir", default=None, help="Where the adapter, checkpoints, samples and metrics go "
-                                        "(default: outputs/<task>-<method>).")
+    p("--output_dir", default=None, help=f"Where the adapter, checkpoints, samples and metrics go "
+                                        f"(default: {default_output}).")
     p("--seed", type=int, default=None, help="Seed for the adapter init, data order and noise (recorded in "
                                             "run.json; a random one is picked when not given).")
     p("--train_batch_size", type=int, default=train_batch_size, help=batch_help)
-    p("--num_train_epochs", type=int, default=1, help="Epochs to train when --max_train_steps is not given.")
-    p("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
-    p("--checkpointing_steps", type=int, default=500,
-      help="Write output_dir/checkpoint-N (adapter, optimizer/scheduler/RNG state, samples) every N steps.")
+    if default_steps:
+        steps, checkpoints = default_steps
+        length = (f"default: {steps} steps when neither --max_train_steps nor --num_train_epochs is given; "
+                  f"${MAX_STEPS_ENV} overrides that number")
+        every = (f"default: {steps // checkpoints} when neither --max_train_steps nor --num_train_epochs is given "
+                 f"({checkpoints} checkpoints; with ${MAX_STEPS_ENV}=N every N/{checkpoints}), else "
+                 f"{DEFAULT_CHECKPOINTING_STEPS}")
+    else:
+        length, every = f"default: {DEFAULT_EPOCHS}", f"default: {DEFAULT_CHECKPOINTING_STEPS}"
+    epochs = length.replace("default: ", "with neither: ") if default_steps else length
+    p("--num_train_epochs", type=int, default=None, help=f"Epochs to train when --max_train_steps is not given "
+                                                         f"({epochs}).")
+    p("--max_train_steps", type=int, default=None,
+      help=f"Optimizer steps to train; overrides --num_train_epochs ({length}).")
+    p("--checkpointing_steps", type=int, default=None,
+      help=f"Write output_dir/checkpoint-N (adapter, optimizer/scheduler/RNG state, samples) every N steps "
+           f"({every}).")
     p("--checkpoints_total_limit", type=int, default=None,
       help="Keep at most this many checkpoints (oldest go first).")
     p("--resume_from_checkpoint", default=None,
@@ -199,8 +225,31 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
            "process does long work alone (e.g. generating many class images).")
 
 
+def resolve_run_length(args: argparse.Namespace, default_steps: tuple[int, int] | None = None) -> None:
+    """Fill --num_train_epochs / --max_train_steps / --checkpointing_steps the user left unset: with neither
+    a step nor an epoch flag, an image trainer trains `default_steps` = (steps, checkpoints): that many steps
+    ($LOWRANK_MAX_STEPS when set) with that many checkpoints; otherwise diffusers' defaults (1 epoch, a
+    checkpoint every 500 steps)."""
+    if default_steps and args.max_train_steps is None and args.num_train_epochs is None:
+        steps, checkpoints = default_steps
+        text = os.environ.get(MAX_STEPS_ENV, "").strip()
+        if text:
+            steps = int(text) if text.isdigit() else 0
+            if steps <= 0:
+                raise TrainingError(f"${MAX_STEPS_ENV} must be a positive number of steps, got {text!r}")
+        args.max_train_steps = steps
+        if args.checkpointing_steps is None:
+            args.checkpointing_steps = max(1, steps // checkpoints)
+    if args.num_train_epochs is None:
+        args.num_train_epochs = DEFAULT_EPOCHS
+    if args.checkpointing_steps is None:
+        args.checkpointing_steps = DEFAULT_CHECKPOINTING_STEPS
+
+
 def check_training_args(args: argparse.Namespace) -> None:
-    """Cross-flag checks shared by the trainers; one TrainingError per problem."""
+    """Cross-flag checks shared by the trainers; one TrainingError per problem (run `resolve_run_length`
+    first: it fills the run length's defaults)."""
+    resolve_run_length(args)
     positive = ["train_batch_size", "num_train_epochs", "checkpointing_steps", "gradient_accumulation_steps",
                 "num_validation_images", "num_inference_steps", "ddp_timeout"]
     for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution",

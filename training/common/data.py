@@ -57,15 +57,21 @@ def resize_short(img: Image.Image, size: int, resample=Image.BILINEAR) -> Image.
     return img if new == (w, h) else img.resize(new, resample)
 
 
-def load_image_dir(directory: str | Path, resolution: int, flag: str = "--instance_data_dir",
-                   allow_empty: bool = False) -> list[Image.Image]:
-    """Every readable image in `directory` (sorted by name), RGB, shorter side = resolution.
-    Unreadable files are skipped with a warning naming them; nothing readable is an error."""
+def check_image_folder(directory: str | Path, flag: str = "--instance_data_dir") -> Path:
+    """The folder a flag names, which must exist and be a folder (checked before any other flag's problem)."""
     d = Path(directory).expanduser()
     if not d.exists():
         raise TrainingError(f"{flag} {d} does not exist")
     if not d.is_dir():
         raise TrainingError(f"{flag} {d} is not a directory")
+    return d
+
+
+def load_image_dir(directory: str | Path, resolution: int, flag: str = "--instance_data_dir",
+                   allow_empty: bool = False) -> list[Image.Image]:
+    """Every readable image in `directory` (sorted by name), RGB, shorter side = resolution.
+    Unreadable files are skipped with a warning naming them; nothing readable is an error."""
+    d = check_image_folder(directory, flag)
     files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
     images, skipped, small = [], [], []
     for path in files:

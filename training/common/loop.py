@@ -369,5 +369,7 @@ class TrainingRun:
 
 
 def task_outputs(task: Task) -> str:
-    extra = getattr(task, "outputs", "")
-    return f", {extra}" if extra else ""
+    """The task's own outputs that exist in its run folder (e.g. no diffusers file with --export_diffusers false)."""
+    items = [i.strip() for i in getattr(task, "outputs", "").split(",") if i.strip()]
+    there = [i for i in items if (task.run.output_dir / i.split()[0].rstrip("/")).exists()]
+    return "".join(f", {i}" for i in there)
