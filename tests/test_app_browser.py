@@ -73,8 +73,15 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
         page.get_by_role("tab", name="Compare").click()
         page.wait_for_selector("#sample-grid img")
         wait_idle(page)
-        page.wait_for_function("(() => { const i = document.querySelector('#sample-grid img');"
-                               " return i && i.complete && i.naturalWidth > 0; })()")
+        try:
+            page.wait_for_function("(() => { const i = document.querySelector('#sample-grid img');"
+                                   " return i && i.complete && i.naturalWidth > 0; })()")
+        except sync_api.TimeoutError:   # say what the browser had: a broken image and a stalled one differ
+            state = page.evaluate("(() => { const i = document.querySelector('#sample-grid img');"
+                                  " return i && {src: i.src, complete: i.complete, width: i.naturalWidth,"
+                                  " pending: performance.getEntriesByType('resource').filter("
+                                  "e => e.responseEnd === 0).map(e => e.name)}; })()")
+            pytest.fail(f"the sample grid never loaded: {state}")
         size = page.evaluate("(() => { const i = document.querySelector('#sample-grid img');"
                              " return [i.naturalWidth, i.naturalHeight]; })()")
         assert size == [170 + 2 * 132, 26 + 132]                # 1 method x 2 checkpoints
