@@ -43,26 +43,27 @@ test-all: install
 	$(BIN)/python -m pytest tests -m "slow or not slow"
 
 # The README's main job (DreamBooth, DeLoRA) on the embedded defaults: the built-in tiny SD (random weights,
-# so its pictures are noise: this shows the machinery) and the example cat. A few minutes on 2 CPU cores.
+# so its pictures are noise: this shows the machinery) and the example cat, the trainer's default run length
+# (300 steps, a checkpoint with samples every 100; LOWRANK_MAX_STEPS=N trains N). A few minutes on 2 CPU cores.
 DEMO_METHOD ?= delora
 DEMO_OUT    ?= outputs/demo-$(DEMO_METHOD)
 .PHONY: demo
 demo: install
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		training/dreambooth.py --method $(DEMO_METHOD) --output_dir $(DEMO_OUT) --seed 0 \
-		--max_train_steps 300 --checkpointing_steps 100 --with_prior_preservation --num_class_images 10
-	@echo "results: $(DEMO_OUT)/samples_grid.png (final samples), $(DEMO_OUT)/metrics.jsonl (loss + distances per step),"
-	@echo "         $(DEMO_OUT)/checkpoint-{100,200,300}/samples, $(DEMO_OUT)/adapter.safetensors, $(DEMO_OUT)/run.json"
+		--with_prior_preservation --num_class_images 10
+	@echo "look at: $(DEMO_OUT)/samples_grid.png (final samples), $(DEMO_OUT)/metrics.jsonl (loss + distances per step),"
+	@echo "         the checkpoint-N/samples folders named above"
 
 # The semantic-map trainer on its embedded set (5 scikit-image photos with k-means ADE label maps), tiny SD,
-# then mIoU per checkpoint with the default segmenter when it can be loaded (needs the hub or its cache).
+# its default run length (200 steps, checkpoints at 100 and 200), then mIoU per checkpoint with the default segmenter when it can be loaded (needs the hub or its cache).
 SEG_OUT ?= outputs/demo-seg-$(DEMO_METHOD)
 .PHONY: demo-seg
 demo-seg: install
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		training/semantic_map.py --method $(DEMO_METHOD) --output_dir $(SEG_OUT) --seed 0 \
-		--max_train_steps 200 --checkpointing_steps 100 --num_validation_images 2
-	@echo "results: $(SEG_OUT)/samples_grid.png (map | samples), $(SEG_OUT)/checkpoint-{100,200}/samples,"
+		--num_validation_images 2
+	@echo "look at: $(SEG_OUT)/samples_grid.png (map | samples), the checkpoint-N/samples folders named above,"
 	@echo "         $(SEG_OUT)/conditioning_encoder.safetensors + adapter.safetensors, $(SEG_OUT)/metrics.jsonl"
 	@echo "score:   $(BIN)/python -m eval.segmentation --run_dir $(SEG_OUT) --checkpoints all"
 

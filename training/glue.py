@@ -41,6 +41,7 @@ from training.common.args import (
     add_run_args,
     check_folder_path,
     check_training_args,
+    env_max_steps,
 )
 from training.common.glue_data import (
     EXAMPLE_DIR,
@@ -95,7 +96,8 @@ def build_parser() -> ArgumentParser:
     for action in parser._actions:   # the run length depends on the task: say so instead of the generic 1
         if action.dest == "num_train_epochs":
             action.help = ("Epochs to train when --max_train_steps is not given (default: 3 on the embedded example, "
-                           "2 on the tweet tasks, the preset's with --preset, else 1).")
+                           "2 on the tweet tasks, the preset's with --preset, else 1; with neither flag, "
+                           "$LOWRANK_MAX_STEPS=N trains N steps).")
     g = parser.add_argument_group("GLUE")
     g.add_argument("--model_name_or_path", default=None,
                    help="Hub name or local folder of a model for AutoModelForSequenceClassification (e.g. "
@@ -153,6 +155,8 @@ def parse_args(argv=None):
         method = first.method or AdapterConfig().method
         parser.set_defaults(**TWEET_DEFAULTS, learning_rate=tweet_learning_rate(method))
     args = parser.parse_args(argv)   # explicit flags win over the preset's values
+    if first.max_train_steps is None and first.num_train_epochs is None:
+        args.max_train_steps = env_max_steps()   # $LOWRANK_MAX_STEPS, as for every trainer
     args.example = example
     check_training_args(args)
     args.task_name = args.task_name or EXAMPLE_TASK

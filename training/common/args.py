@@ -151,7 +151,8 @@ def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size 
                  f"({checkpoints} checkpoints; with ${MAX_STEPS_ENV}=N every N/{checkpoints}), else "
                  f"{DEFAULT_CHECKPOINTING_STEPS}")
     else:
-        length, every = f"default: {DEFAULT_EPOCHS}", f"default: {DEFAULT_CHECKPOINTING_STEPS}"
+        length = f"default: {DEFAULT_EPOCHS}; with neither flag, ${MAX_STEPS_ENV}=N trains N steps"
+        every = f"default: {DEFAULT_CHECKPOINTING_STEPS}"
     epochs = length.replace("default: ", "with neither: ") if default_steps else length
     p("--num_train_epochs", type=int, default=None, help=f"Epochs to train when --max_train_steps is not given "
                                                          f"({epochs}).")
@@ -225,21 +226,27 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
            "process does long work alone (e.g. generating many class images).")
 
 
+def env_max_steps() -> int | None:
+    """$LOWRANK_MAX_STEPS as a number of steps (None when unset): every trainer trains that many steps when
+    neither --max_train_steps nor --num_train_epochs is given."""
+    text = os.environ.get(MAX_STEPS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise TrainingError(f"${MAX_STEPS_ENV} must be a positive number of steps, got {text!r}")
+    return int(text)
+
+
 def resolve_run_length(args: argparse.Namespace, default_steps: tuple[int, int] | None = None) -> None:
     """Fill --num_train_epochs / --max_train_steps / --checkpointing_steps the user left unset: with neither
-    a step nor an epoch flag, an image trainer trains `default_steps` = (steps, checkpoints): that many steps
-    ($LOWRANK_MAX_STEPS when set) with that many checkpoints; otherwise diffusers' defaults (1 epoch, a
-    checkpoint every 500 steps)."""
-    if default_steps and args.max_train_steps is None and args.num_train_epochs is None:
-        steps, checkpoints = default_steps
-        text = os.environ.get(MAX_STEPS_ENV, "").strip()
-        if text:
-            steps = int(text) if text.isdigit() else 0
-            if steps <= 0:
-                raise TrainingError(f"${MAX_STEPS_ENV} must be a positive number of steps, got {text!r}")
+    a step nor an epoch flag, $LOWRANK_MAX_STEPS steps when it is set, else an image trainer's `default_steps`
+    = (steps, checkpoints): that many steps with that many checkpoints; otherwise diffusers' defaults (1 epoch,
+    a checkpoint every 500 steps)."""
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        steps = env_max_steps() or (default_steps[0] if default_steps else None)
         args.max_train_steps = steps
-        if args.checkpointing_steps is None:
-            args.checkpointing_steps = max(1, steps // checkpoints)
+        if default_steps and args.checkpointing_steps is None:
+            args.checkpointing_steps = max(1, steps // default_steps[1])
     if args.num_train_epochs is None:
         args.num_train_epochs = DEFAULT_EPOCHS
     if args.checkpointing_steps is None:
