@@ -146,3 +146,19 @@ def test_two_cpu_processes_ddp(tmp_path, env):
     assert sorted(p.name for p in (out / "class_images").iterdir()) == [f"class-0000{i}.png" for i in range(3)]
     assert [r["step"] for r in rows(out)] == [1, 2, 3]
     assert (out / "adapter.safetensors").is_file()
+
+
+def test_bad_input_under_accelerate_launch_is_our_line_once_with_the_documented_setup(tmp_path, env):
+    """README: `accelerate config default` once (no defaults note) and `accelerate launch -q` (accelerate's
+    launcher re-raises any failure of the script as a CalledProcessError traceback unless -q): then bad input
+    prints our one `error:` line and nothing else, and the finished-run rule still holds (no folder left)."""
+    e = dict(env, HF_HOME=str(tmp_path / "hf"))   # accelerate's config lives under HF_HOME: a private one
+    subprocess.run([ACCELERATE, "config", "default"], env=e, check=True, capture_output=True, timeout=120)
+    out = tmp_path / "out"
+    proc = subprocess.run([ACCELERATE, "launch", "-q", "--num_cpu_threads_per_process", "1", SCRIPT,
+                           "--instance_data_dir", str(tmp_path / "nope"), "--output_dir", str(out)],
+                          env=e, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert lines == [f"error: --instance_data_dir {tmp_path / 'nope'} does not exist"], proc.stderr
+    assert not out.exists()
