@@ -11,6 +11,7 @@ import io
 import os
 import platform
 import re
+import shlex
 import statistics
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_ru
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
+from .robustness_tasks import ABLATION_ROWS, ROOT, base_model_name
 
 TYPES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "q_proj": "q", "k_proj": "k", "v_proj": "v",
          "out_proj": "out", "query": "q", "key": "k", "value": "v", "attention.output.dense": "out"}
@@ -229,9 +231,6 @@ def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def write_report(results, args, task, passthrough: list[str], own_argv: list[str]) -> Path:
-    from .robustness import ABLATION_ROWS, write_commands
-    from .robustness_tasks import base_model_name
-
     out = args.output_dir
     notes = []
     done_dirs = [r.folder for r in results if r.status != "failed"]
@@ -337,3 +336,15 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
                                                              ("mean column norm", "mean_column_norm")])]
     md += ["## Commands", "", "```", (out / "commands.txt").read_text().rstrip(), "```", ""]
     return write_text(out / "report.md", "\n".join(md))
+
+
+def write_commands(path: Path, results: list, own: list[str]) -> None:
+    """commands.txt: this study's command, then each distinct run's trainer command (results: RunResult)."""
+    lines = ["# this study", "python -m eval.robustness " + shlex.join(own), "", "# its runs"]
+    seen = set()
+    for r in results:
+        if r.spec.name not in seen:
+            seen.add(r.spec.name)
+            # paths inside the checkout as they read from its root: the file is the same on every machine
+            lines.append(shlex.join(r.command).replace(str(ROOT) + os.sep, ""))
+    write_text(path, "\n".join(lines) + "\n")

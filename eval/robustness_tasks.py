@@ -18,6 +18,16 @@ from lowrank.runfolder import RESULTS, read_eval, read_json, read_run, run_setti
 from . import EvalError
 
 ROOT = Path(__file__).resolve().parent.parent
+# Table 1 (DeLoRA), top to bottom: (row, ΔW as printed, method, trainer flags)
+ABLATION_ROWS = [
+    ("V1 LoRA [rank-r]", "BA", "lora", []),
+    ("V2 + normalize w/ controllable boundary", "(λ/r) BΞA", "delora", ["--delora_norm", "none"]),
+    ("V3 + weight-scaling (DeLoRA)", "(λ‖W‖/r) BΞA", "delora", []),
+    ("V5 ↑ + controllable scale + high rank + relaxed", "(λ/r)(BΞA − DΦC) W", "mult_relaxed", []),
+    ("V6 + controllable boundary + high rank", "(λ/r)(UΣUᵀ − VΘVᵀ) W", "mult_highrank", []),
+    ("V7 + controllable boundary", "λ(uuᵀ − vvᵀ) W (λ/2 per term, Eq. 10)", "mult_bounded", []),
+    ("V8 ETHER+ (one-side) [rank-2, boundary 2]", "(uuᵀ − vvᵀ) W", "etherplus", ["--etherplus_one_sided"]),
+]
 
 
 @dataclass

@@ -31,18 +31,15 @@ from .common import (
     final_step,
     is_adapter_dir,
     logger,
-    read_jsonl,
     read_run,
     run_main,
     run_setting,
+    update_eval_file,
     write_json,
-    write_text,
 )
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 from .images import Loaded, load_folder, load_generated
 from .prompts import IMAGES_PER_PROMPT, protocol_prompts, subject_of
-
-EVAL_FILE = "eval.jsonl"
 
 
 # ----- scoring (no lowrank, no diffusers) --------------------------------------------------------
@@ -134,15 +131,6 @@ def run_prompts(args, run: dict) -> list[str]:
     return prompts[: args.max_prompts] if args.max_prompts else prompts
 
 
-def update_eval_file(run_dir: Path, row: dict) -> None:
-    """Add `row` to RUN/eval.jsonl, replacing an earlier row for the same step and models (a rescore)."""
-    path = run_dir / EVAL_FILE
-    same = lambda r: all(r.get(k) == row[k] for k in ("step", "dino_model", "clip_model"))  # noqa: E731
-    rows = [r for r in (read_jsonl(path, strict=False) if path.is_file() else []) if not same(r)] + [row]
-    rows.sort(key=lambda r: (not isinstance(r.get("step"), int), r.get("step") or 0))
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def plan_run(args) -> dict:
     """Everything about a run that can be wrong, checked before any model loads."""
     run_dir = Path(args.run_dir).expanduser()
@@ -194,7 +182,8 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
                       images=str(images_dir), dino_model=dino.name, clip_model=clip.name,
                       n_skipped=len(generated.skipped))
         write_json(images_dir / "scores.json", result)
-        update_eval_file(run_dir, {k: v for k, v in result.items() if k != "prompts"})
+        update_eval_file(run_dir, {k: v for k, v in result.items() if k != "prompts"},
+                         ("step", "dino_model", "clip_model"))
         print(f"step {step}: {summary(result)}", file=sys.stderr)
         out.append(result)
     return out
