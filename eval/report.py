@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import EvalError
+from . import EvalError, plots
 from .common import (
     ArgumentParser,
     checkpoint_dirs,
@@ -219,8 +219,6 @@ def spread(steps: list[int], n: int) -> list[int]:
 
 
 def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
-    from . import plots
-
     written = []
     colours = {r.label: f"C{i % 10}" for i, r in enumerate(runs)}   # one colour per run in every figure
     curves = {r.label: series(r.metrics, r.distance_key) for r in runs if r.distance_key}

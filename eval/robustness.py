@@ -97,7 +97,7 @@ class RunResult:
 def plan(args, task, passthrough: list[str]) -> list[RunSpec]:
     """Every run of the study, seed by seed. The prolonged runs take the first seed only: they are curves."""
     def base_lr(method: str) -> float:
-        return args.base_lrs.get(method) or task.base_lr(method, passthrough)
+        return task.base_lr(method, passthrough, args.base_lrs)
 
     n, f1, e = args.max_train_steps, 1.0, args.num_train_epochs
     long_extra = list(task.long_flags)

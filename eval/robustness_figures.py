@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from PIL import Image
+
 from lowrank.runfolder import read_jsonl
 
 from .plots import plt, sample_grid, save
@@ -82,8 +84,6 @@ def long_figures(rows: list[dict], out: Path, score_keys) -> list[str]:
         a.legend(fontsize=7)
     save(fig, out / "fig3_distance_over_steps.png")
     names = ["fig3_distance_over_steps.png"]
-    from PIL import Image
-
     steps = sorted({s for r in long for s in r["checkpoints"]})
     cells = {}
     for i, r in enumerate(long):

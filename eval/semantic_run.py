@@ -33,9 +33,8 @@ from training.common.conditioning import ConditionedUNet, conditioning_encoder, 
 from training.common.segdata import to_tensor
 from training.common.semantic_sets import MapData, load_data, validation_items
 
-from . import EvalError
+from . import EvalError, fid
 from .common import read_jsonl, read_run, run_setting, update_eval_file, write_json
-from .fid import InceptionFeatures, fid_from_features
 from .generate import load_pipeline
 from .miou import confusion_matrix, reduce_zero_label, scores_from_confusion
 from .subject import choose_checkpoints
@@ -138,14 +137,14 @@ class FidScorer:
         if fid_model:
             if len(items) < 2:
                 raise EvalError("--fid_model needs at least 2 validation maps (a covariance per set)")
-            self.extractor = InceptionFeatures(fid_model, device)
+            self.extractor = fid.InceptionFeatures(fid_model, device)
             self.real = self.extractor([it["image"] for it in items])
 
     def __call__(self, pairs: list[tuple]) -> dict:
         if self.extractor is None:
             return {}
         generated = self.extractor([img for img, _ in pairs])
-        return {"fid": fid_from_features(self.real, generated), "fid_images": [len(self.real), len(generated)]}
+        return {"fid": fid.fid_from_features(self.real, generated), "fid_images": [len(self.real), len(generated)]}
 
 
 def score_run(args, segmenter, device: torch.device) -> list[dict]:
@@ -160,9 +159,9 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
                 "guidance_scale": args.guidance_scale, "seeds": args.seeds, "maps": len(items),
                 "resolution": int(run_setting(run, "resolution", 512)), "seg_model": segmenter.name,
                 "miou_mean": args.miou_mean, "metric": "segmentation"}
-    fid = FidScorer(getattr(args, "fid_model", None), device, items)
-    if fid.extractor:
-        settings |= {"fid_model": fid.extractor.name}
+    fid_score = FidScorer(getattr(args, "fid_model", None), device, items)
+    if fid_score.extractor:
+        settings |= {"fid_model": fid_score.extractor.name}
     pipe, model = load_conditioned(run_dir, run, device, args.num_inference_steps)
     existing = read_jsonl(run_dir / EVAL, strict=False) if (run_dir / EVAL).is_file() else []
     results = []
@@ -187,14 +186,15 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
                 load_checkpoint(model, None)
                 pairs = generate(pipe, model, items, args.seeds, settings, run_dir / "eval" / "seg-base",
                                  use_control=False)
-            result = score_pairs(pairs, segmenter, args.miou_mean) | (fid(pairs) if kind == "base" else {})
+            result = score_pairs(pairs, segmenter, args.miou_mean) | (fid_score(pairs) if kind == "base" else {})
             record({**result, "step": None, "kind": kind}, f"{kind} images")
     for step, adapter_dir in chosen:
         load_checkpoint(model, adapter_dir)
         out = run_dir / "eval" / f"seg-step-{step}"
         pairs = generate(pipe, model, items, args.seeds, {**settings, "step": step}, out)
-        result = {**score_pairs(pairs, segmenter, args.miou_mean), **fid(pairs), "step": step, "kind": "checkpoint",
-                  "checkpoint": adapter_dir.name if adapter_dir != run_dir else "final", "images": str(out)}
+        result = {**score_pairs(pairs, segmenter, args.miou_mean), **fid_score(pairs), "step": step,
+                  "kind": "checkpoint", "checkpoint": adapter_dir.name if adapter_dir != run_dir else "final",
+                  "images": str(out)}
         write_json(out / "scores.json", {**result, **settings})
         record(result, f"step {step}")
     return results

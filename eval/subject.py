@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import EvalError
+from training.common.args import file_in_the_way
+
+from . import EvalError, generate
 from .common import (
     ADAPTER_FILES,
     ArgumentParser,
@@ -147,8 +149,7 @@ def plan_run(args) -> dict:
     if args.real_dir:
         real = load_folder(args.real_dir, "--real_dir").items
     else:
-        from .generate import run_real_images
-        real = run_real_images(run, resolution)
+        real = generate.run_real_images(run, resolution)
     return {"run_dir": run_dir, "run": run, "chosen": chosen, "prompts": prompts, "gen": gen, "real": real}
 
 
@@ -165,14 +166,11 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
             done = {}
         if args.regenerate or {k: done.get(k) for k in settings} != settings:
             if pipe is None:   # loaded only when some checkpoint needs images
-                from .generate import load_pipeline
-                pipe = load_pipeline(run, device, keep_safety_checker=not args.disable_safety_checker)
-            from .generate import generate_images
-            blacked = generate_images(pipe, adapter_dir, prompts, images_dir, images_per_prompt=args.images_per_prompt,
-                                      seed=args.seed, batch_size=args.gen_batch_size,
-                                      num_inference_steps=gen["num_inference_steps"],
-                                      guidance_scale=gen["guidance_scale"], resolution=gen["resolution"],
-                                      settings=settings)
+                pipe = generate.load_pipeline(run, device, keep_safety_checker=not args.disable_safety_checker)
+            blacked = generate.generate_images(
+                pipe, adapter_dir, prompts, images_dir, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                batch_size=args.gen_batch_size, num_inference_steps=gen["num_inference_steps"],
+                guidance_scale=gen["guidance_scale"], resolution=gen["resolution"], settings=settings)
             if blacked:
                 logger.warning("step %d: the safety checker blacked out %d image(s); they score as failures "
                                "(--disable_safety_checker to keep them)", step, blacked)
@@ -241,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag} must be at least 1")
     if args.output:   # checked now, not after minutes of scoring
-        from training.common.args import file_in_the_way
-
         out = Path(args.output).expanduser()
         bad = file_in_the_way(out.parent)
         if out.is_dir() or bad is not None:

@@ -1,10 +1,11 @@
 """The layout rules the code keeps, read from the source (no imports run): no import cycle between a
-package's modules (imports inside functions included), no project import inside a function unless it is a documented optional dependency,
-no function over 100 lines. PACKAGES lists the packages held to them."""
+package's modules (imports inside functions included); inside a function no project import and no library
+import but the heavy ones eval/__init__.py lists; no function over 100 lines. PACKAGES lists the packages
+held to them (one more package: one more name)."""
 from __future__ import annotations
 
 import ast
-import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,11 +65,28 @@ def imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
 
 
 def optional_imports() -> set[str]:
-    """The documented list: the modules named in eval/__init__.py's docstring paragraph
-    'Imported inside functions ...' (heavy optional dependencies)."""
+    """The documented list: the names in eval/__init__.py's docstring paragraph 'Imported inside functions'
+    (heavy dependencies that only some commands need)."""
     doc = ast.get_docstring(ast.parse((ROOT / "eval" / "__init__.py").read_text())) or ""
     paragraph = next((p for p in doc.split("\n\n") if p.startswith("Imported inside functions")), "")
-    return set(re.findall(r"\b(?:%s)(?:\.\w+)*" % "|".join(PROJECT), paragraph))
+    head = paragraph.split(":", 1)[1].split(".")[0] if ":" in paragraph else ""
+    return {name.strip() for name in head.split(",") if name.strip()}
+
+
+def late_libraries(path: Path) -> list[tuple[int, str]]:
+    """[(line, top-level package)] of the non-project, non-standard-library imports inside functions."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for f in function_bodies(tree):
+        for node in ast.walk(f):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                tops = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            found += [(node.lineno, t) for t in tops if t not in PROJECT and t not in sys.stdlib_module_names]
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -122,13 +140,16 @@ def test_no_import_cycle_between_modules():
     assert cycles(graph) == []
 
 
-def test_no_project_import_inside_a_function_except_documented_optional_ones():
+def test_no_project_import_inside_a_function_and_libraries_only_from_the_documented_list():
     allowed = optional_imports()
-    assert allowed, "eval/__init__.py lists the optional imports"
-    late = [f"{path.relative_to(ROOT)}:{line} imports {module}"
-            for package in PACKAGES for path in modules(package).values()
-            for line, module in imports(path)[1] if module not in allowed]
-    assert late == []
+    assert {"diffusers", "transformers"} <= allowed, allowed        # the paragraph is found and read
+    project = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+               for package in PACKAGES for path in modules(package).values() for line, module in imports(path)[1]]
+    assert project == []
+    libraries = [f"{path.relative_to(ROOT)}:{line} imports {top}"
+                 for package in PACKAGES for path in modules(package).values()
+                 for line, top in late_libraries(path) if top not in allowed]
+    assert libraries == []
 
 
 def test_no_function_over_100_lines():
