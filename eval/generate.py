@@ -16,12 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
+from lowrank.runfolder import PROMPTS
 from training.common import models
 from training.common.data import example_subject
 
 from . import EvalError
 from .common import run_setting
-from .images import PROMPTS_FILE, load_folder
+from .images import load_folder
 
 
 def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = True):
@@ -86,7 +87,7 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
             rows.append({"image": name, "prompt": prompt, "seed": s})
         bar.update(len(chunk))
     bar.close()
-    (tmp / PROMPTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "generation.json").write_text(json.dumps({**(settings or {}), "blacked_out": blacked}, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

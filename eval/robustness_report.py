@@ -1,4 +1,4 @@
-"""The robustness study's report: measurements from the run folders, figures, results.csv and report.md.
+"""The robustness study's report: measurements from the run folders, figures, results.csv, commands.txt and report.md.
 
 Everything is read back from the runs (metrics.jsonl distances, checkpoint adapters, samples, eval rows), so
 rewriting the report of a finished study costs seconds. Numbers that could not be measured stay empty and

@@ -1,5 +1,6 @@
-"""The tasks the robustness study runs on: each is its trainer script, the scores it reports and how to get
-them from a finished run folder, and how to load its base model (for the weight-norm analysis).
+"""What the robustness study trains: the tasks it runs on (each is its trainer script, the scores it reports and
+how to get them from a finished run folder, how to load its base model for the weight-norm analysis, and its
+base learning rates) and the rows of DeLoRA's Table 1 (the ablation study).
 
 Adding a task = one entry in TASKS. A score function returns ({score name: value}, note): values are what
 was measured, or absent with a note saying why (no metric model, nothing to read); never a made-up number.

@@ -11,7 +11,8 @@ again when the settings change) two bounds are scored the same way: the real val
 bound, row "kind": "real") and the base model without adapter or conditioning (lower bound, "kind":
 "base"); their rows carry step null, before the checkpoint rows.
 
-The validation maps are the run's own: the ADE20K validation split of its --train_data_dir, the first
+The validation maps are the run's own, chosen by the trainer's own code (training.common.semantic_sets,
+from the data settings in run.json): the ADE20K validation split of its --train_data_dir, the first
 --max_maps pairs of an imagefolder/hub set, or the trainer's embedded set. Maps and images are cropped
 and resized exactly as the trainer did (training.common.segdata), at the run's resolution.
 """
