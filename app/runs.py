@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank import runfolder
+from lowrank.cli import error_line
 
 # run folders are read one way across the product: lowrank.runfolder's readers, under the app's names
 ADAPTER_FILES, is_adapter_dir, read_json = runfolder.ADAPTER_FILES, runfolder.is_adapter_dir, runfolder.read_json
@@ -245,14 +246,6 @@ def status(run_dir: Path) -> tuple[str, str]:
     if is_adapter_dir(run_dir):
         return "finished", ""
     return "incomplete", "no final adapter (a run made outside the app, or still writing)"
-
-
-def error_line(lines: list[str]) -> str:
-    """The trainer's one-line `error: ...` if it printed one, else the last line."""
-    for line in reversed(lines):
-        if line.lower().startswith("error:") or "Error:" in line:
-            return line
-    return lines[-1] if lines else ""
 
 
 def info(run_dir: Path) -> RunInfo:

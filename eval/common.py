@@ -3,7 +3,8 @@
 A trained run looks like RUN/run.json (arguments under "args", resolved values such as the learning
 rate and the adapter config at the top level), RUN/metrics.jsonl (one row per step),
 RUN/checkpoint-N/{adapter_config.json, adapter.safetensors, samples/}, the final adapter in RUN/,
-and, once scored, RUN/eval.jsonl (one row per scored checkpoint, written by eval.subject).
+and, once scored, RUN/eval.jsonl (one row per scored checkpoint, written by eval.subject and
+eval.semantic_run through update_eval_file). The file names are lowrank.runfolder's.
 """
 from __future__ import annotations
 
@@ -95,6 +96,16 @@ def read_run(run_dir: str | Path) -> dict:
         return runfolder.read_run(run_dir)
     except runfolder.RunFolderError as e:
         raise EvalError(str(e)) from None
+
+
+def update_eval_file(run_dir: Path, row: dict, same_keys: tuple[str, ...]) -> None:
+    """Add `row` to RUN/eval.jsonl, replacing an earlier row with the same values of `same_keys` (a rescore).
+    File order: rows without a step first (a semantic-map run's real/base bounds), then by step."""
+    path = Path(run_dir) / runfolder.EVAL
+    rows = [r for r in (read_jsonl(path, strict=False) if path.is_file() else [])
+            if not all(r.get(k) == row.get(k) for k in same_keys)] + [row]
+    rows.sort(key=lambda r: (isinstance(r.get("step"), int), r.get("step") or 0))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:

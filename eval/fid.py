@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import EvalError
 
@@ -88,8 +89,6 @@ class InceptionFeatures:
         self.name = f"inception_v3 ({path.name})"
 
     def pixels(self, images) -> torch.Tensor:
-        from PIL import Image
-
         arrays = [np.asarray(im.convert("RGB").resize((FEATURE_SIZE, FEATURE_SIZE), Image.BILINEAR), np.float32)
                   for im in images]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0

@@ -1,8 +1,8 @@
 """Images from a trained run: its base pipeline with a checkpoint's adapter loaded, the protocol's
-prompts x 4 fixed seeds. The only eval code that imports lowrank and training (lazily), so scoring
-folders of images never needs either.
+prompts x 4 fixed seeds. The pipeline comes from the trainers' loader (training.common.models), so the
+built-in tiny preset loads as in training; diffusers itself is imported inside the functions that need it.
 
-    pipe = load_pipeline(run)                                   # the run's base model, once
+    pipe = load_pipeline(run, device)                           # the run's base model, once
     generate_images(pipe, RUN / "checkpoint-400", prompts, out_dir, ...)   # adapter in, images out
 """
 from __future__ import annotations
@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import lowrank
+from lowrank.runfolder import PROMPTS
+from training.common import models
+from training.common.data import example_subject
+
 from . import EvalError
 from .common import run_setting
-from .images import PROMPTS_FILE, load_folder
+from .images import load_folder
 
 
 def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = True):
@@ -28,23 +33,8 @@ def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = T
     name = run_setting(run, "pretrained_model_name_or_path")
     revision = run_setting(run, "revision")
     extra = {} if keep_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    try:
-        # training's loader also knows the built-in "tiny" preset (name None/"tiny") the trainer defaults to
-        from training.common.models import load_pipeline as training_load_pipeline
-    except ImportError:
-        training_load_pipeline = None
-    try:
-        if training_load_pipeline is not None:
-            pipe = training_load_pipeline(name, revision=revision, **extra)
-        else:
-            from diffusers import StableDiffusionPipeline
-
-            if not name:
-                raise EvalError("run.json has no pretrained_model_name_or_path and training/ (which knows the "
-                                "tiny preset) is not importable")
-            pipe = StableDiffusionPipeline.from_pretrained(name, revision=revision, **extra)
-    except EvalError:
-        raise
+    try:   # training's loader also knows the built-in "tiny" preset (name None/"tiny") the trainer defaults to
+        pipe = models.load_pipeline(name, revision=revision, **extra)
     except Exception as e:   # training's ModelLoadError, diffusers' OSError/ValueError: one line
         raise EvalError(f"cannot load the run's base model {name!r}: "
                         f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
@@ -59,11 +49,6 @@ def run_real_images(run: dict, resolution: int) -> list[tuple]:
     directory = run_setting(run, "instance_data_dir")
     if directory:
         return load_folder(directory, "instance_data_dir (from run.json; --real_dir overrides it)").items
-    try:
-        from training.common.data import example_subject
-    except ImportError:
-        raise EvalError("run.json has no instance_data_dir and training/ is not importable; "
-                        "pass --real_dir") from None
     return [(f"example-{i}.png", img) for i, img in enumerate(example_subject(resolution))]
 
 
@@ -75,8 +60,6 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
     out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt uses seed
     seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
     renamed into place. Returns how many images the safety checker blacked out."""
-    import lowrank
-
     unet = pipe.unet
     if lowrank.adapter_layers(unet):
         lowrank.eject(unet)   # a fresh injection per checkpoint: exact, and safe if ranks differ
@@ -104,7 +87,7 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
             rows.append({"image": name, "prompt": prompt, "seed": s})
         bar.update(len(chunk))
     bar.close()
-    (tmp / PROMPTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "generation.json").write_text(json.dumps({**(settings or {}), "blacked_out": blacked}, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

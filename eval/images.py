@@ -1,6 +1,6 @@
 """Image folders in: the real subject photos, the generated images named by prompts.jsonl, and
-label maps. Unreadable files are skipped, named in one warning and counted; a folder with nothing
-usable is an error."""
+label maps. Images decode as the trainers decode them (training.common.data.open_image). Unreadable
+files are skipped, named in one warning and counted; a folder with nothing usable is an error."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from lowrank.runfolder import PROMPTS
+from training.common import TrainingError
+from training.common.data import (
+    check_image_folder,
+    open_image,  # the trainers' decoding: EXIF rotation, alpha over white, 16-bit
+)
 
 from . import EvalError
 from .common import logger, read_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-PROMPTS_FILE = "prompts.jsonl"
 
 
 @dataclass
@@ -22,17 +28,6 @@ class Loaded:
     """Images that decoded (name, image[, prompt]) and the files that did not ("name (why)")."""
     items: list = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-
-def open_image(path: Path) -> Image.Image:
-    """Decode fully (a truncated file fails here, not mid-batch), honour EXIF rotation, make RGB."""
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")   # transparency over white, not over black
-            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        return img.convert("RGB")
 
 
 def try_open(path: Path, loaded: Loaded, opener=open_image):
@@ -53,12 +48,11 @@ def warn_skipped(loaded: Loaded, where: Path) -> None:
 
 
 def check_dir(directory: str | Path, flag: str) -> Path:
-    d = Path(directory).expanduser()
-    if not d.exists():
-        raise EvalError(f"{flag} {d} does not exist")
-    if not d.is_dir():
-        raise EvalError(f"{flag} {d} is not a directory")
-    return d
+    """The folder a flag names (training.common.data's check), with eval's error type."""
+    try:
+        return check_image_folder(directory, flag)
+    except TrainingError as e:
+        raise EvalError(str(e)) from None
 
 
 def image_files(directory: Path) -> list[Path]:
@@ -87,9 +81,9 @@ def load_folder(directory: str | Path, flag: str = "--real_dir") -> Loaded:
 
 def read_prompts(directory: Path, flag: str = "--generated_dir") -> list[dict]:
     """prompts.jsonl rows {"image": file, "prompt": text, ...}; every named file must exist."""
-    path = directory / PROMPTS_FILE
+    path = directory / PROMPTS
     if not path.is_file():
-        raise EvalError(f"{flag} {directory} has no {PROMPTS_FILE}; write one line "
+        raise EvalError(f"{flag} {directory} has no {PROMPTS}; write one line "
                         f'{{"image": "<file>", "prompt": "<text>"}} per generated image')
     rows = read_jsonl(path, valid=lambda r: isinstance(r.get("image"), str) and isinstance(r.get("prompt"), str),
                       expected='{"image": <file>, "prompt": <text>}')
@@ -112,7 +106,7 @@ def load_generated(directory: str | Path, flag: str = "--generated_dir") -> Load
             loaded.items.append((row["image"], img, row["prompt"]))
     warn_skipped(loaded, d)
     if not loaded.items:
-        raise EvalError(f"{flag} {d}: none of the images in {PROMPTS_FILE} is readable "
+        raise EvalError(f"{flag} {d}: none of the images in {PROMPTS} is readable "
                         f"(skipped {', '.join(loaded.skipped)})")
     return loaded
 

@@ -24,7 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import EvalError
+from lowrank.runfolder import EVAL, PROMPTS, SAMPLES
+
+from . import EvalError, plots
 from .common import (
     ArgumentParser,
     checkpoint_dirs,
@@ -37,7 +39,7 @@ from .common import (
     run_setting,
     write_text,
 )
-from .images import PROMPTS_FILE, open_image
+from .images import open_image
 
 FIG3_LAYER = "attn1.to_out.0"
 COLUMNS = ["run", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "distance"]
@@ -91,7 +93,7 @@ def load_run(path: str | Path, distance_choice: str) -> Run:
     metrics = read_metrics(path)
     if not metrics:
         logger.warning("%s has no metrics.jsonl rows: no distance for it", path)
-    evals = read_jsonl(path / "eval.jsonl", strict=False) if (path / "eval.jsonl").is_file() else []
+    evals = read_jsonl(path / EVAL, strict=False) if (path / EVAL).is_file() else []
     evals = sorted((e for e in evals if isinstance(e.get("step"), int)), key=lambda e: e["step"])
     scorers = {(e.get("dino_model"), e.get("clip_model")) for e in evals}
     if len(scorers) > 1:   # scores from different models are not comparable
@@ -104,9 +106,9 @@ def load_run(path: str | Path, distance_choice: str) -> Run:
     r = Run(path=path, method=str(run_setting(run, "method", "?")), rank=run_setting(run, "rank"),
             lr=float(lr) if isinstance(lr, (int, float)) else None, metrics=metrics, evals=evals,
             distance_key=key, final_step=final_step(path, run))
-    r.samples = {step: d / "samples" for step, d in checkpoint_dirs(path) if (d / "samples" / PROMPTS_FILE).is_file()}
-    if (path / "samples" / PROMPTS_FILE).is_file() and isinstance(r.final_step, int):
-        r.samples.setdefault(r.final_step, path / "samples")
+    r.samples = {step: d / SAMPLES for step, d in checkpoint_dirs(path) if (d / SAMPLES / PROMPTS).is_file()}
+    if (path / SAMPLES / PROMPTS).is_file() and isinstance(r.final_step, int):
+        r.samples.setdefault(r.final_step, path / SAMPLES)
     return r
 
 
@@ -180,7 +182,7 @@ def lr_sweeps(runs: list[Run]) -> tuple[dict[str, list[dict]], dict[str, float]]
 
 def first_sample(samples_dir: Path, want: tuple | None):
     """(image, (prompt, seed)) of the row matching `want`, else the first row of prompts.jsonl."""
-    rows = read_jsonl(samples_dir / PROMPTS_FILE, strict=False)
+    rows = read_jsonl(samples_dir / PROMPTS, strict=False)
     row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), rows[0] if rows else None)
     if row is None or not isinstance(row.get("image"), str):
         return None, None
@@ -193,7 +195,7 @@ def first_sample(samples_dir: Path, want: tuple | None):
 
 def sample_map(samples_dir: Path, want: tuple | None):
     """The control map of the sample row matching `want` (semantic-map runs write "map"), else None."""
-    rows = read_jsonl(samples_dir / PROMPTS_FILE, strict=False)
+    rows = read_jsonl(samples_dir / PROMPTS, strict=False)
     row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), None)
     if row is None or not isinstance(row.get("map"), str):
         return None
@@ -219,8 +221,6 @@ def spread(steps: list[int], n: int) -> list[int]:
 
 
 def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
-    from . import plots
-
     written = []
     colours = {r.label: f"C{i % 10}" for i, r in enumerate(runs)}   # one colour per run in every figure
     curves = {r.label: series(r.metrics, r.distance_key) for r in runs if r.distance_key}

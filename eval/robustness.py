@@ -44,27 +44,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from lowrank import METHODS
-from lowrank.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json, write_text
+from lowrank.cli import error_line
+from lowrank.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json
 
 from . import EvalError
 from .common import ArgumentParser, run_main
-from .robustness_tasks import TASKS, flag_value
+from .robustness_report import write_report
+from .robustness_tasks import ABLATION_ROWS, ROOT, TASKS, flag_value
 
-ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ("lr", "long", "norms", "appd")
-# Table 1 (DeLoRA), top to bottom: (row, ΔW as printed, method, trainer flags)
-ABLATION_ROWS = [
-    ("V1 LoRA [rank-r]", "BA", "lora", []),
-    ("V2 + normalize w/ controllable boundary", "(λ/r) BΞA", "delora", ["--delora_norm", "none"]),
-    ("V3 + weight-scaling (DeLoRA)", "(λ‖W‖/r) BΞA", "delora", []),
-    ("V5 ↑ + controllable scale + high rank + relaxed", "(λ/r)(BΞA − DΦC) W", "mult_relaxed", []),
-    ("V6 + controllable boundary + high rank", "(λ/r)(UΣUᵀ − VΘVᵀ) W", "mult_highrank", []),
-    ("V7 + controllable boundary", "λ(uuᵀ − vvᵀ) W (λ/2 per term, Eq. 10)", "mult_bounded", []),
-    ("V8 ETHER+ (one-side) [rank-2, boundary 2]", "(uuᵀ − vvᵀ) W", "etherplus", ["--etherplus_one_sided"]),
-]
-
-
 @dataclass
 class RunSpec:
     """One training run of the study: what to train and where it lands."""
@@ -106,7 +97,7 @@ class RunResult:
 def plan(args, task, passthrough: list[str]) -> list[RunSpec]:
     """Every run of the study, seed by seed. The prolonged runs take the first seed only: they are curves."""
     def base_lr(method: str) -> float:
-        return args.base_lrs.get(method) or task.base_lr(method, passthrough)
+        return task.base_lr(method, passthrough, args.base_lrs)
 
     n, f1, e = args.max_train_steps, 1.0, args.num_train_epochs
     long_extra = list(task.long_flags)
@@ -136,12 +127,6 @@ def finished(folder: Path) -> bool:
     return is_adapter_dir(folder) and status.get("code", 0) == 0
 
 
-def error_line(log: str) -> str:
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    return (errors or lines or ["no output"])[-1][:300]
-
-
 def trainer_command(spec: RunSpec, folder: Path, script: Path, args, passthrough: list[str]) -> list[str]:
     length = ["--num_train_epochs", str(spec.epochs)] if spec.epochs else ["--max_train_steps", str(spec.steps)]
     every = args.checkpointing_steps if spec.epochs else min(args.checkpointing_steps, spec.steps)
@@ -167,15 +152,14 @@ def ensure_run(spec: RunSpec, args, task, passthrough: list[str]) -> RunResult:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
     if proc.returncode != 0 or not finished(folder):
         text = log.read_text(errors="replace")
-        return RunResult(spec, folder, "failed", f"exit {proc.returncode}: {error_line(text)} (log: {log})", cmd)
+        error = error_line(text.splitlines()) or "no output"
+        return RunResult(spec, folder, "failed", f"exit {proc.returncode}: {error} (log: {log})", cmd)
     return RunResult(spec, folder, "trained", command=cmd)
 
 
 def run_all(specs: list[RunSpec], args, task, passthrough: list[str]) -> list[RunResult]:
     """Train every distinct run (the same settings in two studies: one run), --jobs at a time; the longest
     runs start first so the last lane does not wait on one long run."""
-    from tqdm.auto import tqdm
-
     unique = list({s.name: s for s in specs}.values())
     unique.sort(key=lambda s: (s.epochs or 0, s.steps), reverse=True)
     done = {}
@@ -318,8 +302,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .robustness_report import write_report
-
     args, passthrough = parse(argv)
     task = TASKS[args.task]
     task.check()   # a trainer that does not exist yet: one error line, before anything runs
@@ -336,19 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     return run_main(main, argv)
-
-
-def write_commands(path: Path, results: list[RunResult], own: list[str]) -> None:
-    import shlex
-
-    lines = ["# this study", "python -m eval.robustness " + shlex.join(own), "", "# its runs"]
-    seen = set()
-    for r in results:
-        if r.spec.name not in seen:
-            seen.add(r.spec.name)
-            # paths inside the checkout as they read from its root: the file is the same on every machine
-            lines.append(shlex.join(r.command).replace(str(ROOT) + os.sep, ""))
-    write_text(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

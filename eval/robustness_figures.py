@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lowrank.runfolder import read_jsonl
+from PIL import Image
+
+from lowrank.runfolder import PROMPTS, SAMPLES, checkpoint_dir, read_jsonl
 
 from .plots import plt, sample_grid, save
 
@@ -82,18 +84,16 @@ def long_figures(rows: list[dict], out: Path, score_keys) -> list[str]:
         a.legend(fontsize=7)
     save(fig, out / "fig3_distance_over_steps.png")
     names = ["fig3_distance_over_steps.png"]
-    from PIL import Image
-
     steps = sorted({s for r in long for s in r["checkpoints"]})
     cells = {}
     for i, r in enumerate(long):
         for j, step in enumerate(steps):
             folder = out / "runs" / r["run"]
-            sdir = folder / f"checkpoint-{step}" / "samples"
+            sdir = checkpoint_dir(folder, step) / SAMPLES
             if not sdir.is_dir():
-                sdir = folder / "samples" if step == r["step"] else sdir
+                sdir = folder / SAMPLES if step == r["step"] else sdir
             try:
-                first = read_jsonl(sdir / "prompts.jsonl", strict=False)[0]["image"]
+                first = read_jsonl(sdir / PROMPTS, strict=False)[0]["image"]
                 cells[(i, j)] = Image.open(sdir / first).convert("RGB")
             except (OSError, IndexError, KeyError, ValueError):
                 continue

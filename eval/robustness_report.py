@@ -1,4 +1,4 @@
-"""The robustness study's report: measurements from the run folders, figures, results.csv and report.md.
+"""The robustness study's report: measurements from the run folders, figures, results.csv, commands.txt and report.md.
 
 Everything is read back from the runs (metrics.jsonl distances, checkpoint adapters, samples, eval rows), so
 rewriting the report of a finished study costs seconds. Numbers that could not be measured stay empty and
@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import re
+import shlex
 import statistics
 from pathlib import Path
 
 import torch
 
+import lowrank
+from lowrank import read_adapter
 from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
+from training.common.logging import library_versions
+from training.common.models import is_tiny
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
+from .robustness_tasks import ABLATION_ROWS, ROOT, base_model_name
 
 TYPES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "q_proj": "q", "k_proj": "k", "v_proj": "v",
          "out_proj": "out", "query": "q", "key": "k", "value": "v", "attention.output.dense": "out"}
@@ -41,8 +48,6 @@ def figure_layer(folder: Path, rows: list[dict], wanted: str | None) -> str | No
 def bound_at(adapter_dir: Path, layer: str, sigma: dict) -> float | None:
     """The radius the method proves for `layer` from a saved adapter: DeLoRA (|λ| + |λ0|)·N (N = the largest
     saved ‖W̄‖ scale), mult_* |λ|·σ_max(W̄) (σ from the base model). None for unbounded methods."""
-    from lowrank import read_adapter
-
     try:
         cfg, state = read_adapter(adapter_dir)
     except Exception:
@@ -74,8 +79,6 @@ def weight_norms(model) -> list[dict]:
 
 
 def trainable_count(model, adapter_dir: Path) -> int | None:
-    import lowrank
-
     try:
         cfg, _ = lowrank.read_adapter(adapter_dir)
         lowrank.inject(model, cfg)
@@ -210,8 +213,6 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 def machine_info(args, results) -> dict:
     """Where and how the study ran: what a reader needs to compare a rerun's numbers with these. A command
     that trained nothing (every run reused: the report rewritten) keeps the record of the one that trained."""
-    from training.common.logging import library_versions
-
     trained = len({r.spec.name for r in results if r.status == "trained"})
     previous = read_json(args.output_dir / "machine.json", default=None)
     if not trained and isinstance(previous, dict) and previous.get("wall_time_s"):
@@ -228,10 +229,27 @@ def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return head + "".join("| " + " | ".join(cell(r, k) for _, k in columns) + " |\n" for r in rows)
 
 
-def write_report(results, args, task, passthrough: list[str], own_argv: list[str]) -> Path:
-    from .robustness import ABLATION_ROWS, write_commands
-    from .robustness_tasks import base_model_name
+def write_figures(rows: list[dict], summary: list[dict], norms: list[dict], score_names: list[str],
+                  out: Path) -> list[str]:
+    """Figs. 2, 3, 4 and App. D's Fig. 6, those the study has data for: the file names written."""
+    figures = []
+    if factor_figure([r for r in summary if r["study"] == "lr"], lambda r: r["method"], score_names,
+                     out / "fig2_lr_sweep.png", "Fig. 2: learning-rate robustness"):
+        figures.append("fig2_lr_sweep.png")
+    figures += long_figures(rows, out, SUMMARY_KEYS)
+    if norms:
+        norms_figure(norms, out / "fig4_weight_norms.png")
+        figures.append("fig4_weight_norms.png")
+    appd = [r for r in summary if r["study"] == "appd"] + [{**r, "label": "delora (both ×f)"} for r in summary
+                                                            if r["study"] == "lr" and r["method"] == "delora"]
+    if factor_figure(appd, lambda r: r["label"], score_names, out / "fig6_appd.png",
+                     "App. D (Fig. 6): DeLoRA, λ or A/B learning rate raised alone"):
+        figures.append("fig6_appd.png")
+    return figures
 
+
+def write_report(results, args, task, passthrough: list[str], own_argv: list[str]) -> Path:
+    """report.md, results.csv, summary.csv, machine.json, commands.txt and the figures, from the runs."""
     out = args.output_dir
     notes = []
     done_dirs = [r.folder for r in results if r.status != "failed"]
@@ -242,8 +260,6 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     except Exception as e:
         notes.append(f"The base model {name!r} did not load ({str(e).splitlines()[0][:200]}): no weight norms, "
                      f"no `mult_*` bounds, no parameter counts.")
-    from training.common.models import is_tiny
-
     if args.task != "glue" and is_tiny(name):
         notes.append("The base model is the built-in tiny SD with random weights: its images are noise, so any "
                      "DINO / CLIP-I score here says nothing about subject fidelity. The distances and bounds are "
@@ -254,21 +270,8 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     rows = measure(results, args, task, base, score_note)
     summary = aggregate(rows)
     score_names = [k for k in task.score_names if any(r.get(k) is not None for r in rows)] or list(task.score_names)
-    figures = []
-    if factor_figure([r for r in summary if r["study"] == "lr"], lambda r: r["method"], score_names,
-                     out / "fig2_lr_sweep.png", "Fig. 2: learning-rate robustness"):
-        figures.append("fig2_lr_sweep.png")
-    figures += long_figures(rows, out, SUMMARY_KEYS)
     norms = weight_norms(base) if base is not None and "norms" in args.studies else []
-    if norms:
-        norms_figure(norms, out / "fig4_weight_norms.png")
-        figures.append("fig4_weight_norms.png")
-    appd = [r for r in summary if r["study"] == "appd"] + [{**r, "label": "delora (both ×f)"} for r in summary
-                                                            if r["study"] == "lr" and r["method"] == "delora"]
-    if factor_figure(appd, lambda r: r["label"], score_names, out / "fig6_appd.png",
-                     "App. D (Fig. 6): DeLoRA, λ or A/B learning rate raised alone"):
-        figures.append("fig6_appd.png")
-
+    figures = write_figures(rows, summary, norms, score_names, out)
     table = csv_rows(rows)
     for t in table:
         t["score_names"] = ",".join(score_names)
@@ -276,15 +279,13 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
     write_commands(out / "commands.txt", results, own_argv)
     machine = machine_info(args, results)
-    import json
-
     write_text(out / "machine.json", json.dumps(machine, indent=2) + "\n")
 
     scores = [(k, k) for k in score_names] + ([("tune_score", "tuning score")] if any(
         r.get("tune_score") is not None for r in rows) else [])
 
     def base_rate(method: str) -> float:
-        return args.base_lrs.get(method) or task.base_lr(method, passthrough)
+        return task.base_lr(method, passthrough, args.base_lrs)
     sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
              f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
     # what the trainers were told (trainer_command): a step-sized run never checkpoints more rarely than its length
@@ -337,3 +338,15 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
                                                              ("mean column norm", "mean_column_norm")])]
     md += ["## Commands", "", "```", (out / "commands.txt").read_text().rstrip(), "```", ""]
     return write_text(out / "report.md", "\n".join(md))
+
+
+def write_commands(path: Path, results: list, own: list[str]) -> None:
+    """commands.txt: this study's command, then each distinct run's trainer command (results: RunResult)."""
+    lines = ["# this study", "python -m eval.robustness " + shlex.join(own), "", "# its runs"]
+    seen = set()
+    for r in results:
+        if r.spec.name not in seen:
+            seen.add(r.spec.name)
+            # paths inside the checkout as they read from its root: the file is the same on every machine
+            lines.append(shlex.join(r.command).replace(str(ROOT) + os.sep, ""))
+    write_text(path, "\n".join(lines) + "\n")

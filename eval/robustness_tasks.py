@@ -1,5 +1,6 @@
-"""The tasks the robustness study runs on: each is its trainer script, the scores it reports and how to get
-them from a finished run folder, and how to load its base model (for the weight-norm analysis).
+"""What the robustness study trains: the tasks it runs on (each is its trainer script, the scores it reports and
+how to get them from a finished run folder, how to load its base model for the weight-norm analysis, and its
+base learning rates) and the rows of DeLoRA's Table 1 (the ablation study).
 
 Adding a task = one entry in TASKS. A score function returns ({score name: value}, note): values are what
 was measured, or absent with a note saying why (no metric model, nothing to read); never a made-up number.
@@ -12,12 +13,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank import METHODS
+from lowrank.cli import error_line
 from lowrank.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
+from training.common import language
+from training.common.args import default_learning_rate
+from training.common.models import load_pipeline
+from training.common.tweet_data import TWEET_TASKS, tweet_learning_rate
 
 from . import EvalError
+from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
+# Table 1 (DeLoRA), top to bottom: (row, ΔW as printed, method, trainer flags)
+ABLATION_ROWS = [
+    ("V1 LoRA [rank-r]", "BA", "lora", []),
+    ("V2 + normalize w/ controllable boundary", "(λ/r) BΞA", "delora", ["--delora_norm", "none"]),
+    ("V3 + weight-scaling (DeLoRA)", "(λ‖W‖/r) BΞA", "delora", []),
+    ("V5 ↑ + controllable scale + high rank + relaxed", "(λ/r)(BΞA − DΦC) W", "mult_relaxed", []),
+    ("V6 + controllable boundary + high rank", "(λ/r)(UΣUᵀ − VΘVᵀ) W", "mult_highrank", []),
+    ("V7 + controllable boundary", "λ(uuᵀ − vvᵀ) W (λ/2 per term, Eq. 10)", "mult_bounded", []),
+    ("V8 ETHER+ (one-side) [rank-2, boundary 2]", "(uuᵀ − vvᵀ) W", "etherplus", ["--etherplus_one_sided"]),
+]
 
 
 @dataclass
@@ -33,10 +49,13 @@ class StudyTask:
     long_flags: tuple[str, ...] = ()               # trainer flags of the prolonged runs only
     base_lr_of: Callable | None = None             # (method, trainer flags) -> the method's base rate here
 
-    def base_lr(self, method: str, passthrough: list[str]) -> float:
+    def base_lr(self, method: str, passthrough: list[str], given: dict[str, float] | None = None) -> float:
+        """The study's base rate of `method`: --base_lrs (`given`), else the task's, else the method's default."""
+        if given and given.get(method):
+            return given[method]
         if self.base_lr_of is not None:
             return self.base_lr_of(method, passthrough)
-        return METHODS[method].default_learning_rate
+        return default_learning_rate(method)
 
     def check(self) -> None:
         if not self.script.is_file():
@@ -49,8 +68,6 @@ class StudyTask:
 def prepare_subject(args) -> str | None:
     """Load the metric models once before the sweep: if they cannot load (offline, no local folder), every
     run's scores are unavailable for the same reason, said once, instead of failing run by run."""
-    from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
-
     args.dino_model, args.clip_model = args.dino_model or DINO_MODEL, args.clip_model or CLIP_MODEL
     device, failed = resolve_device("auto"), []
     for embedder, name in ((DinoEmbedder, args.dino_model), (ClipEmbedder, args.clip_model)):
@@ -75,14 +92,11 @@ def score_subject(folder: Path, args, step: int) -> tuple[dict, str]:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         row = scored()
         if proc.returncode != 0 or row is None:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
-            return {}, f"scoring failed: {lines[-1][:200]}"
+            return {}, f"scoring failed: {(error_line(proc.stderr.splitlines()) or 'no output')[:200]}"
     return {"dino": row["dino"], "clip_i": row["clip_i"]}, ""
 
 
 def load_unet(name: str | None):
-    from training.common.models import load_pipeline
-
     return load_pipeline(name).unet
 
 
@@ -155,19 +169,14 @@ def flag_value(passthrough: list[str], flag: str) -> str | None:
 
 def glue_base_lr(method: str, passthrough: list[str]) -> float:
     """The tweet tasks' tuned rates (training.common.tweet_data); other GLUE data: the method's default."""
-    from training.common.tweet_data import TWEET_TASKS, tweet_learning_rate
-
     if flag_value(passthrough, "--task_name") in TWEET_TASKS:
         return tweet_learning_rate(method)
-    return METHODS[method].default_learning_rate
+    return default_learning_rate(method)
 
 
 def load_language_model(name: str | None):
     """The base encoder through the trainer's own loader, so presets ('minilm', the default) load offline."""
-    from training.common.language import MINILM
-    from training.common.language import load_language_model as load
-
-    model, _ = load(name or MINILM, "classification", num_labels=2)
+    model, _ = language.load_language_model(name or language.MINILM, "classification", num_labels=2)
     return model
 
 

@@ -1,9 +1,9 @@
 """Semantic-map fidelity: a segmentation model's predictions on the generated images against the label
 maps they were generated from, scored as mIoU and pixel accuracy.
 
-Metrics are accumulated in one confusion matrix over the whole set, as mmseg does: per class
-IoU = TP / (TP + FP + FN) over all pixels of all images; a class absent from both the labels and
-the predictions has no IoU (NaN, left out of the mean); pixel accuracy = correct / valid pixels.
+Metrics are accumulated in one confusion matrix over the whole set, as mmseg does (eval.miou has the
+arithmetic): per class IoU = TP / (TP + FP + FN) over all pixels of all images; pixel accuracy =
+correct / valid pixels.
 
 Labels follow ADE20K: label maps store 0 = "other/unlabelled" and 1..150 the classes, while ADE20K
 models predict 0..149. reduce_zero_label (on by default) maps 0 -> 255 (ignored) and k -> k-1;
@@ -38,57 +38,12 @@ from . import EvalError
 from .common import ArgumentParser, clean_json, logger, run_main, write_json
 from .embed import load_model, load_processor, resolve_device
 from .images import Loaded, check_dir, image_files, open_image, open_label, try_open, warn_skipped
+from .miou import IGNORE_INDEX, MIOU_MEANS, confusion_matrix, reduce_zero_label, scores_from_confusion
+from .semantic_run import score_run
+from .upernet101 import TEST_SCALES, UperNet101Segmenter
 
 SEG_MODEL = "openmmlab/upernet-convnext-small"
-IGNORE_INDEX = 255
-MIOU_MEANS = ("present", "all")
 SEGMENTERS = ("transformers", "upernet101")
-
-
-# ----- the arithmetic -----------------------------------------------------------------------------
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K's raw maps -> training ids: 0 (unlabelled) -> 255, k -> k-1, 255 stays ignored."""
-    label = np.asarray(label, dtype=np.int64)
-    out = label - 1
-    out[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
-    return out
-
-
-def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """(num_classes, num_classes) pixel counts, rows = label, columns = prediction. Pixels labelled
-    ignore_index or outside 0..num_classes-1 are not counted."""
-    pred, label = np.asarray(pred, dtype=np.int64), np.asarray(label, dtype=np.int64)
-    if pred.shape != label.shape:
-        raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in shape")
-    valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
-    idx = label[valid] * num_classes + np.clip(pred[valid], 0, num_classes - 1)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def scores_from_confusion(cm: np.ndarray, miou_mean: str = "present") -> dict:
-    """mIoU, pixel accuracy (aAcc), mean class accuracy, and per-class IoU/accuracy (NaN: absent).
-
-    miou_mean "present" (mmseg): the mean over classes in the labels or the predictions; "all"
-    (mit-semseg, whose UperNet-101 the DeLoRA/ETHER papers used): over every class, absent ones as 0
-    (IoU and accuracy alike). On a small set the two differ by a large factor: always say which."""
-    if miou_mean not in MIOU_MEANS:
-        raise ValueError(f"miou_mean must be one of {MIOU_MEANS}, got {miou_mean!r}")
-    cm = np.asarray(cm, dtype=np.float64)
-    tp, gt, pred = np.diag(cm), cm.sum(1), cm.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = tp / (gt + pred - tp)          # 0/0 = NaN: the class is in neither labels nor predictions
-        acc = tp / gt
-    total = cm.sum()
-
-    def mean(values: np.ndarray) -> float:
-        if miou_mean == "all":
-            return float(np.nan_to_num(values, nan=0.0).mean())
-        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-    return {"miou": mean(iou), "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
-            "mean_accuracy": mean(acc), "miou_mean": miou_mean,
-            "iou": iou.tolist(), "accuracy": acc.tolist(), "valid_pixels": int(total)}
 
 
 # ----- the model ----------------------------------------------------------------------------------
@@ -212,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 def make_segmenter(args, device):
     """The chosen segmenter; also settles --miou_mean's default (mit-semseg's 'all' with its UperNet-101)."""
     if args.segmenter == "upernet101":
-        from .upernet101 import TEST_SCALES, UperNet101Segmenter
-
         if not args.upernet101_dir:
             raise EvalError("--segmenter upernet101 needs --upernet101_dir, a folder with mit-semseg's "
                             "encoder_epoch_50.pth and decoder_epoch_50.pth")
@@ -232,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError("give either --run_dir or --generated_dir with --label_dir, not both")
         if args.num_inference_steps <= 0 or (args.max_maps is not None and args.max_maps <= 0):
             raise EvalError("--num_inference_steps and --max_maps must be positive")
-        from .semantic_run import score_run
-
         device = resolve_device(args.device)
         score_run(args, make_segmenter(args, device), device)
         return 0

@@ -11,48 +11,52 @@ again when the settings change) two bounds are scored the same way: the real val
 bound, row "kind": "real") and the base model without adapter or conditioning (lower bound, "kind":
 "base"); their rows carry step null, before the checkpoint rows.
 
-The validation maps are the run's own: the ADE20K validation split of its --train_data_dir, the first
+The validation maps are the run's own, chosen by the trainer's own code (training.common.semantic_sets,
+from the data settings in run.json): the ADE20K validation split of its --train_data_dir, the first
 --max_maps pairs of an imagefolder/hub set, or the trainer's embedded set. Maps and images are cropped
 and resized exactly as the trainer did (training.common.segdata), at the run's resolution.
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import EvalError
-from .common import read_jsonl, read_run, run_setting, write_json, write_text
+import lowrank
+from lowrank.runfolder import EVAL
+from training.common import TrainingError
+from training.common.conditioning import ConditionedUNet, conditioning_encoder, load_encoder
+from training.common.segdata import to_tensor
+from training.common.semantic_sets import MapData, load_data, validation_items
 
-EVAL_FILE = "eval.jsonl"
+from . import EvalError, fid
+from .common import read_jsonl, read_run, run_setting, update_eval_file, write_json
+from .generate import load_pipeline
+from .miou import confusion_matrix, reduce_zero_label, scores_from_confusion
+from .subject import choose_checkpoints
+
 BOUND_KINDS = ("real", "base")
+# the run.json settings that choose and prepare its validation maps (training.common.semantic_sets.MapData)
+MAP_SETTINGS = ("train_data_dir", "dataset_name", "cache_dir", "image_column", "conditioning_image_column",
+                "caption_column", "condition", "resolution")
 
 
 def validation_set(run: dict, max_maps: int | None) -> list[dict]:
     """[{control, label, prompt, image}] of the run's validation maps, prepared as the trainer does."""
+    settings = {k: run_setting(run, k) for k in MAP_SETTINGS}
+    data = MapData(**{k: v for k, v in settings.items() if v is not None}, num_validation_maps=max_maps or 10**9)
     try:
-        from training.common import TrainingError
-        from training.semantic_map import load_data, validation_items
-    except ImportError:
-        raise EvalError("scoring a semantic-map run needs training/ importable (its data code)") from None
-    keys = ("train_data_dir", "dataset_name", "cache_dir", "image_column", "conditioning_image_column",
-            "caption_column", "condition", "resolution")
-    args = SimpleNamespace(**{k: run_setting(run, k) for k in keys}, max_train_samples=None,
-                           num_validation_maps=max_maps or 10**9, validation_image=None, validation_prompt=None)
-    args.condition = args.condition or "seg"
-    try:
-        _, val, _ = load_data(args)
-        items = validation_items(args, val)
+        _, val, _ = load_data(data)
+        items = validation_items(data, val)
     except TrainingError as e:
         raise EvalError(f"the run's validation maps: {e}") from None
-    if args.condition != "seg":
-        raise EvalError(f"the run was trained with --condition {args.condition}: mIoU needs label maps (seg)")
+    if data.condition != "seg":
+        raise EvalError(f"the run was trained with --condition {data.condition}: mIoU needs label maps (seg)")
     for item, ex in zip(items, val):
         item["stem"] = ex.stem
     return items
@@ -61,10 +65,6 @@ def validation_set(run: dict, max_maps: int | None) -> list[dict]:
 def load_conditioned(run_dir: Path, run: dict, device: torch.device, num_inference_steps: int):
     """(pipeline with DDIM, ConditionedUNet) for the run's base model; nothing loaded into it yet."""
     from diffusers import DDIMScheduler
-
-    from training.common.conditioning import ConditionedUNet, conditioning_encoder
-
-    from .generate import load_pipeline
 
     pipe = load_pipeline(run, device, keep_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -79,10 +79,6 @@ def load_conditioned(run_dir: Path, run: dict, device: torch.device, num_inferen
 
 def load_checkpoint(model, adapter_dir: Path | None) -> None:
     """The checkpoint's adapter + encoder into the model; None: the base model (no adapter, zero encoder)."""
-    import lowrank
-    from training.common import TrainingError
-    from training.common.conditioning import load_encoder
-
     if lowrank.adapter_layers(model.unet):
         lowrank.eject(model.unet)
     if adapter_dir is None:   # the base model: no adapter, and generate(use_control=False) adds no control
@@ -100,10 +96,6 @@ def load_checkpoint(model, adapter_dir: Path | None) -> None:
 def generate(pipe, model, items: list[dict], seeds: list[int], settings: dict, out_dir: Path,
              use_control: bool = True) -> list[tuple]:
     """[(image, label)] for every map x seed, also written to out_dir/{stem}-s{seed}.png."""
-    import shutil
-
-    from training.common.segdata import to_tensor
-
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -127,8 +119,6 @@ def generate(pipe, model, items: list[dict], seeds: list[int], settings: dict, o
 
 def score_pairs(pairs: list[tuple], segmenter, miou_mean: str) -> dict:
     """One confusion matrix over all (image, raw label) pairs, raw label 0 ignored."""
-    from .segmentation import confusion_matrix, reduce_zero_label, scores_from_confusion
-
     n = segmenter.num_classes
     cm = np.zeros((n, n), dtype=np.int64)
     for img, label in tqdm(pairs, desc="Segmenting", unit="img", disable=len(pairs) < 2):
@@ -146,34 +136,20 @@ class FidScorer:
     def __init__(self, fid_model, device, items: list[dict]):
         self.extractor, self.real = None, None
         if fid_model:
-            from .fid import InceptionFeatures
-
             if len(items) < 2:
                 raise EvalError("--fid_model needs at least 2 validation maps (a covariance per set)")
-            self.extractor = InceptionFeatures(fid_model, device)
+            self.extractor = fid.InceptionFeatures(fid_model, device)
             self.real = self.extractor([it["image"] for it in items])
 
     def __call__(self, pairs: list[tuple]) -> dict:
         if self.extractor is None:
             return {}
-        from .fid import fid_from_features
-
         generated = self.extractor([img for img, _ in pairs])
-        return {"fid": fid_from_features(self.real, generated), "fid_images": [len(self.real), len(generated)]}
-
-
-def update_eval_file(run_dir: Path, row: dict, same_keys: tuple) -> None:
-    """Add `row` to RUN/eval.jsonl, replacing a row with the same `same_keys` (bounds first, then steps)."""
-    path = run_dir / EVAL_FILE
-    rows = [r for r in (read_jsonl(path, strict=False) if path.is_file() else [])
-            if not all(r.get(k) == row.get(k) for k in same_keys)] + [row]
-    rows.sort(key=lambda r: (isinstance(r.get("step"), int), r.get("step") or 0))
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        return {"fid": fid.fid_from_features(self.real, generated), "fid_images": [len(self.real), len(generated)]}
 
 
 def score_run(args, segmenter, device: torch.device) -> list[dict]:
-    from .subject import choose_checkpoints
-
+    """Score the bounds (once per settings) and every chosen checkpoint; rows go to RUN/eval.jsonl."""
     run_dir = Path(args.run_dir).expanduser()
     run = read_run(run_dir)
     chosen = choose_checkpoints(run_dir, run, args.checkpoints)
@@ -184,11 +160,11 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
                 "guidance_scale": args.guidance_scale, "seeds": args.seeds, "maps": len(items),
                 "resolution": int(run_setting(run, "resolution", 512)), "seg_model": segmenter.name,
                 "miou_mean": args.miou_mean, "metric": "segmentation"}
-    fid = FidScorer(getattr(args, "fid_model", None), device, items)
-    if fid.extractor:
-        settings |= {"fid_model": fid.extractor.name}
+    fid_score = FidScorer(getattr(args, "fid_model", None), device, items)
+    if fid_score.extractor:
+        settings |= {"fid_model": fid_score.extractor.name}
     pipe, model = load_conditioned(run_dir, run, device, args.num_inference_steps)
-    existing = read_jsonl(run_dir / EVAL_FILE, strict=False) if (run_dir / EVAL_FILE).is_file() else []
+    existing = read_jsonl(run_dir / EVAL, strict=False) if (run_dir / EVAL).is_file() else []
     results = []
 
     def record(row: dict, label: str) -> None:
@@ -211,14 +187,15 @@ def score_run(args, segmenter, device: torch.device) -> list[dict]:
                 load_checkpoint(model, None)
                 pairs = generate(pipe, model, items, args.seeds, settings, run_dir / "eval" / "seg-base",
                                  use_control=False)
-            result = score_pairs(pairs, segmenter, args.miou_mean) | (fid(pairs) if kind == "base" else {})
+            result = score_pairs(pairs, segmenter, args.miou_mean) | (fid_score(pairs) if kind == "base" else {})
             record({**result, "step": None, "kind": kind}, f"{kind} images")
     for step, adapter_dir in chosen:
         load_checkpoint(model, adapter_dir)
         out = run_dir / "eval" / f"seg-step-{step}"
         pairs = generate(pipe, model, items, args.seeds, {**settings, "step": step}, out)
-        result = {**score_pairs(pairs, segmenter, args.miou_mean), **fid(pairs), "step": step, "kind": "checkpoint",
-                  "checkpoint": adapter_dir.name if adapter_dir != run_dir else "final", "images": str(out)}
+        result = {**score_pairs(pairs, segmenter, args.miou_mean), **fid_score(pairs), "step": step,
+                  "kind": "checkpoint", "checkpoint": adapter_dir.name if adapter_dir != run_dir else "final",
+                  "images": str(out)}
         write_json(out / "scores.json", {**result, **settings})
         record(result, f"step {step}")
     return results

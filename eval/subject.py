@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import EvalError
+from training.common.args import file_in_the_way
+
+from . import EvalError, generate
 from .common import (
     ADAPTER_FILES,
     ArgumentParser,
@@ -31,18 +33,15 @@ from .common import (
     final_step,
     is_adapter_dir,
     logger,
-    read_jsonl,
     read_run,
     run_main,
     run_setting,
+    update_eval_file,
     write_json,
-    write_text,
 )
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 from .images import Loaded, load_folder, load_generated
 from .prompts import IMAGES_PER_PROMPT, protocol_prompts, subject_of
-
-EVAL_FILE = "eval.jsonl"
 
 
 # ----- scoring (no lowrank, no diffusers) --------------------------------------------------------
@@ -134,15 +133,6 @@ def run_prompts(args, run: dict) -> list[str]:
     return prompts[: args.max_prompts] if args.max_prompts else prompts
 
 
-def update_eval_file(run_dir: Path, row: dict) -> None:
-    """Add `row` to RUN/eval.jsonl, replacing an earlier row for the same step and models (a rescore)."""
-    path = run_dir / EVAL_FILE
-    same = lambda r: all(r.get(k) == row[k] for k in ("step", "dino_model", "clip_model"))  # noqa: E731
-    rows = [r for r in (read_jsonl(path, strict=False) if path.is_file() else []) if not same(r)] + [row]
-    rows.sort(key=lambda r: (not isinstance(r.get("step"), int), r.get("step") or 0))
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def plan_run(args) -> dict:
     """Everything about a run that can be wrong, checked before any model loads."""
     run_dir = Path(args.run_dir).expanduser()
@@ -159,8 +149,7 @@ def plan_run(args) -> dict:
     if args.real_dir:
         real = load_folder(args.real_dir, "--real_dir").items
     else:
-        from .generate import run_real_images
-        real = run_real_images(run, resolution)
+        real = generate.run_real_images(run, resolution)
     return {"run_dir": run_dir, "run": run, "chosen": chosen, "prompts": prompts, "gen": gen, "real": real}
 
 
@@ -177,14 +166,11 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
             done = {}
         if args.regenerate or {k: done.get(k) for k in settings} != settings:
             if pipe is None:   # loaded only when some checkpoint needs images
-                from .generate import load_pipeline
-                pipe = load_pipeline(run, device, keep_safety_checker=not args.disable_safety_checker)
-            from .generate import generate_images
-            blacked = generate_images(pipe, adapter_dir, prompts, images_dir, images_per_prompt=args.images_per_prompt,
-                                      seed=args.seed, batch_size=args.gen_batch_size,
-                                      num_inference_steps=gen["num_inference_steps"],
-                                      guidance_scale=gen["guidance_scale"], resolution=gen["resolution"],
-                                      settings=settings)
+                pipe = generate.load_pipeline(run, device, keep_safety_checker=not args.disable_safety_checker)
+            blacked = generate.generate_images(
+                pipe, adapter_dir, prompts, images_dir, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                batch_size=args.gen_batch_size, num_inference_steps=gen["num_inference_steps"],
+                guidance_scale=gen["guidance_scale"], resolution=gen["resolution"], settings=settings)
             if blacked:
                 logger.warning("step %d: the safety checker blacked out %d image(s); they score as failures "
                                "(--disable_safety_checker to keep them)", step, blacked)
@@ -194,7 +180,8 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
                       images=str(images_dir), dino_model=dino.name, clip_model=clip.name,
                       n_skipped=len(generated.skipped))
         write_json(images_dir / "scores.json", result)
-        update_eval_file(run_dir, {k: v for k, v in result.items() if k != "prompts"})
+        update_eval_file(run_dir, {k: v for k, v in result.items() if k != "prompts"},
+                         ("step", "dino_model", "clip_model"))
         print(f"step {step}: {summary(result)}", file=sys.stderr)
         out.append(result)
     return out
@@ -252,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag} must be at least 1")
     if args.output:   # checked now, not after minutes of scoring
-        from training.common.args import file_in_the_way
-
         out = Path(args.output).expanduser()
         bad = file_in_the_way(out.parent)
         if out.is_dir() or bad is not None:

@@ -35,8 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
+
+from lowrank.ade20k import CLASSES
 
 from . import EvalError
 
@@ -220,8 +223,6 @@ def round_up(x: int, p: int) -> int:
 def preprocess(image, short_side: int) -> torch.Tensor:
     """(1, 3, h, w) as mit-semseg's ValDataset: short side -> short_side (long side <= 1000), both
     rounded up to a multiple of 32, PIL bilinear, /255, ImageNet mean/std."""
-    from PIL import Image
-
     image = image.convert("RGB")
     w, h = image.size
     scale = min(short_side / min(h, w), MAX_SIZE / max(h, w))
@@ -235,8 +236,6 @@ class UperNet101Segmenter:
     """eval.segmentation's segmenter protocol (name, num_classes, id2label, predict) for UperNet-101."""
 
     def __init__(self, folder, device="cpu", scales=TEST_SCALES, model: UperNet101 | None = None):
-        from lowrank.ade20k import CLASSES
-
         if not scales or any(int(s) <= 0 for s in scales):
             raise EvalError(f"--upernet101_scales must be positive short-side sizes, got {scales}")
         self.device, self.scales = torch.device(device), tuple(int(s) for s in scales)

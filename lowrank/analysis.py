@@ -1,4 +1,4 @@
-"""Measurements of what an adapter does to the model: distances, parameter counts, DoRA ΔM/ΔD."""
+"""Measurements of what an adapter does to the model: distances and parameter counts."""
 from __future__ import annotations
 
 import torch
@@ -41,12 +41,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
 
-
-@torch.no_grad()
-def magnitude_direction(W0: torch.Tensor, W: torch.Tensor) -> tuple[float, float]:
-    """DoRA §3.2: ΔM = mean_n |‖W_n‖ − ‖W0_n‖|,  ΔD = mean_n (1 − cos(W_n, W0_n)) over the norm axis
-    of DoRA's magnitude (output rows of an (out, in) weight)."""
-    W0, W = W0.double(), W.double()
-    dm = (W.norm(dim=1) - W0.norm(dim=1)).abs().mean()
-    dd = (1 - torch.nn.functional.cosine_similarity(W, W0, dim=1)).mean()
-    return float(dm), float(dd)

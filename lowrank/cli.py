@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 class CommandError(Exception):
@@ -42,6 +42,16 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return 130
+
+
+def error_line(lines: Iterable[str]) -> str:
+    """The line that says why a command failed, from its output: the last `error: ...` line (this contract's;
+    any case), else the last line naming a Python exception (`...Error: ...`), else the last non-blank line;
+    stripped and cut at 300 characters. "" when there is no output."""
+    lines = [line.strip() for line in lines if line.strip()]
+    errors = [line for line in lines if line.lower().startswith("error:")]
+    exceptions = [line for line in lines if "Error:" in line]
+    return (errors or exceptions or lines or [""])[-1][:300]
 
 
 class StderrHandler(logging.StreamHandler):

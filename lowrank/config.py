@@ -1,10 +1,11 @@
 """AdapterConfig: one dataclass for every method, a help string per field, a JSON round trip.
 
-Fields prefixed with a method name (``delora_*``, ``ether_*``...) only matter to that method; they
-are kept in one flat config (rather than one class per method) so that a trainer can expose every
-option as a flag without knowing which method will run. The generic fields are checked here, each
-method's own fields by its class's check_config (lowrank/methods/), and the list of methods (names,
-help text) comes from the registry alone.
+The generic fields (method, rank, alpha, targets, dropout, modules_to_save) are declared and checked
+here. Each method declares its own fields in its file (`options`, lowrank/options.py: `delora_lambda`,
+`ether_blocks`...) and checks them in its `check_config`; AdapterConfig is this module's generic fields
+followed by every registered method's options, in registry order, so a trainer can expose every option
+as a flag without knowing which method will run, and an adapter_config.json holds one flat object.
+The list of methods (names, help text) comes from the registry alone.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .options import Option
 from .registry import METHODS
 
 SD_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -29,6 +31,16 @@ def _distinct_checks() -> list[type]:
     return list(seen.values())
 
 
+def method_options() -> list[Option]:
+    """Every registered method's options, in registry order, each once (ETHER+ inherits ether_blocks)."""
+    seen: dict[str, Option] = {}
+    for name, cls in METHODS.items():
+        for option in cls.options:
+            if seen.setdefault(option.name, option) is not option:
+                raise TypeError(f"method {name} declares option {option.name}, which another method owns")
+    return list(seen.values())
+
+
 def _f(default: Any, help: str, **kw) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
@@ -36,7 +48,9 @@ def _f(default: Any, help: str, **kw) -> Any:
 
 
 @dataclass
-class AdapterConfig:
+class GenericConfig:
+    """The fields every method reads; AdapterConfig (below) adds the methods' own."""
+
     method: str = _f("lora", "Adapter method: "
                      + "; ".join(f"{name} ({cls.summary})" for name, cls in METHODS.items()) + ".")
     rank: int = _f(8, "Rank r of the low-rank update (ignored by ether/etherplus, which are rank-1/4 by "
@@ -51,49 +65,6 @@ class AdapterConfig:
     modules_to_save: list[str] = _f(
         [], "Modules trained in full and saved with the adapter (peft's modules_to_save), matched by dotted-name "
             "suffix like target_modules: e.g. a new classification head ('classifier').")
-
-    # DoRA (weight-decomposed)
-    dora_detach_norm: bool = _f(True, "DoRA §4.3: treat the row norm ||W + sBA|| as a constant in backward "
-                                      "(saves memory).")
-    dora_fixed_magnitude: bool = _f(False, "Freeze the magnitude m at ||W0|| (DeLoRA appendix C ablation, "
-                                           "'fixed magnitude').")
-
-    # DeLoRA
-    delora_lambda: float = _f(15.0, "Initial value of DeLoRA's learnable boundary lambda (one per adapted matrix).")
-    delora_norm: str = _f("column", "Pretrained-norm scaling of ΔW: 'column' (one norm per input column, as peft "
-                                    "and the official code), 'frobenius' (a scalar, as the paper text reads), "
-                                    "'none' (ablation).")
-    delora_init: str = _f("subtract", "'subtract': A, B Kaiming and the frozen initial update subtracted (paper "
-                                      "Eq. 9), carried as a second frozen rank-r path; "
-                                      "'zero_b': B = 0 (peft's init).")
-    delora_eps: float = _f(1e-4, "Lower clamp of ||a_i|| and ||b_i|| in Ξ (avoids division by zero).")
-
-    # ETHER / ETHER+
-    ether_blocks: int = _f(1, "Number n of diagonal blocks of the reflection H (each block has its own unit vector).")
-    etherplus_one_sided: bool = _f(False, "ETHER+ on the output side only, H⁺W (ablation 'ETHER+ one-side'); "
-                                          "default is the two-sided H⁺ W H̃⁺.")
-
-    # DeLoRA's multiplicative ablation variants (mult_relaxed V5, mult_highrank V6, mult_bounded V7)
-    mult_lambda: float = _f(2.0, "Initial learnable boundary λ of the mult_* variants: W' = Ĥ W with ‖Ĥ − I‖_F ≤ |λ| "
-                                 "(2 = ETHER+'s boundary; mult_bounded at λ = 2 starts as one-sided ETHER+).")
-
-    # Delta-LoRA
-    deltalora_ratio: float = _f(2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − B_t A_t).")
-    deltalora_start_step: int = _f(500, "Delta-LoRA start step K: W moves after every optimizer step t > K (t counted "
-                                        "from 1: W_T = W_0 + λ·(α/r)·(B_T A_T − B_K A_K)); Algorithm 1's 0-based "
-                                        "loop corresponds to K + 1.")
-
-    # Dynamic-rank DoRA
-    dyndora_initial_rank: int | None = _f(None, "Components r' per layer at the start; None means ceil(1.5·rank).")
-    dyndora_beta: float = _f(0.9, "EMA factor β of the importance scores (official code: 0.9).")
-    dyndora_dem: float = _f(0.1, "Coefficient η of the DEM regulariser η·(1/n)·Σ(Var(a_i) + Var(b_i)), n = all "
-                                 "components of the model (0 disables it).")
-    dyndora_warmup_steps: int | None = _f(None, "Steps t_i before pruning starts; None means 15 percent of "
-                                                "dyndora_total_steps (the official code's ratio).")
-    dyndora_final_steps: int | None = _f(None, "Final steps t_f during which the component allocation is frozen; None "
-                                               "means 50 percent of dyndora_total_steps (the official code's ratio).")
-    dyndora_total_steps: int = _f(1000, "Total training steps T (the budget schedule spans them).")
-    dyndora_prune_interval: int = _f(10, "Prune to the cubic budget every this many steps between t_i and T − t_f.")
 
     def __post_init__(self) -> None:
         """Generic checks here; each method checks its own fields (AdapterLayer.check_config)."""
@@ -157,7 +128,7 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AdapterConfig":
+    def from_dict(cls, data: dict) -> AdapterConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -168,7 +139,7 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AdapterConfig":
+    def from_json(cls, text: str) -> AdapterConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -181,3 +152,10 @@ class AdapterConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help string (trainers turn these into --flags)."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+# The generic fields, then each method's options: fields(AdapterConfig) is the flat list of every option.
+AdapterConfig = dataclasses.make_dataclass(
+    "AdapterConfig", [option.field() for option in method_options()], bases=(GenericConfig,),
+    namespace={"__doc__": "Every adapter option: GenericConfig's fields plus each registered method's `options`.",
+               "__module__": __name__})

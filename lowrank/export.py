@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterError, AdapterFileError
-from .inject import adapter_layers
+from .inject import adapter_layers, saved_modules
 from .io import model_config
 from .runfolder import atomic_write
 
@@ -294,8 +295,6 @@ def _peft_extras(model: nn.Module, prefix: str, state: dict, peft_cfg: dict) -> 
     """What peft keeps beside the adapters: the modules trained in full under their own names
     ('<prefix><module>.<tensor>', peft's modules_to_save keys, which its loader maps to the wrapper's copy) and
     fan_in_fan_out for GPT-2 Conv1D layers (weight stored transposed; the factors stay (r, in) and (out, r))."""
-    from .inject import saved_modules
-
     full = saved_modules(model, model_config(model))
     for name, module in full.items():
         state.update({f"{prefix}{name}.{k}": v.detach().float().contiguous().cpu()
@@ -320,8 +319,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, prefix: str = "b
 
 
 if __name__ == "__main__":   # the CLI needs the base model, which needs diffusers: it lives in training/
-    import sys
-
     print("error: exporting needs the base model's weights (ETHER's and DeLoRA's factors depend on W0), so the "
           "command is: python -m training.export RUN_OR_ADAPTER_DIR --format diffusers --output DIR",
           file=sys.stderr)

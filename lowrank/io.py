@@ -20,10 +20,8 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError
 from .inject import adapter_layers, eject, inject, saved_modules
-from .runfolder import atomic_write
+from .runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "lowrank/1"
 FULL_PREFIX = "modules_to_save."   # key prefix of the modules trained in full
 
@@ -84,28 +82,28 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
     meta = {"format": FORMAT, "method": config.method, "config": config.to_json()}
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=meta))
-    atomic_write(out / CONFIG_NAME, lambda p: p.write_text(config.to_json()))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
+    atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(config.to_json()))
     return out
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     d = Path(directory)
-    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-        raise AdapterFileError(f"{d} is not an adapter directory: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+        raise AdapterFileError(f"{d} is not an adapter directory: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     try:
-        text = (d / CONFIG_NAME).read_text(encoding="utf-8")
+        text = (d / ADAPTER_CONFIG).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"cannot read {d / CONFIG_NAME}: {e}") from None
+        raise AdapterFileError(f"cannot read {d / ADAPTER_CONFIG}: {e}") from None
     config = AdapterConfig.from_json(text)
     try:
-        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:   # one read: tensors and metadata
+        with safe_open(str(d / ADAPTER_WEIGHTS), framework="pt") as f:   # one read: tensors and metadata
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{d / WEIGHTS_NAME} is not a valid safetensors file ({e})") from None
+        raise AdapterFileError(f"{d / ADAPTER_WEIGHTS} is not a valid safetensors file ({e})") from None
     if "config" in meta and AdapterConfig.from_json(meta["config"]) != config:
-        raise AdapterFileError(f"{d / CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (interrupted "
+        raise AdapterFileError(f"{d / ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} come from different saves (interrupted "
                                f"save?); save the adapter again or use an earlier checkpoint")
     return config, state
 

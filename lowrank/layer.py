@@ -16,24 +16,22 @@ after_optimizer_step(step) and the class-level after_optimizer_step_all(layers, 
 
 A method class also carries what the rest of the project knows about it (so lowrank.METHODS is the only
 list of methods): `summary` (one line for help texts and the app), `default_learning_rate` (the trainers'
-default) and `check_config(config)`, the checks of its own AdapterConfig fields, which AdapterConfig runs
-once per config (never per layer).
+default), `options` (its own AdapterConfig fields, lowrank/options.py) and `check_config(config)`, the checks
+of those fields, which AdapterConfig runs once per config (never per layer).
 
-AdapterConfig is imported for annotations only: config.py imports the registry (its `method` help text
-and checks come from the method classes), so a runtime import here would be a cycle.
+Nothing here imports lowrank/config.py: config builds AdapterConfig from the registry, which imports the
+methods, which import this module; `config` below is an AdapterConfig.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError, ConfigError, TargetError
-
-if TYPE_CHECKING:
-    from .config import AdapterConfig
+from .options import Option
 
 
 def add_low_rank(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -66,9 +64,10 @@ class AdapterLayer(nn.Module):
     rescales_weight: ClassVar[bool] = False
     summary: ClassVar[str] = ""         # one line: what the method does (help texts, the app)
     default_learning_rate: ClassVar[float] = 1e-4   # the trainers' --learning_rate when none is given
+    options: ClassVar[tuple[Option, ...]] = ()      # this method's own AdapterConfig fields (`<prefix>...`)
 
     @classmethod
-    def check_config(cls, config: AdapterConfig) -> None:
+    def check_config(cls, config) -> None:
         """Raise ConfigError for values of this method's own fields that no run could use.
 
         AdapterConfig calls it once per config for every registered method (one call per distinct
@@ -76,7 +75,7 @@ class AdapterLayer(nn.Module):
         whole. Checks that only matter when this method runs look at `config.method`. It may fill this
         method's None defaults that depend on generic fields (e.g. dyndora_initial_rank from rank)."""
 
-    def __init__(self, base: nn.Module, config: AdapterConfig, init_state: dict | None = None):
+    def __init__(self, base: nn.Module, config, init_state: dict | None = None):
         super().__init__()
         self.is_conv = self.fan_in_fan_out = False
         if isinstance(base, nn.Linear):

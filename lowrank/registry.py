@@ -4,13 +4,12 @@ Everything else derives from this dict: AdapterConfig's `method` choices and hel
 checks (each class's check_config), the trainers' --method choices and default learning rates
 (`default_learning_rate`), the app's method list and the tests' method matrix.
 
-Adding a method = one file + one registry line + its config fields:
+Adding a method = one file + one registry line:
   1. lowrank/methods/<name>.py: a subclass of lowrank.layer.AdapterLayer with `method`, `prefix`,
      `summary`, `default_learning_rate`, init_adapter(), adapted(x), delta_factors(), and, if it has
-     options, check_config(config) for them (equation numbers in comments);
-  2. one line in METHODS below;
-  3. its fields in lowrank/config.py's AdapterConfig, prefixed with the method name (`<name>_...`),
-     each with a help string.
+     options, `options` (lowrank.options.Option: name prefixed with the method name, type, default,
+     help) and check_config(config) for their values (equation numbers in comments);
+  2. one line in METHODS below. AdapterConfig and the trainers' flags pick the options up from here.
 """
 from .methods.delora import DeloraLayer
 from .methods.delta_lora import DeltaLoraLayer

@@ -36,6 +36,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 SAMPLES = "samples"
+PROMPTS = "prompts.jsonl"   # SAMPLES/prompts.jsonl: one row per sample image (image, prompt, seed)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -232,6 +233,11 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)
     return CHECKPOINT_RE.match(path.name) is not None and path.is_dir() and is_adapter_dir(path) \
         and (path / TRAINER_STATE).is_file()
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """RUN/checkpoint-N, the folder of the checkpoint saved after `step` optimizer steps (CHECKPOINT_RE)."""
+    return Path(run_dir) / f"checkpoint-{step}"
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -71,6 +71,7 @@ from training.common.loop import Task, TrainingRun, mix_seed, steps_per_epoch
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
 from training.common.samples import grid, sampling_pipeline
+from training.common.semantic_sets import MapData, load_data, validation_items
 
 logger = setup_console()
 
@@ -148,63 +149,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     return run_trainer(parse_args, train, argv)
-
-
-# ----- data ---------------------------------------------------------------------------------------------
-def load_data(args) -> tuple[list, list, str]:
-    """(training examples, validation examples, source description); everything checked."""
-    if args.dataset_name:
-        train = sd.hub_dataset(args.dataset_name, args.image_column, args.conditioning_image_column,
-                               args.caption_column, args.condition, args.cache_dir)
-        val, source = train[:args.num_validation_maps], f"--dataset_name {args.dataset_name}"
-    elif args.train_data_dir:
-        root = Path(args.train_data_dir).expanduser()
-        if not root.is_dir():
-            raise TrainingError(f"--train_data_dir {root} is not a folder")
-        if (root / "metadata.jsonl").is_file():
-            train = sd.metadata_rows(root, args.image_column, args.conditioning_image_column, args.caption_column,
-                                     args.condition)
-            val, source = [], f"imagefolder {root}"
-        elif (root / "images").is_dir() or (root / "annotations").is_dir():
-            train, val = sd.ade_split(root, "training"), sd.ade_split(root, "validation", required=False)
-            source = f"ADE20K layout {root}"
-        else:
-            if not any(root.iterdir()):
-                raise TrainingError(f"--train_data_dir {root} is empty; see --help for the two layouts")
-            raise TrainingError(f"--train_data_dir {root} has neither metadata.jsonl nor images/ + annotations/ "
-                                f"(ADE20K layout); see --help")
-        if args.max_train_samples:
-            train = train[:args.max_train_samples]
-        sd.check_pairs(train, f"--train_data_dir {root}")
-        val = sd.check_pairs(val[:args.num_validation_maps], f"{root} (validation)") if val else []
-    else:
-        train, val = sd.example_set()
-        source = sd.EXAMPLE_NAME
-    if args.max_train_samples:
-        train = train[:args.max_train_samples]
-    val = (val or train)[:args.num_validation_maps]
-    return train, val, source
-
-
-def validation_items(args, val: list) -> list[dict]:
-    """[{control, label, prompt}] sampled at every checkpoint, at the training resolution."""
-    if args.validation_image:
-        items = []
-        for path in map(Path, args.validation_image):
-            if args.condition == "seg":
-                label = sd.read_label(path)
-                ex = sd.Example(path.stem, sd.paint(label), label)
-            else:
-                ex = sd.Example(path.stem, sd.read_image(path), sd.read_image(path), caption="", is_label=False)
-            items.append(sd.prepare(ex, args.resolution, args.condition, 0))
-    else:
-        items = [sd.prepare(ex, args.resolution, args.condition, mix_seed(0, i)) for i, ex in enumerate(val)]
-    prompts = args.validation_prompt or [it["caption"] for it in items]
-    if len(items) == 1 and len(prompts) > 1:
-        items = items * len(prompts)
-    if len(prompts) == 1:
-        prompts = prompts * len(items)
-    return [{**it, "prompt": p} for it, p in zip(items, prompts)]
 
 
 # ----- the task -----------------------------------------------------------------------------------------
@@ -309,10 +253,11 @@ class SemanticMap(Task):
 
 
 def train(args) -> None:
-    train_set, val_set, source = load_data(args)   # bad input fails in seconds, before anything is written
+    data = MapData.from_args(args)
+    train_set, val_set, source = load_data(data)   # bad input fails in seconds, before anything is written
     run = TrainingRun(args, "semantic-map")
     logger.info("training pairs: %d from %s; validation maps: %d", len(train_set), source, len(val_set))
-    validation = validation_items(args, val_set)
+    validation = validation_items(data, val_set)
     captions = {ex.caption is not None for ex in train_set}
     caption_source = "data" if captions == {True} else "map" if captions == {False} else "data, else map"
 

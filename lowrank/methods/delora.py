@@ -23,16 +23,13 @@ given back bit for bit. Unfolded, W̄ is never touched and every path is exact i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdapterLayer, add_low_rank
-
-if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
-    from ..config import AdapterConfig
+from ..options import Option
 
 CHOICES = {"delora_norm": ("column", "frobenius", "none"), "delora_init": ("subtract", "zero_b")}
 
@@ -42,9 +39,20 @@ class DeloraLayer(AdapterLayer):
     prefix = "delora_"
     summary = "DeLoRA: normalised rank-1 terms scaled by a learnable boundary λ and ‖W‖, a bounded update"
     default_learning_rate = 6e-3
+    options = (
+        Option("delora_lambda", "float", 15.0, "Initial value of DeLoRA's learnable boundary lambda (one per "
+                                               "adapted matrix)."),
+        Option("delora_norm", "str", "column", "Pretrained-norm scaling of ΔW: 'column' (one norm per input "
+                                               "column, as peft and the official code), 'frobenius' (a scalar, "
+                                               "as the paper text reads), 'none' (ablation)."),
+        Option("delora_init", "str", "subtract", "'subtract': A, B Kaiming and the frozen initial update "
+                                                 "subtracted (paper Eq. 9), carried as a second frozen rank-r "
+                                                 "path; 'zero_b': B = 0 (peft's init)."),
+        Option("delora_eps", "float", 1e-4, "Lower clamp of ||a_i|| and ||b_i|| in Ξ (avoids division by zero)."),
+    )
 
     @classmethod
-    def check_config(cls, config: AdapterConfig) -> None:
+    def check_config(cls, config) -> None:
         for name, allowed in CHOICES.items():
             if getattr(config, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")

@@ -26,16 +26,12 @@ No dropout (Eq. 7: it breaks g_W = g_BA; check_config rejects it).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import AdapterError, ConfigError
 from ..layer import add_low_rank
+from ..options import Option
 from .lora import LoraLayer
-
-if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
-    from ..config import AdapterConfig
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -56,9 +52,16 @@ class DeltaLoraLayer(LoraLayer):
     prefix = "lora_"
     summary = "Delta-LoRA: LoRA whose base weight W also moves by λ times each step's change of (α/r)·BA"
     default_learning_rate = 6e-4
+    options = (
+        Option("deltalora_ratio", "float", 2.0, "Delta-LoRA update ratio λ: W += λ·(α/r)·(B_{t+1}A_{t+1} − "
+                                                "B_t A_t)."),
+        Option("deltalora_start_step", "int", 500, "Delta-LoRA start step K: W moves after every optimizer step "
+                                                   "t > K (t counted from 1: W_T = W_0 + λ·(α/r)·(B_T A_T − "
+                                                   "B_K A_K)); Algorithm 1's 0-based loop corresponds to K + 1."),
+    )
 
     @classmethod
-    def check_config(cls, config: AdapterConfig) -> None:
+    def check_config(cls, config) -> None:
         if config.deltalora_ratio < 0:
             raise ConfigError(f"deltalora_ratio (Delta-LoRA's λ) must be >= 0, got {config.deltalora_ratio}")
         if config.deltalora_start_step < 0:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..layer import add_low_rank
+from ..options import Option
 from .lora import LoraLayer
 
 
@@ -21,6 +22,12 @@ class DoraLayer(LoraLayer):
     summary = "DoRA: a learned magnitude per output row times the row-normalised W + (α/r)·BA"
     default_learning_rate = 6e-4
     rescales_weight = True   # W_eff = k ⊙ (W + sBA): unmerge divides the merged rounding by k
+    options = (
+        Option("dora_detach_norm", "bool", True, "DoRA §4.3: treat the row norm ||W + sBA|| as a constant in "
+                                                 "backward (saves memory)."),
+        Option("dora_fixed_magnitude", "bool", False, "Freeze the magnitude m at ||W0|| (DeLoRA appendix C "
+                                                      "ablation, 'fixed magnitude')."),
+    )
 
     def init_adapter(self) -> None:
         super().init_adapter()

@@ -32,19 +32,16 @@ with the adapter and checkpoints restore the prune state.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdapterLayer, adapter_layers, add_low_rank
-
-if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
-    from ..config import AdapterConfig
+from ..options import Option
 
 
-def phases(cfg: AdapterConfig) -> tuple[int, int, int]:
+def phases(cfg) -> tuple[int, int, int]:
     """(t_i, t_f, T) with the defaults resolved: t_i = 15 %, t_f = 50 % of T (official ratios)."""
     T = cfg.dyndora_total_steps
     t_i = round(0.15 * T) if cfg.dyndora_warmup_steps is None else cfg.dyndora_warmup_steps
@@ -67,9 +64,25 @@ class DynDoraLayer(AdapterLayer):
     prefix = "dyndora_"
     summary = "Dynamic-rank DoRA: gated rank-1 components W + s·Σ c_i b_i a_iᵀ pruned to a global budget"
     default_learning_rate = 6e-4
+    options = (
+        Option("dyndora_initial_rank", "int | None", None, "Components r' per layer at the start; None means "
+                                                           "ceil(1.5·rank)."),
+        Option("dyndora_beta", "float", 0.9, "EMA factor β of the importance scores (official code: 0.9)."),
+        Option("dyndora_dem", "float", 0.1, "Coefficient η of the DEM regulariser η·(1/n)·Σ(Var(a_i) + Var(b_i)), "
+                                            "n = all components of the model (0 disables it)."),
+        Option("dyndora_warmup_steps", "int | None", None, "Steps t_i before pruning starts; None means 15 "
+                                                           "percent of dyndora_total_steps (the official code's "
+                                                           "ratio)."),
+        Option("dyndora_final_steps", "int | None", None, "Final steps t_f during which the component allocation "
+                                                          "is frozen; None means 50 percent of dyndora_total_steps "
+                                                          "(the official code's ratio)."),
+        Option("dyndora_total_steps", "int", 1000, "Total training steps T (the budget schedule spans them)."),
+        Option("dyndora_prune_interval", "int", 10, "Prune to the cubic budget every this many steps between t_i "
+                                                    "and T − t_f."),
+    )
 
     @classmethod
-    def check_config(cls, config: AdapterConfig) -> None:
+    def check_config(cls, config) -> None:
         for name in ("dyndora_total_steps", "dyndora_prune_interval"):
             if getattr(config, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")

@@ -13,16 +13,13 @@ ETHER starts as a reflection (not the identity: that is the method); ETHER+ star
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdapterLayer, add_low_rank
-
-if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
-    from ..config import AdapterConfig
+from ..options import Option
 
 
 def unit(u: torch.Tensor) -> torch.Tensor:
@@ -63,9 +60,11 @@ class EtherLayer(AdapterLayer):
     summary = "ETHER: W times a Householder reflection per block, bounded: ‖H − I‖_F = 2"
     default_learning_rate = 6e-3
     rescales_weight = True   # W_eff = H W: unmerge applies H to the merged weight's rounding error too
+    options = (Option("ether_blocks", "int", 1, "Number n of diagonal blocks of the reflection H (each block has "
+                                                "its own unit vector)."),)
 
     @classmethod
-    def check_config(cls, config: AdapterConfig) -> None:   # ETHER+ shares it (ether_blocks)
+    def check_config(cls, config) -> None:   # ETHER+ shares it (ether_blocks)
         if config.ether_blocks <= 0:
             raise ConfigError(f"ether_blocks must be positive, got {config.ether_blocks}")
 
@@ -124,6 +123,9 @@ class EtherPlusLayer(EtherLayer):
     summary = "ETHER+: relaxed Householder reflections H⁺ W H̃⁺ on both sides of W, bounded: ‖H⁺ − I‖_F ≤ 2"
     default_learning_rate = 6e-3
     keeps_weight_on_merge = True  # H⁺ can be singular (v̂ ⟂ û): unmerge restores a saved copy
+    options = EtherLayer.options + (
+        Option("etherplus_one_sided", "bool", False, "ETHER+ on the output side only, H⁺W (ablation 'ETHER+ "
+                                                     "one-side'); default is the two-sided H⁺ W H̃⁺."),)
 
     @property
     def two_sided(self) -> bool:

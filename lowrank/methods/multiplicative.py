@@ -28,16 +28,13 @@ a LoRA-shaped path on the output side, as ETHER applies its reflection.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layer import AdapterLayer, add_low_rank
-
-if TYPE_CHECKING:   # annotations only: config imports the registry, which imports this module
-    from ..config import AdapterConfig
+from ..options import Option
 
 EVEN_RANK = ("mult_highrank", "mult_relaxed")   # r/2 components per side
 
@@ -55,9 +52,12 @@ class MultiplicativeLayer(AdapterLayer):
     default_learning_rate = 6e-3
     rescales_weight = True          # W_eff = Ĥ W
     keeps_weight_on_merge = True    # Ĥ can be singular: unmerge restores a saved copy
+    options = (Option("mult_lambda", "float", 2.0, "Initial learnable boundary λ of the mult_* variants: W' = Ĥ W "
+                                                   "with ‖Ĥ − I‖_F ≤ |λ| (2 = ETHER+'s boundary; mult_bounded at "
+                                                   "λ = 2 starts as one-sided ETHER+)."),)
 
     @classmethod
-    def check_config(cls, config: AdapterConfig) -> None:   # one check for the family
+    def check_config(cls, config) -> None:   # one check for the family
         if config.method in EVEN_RANK and config.rank % 2:
             raise ConfigError(f"{config.method} splits the rank into two sides of r/2 components: rank must be "
                               f"even, got {config.rank}")

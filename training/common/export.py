@@ -25,8 +25,7 @@ from pathlib import Path
 
 import lowrank
 from lowrank.export import FORMATS as FILE_FORMATS
-from lowrank.io import CONFIG_NAME, WEIGHTS_NAME
-from lowrank.runfolder import RUN_JSON, is_adapter_dir, public_dir
+from lowrank.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
 
 from . import TrainingError
 from .logging import logger
@@ -140,8 +139,8 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     _check(format)
     src, output = Path(run_or_adapter_dir).expanduser(), Path(output).expanduser()
     if not src.is_dir() or not is_adapter_dir(src):
-        raise ExportInputError(f"{src} is not a run or adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME}; "
-                               f"a run folder holds its final adapter at the top)")
+        raise ExportInputError(f"{src} is not a run or adapter folder (expected {ADAPTER_CONFIG} and "
+                               f"{ADAPTER_WEIGHTS}; a run folder holds its final adapter at the top)")
     _check_output(output, format)
     if output.resolve() == src.resolve() and format == "pipeline":
         raise ExportInputError("--output must not be the adapter folder itself for format 'pipeline'")
