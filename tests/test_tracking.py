@@ -78,7 +78,7 @@ def test_report_to_all_writes_tensorboard_and_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)   # then the wandb run lives in the run folder
     assert {"tensorboard", "wandb"} <= set(resolve_report_to("all"))
     out = tmp_path / "run"
-    assert dreambooth.main(["--output_dir", str(out), "--report_to", "all", *FAST]) == 0
+    assert dreambooth.main(["--output_dir", str(out), "--report_to", "all", *FAST, "--max_train_steps", "1"]) == 0
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     [run_file] = (out / "logs" / "wandb").rglob("run-*.wandb")
-    assert history(run_file)[2]["loss"] == json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["loss"]
+    assert history(run_file)[1]["loss"] == json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
