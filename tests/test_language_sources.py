@@ -142,8 +142,8 @@ def test_a_glue_adapter_leaves_as_a_merged_classifier_with_its_head(tmp_path, ca
     root, _ = write_glue(tmp_path / "sst2", "parquet")
     run = tmp_path / "run"
     assert glue.main(["--model_name_or_path", "tiny-bert", "--dataset_name", str(root), "--output_dir", str(run),
-                      "--method", "lora", "--learning_rate", "1e-2", "--max_train_steps", "3", "--seed", "0",
-                      "--train_batch_size", "8", "--report_to", "none"]) == 0
+                      "--cache_dir", str(tmp_path / "cache"), "--method", "lora", "--learning_rate", "1e-2",
+                      "--max_train_steps", "3", "--seed", "0", "--train_batch_size", "8", "--report_to", "none"]) == 0
     ours, tok = load_language_model("tiny-bert", "classification", num_labels=2)
     load_adapter(ours, run)
     out = tmp_path / "merged"

@@ -106,6 +106,10 @@ def test_dreambooth_trains_from_a_parquet_dataset_with_captions_on_a_pipeline_wi
     export_run(out, tmp_path / "merged", "pipeline")
     merged = json.loads((tmp_path / "merged" / "model_index.json").read_text())
     assert merged["safety_checker"] == index["safety_checker"]
+    from training.export import main as export_cli   # --format merged is the language runs' (transformers) format
+
+    assert export_cli([str(out), "--format", "merged", "--output", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()
 
 
 def test_dreambooth_captions_change_what_is_trained(tmp_path):
@@ -168,10 +172,12 @@ def tiny_controlnet(folder, hint_widths=(16, 32)):
 
 
 def test_semantic_map_with_a_local_controlnet_trains_the_adapter_only(tmp_path):
+    """On the SD-1.5-layout folder with a safety checker too: the semantic-map trainer loads it as DreamBooth does."""
     from diffusers import ControlNetModel
 
     from training.common.conditioning import ConditionedUNet
 
+    base = checker_pipeline(tmp_path / "sd15-layout")
     net_dir = tiny_controlnet(tmp_path / "controlnet")
     pics, labels = seg_columns()
     src = write_source(tmp_path / "data", "save_to_disk", {"image": pics, "conditioning_image":
@@ -179,10 +185,11 @@ def test_semantic_map_with_a_local_controlnet_trains_the_adapter_only(tmp_path):
                        image_columns=("image", "conditioning_image"))
     out = tmp_path / "run"
     assert sm.main(["--output_dir", str(out), "--dataset_name", str(src), "--controlnet_model_name_or_path",
-                    str(net_dir), *SM_FAST]) == 0
+                    str(net_dir), "--pretrained_model_name_or_path", str(base), *SM_FAST]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["conditioning"] == "controlnet" and info["conditioning_encoder_parameters"] == 0
     assert info["train_pairs"] == 2 and info["caption_source"] == "data"
+    assert info["args"]["pretrained_model_name_or_path"] == str(base)
     assert not (out / "conditioning_encoder.safetensors").exists() and (out / "adapter.safetensors").is_file()
     # the hook adds exactly the ControlNet's residuals to the UNet it feeds
     unet, net = load_pipeline("tiny").unet, ControlNetModel.from_pretrained(net_dir)
@@ -236,6 +243,7 @@ def test_bad_dataset_sources_are_one_error_line_naming_the_flag(tmp_path, capsys
                         (["--conditioning_image_column", "map"], "--conditioning_image_column"),
                         (["--controlnet_model_name_or_path", str(tmp_path / "bare")], "cannot load")):
         capsys.readouterr()
-        assert sm.main(["--output_dir", str(tmp_path / "s"), "--dataset_name", str(seg), *SM_FAST, *argv]) == 2
+        assert sm.main(["--output_dir", str(tmp_path / "s"), "--dataset_name", str(seg), "--cache_dir",
+                        str(tmp_path / "cache"), *SM_FAST, *argv]) == 2
         line = one_error_line(capsys)
         assert words in line and ("--controlnet_model_name_or_path" in line or "--dataset_name" in line), line
