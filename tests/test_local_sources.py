@@ -14,7 +14,9 @@ from training import dreambooth
 from training import semantic_map as sm
 from training.common import segdata as sd
 from training.common.data import load_dataset_images, load_image_dir
+from training.common.export import export_run
 from training.common.models import load_pipeline
+from training.export import main as export_cli
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one tiny-SD cache for the session
 
@@ -101,13 +103,10 @@ def test_dreambooth_trains_from_a_parquet_dataset_with_captions_on_a_pipeline_wi
     assert info["instance_images"] == 3 and info["caption_source"] == "data"
     assert len(list((out / "samples").glob("*.png"))) == 1   # one prompt x --num_validation_images 1
     # the checker came with the pipeline the trainer loaded, and a merged export keeps it
-    from training.common.export import export_run
-
     export_run(out, tmp_path / "merged", "pipeline")
     merged = json.loads((tmp_path / "merged" / "model_index.json").read_text())
     assert merged["safety_checker"] == index["safety_checker"]
-    from training.export import main as export_cli   # --format merged is the language runs' (transformers) format
-
+    # --format merged is the language runs' (a transformers folder): one line pointing at --format pipeline
     assert export_cli([str(out), "--format", "merged", "--output", str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m").exists()
 
