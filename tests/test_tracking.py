@@ -1,6 +1,7 @@
 """--report_to wandb / all, offline (WANDB_MODE=offline): the run's scalars, its distance curves and the samples
 at checkpoints reach Weights & Biases' own run file, read back record by record; `all` writes TensorBoard too."""
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ def wandb_records(path: Path) -> list:
             pos += left
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):   # a chunk still being written
+            break
         parts += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -41,10 +44,21 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def finished_records(run_file: Path, timeout: float = 60.0) -> list:
+    """The run file's records once it holds the run's `exit` record: wandb's writer (a service process) may
+    still be flushing the last steps when wandb.finish returns to the trainer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def history(run_file: Path) -> dict[int, dict]:
     """{step: {key: value}} of every history record (wandb merges what one step logs into one row)."""
     rows: dict[int, dict] = {}
-    for r in wandb_records(run_file):
+    for r in finished_records(run_file):
         if r.WhichOneof("record_type") == "history":
             items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             rows.setdefault(r.history.step.num, {}).update(items)
