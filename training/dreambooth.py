@@ -44,6 +44,7 @@ from training.common.data import (
     check_image_folder,
     collate,
     example_subject,
+    load_dataset_images,
     load_image_dir,
 )
 from training.common.export import export_diffusers
@@ -74,8 +75,22 @@ def build_parser() -> ArgumentParser:
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--instance_data_dir", default=None,
                    help="Folder with 3-5 photos of the subject (default: the embedded example cat).")
+    g.add_argument("--dataset_name", default=None,
+                   help="Instead of --instance_data_dir: a dataset of subject photos read by the 'datasets' library: "
+                        "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
+                        "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).")
+    g.add_argument("--dataset_config_name", default=None,
+                   help="Config of the --dataset_name dataset, if it has several.")
+    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+    g.add_argument("--image_column", default="image",
+                   help="--dataset_name's image column: Image cells or paths relative to the dataset's folder "
+                        "(default: image; an imagefolder's file_name column is read as 'image').")
+    g.add_argument("--caption_column", default=None,
+                   help="--dataset_name's per-image prompt column; each image trains with its own caption (default: "
+                        "none, every image uses --instance_prompt).")
     g.add_argument("--instance_prompt", default=None,
-                   help=f"Prompt with the identifier of the subject (default with the example: {EXAMPLE_PROMPT!r}).")
+                   help=f"Prompt with the identifier of the subject (default with the example: {EXAMPLE_PROMPT!r}; "
+                        f"required with --instance_data_dir and --dataset_name, samples use it).")
     g.add_argument("--class_data_dir", default=None,
                    help="Class images for prior preservation; missing ones are generated "
                         "(default: output_dir/class_images).")
@@ -96,16 +111,21 @@ def parse_args(argv=None):
 
     resolve_run_length(args, DEFAULT_STEPS)
     check_training_args(args)
+    if args.instance_data_dir is not None and args.dataset_name is not None:
+        raise TrainingError("give --instance_data_dir or --dataset_name, not both")
     if args.instance_data_dir is not None:   # the most useful error first: a missing folder, then its prompt
         check_image_folder(args.instance_data_dir, "--instance_data_dir")
     args.output_dir = args.output_dir or f"outputs/dreambooth-{args.method or AdapterConfig().method}"
     out = Path(args.output_dir).expanduser()
     check_folder_path(out, "--output_dir")
-    if args.instance_data_dir is None:
+    data_flag = "--instance_data_dir" if args.instance_data_dir else "--dataset_name" if args.dataset_name else None
+    if data_flag is None:
         args.instance_prompt = args.instance_prompt or EXAMPLE_PROMPT
         args.class_prompt = args.class_prompt or EXAMPLE_CLASS_PROMPT
     elif not args.instance_prompt:
-        raise TrainingError("--instance_prompt is required with --instance_data_dir (e.g. 'a photo of sks dog')")
+        raise TrainingError(f"--instance_prompt is required with {data_flag} (e.g. 'a photo of sks dog')")
+    if args.caption_column and not args.dataset_name:
+        raise TrainingError("--caption_column reads captions from --dataset_name; give --dataset_name too")
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise TrainingError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
@@ -113,7 +133,7 @@ def parse_args(argv=None):
         check_folder_path(Path(args.class_data_dir).expanduser(), "--class_data_dir")
         if args.num_class_images <= 0 or args.sample_batch_size <= 0:
             raise TrainingError("--num_class_images and --sample_batch_size must be positive")
-    elif args.class_data_dir and args.instance_data_dir:
+    elif args.class_data_dir and data_flag:
         logger.warning("--class_data_dir is ignored without --with_prior_preservation")
     if args.resolution is None:
         args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
@@ -131,7 +151,8 @@ class DreamBooth(Task):
     name = "dreambooth"
     outputs = "samples_grid.png, samples/, pytorch_lora_weights.safetensors (for diffusers)"
 
-    def __init__(self, run: TrainingRun, pipe, instance_prompt: str, class_prompt: str | None, args):
+    def __init__(self, run: TrainingRun, pipe, instance_prompt: str, class_prompt: str | None, args,
+                 captions: list[str] | None = None):
         from diffusers import DDPMScheduler
 
         self.run, self.args = run, args
@@ -140,18 +161,21 @@ class DreamBooth(Task):
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
         self.instance_emb = self.encode(instance_prompt)
         self.class_emb = self.encode(class_prompt) if class_prompt else None
+        # per-image captions (--caption_column): each encoded once, row i for instance image i
+        self.caption_embs = torch.cat([self.encode(captions[i:i + 32]) for i in range(0, len(captions), 32)]) \
+            if captions else None
         self.val_pipe = sampling_pipeline(pipe.components)
         self.val_prompts = args.validation_prompt or [instance_prompt]
 
     @torch.no_grad()
-    def encode(self, prompt: str) -> torch.Tensor:   # the text encoder is frozen: each prompt is encoded once
+    def encode(self, prompt: str | list[str]) -> torch.Tensor:   # a frozen text encoder: each prompt encoded once
         ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.run.device)
         return self.text_encoder(ids)[0]
 
-    def loss(self, unet, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, unet, batch: dict, gen: torch.Generator) -> torch.Tensor:
         device, sched = self.run.device, self.noise_scheduler
-        pixels = pixels.to(device, dtype=self.run.weight_dtype)
+        pixels = batch["pixels"].to(device, dtype=self.run.weight_dtype)
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
         # noise and timesteps from a CPU generator seeded per step: identical on any device and on resume
@@ -159,7 +183,8 @@ class DreamBooth(Task):
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
         noisy = sched.add_noise(latents, noise, timesteps)
         n = pixels.shape[0] // 2 if self.class_emb is not None else pixels.shape[0]
-        emb = self.instance_emb.expand(n, -1, -1)
+        emb = self.instance_emb.expand(n, -1, -1) if self.caption_embs is None else \
+            self.caption_embs[batch["index"].to(device)]
         if self.class_emb is not None:
             emb = torch.cat([emb, self.class_emb.expand(n, -1, -1)])
         pred = unet(noisy, timesteps, emb, return_dict=False)[0].float()
@@ -189,14 +214,21 @@ class DreamBooth(Task):
 
 
 def train(args) -> None:
-    run = TrainingRun(args, "dreambooth")
-
-    # Data before the model: bad input fails in seconds, not after loading SD.
+    # Data before the run folder and the model: bad input fails in seconds, with nothing written.
+    captions = None
     if args.instance_data_dir:
         instance_images = load_image_dir(args.instance_data_dir, args.resolution)
+        source = f"{len(instance_images)} from {args.instance_data_dir}"
+    elif args.dataset_name:
+        instance_images, captions = load_dataset_images(args.dataset_name, args.resolution, args.image_column,
+                                                        args.caption_column, args.dataset_config_name, args.cache_dir)
+        source = f"{len(instance_images)} from --dataset_name {args.dataset_name}" + (
+            f", captions from column {args.caption_column!r}" if captions else "")
     else:
         instance_images = example_subject(args.resolution)
-        logger.info("instance images: %s, prompt %r", EXAMPLE_NAME, args.instance_prompt)
+        source = EXAMPLE_NAME
+    run = TrainingRun(args, "dreambooth")   # the run folder: only after the data is known to be good
+    logger.info("instance images: %s; prompt %r", source, args.instance_prompt)
 
     # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, in fp32.
     with run.accelerator.main_process_first():   # one process builds the tiny preset / fills the hub cache
@@ -229,9 +261,10 @@ def train(args) -> None:
     run.adapt(pipe.unet, max_train_steps)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    task = DreamBooth(run, pipe, args.instance_prompt, args.class_prompt if class_images else None, args)
+    task = DreamBooth(run, pipe, args.instance_prompt, args.class_prompt if class_images else None, args, captions)
     run.fit(pipe.unet, task, dataset, collate, num_train_steps=max_train_steps,
-            info={"instance_images": len(instance_images), "class_images": len(class_images or [])})
+            info={"instance_images": len(instance_images), "class_images": len(class_images or []),
+                  "caption_source": "data" if captions else "instance_prompt"})
 
 
 if __name__ == "__main__":

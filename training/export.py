@@ -5,6 +5,7 @@
     python -m training.export runs/cat --format pipeline --output sd-cat          # from_pretrained("sd-cat")
     python -m training.export runs/cat/checkpoint-400 --format peft --output out --pipeline BASE
     python -m training.export outputs/glue-sst2-delora --format peft --output out    # a GLUE/instruct run: peft
+    python -m training.export outputs/glue-sst2-delora --format merged --output m    # or a merged transformers model
 
 The base model is the run's own (run.json beside the adapter or in its parent) unless --pipeline names
 another. It is needed for every format: ETHER's and DeLoRA's exact factors depend on the pretrained
@@ -33,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", default="diffusers", choices=FORMATS,
                    help="diffusers: pytorch_lora_weights.safetensors for pipe.load_lora_weights(DIR); kohya: "
                         "<DIR name>.safetensors with lora_unet_ keys (ComfyUI, A1111); peft: adapter_config.json + "
-                        "adapter_model.safetensors; pipeline: a full diffusers pipeline with the adapter merged "
-                        "(default: diffusers)")
+                        "adapter_model.safetensors; pipeline: a full diffusers pipeline with the adapter merged; "
+                        "merged (GLUE and instruction runs): a transformers model folder with the adapter merged "
+                        "and the trained head, for AutoModelFor*.from_pretrained (default: diffusers)")
     p.add_argument("--output", required=True, help="output folder (created; must not be a file)")
     p.add_argument("--pipeline", default=None,
                    help="base pipeline (hub name, local folder or 'tiny'); default: the run's base model")

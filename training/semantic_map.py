@@ -92,15 +92,20 @@ def build_parser() -> ArgumentParser:
                    help="ADE20K root (images/{training,validation}/*.jpg + annotations/{training,validation}/*.png, "
                         "raw ids 0 = other, 1..150) or an imagefolder with metadata.jsonl (default: the embedded "
                         "example set).")
-    g.add_argument("--dataset_name", default=None, help="A hub dataset with image / conditioning image / caption "
-                                                        "columns (needs the 'datasets' package).")
-    g.add_argument("--cache_dir", default=None, help="Cache folder for --dataset_name.")
+    g.add_argument("--dataset_name", default=None,
+                   help="A dataset with image / conditioning image / caption columns, read by the 'datasets' library: "
+                        "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
+                        "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).")
+    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
     g.add_argument("--image_column", default=None, help="Image column (metadata.jsonl default: file_name; "
-                                                        "hub default: the first column).")
+                                                        "--dataset_name default: the first column).")
     g.add_argument("--conditioning_image_column", default=None,
-                   help="Conditioning image column (default: conditioning_image; hub: the second column).")
-    g.add_argument("--caption_column", default=None, help="Caption column (default: text; hub: the third column). "
-                                                          "Without captions, they are made from the map.")
+                   help="Conditioning image column: a label map (ids or ADE palette colours) or, with --condition "
+                        "canny/shuffle, a control image; Image cells or paths relative to the dataset's folder "
+                        "(default: conditioning_image; --dataset_name: the second column).")
+    g.add_argument("--caption_column", default=None,
+                   help="Caption column (default: text; --dataset_name: the third column). Without captions, they "
+                        "are made from the map.")
     g.add_argument("--condition", default="seg", help="seg (the painted map, default), canny or shuffle "
                                                       "(controlnet-aux's weight-free detectors on the image).")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
@@ -252,6 +257,21 @@ class SemanticMap(Task):
                                lambda p: shutil.copyfile(output_dir / "samples" / "grid.png", p))
 
 
+def check_controlnet(controlnet, pipe, path: str) -> None:
+    """A ControlNet must fit the UNet it feeds: the same text width and block widths (its residuals are added
+    block by block), and a hint block that downsamples the control image as much as the VAE does the image."""
+    flag = f"--controlnet_model_name_or_path {path}"
+    c, u = controlnet.config, pipe.unet.config
+    if c.cross_attention_dim != u.cross_attention_dim or list(c.block_out_channels) != list(u.block_out_channels):
+        raise TrainingError(f"{flag} was made for another UNet (blocks {list(c.block_out_channels)}, text width "
+                            f"{c.cross_attention_dim}; this one: {list(u.block_out_channels)}, "
+                            f"{u.cross_attention_dim}); use a ControlNet of this base model")
+    factor = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+    if factor != pipe.vae_scale_factor:
+        raise TrainingError(f"{flag} downsamples the control image {factor}x but this model's VAE "
+                            f"{pipe.vae_scale_factor}x; use a ControlNet of this base model")
+
+
 def train(args) -> None:
     data = MapData.from_args(args)
     train_set, val_set, source = load_data(data)   # bad input fails in seconds, before anything is written
@@ -281,6 +301,7 @@ def train(args) -> None:
         except (OSError, ValueError, EnvironmentError) as e:
             raise TrainingError(f"cannot load --controlnet_model_name_or_path {args.controlnet_model_name_or_path}: "
                                 f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        check_controlnet(controlnet, pipe, args.controlnet_model_name_or_path)
         controlnet.requires_grad_(False).to(run.device)
     else:
         with torch.random.fork_rng(devices=[]):   # its own seed: the same encoder with or without resume

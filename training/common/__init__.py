@@ -3,7 +3,8 @@
     loop.py        TrainingRun + Task: seed, resume, optimizer, the step, NaN checks, checkpoints, exit codes
     args.py        diffusers-named flags + one flag per AdapterConfig field
     models.py      load_pipeline(name_or_path) and the offline tiny SD preset (TINY)
-    data.py        image loading/validation, the embedded example subject
+    data.py        image loading/validation, --dataset_name images and captions, the embedded example subject
+    hfdata.py      --dataset_name through `datasets`: save_to_disk folders, parquet/JSON/CSV, imagefolders, hub
     checkpoint.py  atomic checkpoint-N/ directories, resume, rotation
     logging.py     metrics.jsonl + trackers, per-step weight distances
     samples.py     fixed-seed validation images, prompts.jsonl, sample grids

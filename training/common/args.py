@@ -182,7 +182,11 @@ def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size 
       help="Mixed precision (default: accelerate's config / launch flag). Frozen weights are cast to it; "
            "adapter parameters stay fp32.")
     p("--report_to", default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
-      help="Trackers besides output_dir/metrics.jsonl (default: tensorboard when installed, else none).")
+      help="Trackers besides output_dir/metrics.jsonl, each given the losses, learning rates, distance curves "
+           "(distance/<layer>) and the samples at checkpoints: tensorboard (output_dir/logs), wandb (Weights & "
+           "Biases; pip install wandb; WANDB_MODE=offline keeps the run on this machine, in output_dir/logs/wandb "
+           "unless $WANDB_DIR is set), comet_ml, all (every one of these that is installed) (default: tensorboard "
+           "when installed, else none).")
     p("--dataloader_num_workers", type=int, default=0,
       help="Worker processes for data loading (0: in the main process).")
     add_runtime_args(parser)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import TrainingError
+from . import TrainingError, hfdata
 from .loop import mix_seed
 
 logger = logging.getLogger("lowrank.training")
@@ -98,6 +98,26 @@ def load_image_dir(directory: str | Path, resolution: int, flag: str = "--instan
     return images
 
 
+def load_dataset_images(name: str, resolution: int, image_column: str = "image", caption_column: str | None = None,
+                        config: str | None = None, cache_dir: str | None = None) -> tuple[list, list[str] | None]:
+    """--dataset_name: (RGB images with shorter side = resolution, per-image captions or None) from the 'train'
+    split of a hub dataset or a local `datasets` source (save_to_disk folder, parquet files, imagefolder with
+    metadata.jsonl; training/common/hfdata.py). Image cells may be Image features or paths relative to the
+    dataset's folder."""
+    what = f"--dataset_name {name}"
+    table = hfdata.pick_split(hfdata.load_splits(name, "--dataset_name", config, cache_dir), "train", what)
+    hfdata.require_columns(table, {image_column: "--image_column",
+                                   **({caption_column: "--caption_column"} if caption_column else {})}, what)
+    local = Path(name).expanduser()
+    base = local if local.is_dir() else local.parent if local.is_file() else None
+    images = [resize_short(to_rgb(ImageOps.exif_transpose(hfdata.open_cell(v, base, f"{what} row {i}"))), resolution)
+              for i, v in enumerate(table[image_column])]
+    captions = None
+    if caption_column:
+        captions = ["" if c is None else str(c) for c in table[caption_column]]
+    return images, captions
+
+
 def example_subject(resolution: int) -> list[Image.Image]:
     """Five real photos of one cat: crops and a flip of scikit-image's `chelsea` (300x451)."""
     from skimage import data
@@ -117,7 +137,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Index k is a position in the whole run (epoch * len + i): sample i, cropped by a generator seeded
-    from (seed, k). With class images, each item also carries a class image (prior preservation)."""
+    from (seed, k). With class images, each item also carries a class image (prior preservation); each item
+    names its instance image (`index`), whose caption the loss uses when the data has captions."""
 
     def __init__(self, instance_images, class_images, size: int, center_crop: bool, seed: int):
         self.instance, self.cls = list(instance_images), list(class_images or [])
@@ -138,13 +159,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i = k % len(self)
         gen = torch.Generator().manual_seed(mix_seed(self.seed, k))
-        item = {"instance": self.crop(self.instance[i % len(self.instance)], gen)}
+        item = {"instance": self.crop(self.instance[i % len(self.instance)], gen), "index": i % len(self.instance)}
         if self.cls:
             item["class"] = self.crop(self.cls[i % len(self.cls)], gen)
         return item
 
 
-def collate(items: list[dict]) -> torch.Tensor:
-    """Instance images first, then class images: the loss splits the batch in two halves."""
+def collate(items: list[dict]) -> dict:
+    """Instance images first, then class images (the loss splits the batch in two halves), and the instance
+    images' indices (their captions, when the data has them)."""
     pixels = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
-    return torch.stack(pixels)
+    return {"pixels": torch.stack(pixels), "index": torch.tensor([it["index"] for it in items])}

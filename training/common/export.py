@@ -11,8 +11,10 @@ torch-only. The base is the run's own (run.json's args.pretrained_model_name_or_
 
 Formats: diffusers, kohya, peft (lowrank.export: exact LoRA files) and pipeline: a complete diffusers
 pipeline folder with the adapter merged into the UNet (lowrank.eject(merge=True): every method, DoRA
-included), for StableDiffusionPipeline.from_pretrained(dir). The CLI writes into a temporary folder beside
-the output and renames it into place, so an interrupted export never leaves a half-written folder.
+included), for StableDiffusionPipeline.from_pretrained(dir). GLUE and instruction runs: peft, and merged
+(a transformers model folder with the adapter merged in, for AutoModelFor....from_pretrained(dir)).
+The CLI writes into a temporary folder beside the output and renames it into place, so an interrupted
+export never leaves a half-written folder.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from lowrank.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adap
 from . import TrainingError
 from .logging import logger
 
-FORMATS = (*FILE_FORMATS, "pipeline")   # diffusers, kohya, peft + pipeline
+FORMATS = (*FILE_FORMATS, "pipeline", "merged")   # diffusers, kohya, peft + pipeline (SD), merged (language)
+MERGED_FORMATS = ("pipeline", "merged")   # whole model folders: written into a new or empty folder
 
 
 class ExportInputError(TrainingError, ValueError):
@@ -70,9 +73,9 @@ def _check(format: str) -> None:
 def _check_output(output: Path, format: str) -> None:
     if output.exists() and not output.is_dir():
         raise ExportInputError(f"--output {output} is a file; give a folder (it is created if missing)")
-    if format == "pipeline" and output.is_dir() and any(output.iterdir()):
-        raise ExportInputError(f"--output {output} is a folder that is not empty; a merged pipeline needs a new "
-                               f"or empty folder (stale files would mix with the new pipeline)")
+    if format in MERGED_FORMATS and output.is_dir() and any(output.iterdir()):
+        raise ExportInputError(f"--output {output} is a folder that is not empty; a merged model needs a new "
+                               f"or empty folder (stale files would mix with the new model)")
 
 
 def save_merged_pipeline(pipe, unet, directory: Path) -> None:
@@ -142,11 +145,14 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
         raise ExportInputError(f"{src} is not a run or adapter folder (expected {ADAPTER_CONFIG} and "
                                f"{ADAPTER_WEIGHTS}; a run folder holds its final adapter at the top)")
     _check_output(output, format)
-    if output.resolve() == src.resolve() and format == "pipeline":
-        raise ExportInputError("--output must not be the adapter folder itself for format 'pipeline'")
+    if output.resolve() == src.resolve() and format in MERGED_FORMATS:
+        raise ExportInputError(f"--output must not be the adapter folder itself for format {format!r}")
     info = run_json(src) or {}
     if info.get("task") in LANGUAGE_TASKS:
         return export_language_run(src, output, format, info, model=pipeline)
+    if format == "merged":
+        raise ExportInputError("--format merged writes a transformers model (GLUE and instruction runs); a Stable "
+                               "Diffusion run merges into a diffusers pipeline with --format pipeline")
     name, revision = base_model(src, pipeline)
     pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
     lowrank.load_adapter(pipe.unet, src)
@@ -166,18 +172,20 @@ LANGUAGE_TASKS = {"glue": "classification", "instruct": "causal"}   # run.json's
 
 
 def export_language_run(src: Path, output: Path, format: str, info: dict, model: str | None = None) -> Path:
-    """A GLUE or instruction run in peft's format: its base transformers model (run.json's, or `model`) with
-    the adapter loaded, exported by lowrank.export with the head trained in full as peft's modules_to_save, so
+    """A GLUE or instruction run: its base transformers model (run.json's, or `model`) with the adapter loaded.
+    peft: exported by lowrank.export with the head trained in full as peft's modules_to_save, so
     PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=...), DIR)
-    gives the trained model's logits."""
+    gives the trained model's logits. merged: W_eff merged into the base weights (lowrank.eject(merge=True),
+    every method), the trained head in place, saved with the tokenizer by save_pretrained: a plain transformers
+    folder for AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)."""
     from .glue_data import TASKS
     from .language import MINILM, load_language_model
     from .tweet_data import TWEET_TASKS
 
     task = info["task"]
-    if format != "peft":
-        raise ExportInputError(f"a {task} run exports as --format peft (a transformers model with a peft adapter); "
-                               f"{format!r} is for Stable Diffusion runs")
+    if format not in ("peft", "merged"):
+        raise ExportInputError(f"a {task} run exports as --format peft (a transformers model with a peft adapter) "
+                               f"or merged (a transformers model folder); {format!r} is for Stable Diffusion runs")
     args = info.get("args", {})
     kind, extra = LANGUAGE_TASKS[task], {}
     # each trainer's default model when the run was given none (glue.py: MiniLM, instruct.py: the tiny LLaMA)
@@ -187,16 +195,22 @@ def export_language_run(src: Path, output: Path, format: str, info: dict, model:
         if glue_task is None:
             raise ExportInputError(f"{src}: run.json names an unknown GLUE task {info.get('glue_task')!r}")
         extra["num_labels"] = glue_task.num_labels
-    base, _ = load_language_model(name, kind, revision=args.get("revision"), **extra)
+    base, tokenizer = load_language_model(name, kind, revision=args.get("revision"), **extra)
     lowrank.load_adapter(base, src)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
-        written = lowrank.export(base, tmp, "peft")
+        if format == "merged":
+            lowrank.eject(base, merge=True)
+            base.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            written = output
+        else:
+            written = output / lowrank.export(base, tmp, "peft").name
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return output / written.name
+    return written
 
 
 def export_diffusers(unet, output_dir: str | os.PathLike) -> Path | None:

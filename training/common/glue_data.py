@@ -20,6 +20,7 @@ the reported number is the test part at the best tuning epoch.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 from lowrank import runfolder
 
-from . import TrainingError
+from . import TrainingError, hfdata
 
 
 @dataclass(frozen=True)
@@ -163,15 +164,26 @@ class Examples:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a .tsv (GLUE's layout: tab-separated, header line, no quoting), .csv (header line) or .jsonl file."""
+    """Rows of a .tsv (GLUE's layout: tab-separated, header line, no quoting), .csv (header line), .jsonl / .json
+    (JSON lines or a JSON list) or .parquet file (read by `datasets`, as transformers' run_glue.py does)."""
     if not path.is_file():
         raise TrainingError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = hfdata.pick_split(hfdata.load_splits(str(path), "data file"), "train", str(path)).to_list()
+        return rows
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TrainingError(f"cannot read {path}: {e}") from None
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".json" and text.lstrip().startswith("["):   # a JSON list of objects
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise TrainingError(f"{path} is not valid JSON: {e}") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise TrainingError(f"{path} must be a JSON list of objects (one per example)")
+    elif suffix in (".jsonl", ".json"):
         rows, bad = runfolder.parse_jsonl(text)
         if bad:
             raise TrainingError(f"{path} line {bad[0][0]} is not a JSON object")
@@ -179,7 +191,8 @@ def read_rows(path: Path) -> list[dict]:
         kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
         rows = list(csv.DictReader(text.splitlines(), **kw))
     else:
-        raise TrainingError(f"{path}: unknown data file type {suffix!r}; use .tsv (GLUE layout), .csv or .jsonl")
+        raise TrainingError(f"{path}: unknown data file type {suffix!r}; use .tsv (GLUE layout), .csv, .jsonl or "
+                            f".parquet")
     if not rows:
         raise TrainingError(f"{path} has no examples")
     return rows
@@ -234,6 +247,22 @@ def load_local(task: GlueTask, train_file: str, validation_file: str, **columns)
     train = examples_from_rows(read_rows(train_path), train_path, task, **columns)
     val = examples_from_rows(read_rows(val_path), val_path, task, **columns)
     return train, val
+
+
+def load_dataset_name(task: GlueTask, name: str, config: str | None = None, cache_dir: str | None = None,
+                      **columns) -> tuple[Examples, Examples]:
+    """--dataset_name: the 'train' and validation splits (MNLI: validation_matched) of a `datasets` source: a
+    local save_to_disk folder, a folder of parquet/JSON/CSV files named by split (train.parquet,
+    validation.parquet, ...), or a hub name (training/common/hfdata.py), as transformers' run_glue.py reads it."""
+    what = f"--dataset_name {name}"
+    splits = hfdata.load_splits(name, "--dataset_name", config, cache_dir)
+    out = []
+    for split in ("train", task.validation_split):
+        if split not in splits and split == task.validation_split and "validation" in splits:
+            split = "validation"
+        table = hfdata.pick_split(splits, split, what)
+        out.append(examples_from_rows(table.to_list(), Path(f"{name} ({split} split)"), task, **columns))
+    return out[0], out[1]
 
 
 def load_hub(task: GlueTask) -> tuple[Examples, Examples]:

@@ -1,7 +1,8 @@
 """Instruction tuning data (Alpaca format, prompt masked out of the loss) and zero-shot multiple choice by
 log-likelihood.
 
-Alpaca format: a JSON list or JSON-lines file of {"instruction": ..., "input": ... (may be empty), "output": ...},
+Alpaca format: a JSON list or JSON-lines file (or a parquet file, or any `datasets` source via --dataset_name) of
+{"instruction": ..., "input": ... (may be empty), "output": ...},
 rendered with Alpaca's own prompt template; the model learns the response only (prompt labels are -100).
 
 Multiple-choice files (JSON lines, one item per line), the field names of the hub versions of each benchmark:
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from lowrank import runfolder
 
-from . import TrainingError
+from . import TrainingError, hfdata
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
@@ -81,18 +82,29 @@ def encode_instruction(tokenizer, row: dict, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def load_instructions(path: Path, tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Encoded examples and how many were dropped because the prompt alone fills max_length."""
-    rows = read_json_records(path)
+def instruction_rows(source: str, flag: str = "--train_file", cache_dir: str | None = None) -> list[dict]:
+    """Alpaca rows, checked: a JSON list / JSON-lines file, or, through `datasets`, a .parquet file or (flag
+    --dataset_name) any `datasets` source: a save_to_disk folder, a folder of data files, a hub name."""
+    path = Path(source).expanduser()
+    if flag == "--train_file" and path.suffix.lower() != ".parquet":
+        rows = read_json_records(path)
+    else:
+        what = f"{flag} {source}"
+        rows = hfdata.pick_split(hfdata.load_splits(source, flag, cache_dir=cache_dir), "train", what).to_list()
     for i, row in enumerate(rows, 1):
         missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
         if missing:
-            raise TrainingError(f"{path} example {i} has no {' or '.join(missing)} text (Alpaca format: "
+            raise TrainingError(f"{flag} {source} example {i} has no {' or '.join(missing)} text (Alpaca format: "
                                 f"instruction, input, output; columns found: {', '.join(row) or 'none'})")
+    return rows
+
+
+def load_instructions(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Encoded examples and how many were dropped because the prompt alone fills max_length."""
     encoded = [encode_instruction(tokenizer, row, max_length) for row in rows]
     kept = [e for e in encoded if any(y != IGNORE for y in e["labels"])]
     if not kept:
-        raise TrainingError(f"every prompt in {path} is longer than --max_seq_length {max_length}; raise it")
+        raise TrainingError(f"every prompt is longer than --max_seq_length {max_length}; raise it")
     return kept, len(encoded) - len(kept)
 
 

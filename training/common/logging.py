@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -142,19 +143,46 @@ def write_rank_heatmap(records: list[tuple[int, dict[str, int]]], path: str | Pa
     return path
 
 
-def resolve_report_to(value: str | None) -> str | None:
-    """None (the default) means tensorboard when it is installed; 'none' means no tracker."""
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+
+
+def _installed(tracker: str) -> bool:
+    return any(importlib.util.find_spec(p) for p in TRACKERS[tracker])
+
+
+def resolve_report_to(value: str | None) -> str | list[str] | None:
+    """The trackers for accelerate's log_with: None (the default) means tensorboard when it is installed; 'none'
+    no tracker; 'all' every tracker of --report_to's choices that is installed (tensorboard and wandb with the
+    dev extra), not accelerate's every-tracker-it-knows. A named tracker that is not installed is an error."""
     if value is None:
-        value = "tensorboard" if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") \
-            else "none"
+        value = "tensorboard" if _installed("tensorboard") else "none"
     if value == "none":
         return None
-    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
-    needed = [] if value == "all" else packages.get(value, ())
-    if needed and not any(importlib.util.find_spec(p) for p in needed):
-        raise TrainingError(f"--report_to {value}: the {needed[0]} package is not installed; pip install {needed[0]} "
+    if value == "all":
+        found = [t for t in TRACKERS if _installed(t)]
+        if not found:
+            raise TrainingError("--report_to all: no tracker is installed; pip install tensorboard wandb, or use "
+                                "--report_to none (metrics.jsonl is always written)")
+        return found
+    if value in TRACKERS and not _installed(value):
+        package = TRACKERS[value][0]
+        raise TrainingError(f"--report_to {value}: the {package} package is not installed; pip install {package} "
                             f"or use --report_to tensorboard / none (metrics.jsonl is always written)")
     return value
+
+
+def tracker_init_kwargs(report_to, output_dir: Path) -> dict:
+    """wandb writes its run beside the run's TensorBoard logs (output_dir/logs/wandb) unless $WANDB_DIR says
+    where, and names it after the output folder; WANDB_MODE=offline keeps it on this machine (wandb sync
+    uploads it later)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "wandb" not in names:
+        return {}
+    logs = Path(output_dir) / "logs"
+    if not os.environ.get("WANDB_DIR"):
+        logs.mkdir(parents=True, exist_ok=True)
+    return {"wandb": {"name": Path(output_dir).resolve().name, **({} if os.environ.get("WANDB_DIR")
+                                                                   else {"dir": str(logs)})}}
 
 
 class MetricsLogger:
@@ -164,7 +192,7 @@ class MetricsLogger:
     holds exactly one row per step of the run that produced the final adapter."""
 
     def __init__(self, accelerator, output_dir: str | Path, project: str, config: dict,
-                 resume_step: int | None, report_to: str | None):
+                 resume_step: int | None, report_to: str | list[str] | None):
         self.accelerator = accelerator
         self.path = Path(output_dir) / runfolder.METRICS
         self.trackers = report_to is not None
@@ -175,7 +203,7 @@ class MetricsLogger:
         if self.trackers:
             # trackers take flat scalars/strings only
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-            accelerator.init_trackers(project, config=flat)
+            accelerator.init_trackers(project, config=flat, init_kwargs=tracker_init_kwargs(report_to, output_dir))
 
     def log(self, step: int, row: dict) -> None:
         row = {"step": step, **row}
@@ -194,6 +222,8 @@ class MetricsLogger:
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+            elif tracker.name == "wandb":   # accelerate wraps each in wandb.Image (a PNG under the run's media/)
+                tracker.log_images({tag: list(images)}, step=step)
 
     def close(self) -> None:
         if self.accelerator.is_main_process:

@@ -27,8 +27,8 @@ from PIL import Image, UnidentifiedImageError
 
 from lowrank import ade20k
 
-from . import TrainingError
-from .data import open_image, resize_short
+from . import TrainingError, hfdata
+from .data import open_image, resize_short, to_rgb
 from .loop import mix_seed
 
 logger = logging.getLogger("lowrank.training")
@@ -79,15 +79,20 @@ def read_label(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("RGB", "RGBA"):
-                return unpaint(img.convert("RGB"))
-            label = np.asarray(img if img.mode != "P" else img.convert("L"), dtype=np.int64)
+            return label_from_image(img, str(path))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise TrainingError(f"{path} is not a readable label map ({type(e).__name__}); replace or remove it") from None
+
+
+def label_from_image(img: Image.Image, where: str) -> np.ndarray:
+    """Raw ADE ids of a label map image: single-channel ids as they are, RGB colours through the palette."""
+    if img.mode in ("RGB", "RGBA"):
+        return unpaint(img.convert("RGB"))
+    label = np.asarray(img if img.mode != "P" else img.convert("L"), dtype=np.int64)
     if label.ndim != 2:
-        raise TrainingError(f"{path}: a label map must have one channel (ids) or RGB palette colours")
+        raise TrainingError(f"{where}: a label map must have one channel (ids) or RGB palette colours")
     if label.size and label.max() > ade20k.NUM_CLASSES:
-        raise TrainingError(f"{path} holds label {int(label.max())}, above ADE20K's {ade20k.NUM_CLASSES} classes "
+        raise TrainingError(f"{where} holds label {int(label.max())}, above ADE20K's {ade20k.NUM_CLASSES} classes "
                             f"(0 = other, 1..150); convert it to ADE ids or remove it")
     return label.astype(np.uint8)
 
@@ -200,29 +205,36 @@ def metadata_rows(root: Path, image_col: str | None, cond_col: str | None, capti
 
 
 def hub_dataset(name: str, image_col, cond_col, caption_col, condition: str, cache_dir=None) -> list[Example]:
-    """--dataset_name: a hub dataset with image / conditioning image / caption columns (diffusers' defaults:
-    the first three columns)."""
-    try:
-        import datasets
-    except ImportError:
-        raise TrainingError("--dataset_name needs the 'datasets' package: pip install datasets "
-                            "(or use --train_data_dir with a local folder)") from None
-    try:
-        ds = datasets.load_dataset(name, cache_dir=cache_dir, split="train")
-    except Exception as e:   # hub/offline/missing: one line
-        raise TrainingError(f"cannot load --dataset_name {name}: {(str(e).splitlines() or [type(e).__name__])[0]}")
-    cols = ds.column_names
+    """--dataset_name: a hub dataset or a local `datasets` source (a save_to_disk folder, parquet files, an
+    imagefolder with metadata.jsonl; training/common/hfdata.py) with image / conditioning image / caption
+    columns (diffusers' train_controlnet.py defaults: the first three columns). Image cells may be Image
+    features or paths relative to the dataset's folder."""
+    what = f"--dataset_name {name}"
+    table = hfdata.pick_split(hfdata.load_splits(name, "--dataset_name", cache_dir=cache_dir), "train", what)
+    cols = table.column_names
+    if len(cols) < 2 and not (image_col and cond_col):
+        raise TrainingError(f"{what} has one column ({cols[0]}); it needs an image and a conditioning image column")
     image_col, cond_col = image_col or cols[0], cond_col or cols[1]
     caption_col = caption_col or (cols[2] if len(cols) > 2 else None)
-    for col in (image_col, cond_col):
-        if col not in cols:
-            raise TrainingError(f"--dataset_name {name} has no column {col!r} (it has {', '.join(cols)})")
+    hfdata.require_columns(table, {image_col: "--image_column", cond_col: "--conditioning_image_column",
+                                   **({caption_col: "--caption_column"} if caption_col else {})}, what)
+    local = Path(name).expanduser()
+    base = local if local.is_dir() else local.parent if local.is_file() else None
     out = []
-    for i, row in enumerate(ds):
-        cond = row[cond_col].convert("RGB")
-        out.append(Example(f"{i:06d}", row[image_col].convert("RGB"),
-                           unpaint(cond) if condition == "seg" else cond,
-                           row.get(caption_col) if caption_col else None, is_label=condition == "seg"))
+    for i, row in enumerate(table):
+        where = f"{what} row {i}"
+        img = to_rgb(hfdata.open_cell(row[image_col], base, where))
+        cond = hfdata.open_cell(row[cond_col], base, where)
+        if condition == "seg":
+            cond = label_from_image(cond, f"{where} column {cond_col!r}")
+            if cond.shape[::-1] != img.size:
+                raise TrainingError(f"{where}: the map is {cond.shape[1]}x{cond.shape[0]} but the image is "
+                                    f"{img.size[0]}x{img.size[1]}; a map must have its image's size")
+        else:
+            cond = to_rgb(cond)
+        caption = row.get(caption_col) if caption_col else None
+        out.append(Example(f"{i:06d}", img, cond, caption if isinstance(caption, str) else None,
+                           is_label=condition == "seg"))
     return out
 
 
