@@ -42,6 +42,7 @@ def bound_at(adapter_dir: Path, layer: str, sigma: dict) -> float | None:
     """The radius the method proves for `layer` from a saved adapter: DeLoRA (|λ| + |λ0|)·N (N = the largest
     saved ‖W̄‖ scale), mult_* |λ|·σ_max(W̄) (σ from the base model). None for unbounded methods."""
     from lowrank import read_adapter
+    from lowrank.analysis import delora_bound
 
     try:
         cfg, state = read_adapter(adapter_dir)
@@ -49,9 +50,7 @@ def bound_at(adapter_dir: Path, layer: str, sigma: dict) -> float | None:
         return None
     get = lambda k: state.get(f"{layer}.{k}")   # noqa: E731
     if cfg.method == "delora" and get("delora_lambda") is not None:
-        lam = abs(get("delora_lambda").item()) + (abs(get("delora_lambda0").item()) if get("delora_lambda0")
-                                                   is not None else 0.0)
-        return lam * float(get("delora_w_norm").max())
+        return delora_bound(state, layer)
     if cfg.method.startswith("mult_") and get("mult_lambda") is not None and layer in sigma:
         return abs(get("mult_lambda").item()) * sigma[layer]
     return None

@@ -65,7 +65,8 @@ def test_kohya_and_peft_exports_of_a_checkpoint(lora_run):
     archive = G.export(run, "step 1", "peft (PeftModel.from_pretrained)")
     assert archive.suffix == ".zip"
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+        # the peft files and the export's model card (the run has no sample grid to travel with it)
+        assert sorted(z.namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_a_format_that_cannot_hold_the_method_and_the_base_model_are_refused(tmp_path):
