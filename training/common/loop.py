@@ -365,7 +365,8 @@ class TrainingRun:
             kept = (f"{ckpts[0]}/" if len(ckpts) == 1 else f"{ckpts[0]}/ ... {ckpts[-1]}/ ({len(ckpts)})") if ckpts \
                 else f"no checkpoint (every {args.checkpointing_steps} steps)"
             print(f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
-                  f"metrics.jsonl (distances), {kept}, run.json{task_outputs(task)}")
+                  f"metrics.jsonl (distances), {kept}, run.json{task_outputs(task)}"
+                  f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
         metrics.close()
         return out
 

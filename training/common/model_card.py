@@ -82,10 +82,12 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     bound = None
     if method == "delora" and layer and (adapter_dir / WEIGHTS_NAME).is_file():
         _, state = lowrank.read_adapter(adapter_dir)
-        bound = delora_bound(state, layer) or delora_bound(state, layer.split(".", 1)[-1])   # 'unet.' prefixed
-    prefix = method.split("_")[0]
+        bound = delora_bound(state, layer)
+        if bound is None:   # semantic_map names its layers 'unet.<module>' in the metrics
+            bound = delora_bound(state, layer.removeprefix("unet."))
+    prefixes = (method.split("_")[0] + "_", "ether_") if method.startswith("ether") else (method.split("_")[0] + "_",)
     options = {k: v for k, v in cfg.items() if k in ("rank", "alpha", "target_modules", "dropout")
-               or (k.startswith(prefix + "_") and v not in (None, False, [], {}))}
+               or (k.startswith(prefixes) and v not in (None, False, [], {}))}
     return {"run": run, "task": run.get("task"), "method": method, "base": ALIASES.get(base, base),
             "options": options, "step": last.get("step"), "distance": last.get("distance_fig3"), "layer": layer,
             "distance_max": last.get("distance_max"), "bound": bound,
@@ -120,8 +122,9 @@ def _numbers(f: dict) -> list[str]:
     if train:
         lines.append("- **Training**: " + ", ".join(f"`{k}={v}`" for k, v in train.items()))
     if f["distance"] is not None:
-        line = (f"- **Distance reached** at step {f['step']}: ‖W_eff − W0‖_F = {f['distance']:.4g} on `{f['layer']}`"
-                f" (largest over layers {f['distance_max']:.4g})")
+        line = f"- **Distance reached** at step {f['step']}: ‖W_eff − W0‖_F = {f['distance']:.4g} on `{f['layer']}`"
+        if f["distance_max"] is not None:
+            line += f" (largest over layers {f['distance_max']:.4g})"
         if f["bound"] is not None:
             line += f"; DeLoRA's bound on that layer (|λ| + |λ0|)·‖W̄‖ = {f['bound']:.4g}"
         lines.append(line)
