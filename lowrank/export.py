@@ -32,10 +32,11 @@ For ComfyUI and A1111, the `diff` format holds any method, DoRA included, exactl
 patch, '<kohya key>.diff' = ΔW = W_eff − W0 with the layer's weight shape, which both add as W += strength·diff
 (ComfyUI comfy/lora.py load_lora + calculate_weight 'diff'; A1111 extensions-builtin/Lora/network_full.py).
 Its cost is a full matrix per layer (README: the size on SD-1.5). Why not a kohya file with `dora_scale`:
-A1111 (network.py apply_weight_decompose) and ComfyUI before its wd_on_output change (PR #7727, 2025) rescale
-*input columns*, m_j/‖(W + ΔW)_:,j‖, which no low-rank ΔW turns into DoRA's output-row normalisation;
-ComfyUI after it rescales output rows but by ‖W0_i‖ instead of ‖W0 + ΔW‖_i (comfy/weight_adapter/base.py
-weight_decompose), and the same (out, 1) tensor is silently misread by every build that predates it.
+A1111 (network.py apply_weight_decompose) and ComfyUI before its wd_on_output change (2025, comfyanonymous/
+ComfyUI pull 7727) rescale *input columns*, m_j/‖(W + ΔW)_:,j‖, which no low-rank ΔW turns into DoRA's
+output-row normalisation; ComfyUI after it rescales output rows but by ‖W0_i‖ instead of ‖W0 + ΔW‖_i
+(comfy/weight_adapter/base.py weight_decompose), and the same (out, 1) tensor is silently misread by every
+build that predates it.
 Anything that cannot be exact raises ExportError naming the formats that can hold it; nothing is written.
 """
 from __future__ import annotations
