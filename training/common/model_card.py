@@ -41,6 +41,7 @@ LICENSES = {
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
 LANGUAGE = {"glue": "text-classification", "instruct": "text-generation"}   # run.json task -> pipeline_tag
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+CONDITIONING = "conditioning_encoder.safetensors"   # semantic_map.py's map encoder, beside the adapter
 TINY_MODELS = (TINY, "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (models.py, language.py)
 
 
@@ -189,7 +190,11 @@ def model_card(folder: Path, run_dir: Path, export_format: str | None = None, fi
     if f["task"] not in LANGUAGE and (folder / GRID).is_file():
         body += ["## Samples", "", f"![samples]({GRID})", ""]
     has_diffusers = (folder / DIFFUSERS_FILE).is_file()
-    body += ["## How to use", "", *_loading(f, name, export_format, file, has_diffusers), ""]
+    body += ["## How to use", ""]
+    if (run_dir / CONDITIONING).is_file():
+        body += [f"The map conditioning (`{CONDITIONING}`) is lowrank's own module: the files below carry the "
+                 f"UNet adapter only; generating from maps takes the run folder (lowrank's app or eval).", ""]
+    body += [*_loading(f, name, export_format, file, has_diffusers), ""]
     meta = yaml.safe_dump(front_matter(f), sort_keys=False, allow_unicode=True)
     return f"---\n{meta}---\n\n" + "\n".join(body)
 
