@@ -18,7 +18,8 @@ BASE = "base model (no adapter)"
 FINAL = "final"
 # the Generate tab's export choices -> training.common.export formats (exact files; see lowrank/export.py)
 EXPORT_FORMATS = {"diffusers (pipe.load_lora_weights)": "diffusers", "kohya (ComfyUI / AUTOMATIC1111)": "kohya",
-                  "peft (PeftModel.from_pretrained)": "peft"}
+                  "peft (PeftModel.from_pretrained)": "peft",
+                  "diff (ComfyUI / AUTOMATIC1111, full ΔW: any method, DoRA too)": "diff"}
 EXPORTS = "exports"
 
 

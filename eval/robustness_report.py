@@ -20,6 +20,7 @@ import torch
 
 import lowrank
 from lowrank import read_adapter
+from lowrank.analysis import delora_bound
 from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
 from training.common.logging import library_versions
 from training.common.models import is_tiny
@@ -54,9 +55,7 @@ def bound_at(adapter_dir: Path, layer: str, sigma: dict) -> float | None:
         return None
     get = lambda k: state.get(f"{layer}.{k}")   # noqa: E731
     if cfg.method == "delora" and get("delora_lambda") is not None:
-        lam = abs(get("delora_lambda").item()) + (abs(get("delora_lambda0").item()) if get("delora_lambda0")
-                                                   is not None else 0.0)
-        return lam * float(get("delora_w_norm").max())
+        return delora_bound(state, layer)
     if cfg.method.startswith("mult_") and get("mult_lambda") is not None and layer in sigma:
         return abs(get("mult_lambda").item()) * sigma[layer]
     return None

@@ -7,7 +7,7 @@
     parameter_groups(model, lr=1e-3, lambda_lr=1e-2)
     weight_distance(model)              # {module name: ‖W_eff − W0‖_F}
     step_hooks(model)                   # .extra_loss(), .after_optimizer_step(step)
-    export(unet, "out/", format="diffusers")  # exact LoRA files: diffusers, kohya, peft
+    export(unet, "out/", format="diffusers")  # exact files: diffusers, kohya, peft; diff (full ΔW, any method)
 """
 from .analysis import count_parameters, distance_summary, weight_distance
 from .config import AdapterConfig

@@ -41,3 +41,12 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
 
+
+def delora_bound(state: dict[str, torch.Tensor], layer: str) -> float | None:
+    """DeLoRA's proven radius for one layer from its saved tensors (`read_adapter`'s state): ‖ΔW‖_F ≤
+    (|λ| + |λ0|) · max‖W̄‖ (DeLoRA Eq. 8; λ0 the frozen initial term of the subtract init, Eq. 9; the norm
+    the largest saved ‖W̄‖ scale). None when the layer has no DeLoRA tensors."""
+    lam, lam0, norm = (state.get(f"{layer}.{k}") for k in ("delora_lambda", "delora_lambda0", "delora_w_norm"))
+    if lam is None or norm is None:
+        return None
+    return (abs(lam.item()) + (abs(lam0.item()) if lam0 is not None else 0.0)) * float(norm.max())

@@ -3,6 +3,7 @@
     lowrank.export(unet, "out/", format="diffusers")   # pipe.load_lora_weights("out/")
     lowrank.export(unet, "out/", format="kohya")       # out/out.safetensors: lora_unet_… for ComfyUI / A1111
     lowrank.export(unet, "out/", format="peft")        # PeftModel.from_pretrained(unet, "out/")
+    lowrank.export(unet, "out/", format="diff")        # out/out.safetensors: full ΔW per layer, any method (DoRA)
 
 Why every method fits a plain LoRA file. Every method except DoRA changes a weight by an update of exactly
 low rank, and each layer's delta_factors() already gives it as factors, ΔW = W_eff − W0 = Σ_t U_t V_t:
@@ -26,6 +27,16 @@ loaders that derive the scale from the most common rank (older diffusers) cannot
 
 DoRA, m ⊙ (W + sBA)/‖W + sBA‖, is not low rank: it goes out in peft's DoRA layout (lora_A, lora_B,
 lora_magnitude_vector), which peft and diffusers load exactly, and kohya files are refused.
+
+For ComfyUI and A1111, the `diff` format holds any method, DoRA included, exactly: LyCORIS' full-weight
+patch, '<kohya key>.diff' = ΔW = W_eff − W0 with the layer's weight shape, which both add as W += strength·diff
+(ComfyUI comfy/lora.py load_lora + calculate_weight 'diff'; A1111 extensions-builtin/Lora/network_full.py).
+Its cost is a full matrix per layer (README: the size on SD-1.5). Why not a kohya file with `dora_scale`:
+A1111 (network.py apply_weight_decompose) and ComfyUI before its wd_on_output change (2025, comfyanonymous/
+ComfyUI pull 7727) rescale *input columns*, m_j/‖(W + ΔW)_:,j‖, which no low-rank ΔW turns into DoRA's
+output-row normalisation; ComfyUI after it rescales output rows but by ‖W0_i‖ instead of ‖W0 + ΔW‖_i
+(comfy/weight_adapter/base.py weight_decompose), and the same (out, 1) tensor is silently misread by every
+build that predates it.
 Anything that cannot be exact raises ExportError naming the formats that can hold it; nothing is written.
 """
 from __future__ import annotations
@@ -44,7 +55,7 @@ from .inject import adapter_layers, saved_modules
 from .io import model_config
 from .runfolder import atomic_write
 
-FORMATS = ("diffusers", "kohya", "peft")
+FORMATS = ("diffusers", "kohya", "peft", "diff")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -58,8 +69,9 @@ class ExportError(AdapterError, ValueError):
 
 def _dora_refusal(fmt: str) -> ExportError:
     return ExportError(f"DoRA cannot be written exactly as a {fmt} file: its update m ⊙ (W + sBA)/‖W + sBA‖ is "
-                       f"not low rank and {fmt} files hold plain LoRA only; export it as 'diffusers' or 'peft' "
-                       f"(both load DoRA exactly), or as a merged pipeline (python -m training.export "
+                       f"not low rank, and the dora_scale that ComfyUI/A1111 read is not DoRA's per-row magnitude; "
+                       f"export it as 'diff' (full ΔW per layer: ComfyUI and A1111 apply it exactly), 'diffusers' "
+                       f"or 'peft' (both load DoRA exactly), or as a merged pipeline (python -m training.export "
                        f"--format pipeline)")
 
 
@@ -195,6 +207,37 @@ def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict
     return state, meta, file_name
 
 
+@torch.no_grad()
+def dense_delta(layer: nn.Module) -> torch.Tensor:
+    """ΔW = W_eff − W0 of one layer as an (out, in) float64 matrix. DoRA from its own tensors (DoRA Eq. 5,
+    m ⊙ V/‖V‖_row − W with V = W + sBA), every other method as the product of its exact factors."""
+    if layer.method == "dora":
+        w = layer.weight.detach().double()
+        v = w + layer.scale * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+        norm = v.norm(dim=1).clamp_min(1e-6)   # the layer's row_norm floor: sqrt(1e-12)
+        return (layer.lora_magnitude.detach().double() / norm).unsqueeze(1) * v - w
+    up, down = lora_factors(layer)
+    return up @ down
+
+
+def _diff(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict, str]:
+    """LyCORIS' full-weight patch under kohya keys: 'lora_unet_<module path with _>.diff' = ΔW in the layer
+    weight's own shape ((out, in, 1, 1) for a 1x1 conv: ComfyUI skips a diff whose shape differs), float32."""
+    prefix = COMPONENTS[component][1]
+    layers = _checked_layers(model)
+    file_names = _names(layers, component)
+    state = {}
+    for name, layer in layers.items():
+        delta = dense_delta(layer)
+        if getattr(layer, "fan_in_fan_out", False):   # GPT-2 Conv1D keeps its weight as (in, out)
+            delta = delta.T
+        key = prefix + file_names[name].replace(".", "_")
+        state[f"{key}.diff"] = delta.float().cpu().reshape(layer.base.weight.shape).contiguous()
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"}),
+            "lowrank_method": model_config(model).method}
+    return state, meta, file_name
+
+
 def _native_peft(model: nn.Module, prefix: str) -> tuple[dict, dict] | None:
     """The adapter as peft itself would train it (lora, dora: r and alpha as trained; delora with peft's own
     zero_b init and column norms): a peft user can keep training it. None where peft has no such method."""
@@ -260,6 +303,8 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
     diffusers: directory/pytorch_lora_weights.safetensors, for pipe.load_lora_weights(directory).
     kohya:     directory/<name>.safetensors (lora_unet_… keys; name defaults to the directory's name), for
                ComfyUI / A1111 (copy it into their LoRA folder) and diffusers.
+    diff:      directory/<name>.safetensors with '<kohya key>.diff' full ΔW tensors: ComfyUI / A1111, any
+               method exactly (DoRA's only way into them), a full matrix per layer.
     peft:      directory/{adapter_config.json, adapter_model.safetensors}, for PeftModel.from_pretrained.
     `component` says which pipeline part `model` is ("unet" or "text_encoder"): it sets the key prefix
     of diffusers and kohya files. The model must hold its pretrained base weights, unmerged (ETHER's and
@@ -276,8 +321,9 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
     # every tensor is built (and every refusal raised) before the first byte is written
     if format == "diffusers":
         state, meta, name = _diffusers(model, component)
-    elif format == "kohya":
-        state, meta, name = _kohya(model, component, f"{name or out.resolve().name or 'lora'}.safetensors")
+    elif format in ("kohya", "diff"):
+        writer = _kohya if format == "kohya" else _diff
+        state, meta, name = writer(model, component, f"{name or out.resolve().name or 'lora'}.safetensors")
     else:
         state, peft_cfg = _peft(model, peft_prefix)
         peft_cfg.update({"task_type": None, "base_model_name_or_path": None, "inference_mode": True})

@@ -65,7 +65,8 @@ def test_kohya_and_peft_exports_of_a_checkpoint(lora_run):
     archive = G.export(run, "step 1", "peft (PeftModel.from_pretrained)")
     assert archive.suffix == ".zip"
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+        # the peft files and the export's model card (the run has no sample grid to travel with it)
+        assert sorted(z.namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_a_format_that_cannot_hold_the_method_and_the_base_model_are_refused(tmp_path):
@@ -77,3 +78,21 @@ def test_a_format_that_cannot_hold_the_method_and_the_base_model_are_refused(tmp
     with pytest.raises(InputError, match="Unknown export format"):
         G.export(run, G.FINAL, "onnx")
     assert not (run / "exports" / "final-kohya").exists() or not any((run / "exports" / "final-kohya").iterdir())
+
+
+def test_dora_exports_for_comfyui_as_a_diff_file(tmp_path):
+    """The kohya refusal names the format that holds DoRA, and that choice in the same dropdown writes it."""
+    from safetensors.torch import load_file
+
+    run, unet = make_run(tmp_path, "dora")
+    with pytest.raises(InputError, match="'diff'"):
+        G.export(run, G.FINAL, "kohya (ComfyUI / AUTOMATIC1111)")
+    label = next(k for k, v in G.EXPORT_FORMATS.items() if v == "diff")
+    path = G.export(run, G.FINAL, label)
+    assert path == run / "exports" / "final-diff" / "final-diff.safetensors"
+    lora = load_file(str(path))
+    layers = lowrank.adapter_layers(unet)
+    assert sorted(lora) == sorted(f"lora_unet_{n.replace('.', '_')}.diff" for n in layers)
+    for name, layer in layers.items():   # W_eff − W0 of each layer, the tensor the UIs add to W
+        want = layer.delta_weight().reshape(layer.base.weight.shape)
+        torch.testing.assert_close(lora[f"lora_unet_{name.replace('.', '_')}.diff"], want, rtol=1e-5, atol=1e-6)

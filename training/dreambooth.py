@@ -12,6 +12,7 @@ Outputs (output_dir):
     checkpoint-N/                              adapter, optimizer/scheduler/RNG state, samples/
     metrics.jsonl                              per step: loss, lr, ‖W_eff − W0‖_F of every adapted layer
     run.json                                   arguments, resolved settings, library versions
+    README.md                                  model card (diffusers' front matter, how to load it)
 Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
 """
 from __future__ import annotations

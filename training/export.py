@@ -2,6 +2,7 @@
 
     python -m training.export RUN_OR_ADAPTER_DIR --format diffusers --output DIR
     python -m training.export runs/cat --format kohya --output loras/cat          # loras/cat/cat.safetensors
+    python -m training.export runs/dora --format diff --output loras/dora         # DoRA for ComfyUI / A1111
     python -m training.export runs/cat --format pipeline --output sd-cat          # from_pretrained("sd-cat")
     python -m training.export runs/cat/checkpoint-400 --format peft --output out --pipeline BASE
     python -m training.export outputs/glue-sst2-delora --format peft --output out    # a GLUE/instruct run: peft
@@ -34,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", default="diffusers", choices=FORMATS,
                    help="diffusers: pytorch_lora_weights.safetensors for pipe.load_lora_weights(DIR); kohya: "
                         "<DIR name>.safetensors with lora_unet_ keys (ComfyUI, A1111); peft: adapter_config.json + "
-                        "adapter_model.safetensors; pipeline: a full diffusers pipeline with the adapter merged; "
+                        "adapter_model.safetensors; diff: <DIR name>.safetensors with a full ΔW per layer "
+                        "(lora_unet_….diff) that ComfyUI and A1111 apply exactly for any method, DoRA included; "
+                        "pipeline: a full diffusers pipeline with the adapter merged; "
                         "merged (GLUE and instruction runs): a transformers model folder with the adapter merged "
                         "and the trained head, for AutoModelFor*.from_pretrained (default: diffusers)")
     p.add_argument("--output", required=True, help="output folder (created; must not be a file)")

@@ -31,6 +31,7 @@ from lowrank.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adap
 
 from . import TrainingError
 from .logging import logger
+from .model_card import write_model_card
 
 FORMATS = (*FILE_FORMATS, "pipeline", "merged")   # diffusers, kohya, peft + pipeline (SD), merged (language)
 MERGED_FORMATS = ("pipeline", "merged")   # whole model folders: written into a new or empty folder
@@ -156,16 +157,26 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     name, revision = base_model(src, pipeline)
     pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
     lowrank.load_adapter(pipe.unet, src)
+    card = {"run_dir": _run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
+            "base": name}
     if format == "pipeline":
-        return export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
+        written = export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
+        write_model_card(output, **card)   # README.md beside the pipeline's model_index.json
+        return written
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:   # kohya names its file after the final folder, not the temporary one
         written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
+        write_model_card(tmp, file=written.name, **card)
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output / written.name
+
+
+def _run_folder(adapter_dir: Path) -> Path:
+    """The run folder an adapter belongs to (itself, or the parent of a checkpoint-N): where run.json is."""
+    return next((d for d in (adapter_dir, adapter_dir.parent) if (d / RUN_JSON).is_file()), adapter_dir)
 
 
 LANGUAGE_TASKS = {"glue": "classification", "instruct": "causal"}   # run.json's task -> the transformers head
@@ -207,6 +218,7 @@ def export_language_run(src: Path, output: Path, format: str, info: dict, model:
             written = output
         else:
             written = output / lowrank.export(base, tmp, "peft").name
+        write_model_card(tmp, _run_folder(src), format, written.name, adapter_dir=src, name=output.resolve().name)
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

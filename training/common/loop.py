@@ -45,6 +45,7 @@ from .args import adapter_config, default_learning_rate
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
 from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
+from .model_card import write_run_card
 from .runtime import StopRequest, make_deterministic
 
 logger = setup_console()
@@ -353,6 +354,7 @@ class TrainingRun:
             fault_point("final", step, self.process_index, str(out / runfolder.ADAPTER_WEIGHTS))
             task.save(model, out)
             task.finish(out, step)
+            write_run_card(out)   # README.md; language trainers rewrite it once results.json has the scores
             records = rank_records(runfolder.read_metrics(out))
             if records:   # dynamic-rank methods: where the rank budget went
                 from .logging import write_rank_heatmap
@@ -363,7 +365,8 @@ class TrainingRun:
             kept = (f"{ckpts[0]}/" if len(ckpts) == 1 else f"{ckpts[0]}/ ... {ckpts[-1]}/ ({len(ckpts)})") if ckpts \
                 else f"no checkpoint (every {args.checkpointing_steps} steps)"
             print(f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
-                  f"metrics.jsonl (distances), {kept}, run.json{task_outputs(task)}")
+                  f"metrics.jsonl (distances), {kept}, run.json{task_outputs(task)}"
+                  f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
         metrics.close()
         return out
 

@@ -20,6 +20,7 @@ import lowrank
 from lowrank import runfolder
 
 from .logging import library_versions
+from .model_card import write_run_card
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -48,6 +49,7 @@ def write_results(out: Path, *, experiment: str, model, config: lowrank.AdapterC
                       "package_info": library_versions()},
     }
     runfolder.write_json(out / runfolder.RESULTS, result)
+    write_run_card(out)   # the card's scores come from results.json
     return result
 
 

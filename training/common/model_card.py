@@ -1,0 +1,225 @@
+"""Model cards: the README.md that diffusers' training scripts write beside their weights, for run and export folders.
+
+    write_model_card(run_dir)                              # a finished run folder (the trainers call it)
+    write_model_card(export_dir, run_dir, "kohya", "x.safetensors")   # an export (training.export calls it)
+
+Front matter as diffusers' examples/dreambooth/train_dreambooth_lora.py save_model_card writes it through
+diffusers.utils.hub_utils.load_or_create_model_card (ModelCardData: license, library_name, inference,
+base_model, instance_prompt) + populate_model_card (tags), with `lowrank` and the method among the tags.
+Language runs follow transformers/peft cards: library_name peft and the pipeline tag of the head. The license
+is the base model's where it is known (LICENSES, or the license in a local base folder's own README.md) and is
+left out otherwise, never guessed. Everything is read back from the run folder (run.json, metrics.jsonl,
+results.json, the adapter), so a card can be rewritten at any time; it is written atomically.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+import lowrank
+from lowrank.analysis import delora_bound
+from lowrank.io import WEIGHTS_NAME
+from lowrank.runfolder import RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
+
+from .logging import logger
+from .models import TINY
+
+CARD = "README.md"
+GRID = "samples_grid.png"
+# licenses of base models we know (lower-case hub names); anything else: no license line
+LICENSES = {
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "compvis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+    "sentence-transformers/all-minilm-l6-v2": "apache-2.0",
+}
+ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
+LANGUAGE = {"glue": "text-classification", "instruct": "text-generation"}   # run.json task -> pipeline_tag
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+CONDITIONING = "conditioning_encoder.safetensors"   # semantic_map.py's map encoder, beside the adapter
+TINY_MODELS = (TINY, "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (models.py, language.py)
+
+
+def parse_front_matter(text: str) -> dict:
+    """The YAML between the leading '---' lines of a card ({} when there is none)."""
+    m = re.match(r"---\n(.*?)\n---\n", text, flags=re.S)
+    return (yaml.safe_load(m.group(1)) or {}) if m else {}
+
+
+def base_license(base: str | None) -> str | None:
+    """The base model's license: a known hub name, or a local folder whose README.md front matter says it."""
+    if not base:
+        return None
+    if base.lower() in LICENSES:
+        return LICENSES[base.lower()]
+    readme = Path(base).expanduser() / CARD
+    try:
+        found = parse_front_matter(readme.read_text(encoding="utf-8")).get("license") if readme.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
+    """What the card says about a run, read from its folder; the distance and bound of the adapter in
+    `adapter_dir` (the run's final one, or a checkpoint-N: the metrics up to step N)."""
+    run = read_json(run_dir / "run.json", {}) or {}
+    if not run.get("adapter_config") and (adapter_dir / WEIGHTS_NAME).is_file():   # an adapter folder, no run
+        run = {**run, "adapter_config": lowrank.read_adapter(adapter_dir)[0].to_dict()}
+    cfg = run.get("adapter_config") or {}
+    method = cfg.get("method") or "lora"
+    base = base or run_setting(run, "model_name_or_path") or run_setting(run, "pretrained_model_name_or_path")
+    if not base and run.get("task") not in LANGUAGE:
+        base = TINY   # the diffusion trainers' default (load_pipeline(None))
+    ckpt = re.fullmatch(r"checkpoint-(\d+)", adapter_dir.name) if adapter_dir != run_dir else None
+    rows = [r for r in read_metrics(run_dir) if "distance_fig3" in r and (not ckpt or r["step"] <= int(ckpt[1]))]
+    last = rows[-1] if rows else {}
+    layer = run.get("fig3_layer")
+    bound = None
+    if method == "delora" and layer and (adapter_dir / WEIGHTS_NAME).is_file():
+        _, state = lowrank.read_adapter(adapter_dir)
+        bound = delora_bound(state, layer)
+        if bound is None:   # semantic_map names its layers 'unet.<module>' in the metrics
+            bound = delora_bound(state, layer.removeprefix("unet."))
+    prefixes = (method.split("_")[0] + "_", "ether_") if method.startswith("ether") else (method.split("_")[0] + "_",)
+    options = {k: v for k, v in cfg.items() if k in ("rank", "alpha", "target_modules", "dropout")
+               or (k.startswith(prefixes) and v not in (None, False, [], {}))}
+    return {"run": run, "task": run.get("task"), "method": method, "base": ALIASES.get(base, base),
+            "options": options, "step": last.get("step"), "distance": last.get("distance_fig3"), "layer": layer,
+            "distance_max": last.get("distance_max"), "bound": bound,
+            "results": read_json(run_dir / RESULTS, {}) or {}}
+
+
+def front_matter(f: dict) -> dict:
+    task, method = f["task"], f["method"]
+    meta: dict = {}
+    license_ = base_license(f["base"])
+    if license_:
+        meta["license"] = license_
+    if task in LANGUAGE:
+        meta.update(library_name="peft", pipeline_tag=LANGUAGE[task], base_model=f["base"])
+        extra = [f["run"].get("glue_task")] if task == "glue" else []
+        meta["tags"] = ["lowrank", method, "peft", "lora", LANGUAGE[task], task, *filter(None, extra)]
+        return meta
+    meta.update(library_name="diffusers", inference=True, base_model=f["base"])
+    prompt = run_setting(f["run"], "instance_prompt")
+    if prompt:
+        meta["instance_prompt"] = prompt
+    meta["tags"] = ["lowrank", method, "text-to-image", "diffusers", "lora", "diffusers-training",
+                    "stable-diffusion", "stable-diffusion-diffusers", *([task] if task else [])]
+    return meta
+
+
+def _numbers(f: dict) -> list[str]:
+    lines = [f"- **Method**: `{f['method']}`, " + ", ".join(f"`{k}={v}`" for k, v in f["options"].items())]
+    run = f["run"]
+    train = {k: run_setting(run, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "seed",
+                                              "resolution") if run_setting(run, k) is not None}
+    if train:
+        lines.append("- **Training**: " + ", ".join(f"`{k}={v}`" for k, v in train.items()))
+    if f["distance"] is not None:
+        line = f"- **Distance reached** at step {f['step']}: ‖W_eff − W0‖_F = {f['distance']:.4g} on `{f['layer']}`"
+        if f["distance_max"] is not None:
+            line += f" (largest over layers {f['distance_max']:.4g})"
+        if f["bound"] is not None:
+            line += f"; DeLoRA's bound on that layer (|λ| + |λ0|)·‖W̄‖ = {f['bound']:.4g}"
+        lines.append(line)
+    info = f["results"].get("train_info") or {}
+    if info.get("final"):
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in info["final"].items() if isinstance(v, (int, float)))
+        before = ", ".join(f"{k} {v:.4f}" for k, v in (info.get("initial") or {}).items()
+                           if isinstance(v, (int, float)))
+        lines.append(f"- **Scores** ({info.get('selection', 'after training')}): {scores} (before training: "
+                     f"{before or 'n/a'})")
+    return lines
+
+
+def _loading(f: dict, name: str, export_format: str | None, file: str | None, has_diffusers: bool) -> list[str]:
+    base, cli = f["base"], f"python -m training.export {f['source']}"
+    tiny = [f"(`{base}` is lowrank's built-in random test model: `training.common.models.load_pipeline` / "
+            f"`training.common.language.load_language_model` build it.)"] if base in TINY_MODELS else []
+    if f["task"] in LANGUAGE:
+        head = ("AutoModelForSequenceClassification", ", num_labels=N") if f["task"] == "glue" \
+            else ("AutoModelForCausalLM", "")
+        here = name if export_format == "peft" else "PEFT_DIR"
+        lines = ["```python", f"from transformers import {head[0]}", "from peft import PeftModel",
+                 f"model = PeftModel.from_pretrained({head[0]}.from_pretrained({base!r}{head[1]}), {here!r})", "```"]
+        if f["task"] == "glue":
+            lines.append("N: the task's number of labels (the trained head is in the adapter).")
+        if here == "PEFT_DIR":
+            lines.append(f"PEFT_DIR: `{cli} --format peft --output PEFT_DIR`.")
+        return lines + tiny
+    kohya = "diff" if f["method"] == "dora" else "kohya"
+    ui = f"`{file}`" if export_format in ("kohya", "diff") and file else \
+        f"the file of `{cli} --format {kohya} --output DIR`"
+    load = {None: f"{name!r}" if has_diffusers else "'DIR'", "diffusers": f"{name!r}",
+            "kohya": f"{name!r}, weight_name={file!r}"}.get(export_format, "'DIR'")
+    peft_dir = name if export_format == "peft" else "PEFT_DIR"
+    lines = ["**diffusers**:", "```python", "from diffusers import StableDiffusionPipeline",
+             f"pipe = StableDiffusionPipeline.from_pretrained({base!r})"]
+    if export_format == "pipeline":
+        lines[-1] = f"pipe = StableDiffusionPipeline.from_pretrained({name!r})   # the adapter is merged in"
+    else:
+        lines.append(f"pipe.load_lora_weights({load})")
+    lines += ["```"]
+    if load == "'DIR'":
+        lines.append(f"DIR: `{cli} --format diffusers --output DIR`.")
+    lines += ["", f"**ComfyUI / AUTOMATIC1111**: copy {ui} into `ComfyUI/models/loras/` (LoraLoader node) or "
+              f"`stable-diffusion-webui/models/Lora/` (`<lora:NAME:1>`)" +
+              (" (DoRA goes as the full-weight `diff` format, which both apply exactly)." if kohya == "diff" else "."),
+              "", "**peft**:", "```python", "from peft import PeftModel",
+              f"unet = PeftModel.from_pretrained(pipe.unet, {peft_dir!r})", "```"]
+    if peft_dir == "PEFT_DIR":
+        lines.append(f"PEFT_DIR: `{cli} --format peft --output PEFT_DIR`.")
+    return lines + tiny
+
+
+def model_card(folder: Path, run_dir: Path, export_format: str | None = None, file: str | None = None,
+               adapter_dir: Path | None = None, name: str | None = None, base: str | None = None) -> str:
+    f = _facts(run_dir, adapter_dir or run_dir, base)
+    name = name or folder.name
+    source = f["source"] = run_dir.name if adapter_dir in (None, run_dir) else f"{run_dir.name}/{adapter_dir.name}"
+    what = f"a `{export_format}` export of the lowrank run `{source}`" if export_format else \
+        "a lowrank training run (`lowrank.load_adapter(model, folder)` reads this folder itself)"
+    body = [f"# {name}", "", f"{f['method']} adapter for `{f['base']}`, {what}.", "", *_numbers(f), ""]
+    if f["task"] not in LANGUAGE and (folder / GRID).is_file():
+        body += ["## Samples", "", f"![samples]({GRID})", ""]
+    has_diffusers = (folder / DIFFUSERS_FILE).is_file()
+    body += ["## How to use", ""]
+    if (run_dir / CONDITIONING).is_file():
+        body += [f"The map conditioning (`{CONDITIONING}`) is lowrank's own module: the files below carry the "
+                 f"UNet adapter only; generating from maps takes the run folder (lowrank's app or eval).", ""]
+    body += [*_loading(f, name, export_format, file, has_diffusers), ""]
+    meta = yaml.safe_dump(front_matter(f), sort_keys=False, allow_unicode=True)
+    return f"---\n{meta}---\n\n" + "\n".join(body)
+
+
+def write_model_card(folder, run_dir=None, export_format: str | None = None, file: str | None = None,
+                     adapter_dir=None, name: str | None = None, base: str | None = None) -> Path:
+    """Write folder/README.md for the run in `run_dir` (default: `folder` itself), atomically; `adapter_dir` is the
+    exported adapter when it is not the run's final one (a checkpoint-N); `name` the folder's final name when
+    `folder` is a temporary one; `base` the base model when it is not the run's. For an export, the run's sample
+    grid is copied beside the card so its image link works wherever the folder is shared."""
+    folder = Path(folder)
+    run_dir = Path(run_dir) if run_dir is not None else folder
+    grid = run_dir / GRID
+    if folder != run_dir and grid.is_file() and not (folder / GRID).exists():
+        data = grid.read_bytes()
+        atomic_write(folder / GRID, lambda p: p.write_bytes(data))
+    card = model_card(folder, run_dir, export_format, file, Path(adapter_dir) if adapter_dir else None, name, base)
+    return write_text(folder / CARD, card)
+
+
+def write_run_card(run_dir) -> Path | None:
+    """The trainers' hook: write_model_card(run_dir), where a failure is a warning, not a failed run (the adapter
+    and every other output are saved before it; `python -m training.export` writes cards too)."""
+    try:
+        return write_model_card(run_dir)
+    except Exception as e:   # noqa: BLE001 - the card is a convenience; the run itself is done
+        logger.warning("no model card written in %s: %s", run_dir, e)
+        return None
