@@ -106,7 +106,7 @@ def file_memo(cache: LRU, paths: list[Path], compute: Callable[[], Any], extra: 
 
 
 RUN_INFO = LRU(2048)       # RunInfo is small: a few hundred bytes each
-METRICS = LRU(512)         # summary keys only, ~100 bytes per step
+METRICS = LRU(256)         # summary keys only: ~0.7 KB a step as dicts, 0.2 MB for a 300-step run
 TILES = LRU(1024)          # 128 x 128 RGB: 48 KiB each, 48 MiB at most
 FIGURES = LRU(64)          # a 640 x 320 PNG as base64: ~30-60 KiB each
 
