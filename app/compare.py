@@ -4,9 +4,14 @@
     gallery_items(runs)          [(png, caption)] for a zoomable gallery of the same samples
     curves(runs, key)            long DataFrame (step, value, run) for a line plot of any metrics key
     metrics_table(runs)          one row per run: settings, last loss/distance, eval/ scores
+    curve_png(frame, ...)        curve_image as a PNG data URL, rendered once per distinct data (app.cache)
+    tradeoff_png(points, ...)    the same for tradeoff_figure
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 from pathlib import Path
 
 import matplotlib
@@ -16,35 +21,27 @@ from PIL import Image, ImageDraw, ImageFont
 
 matplotlib.use("Agg")    # a server: never a GUI backend
 
+from . import cache, lineplot
 from . import runs as R
 
 DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
                  "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 EVAL_KEYS = ("dino", "clip_i", "clip_t", "miou", "pixel_accuracy")   # eval.subject; eval.segmentation
 CELL = 128
+MARGINS = dict(left=0.11, right=0.98, bottom=0.15, top=0.9)   # fixed: a constrained layout draws twice
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 
 
-def curve_figure(frame: pd.DataFrame, title: str, ylabel: str) -> Figure:
-    """One line per run (matplotlib, rendered to PNG by gr.Plot: it redraws reliably while the
-    set of runs grows, which the native plot's fixed colour domain does not)."""
-    fig = Figure(figsize=(6.4, 3.2), dpi=100, layout="constrained")
-    ax = fig.subplots()
+def curve_image(frame: pd.DataFrame, title: str, ylabel: str) -> Image.Image:
+    """One line per run against the step (app.lineplot: PIL, a few ms where matplotlib took ~100), sent
+    as a PNG through gr.Plot: it redraws reliably while the set of runs grows, which the native plot's
+    fixed colour domain does not."""
+    series = []
     for i, (run, part) in enumerate(frame.groupby("run", sort=False)):
         part = part.sort_values("step")
-        ax.plot(part["step"], part["value"], marker="o" if len(part) < 30 else None, markersize=3,
-                color=PALETTE[i % len(PALETTE)], label=run)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(frame):
-        ax.legend(fontsize=7, loc="best")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    else:
-        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="#888888")
-    return fig
+        series.append((run, part["step"].tolist(), part["value"].tolist(), PALETTE[i % len(PALETTE)]))
+    return lineplot.line_plot(series, title, "step", ylabel)
 
 
 def _font(size: int = 13):
@@ -101,14 +98,21 @@ def sample_grid(run_infos: list[R.RunInfo], cell: int = CELL) -> Image.Image | N
             if got is None:
                 draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline="#cccccc")
                 continue
-            try:
-                with Image.open(got[0]) as im:
-                    tile = im.convert("RGB")
-            except OSError:
-                continue
-            resample = Image.NEAREST if max(tile.size) < cell else Image.LANCZOS
-            grid.paste(tile.resize((cell, cell), resample), (x, y))
+            tile = cache.file_memo(cache.TILES, [got[0]], lambda p=got[0]: _tile(p, cell), extra=cell)
+            if tile is not None:
+                grid.paste(tile, (x, y))
     return grid
+
+
+def _tile(path: Path, cell: int) -> Image.Image | None:
+    """A sample resized to a grid cell; None when it cannot be read (a half-written file shows empty)."""
+    try:
+        with Image.open(path) as im:
+            tile = im.convert("RGB")
+    except OSError:
+        return None
+    resample = Image.NEAREST if max(tile.size) < cell else Image.LANCZOS
+    return tile.resize((cell, cell), resample)
 
 
 def gallery_items(run_infos: list[R.RunInfo]) -> list[tuple[str, str]]:
@@ -213,7 +217,8 @@ def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def tradeoff_figure(points: pd.DataFrame, distance: str, metric: str) -> Figure:
-    fig = Figure(figsize=(6.4, 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(6.4, 3.4), dpi=100)
+    fig.subplots_adjust(**MARGINS)
     ax = fig.subplots()
     if len(points):
         for i, (run, part) in enumerate(points.groupby("run", sort=False)):
@@ -234,3 +239,30 @@ def tradeoff_figure(points: pd.DataFrame, distance: str, metric: str) -> Figure:
     ax.set_title(f"{metric} vs. weight distance (labels: step)")
     ax.grid(alpha=0.3)
     return fig
+
+
+# ----- rendered plots: drawing is most of a Compare click, and the same data draws the same PNG -----
+def _png(fig: Figure | Image.Image) -> str:
+    """A figure or image as a PNG data URL: what gr.Plot sends for a matplotlib figure."""
+    with io.BytesIO() as buf:
+        if isinstance(fig, Image.Image):
+            fig.save(buf, format="png", compress_level=1)   # zlib level 6 took half the time
+        else:
+            fig.savefig(buf, format="png")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _digest(frame: pd.DataFrame, *labels: str) -> tuple:
+    """A key for the data a figure draws: a hash of every row and column name, and the labels."""
+    rows = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+    return (hashlib.sha256(rows).hexdigest(), tuple(frame.columns), len(frame), *labels)
+
+
+def curve_png(frame: pd.DataFrame, title: str, ylabel: str) -> str:
+    return cache.memo(cache.FIGURES, ("curve", *_digest(frame, title, ylabel)),
+                      lambda: _png(curve_image(frame, title, ylabel)))
+
+
+def tradeoff_png(points: pd.DataFrame, distance: str, metric: str) -> str:
+    return cache.memo(cache.FIGURES, ("tradeoff", *_digest(points, distance, metric)),
+                      lambda: _png(tradeoff_figure(points, distance, metric)))

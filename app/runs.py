@@ -21,11 +21,13 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lowrank import runfolder
 from lowrank.cli import error_line
+
+from . import cache
 
 # run folders are read one way across the product: lowrank.runfolder's readers, under the app's names
 ADAPTER_FILES, is_adapter_dir, read_json = runfolder.ADAPTER_FILES, runfolder.is_adapter_dir, runfolder.read_json
@@ -35,6 +37,7 @@ APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
+_GROWING = (runfolder.METRICS, runfolder.EVAL, LOG_FILE)   # files written in place: their own stamps count
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -107,33 +110,31 @@ def last_log_lines(run_dir: Path, n: int = 15, name: str = LOG_FILE) -> list[str
 
 
 # ----- metrics.jsonl: read incrementally, keep the summary keys only -----------------------------
-class _MetricsCache:
+_METRICS_LOCK = threading.Lock()
+
+
+def _read_new_metrics(path: Path) -> list[dict]:
     """metrics.jsonl grows by one line per step and each line carries a distance per layer (hundreds of
-    keys on SD-1.5): parse only the bytes added since the last read and keep SUMMARY_KEYS."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._state: dict[str, tuple[int, int, list[dict]]] = {}   # path -> (inode, offset, rows)
-
-    def read(self, path: Path) -> list[dict]:
-        key = str(path)
-        try:
-            st = path.stat()
-        except OSError:
-            return []
-        with self._lock:
-            ino, offset, rows = self._state.get(key, (st.st_ino, 0, []))
-            if ino != st.st_ino or st.st_size < offset:      # replaced or truncated: start over
-                offset, rows = 0, []
-            if st.st_size > offset:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read(st.st_size - offset)
-                end = chunk.rfind(b"\n") + 1                    # a half-written last line waits
-                rows = rows + _parse_lines(chunk[:end])
-                offset += end
-            self._state[key] = (st.st_ino, offset, rows)
-            return list(rows)
+    keys on SD-1.5): parse only the bytes added since the last read and keep SUMMARY_KEYS. The state
+    (inode, mtime_ns, offset, rows) lives in the bounded app.cache.METRICS."""
+    key = str(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    with _METRICS_LOCK:
+        ino, mtime, offset, rows = cache.METRICS.get(key) or (st.st_ino, st.st_mtime_ns, 0, [])
+        if ino != st.st_ino or st.st_size < offset or (st.st_size == offset and mtime != st.st_mtime_ns):
+            offset, rows = 0, []                            # replaced, truncated or rewritten: start over
+        if st.st_size > offset:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(st.st_size - offset)
+            end = chunk.rfind(b"\n") + 1                    # a half-written last line waits
+            rows = rows + _parse_lines(chunk[:end])
+            offset += end
+        cache.METRICS.put(key, (st.st_ino, st.st_mtime_ns, offset, rows))
+        return list(rows)
 
 
 def _parse_lines(data: bytes) -> list[dict]:
@@ -141,11 +142,8 @@ def _parse_lines(data: bytes) -> list[dict]:
     return [{k: row[k] for k in SUMMARY_KEYS if k in row} for row in rows]
 
 
-_METRICS = _MetricsCache()
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
-    return _METRICS.read(Path(run_dir) / runfolder.METRICS)
+    return _read_new_metrics(Path(run_dir) / runfolder.METRICS)
 
 
 # ----- checkpoints and samples -------------------------------------------------------------------
@@ -249,7 +247,15 @@ def status(run_dir: Path) -> tuple[str, str]:
 
 
 def info(run_dir: Path) -> RunInfo:
+    """What the app knows about a run; cached on the folder's stamps (see app.cache) unless it is queued
+    or running. A copy: callers may change it."""
     run_dir = Path(run_dir)
+    got = cache.file_memo(cache.RUN_INFO, [run_dir, *(run_dir / f for f in _GROWING)], lambda: _info(run_dir),
+                          store=lambda ri: ri.status not in ("queued", "running"))
+    return replace(got, checkpoints=list(got.checkpoints), log_tail=list(got.log_tail))
+
+
+def _info(run_dir: Path) -> RunInfo:
     app = read_json(run_dir / APP_JSON, {}) or {}
     top = read_json(run_dir / "run.json", {}) or {}
     top = top if isinstance(top, dict) else {}

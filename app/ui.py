@@ -10,6 +10,7 @@ import logging
 import time
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from . import commands, compare
 from . import generate as G
@@ -34,6 +35,11 @@ def _message(e: Exception) -> str:
         return f"⚠️ {e}"
     log.exception("unexpected error in a UI handler")
     return f"⚠️ Something went wrong ({type(e).__name__}); see the server log."
+
+
+def plot(png_url: str) -> PlotData:
+    """A PNG already rendered (and cached) by app.compare: gr.Plot sends a PlotData as it is."""
+    return PlotData(type="matplotlib", plot=png_url)
 
 
 def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
@@ -228,8 +234,8 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             yield text, [f for f in files if f.endswith(".png")], files
 
         def curves(infos, key):
-            return (compare.curve_figure(compare.curves(infos, "loss"), "loss", "loss"),
-                    compare.curve_figure(compare.curves(infos, key), key, DIST_LABEL))
+            return (plot(compare.curve_png(compare.curves(infos, "loss"), "loss", "loss")),
+                    plot(compare.curve_png(compare.curves(infos, key), key, DIST_LABEL)))
 
         def stream(names):
             for p in service.follow(names, poll_s=poll_s):
@@ -267,10 +273,10 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         def compare_fn(names, key, metric_):
             v = service.compare(names, key)
             prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
-            dist = compare.curve_figure(v["distance"], v["distance_key"], DIST_LABEL)
-            loss = compare.curve_figure(v["loss"], "loss", "loss")
+            dist = plot(compare.curve_png(v["distance"], v["distance_key"], DIST_LABEL))
+            loss = plot(compare.curve_png(v["loss"], "loss", "loss"))
             points = compare.tradeoff_points(v["infos"], v["distance_key"], metric_)
-            pareto = compare.tradeoff_figure(points, v["distance_key"], metric_)
+            pareto = plot(compare.tradeoff_png(points, v["distance_key"], metric_))
             return v["grid"], prompt, dist, loss, v["table"], pareto, v["details"], v["gallery"]
 
         def gen_ckpts(name, prompt):

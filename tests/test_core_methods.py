@@ -365,3 +365,29 @@ def test_weight_distance_of_a_group_of_same_shaped_layers(method, opts):
         dense = (layer.weight + layer.delta_weight() - pretrained.get_submodule(n).weight).norm().item()
         assert dist[n] == pytest.approx(dense, rel=1e-4, abs=1e-6), n
     assert len({round(dist[n], 6) for n in names[:3]}) == 3      # three different layers, three numbers
+
+
+def test_delora_distance_follows_a_loaded_frozen_copy():
+    """DeLoRA's weight_distance keeps the frozen copy's terms between calls; loading another adapter (another
+    frozen copy, written in place) must be seen, and each layer's number stay its own dense ‖W_eff − W0‖_F."""
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        names = inject(model, AdapterConfig(method="delora", rank=2, target_modules=["0", "1", "2"]))
+        perturb(model)
+        return model, names
+
+    model, names = build(3)
+    other, _ = build(4)                                         # another seed: another frozen copy
+    pretrained = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+
+    def dense():
+        return {n: (model.get_submodule(n).delta_weight()).norm().item() for n in names}
+
+    first = lowrank.weight_distance(model)
+    assert first == pytest.approx(dense(), rel=1e-6)
+    for n in names:                                             # another run's adapter into the same base
+        model.get_submodule(n).load_adapter_state(other.get_submodule(n).adapter_state())
+    second = lowrank.weight_distance(model)
+    assert second == pytest.approx(dense(), rel=1e-6) and second != pytest.approx(first, rel=1e-3)
+    assert all(torch.equal(model.get_submodule(n).weight, pretrained[n]) for n in names)

@@ -126,6 +126,38 @@ class DeloraLayer(AdapterLayer):
             factors.append((torch.stack([u for u, _ in frozen]), torch.stack([v for _, v in frozen])))
         return factors
 
+    @classmethod
+    def distance_all(cls, layers):
+        """(L,) ‖ΔW(t) − ΔW(0)‖²_F, float64 as the base class. With U = [U₁ U₀] and V = [V₁; V₀] (U₀V₀ = −ΔW(0)):
+            Σ(UᵀU ⊙ VVᵀ) = Σ(U₁ᵀU₁ ⊙ V₁V₁ᵀ) + 2 Σ(U₁ᵀU₀ ⊙ V₁V₀ᵀ) + Σ(U₀ᵀU₀ ⊙ V₀V₀ᵀ)
+        and the frozen copy's factors and last term are constant, so they are kept (_frozen_terms): per
+        step two r x r Gram blocks per side instead of one 2r x 2r, and no float64 copy of the frozen half."""
+        if layers[0].config.delora_init != "subtract":
+            return super().distance_all(layers)
+        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
+        u1, v1 = layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"),
+                                    stack("delora_w_norm"))
+        u0, v0, c0 = cls._frozen_terms(layers)
+        u1, v1 = u1.double(), v1.double()
+        same = ((u1.mT @ u1) * (v1 @ v1.mT)).sum(dim=(1, 2))
+        cross = ((u1.mT @ u0) * (v1 @ v0.mT)).sum(dim=(1, 2))
+        return (same + 2 * cross + c0).clamp_min(0)
+
+    @staticmethod
+    def _frozen_terms(layers):
+        """(U₀, V₀, Σ(U₀ᵀU₀ ⊙ V₀V₀ᵀ)) of a group in float64, kept on the group's first layer and recomputed
+        when any frozen buffer of the group changes (its storage or in-place version: a loaded adapter)."""
+        key = tuple((id(layer), *((b.data_ptr(), b._version) for b in layer.buffers(recurse=False)))
+                    for layer in layers)
+        kept = getattr(layers[0], "_distance_frozen", None)
+        if kept is None or kept[0] != key:
+            frozen = [layer._initial_factors() for layer in layers]
+            u0 = torch.stack([u for u, _ in frozen]).double()
+            v0 = torch.stack([v for _, v in frozen]).double()
+            kept = (key, u0, v0, ((u0.mT @ u0) * (v0 @ v0.mT)).sum(dim=(1, 2)))
+            layers[0]._distance_frozen = kept
+        return kept[1:]
+
     def _initial_factors(self):
         """−ΔW(0) as factors (−B0Ξ0λ0/r, A0 ⊙ w), from frozen tensors: computed once per device."""
         cached = self._cache_f0
