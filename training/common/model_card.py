@@ -20,7 +20,7 @@ import yaml
 
 import lowrank
 from lowrank.analysis import delora_bound
-from lowrank.io import WEIGHTS_NAME
+from lowrank.runfolder import ADAPTER_WEIGHTS as WEIGHTS_NAME
 from lowrank.runfolder import RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
 
 from .logging import logger
