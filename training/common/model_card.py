@@ -20,7 +20,7 @@ import yaml
 
 import lowrank
 from lowrank.analysis import delora_bound
-from lowrank.runfolder import ADAPTER_WEIGHTS as WEIGHTS_NAME
+from lowrank.runfolder import ADAPTER_WEIGHTS
 from lowrank.runfolder import RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
 
 from .logging import logger
@@ -69,7 +69,7 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     """What the card says about a run, read from its folder; the distance and bound of the adapter in
     `adapter_dir` (the run's final one, or a checkpoint-N: the metrics up to step N)."""
     run = read_json(run_dir / "run.json", {}) or {}
-    if not run.get("adapter_config") and (adapter_dir / WEIGHTS_NAME).is_file():   # an adapter folder, no run
+    if not run.get("adapter_config") and (adapter_dir / ADAPTER_WEIGHTS).is_file():   # an adapter folder, no run
         run = {**run, "adapter_config": lowrank.read_adapter(adapter_dir)[0].to_dict()}
     cfg = run.get("adapter_config") or {}
     method = cfg.get("method") or "lora"
@@ -81,7 +81,7 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     last = rows[-1] if rows else {}
     layer = run.get("fig3_layer")
     bound = None
-    if method == "delora" and layer and (adapter_dir / WEIGHTS_NAME).is_file():
+    if method == "delora" and layer and (adapter_dir / ADAPTER_WEIGHTS).is_file():
         _, state = lowrank.read_adapter(adapter_dir)
         bound = delora_bound(state, layer)
         if bound is None:   # semantic_map names its layers 'unet.<module>' in the metrics
