@@ -20,8 +20,7 @@ import yaml
 
 import lowrank
 from lowrank.analysis import delora_bound
-from lowrank.runfolder import ADAPTER_WEIGHTS
-from lowrank.runfolder import RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
+from lowrank.runfolder import ADAPTER_WEIGHTS, RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
 
 from .logging import logger
 from .models import TINY
