@@ -66,14 +66,15 @@ class Service:
         out = []
         for name in names or []:
             try:
-                out.append(R.info(R.run_path(self.runs_dir, name)))
+                out.append(R.find(self.runs_dir, name))
             except ValueError:
                 continue
         return out
 
     def run_choices(self) -> list[tuple[str, str]]:
-        return [(f"{r.method}{'' if r.rank is None else f' r{r.rank}'} · {r.name} [{r.status}]", r.name)
-                for r in self.runs()]
+        """(label, name) per run; a study's runs are labelled `study ▸ ...` and listed together."""
+        return [(f"{r.study + ' ▸ ' if r.study else ''}{r.method}{'' if r.rank is None else f' r{r.rank}'} · "
+                 f"{r.name.rsplit('/', 1)[-1]} [{r.status}]", r.name) for r in self.runs()]
 
     # ----- training -------------------------------------------------------------------------------
     def check_upload(self, files) -> str:
@@ -148,7 +149,7 @@ class Service:
         infos, lines, done_steps, total_steps, all_done = [], [], 0, 0, True
         for name in names:
             try:
-                ri = R.info(R.run_path(self.runs_dir, name))
+                ri = R.find(self.runs_dir, name)
             except ValueError:
                 continue
             infos.append(ri)

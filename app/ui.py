@@ -1,4 +1,4 @@
-"""The Gradio Blocks: three tabs (Train, Compare, Generate) wired to Service. No logic lives here
+"""The Gradio Blocks: four tabs (Train, Compare, Generate, Robustness) wired to Service. No logic lives here
 beyond turning InputError into a message next to the button that caused it.
 
 API names (for gradio_client): /check_upload, /start, /start_semantic, /follow, /cancel, /runs, /compare, /score,
@@ -177,18 +177,23 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             # ------------------------------------------------------------------ Robustness (eval.robustness)
             with gr.Tab("Robustness", id="robustness"):
                 with gr.Row():
-                    reports = RB.report_folders(service.runs_dir)
-                    first = reports[0] if reports else None   # a fresh clone opens on the committed study
+                    reports, first, rb_text0, rb_figs0 = RB.refresh(service.runs_dir, None)
                     rb_pick = gr.Dropdown(reports, value=first, label="Report folder",
                                           elem_id="robustness-report", allow_custom_value=True)
                     rb_refresh = gr.Button("Refresh", elem_id="robustness-refresh")
-                rb_text0, rb_figs0 = RB.show(service.runs_dir, first)
-                rb_figs = gr.Gallery(rb_figs0, label="Figures", columns=2, height=420, elem_id="robustness-figures")
+                # contain, not cover: a figure is shown whole (its axes labels and legend are the point)
+                rb_figs = gr.Gallery(rb_figs0, label="Figures", columns=2, height="auto", object_fit="contain",
+                                     elem_id="robustness-figures")
                 rb_text = gr.Markdown(rb_text0, elem_id="robustness-text")
+
+            def rb_refresh_fn(current):
+                choices, value, text, figures = RB.refresh(service.runs_dir, current)
+                return gr.update(choices=choices, value=value), figures, text
+
             rb_pick.change(lambda n: RB.show(service.runs_dir, n)[::-1], rb_pick, [rb_figs, rb_text],
                            api_name="robustness", queue=False)
-            rb_refresh.click(lambda: gr.update(choices=RB.report_folders(service.runs_dir)), None, rb_pick,
-                             api_name=False, queue=False)
+            for ev in (rb_refresh.click, demo.load):     # a page opened later sees the reports written since
+                ev(rb_refresh_fn, rb_pick, [rb_pick, rb_figs, rb_text], api_name=False, queue=False)
 
         # ------------------------------------------------------------------ handlers
         def check_upload(paths):
