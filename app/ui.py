@@ -15,7 +15,7 @@ from . import commands, compare
 from . import generate as G
 from . import robustness as RB
 from . import runs as R
-from .inputs import METHODS, InputError, check_form, preview_images
+from .inputs import EXAMPLE_SUBJECT, METHODS, InputError, check_form, cli_defaults, preview_images
 from .service import Service
 
 log = logging.getLogger("lowrank.app")
@@ -41,6 +41,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
     def line_plot(label, elem_id):
         return gr.Plot(label=label, format="png", elem_id=elem_id)
 
+    cli = cli_defaults()          # the Train tab starts where `training/dreambooth.py --method delora` does
     with gr.Blocks(title="lowrank: DreamBooth with low-rank adapters") as demo:   # CSS goes to launch()
         gr.Markdown("## lowrank · DreamBooth with bounded and unbounded low-rank adapters")
         jobs = gr.State([])
@@ -55,19 +56,23 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                         preview = gr.Gallery(label="Preview", columns=5, height=220, interactive=False,
                                              elem_id="subject-preview")
                         upload_msg = gr.Markdown(elem_id="upload-msg")
+                        embedded = gr.Checkbox(False, elem_id="subject-embedded",
+                                               label=f"Train on the {EXAMPLE_SUBJECT} instead (as the CLI does "
+                                                     f"without --instance_data_dir; uploads are not used)")
                     with gr.Column(scale=1):
                         with gr.Row():
                             noun = gr.Textbox("cat", label="Class noun", elem_id="class-noun")
                             token = gr.Textbox("sks", label="Unique token", elem_id="unique-token")
-                        methods = gr.CheckboxGroup(list(METHODS), value=["lora"], elem_id="methods",
+                        methods = gr.CheckboxGroup(list(METHODS), value=[cli["method"]], elem_id="methods",
                                                    label="Methods (trained one after another)")
                         with gr.Row():
-                            rank = gr.Number(4, precision=0, label="Rank", elem_id="rank")
+                            rank = gr.Number(cli["rank"], precision=0, label="Rank", elem_id="rank")
                             lr = gr.Textbox("", label="Learning rate", placeholder="per-method default", elem_id="lr")
-                            lam = gr.Number(15.0, label="λ (DeLoRA)", elem_id="delora-lambda")
+                            lam = gr.Number(cli["delora_lambda"], label="λ (DeLoRA)", elem_id="delora-lambda")
                         with gr.Row():
-                            steps = gr.Number(50, precision=0, label="Steps", elem_id="steps")
-                            every = gr.Number(10, precision=0, label="Checkpoint every", elem_id="checkpoint-every")
+                            steps = gr.Number(cli["steps"], precision=0, label="Steps", elem_id="steps")
+                            every = gr.Number(cli["checkpoint_every"], precision=0, label="Checkpoint every",
+                                              elem_id="checkpoint-every")
                         model = gr.Textbox("tiny", label="Base model", elem_id="base-model",
                                            info="'tiny' (built-in, random weights: machinery only), a hub name "
                                                 "or a local pipeline folder")
@@ -241,11 +246,11 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 yield (p.bar_html(), p.markdown(), *curves(p.runs, compare.distance_key(p.runs)), names, p.summary())
 
         def start_fn(paths, meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
-                     sample_steps_, n_samples_, prior_=False, n_class_=None):
+                     sample_steps_, n_samples_, prior_=False, n_class_=None, embedded_=False):
             try:
                 form = check_form(meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
                                   sample_steps_, n_samples_, prior_, n_class_)
-                names = service.submit(paths, form)
+                names = service.submit(paths, form, embedded=bool(embedded_))
             except Exception as e:
                 yield ("", _message(e), None, None, [], [])
                 return
@@ -310,7 +315,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             return str(path), f"Exported {path.name} ({G.EXPORT_FORMATS.get(label, label)})."
 
         train_inputs = [files, methods, noun, token, rank, lr, steps, every, lam, model, seed, res, sample_steps,
-                        n_samples, prior, n_class]
+                        n_samples, prior, n_class, embedded]
         train_outputs = [progress, status, loss_plot, dist_plot, jobs, batch]
         files.change(check_upload, files, [preview, upload_msg], api_name="check_upload")
         load_ev = demo.load(follow_fn, None, train_outputs, api_name="follow", show_progress="hidden")
@@ -318,7 +323,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         start_ev = start.click(start_fn, train_inputs, train_outputs, api_name="start", concurrency_limit=None,
                                show_progress="hidden", cancels=[load_ev], trigger_mode="once")
         start_ev.then(after_train, jobs, [chosen, g_run], api_name=False)
-        seg_inputs = [seg_images, seg_maps, seg_embedded] + train_inputs[1:-2]   # no subject files, no prior
+        seg_inputs = [seg_images, seg_maps, seg_embedded] + train_inputs[1:-3]   # no subject files, no prior
         seg_ev = seg_start.click(seg_start_fn, seg_inputs, train_outputs, api_name="start_semantic",
                                  concurrency_limit=None, show_progress="hidden", cancels=[load_ev],
                                  trigger_mode="once")

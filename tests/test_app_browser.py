@@ -93,7 +93,7 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
 
         page.get_by_role("tab", name="Generate").click()         # the first new run is preselected
         page.wait_for_function("document.querySelector('#gen-checkpoint input').value == 'final'")
-        assert page.input_value("#gen-run input").startswith("lora r4")
+        assert page.input_value("#gen-run input").startswith("delora r8")     # the CLI's defaults
         page.fill("#gen-steps input[type=number]", "2")
         page.click("#generate")
         page.wait_for_selector("#gen-images img")
