@@ -80,6 +80,13 @@ class Service:
                 continue
         return out
 
+    def empty_state(self) -> str:
+        """What Compare and Generate say with no run chosen: how to get runs when the folder has none."""
+        if self.runs():
+            return "Choose runs above."
+        return (f"No runs in {self.runs_dir} yet: train one in the Train tab, or run a trainer with no "
+                f"--output_dir (it writes under outputs/), or start the app with --runs_dir where your runs are.")
+
     def run_choices(self) -> list[tuple[str, str]]:
         """(label, name) per run; a study's runs are labelled `study ▸ ...` and listed together."""
         return [(f"{r.study + ' ▸ ' if r.study else ''}{r.method}{'' if r.rank is None else f' r{r.rank}'} · "

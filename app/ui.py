@@ -122,7 +122,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                     dist_key = gr.Dropdown(list(compare.DISTANCE_KEYS), value="distance_fig3",
                                            label="Distance", scale=1, elem_id="distance-key")
                     refresh = gr.Button("Refresh", scale=0, elem_id="refresh")
-                prompt_md = gr.Markdown(elem_id="grid-prompt")
+                prompt_md = gr.Markdown(service.empty_state(), elem_id="grid-prompt")
                 grid = gr.Image(label="Samples: rows = methods, columns = checkpoints (same prompt and seed)",
                                 type="pil", format="png", interactive=False, elem_id="sample-grid")
                 with gr.Row():
@@ -177,7 +177,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                                          elem_id="gen-export-file")
                     with gr.Column():
                         g_out = gr.Gallery(label="Images", columns=2, elem_id="gen-images")
-                        g_msg = gr.Markdown(elem_id="gen-msg")
+                        g_msg = gr.Markdown(service.empty_state(), elem_id="gen-msg")
 
             # ------------------------------------------------------------------ Robustness (eval.robustness)
             with gr.Tab("Robustness", id="robustness"):
@@ -276,7 +276,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
 
         def compare_fn(names, key, metric_):
             v = service.compare(names, key)
-            prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
+            prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else service.empty_state())
             dist = compare.curve_figure(v["distance"], v["distance_key"], DIST_LABEL)
             loss = compare.curve_figure(v["loss"], "loss", "loss")
             points = compare.tradeoff_points(v["infos"], v["distance_key"], metric_)
@@ -340,6 +340,9 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         report_btn.click(report_fn, chosen, [report_md, report_imgs, report_files], api_name="report",
                          concurrency_limit=None)
         g_run.change(gen_ckpts, [g_run, g_prompt], [g_ckpt, g_prompt], api_name="checkpoints", queue=False)
+        # the empty states as of now (runs may have appeared since the app started)
+        g_run.change(lambda n: "" if n else service.empty_state(), g_run, g_msg, api_name=False, queue=False)
+        demo.load(lambda: (service.empty_state(),) * 2, None, [prompt_md, g_msg], api_name=False, queue=False)
         g_btn.click(gen_fn, [g_run, g_ckpt, g_prompt, g_seed, g_n, g_steps, g_cfg, g_merge], [g_out, g_msg],
                     api_name="generate", concurrency_limit=1)
         g_export.click(export_fn, [g_run, g_ckpt, g_fmt], [g_file, g_msg], api_name="export", concurrency_limit=1)

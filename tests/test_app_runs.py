@@ -196,3 +196,13 @@ def test_a_robustness_studys_runs_are_listed_grouped_by_study(tmp_path):
     # Compare and Generate take these names like any other
     infos = Service(tmp_path).run_infos(["robustness-dreambooth/runs/lora-lr1", own.name])
     assert [r.name for r in infos] == ["robustness-dreambooth/runs/lora-lr1", own.name]
+
+
+def test_compare_and_generate_say_how_to_get_runs_only_when_there_are_none(tmp_path):
+    from app.service import Service
+
+    service = Service(tmp_path / "outputs")
+    assert service.empty_state().startswith(f"No runs in {tmp_path / 'outputs'} yet")
+    assert "--runs_dir" in service.empty_state() and "Train tab" in service.empty_state()
+    make_run(tmp_path / "outputs", "a-run")
+    assert service.empty_state() == "Choose runs above."
