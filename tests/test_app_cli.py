@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,6 +65,9 @@ def test_python_m_app_serves_and_stops_on_sigterm(tmp_path):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--runs_dir", str(tmp_path / "runs")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)   # the pipe never fills
+    reader.start()
     try:
         page, deadline = None, time.monotonic() + 90
         while page is None and time.monotonic() < deadline and proc.poll() is None:
@@ -73,12 +77,16 @@ def test_python_m_app_serves_and_stops_on_sigterm(tmp_path):
                 time.sleep(0.3)
         assert page is not None and "gradio" in page.lower()
         assert (tmp_path / "runs").is_dir()
+        while not any(b"public link" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)             # Gradio prints its share hint just after the server answers
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    out = proc.stdout.read().decode()
+    reader.join(timeout=10)
+    proc.stdout.close()
+    out = b"".join(lines).decode()
     assert "Traceback" not in out, out
     assert "add --share" in out and "share=True" not in out, out      # Gradio's hint, in the CLI's words

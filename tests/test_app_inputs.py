@@ -2,6 +2,7 @@
 command line and the base-model check. No Gradio, no training."""
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -78,7 +79,7 @@ def test_non_image_is_refused(tmp_path, three):
 
 def test_truncated_image_is_refused(tmp_path, three):
     bad = tmp_path / "cut.png"
-    data = open(three[0], "rb").read()
+    data = Path(three[0]).read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cut could not be decoded"):
         check_images(three + [str(bad)])
@@ -175,7 +176,6 @@ def test_the_train_tabs_defaults_are_the_clis(monkeypatch):
     """The form starts where the README's first command does: its method, and what the trainer resolves for it
     with no other flag (rank, λ, run length, checkpoint interval)."""
     import re
-    from pathlib import Path
 
     from lowrank import AdapterConfig
     from training import dreambooth

@@ -105,7 +105,8 @@ def test_table_rows_values_and_markdown(runs, tmp_path):
     md = (out / "report.md").read_text()
     assert "| " + " | ".join(report.COLUMNS) + " |" in md and md.count("| lora-a |") == 3
     for png in ("distance_vs_step.png", "scores_vs_step.png", "lr_sweep.png", "sample_grid.png"):
-        assert f"]({png})" in md and Image.open(out / png).size[0] > 100
+        with Image.open(out / png) as im:
+            assert f"]({png})" in md and im.size[0] > 100
 
 
 def test_distance_key_choice(runs, tmp_path):
@@ -155,7 +156,8 @@ def test_sample_grid_uses_the_same_prompt_and_seed(runs, tmp_path):
     a, b, _ = runs                 # b lists another prompt first (green); its matching sample is blue
     out = tmp_path / "out"
     assert run_main(report.main, [str(a), str(b), "--out", str(out)]) == 0
-    px = np.asarray(Image.open(out / "sample_grid.png").convert("RGB")).astype(int)
+    with Image.open(out / "sample_grid.png") as im:
+        px = np.asarray(im.convert("RGB")).astype(int)
     count = lambda rgb: int((np.abs(px - np.array(rgb)).sum(-1) < 30).sum())  # noqa: E731
     assert count(COLOURS["red"]) > 500 and count(COLOURS["blue"]) > 500 and count(COLOURS["green"]) == 0
 
