@@ -1,6 +1,6 @@
-"""`python -m app` / `lowrank-app`: serve the Gradio app (train, compare, generate).
+"""`python -m app` / `lowrank-app`: serve the Gradio app (four tabs: Train, Compare, Generate, Robustness).
 
-    python -m app --runs_dir runs --port 7860
+    python -m app --runs_dir outputs --port 7860       # outputs/: where the trainers write by default
     python -m app --host 0.0.0.0 --auth_file logins.txt     # reachable from other machines: logins required
 
 An app reachable beyond this machine (any --host but loopback, or --share) refuses to start without
@@ -9,14 +9,17 @@ An app reachable beyond this machine (any --host but loopback, or --share) refus
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
 from pathlib import Path
 
 from lowrank import cli
+from training.common.args import OUTPUTS_DIR
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -31,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="Address to bind; 0.0.0.0 exposes the app (and its training button) to the network.")
     p.add_argument("--port", type=int, default=7860, help="Port to serve on.")
-    p.add_argument("--runs_dir", default="runs",
-                   help="Folder holding one sub-folder per training run; runs found there are listed after a restart.")
+    p.add_argument("--runs_dir", default=OUTPUTS_DIR,
+                   help="Folder holding one sub-folder per training run (the trainers' default --output_dir "
+                        "parent, so CLI runs show up; a robustness study's runs under <study>/runs/ too); runs "
+                        "found there are listed after a restart.")
     p.add_argument("--launcher", choices=["accelerate", "python"], default="accelerate",
                    help="How the trainer is started: 'accelerate launch training/dreambooth.py' (as the CLI docs) "
                         "or plain 'python training/dreambooth.py'.")
@@ -55,6 +60,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Gradio speaks of launch()'s parameters; a user of this command has its flags instead
+_GRADIO_WORDS = [
+    (re.compile(r"Cannot find empty port in range: (\d+)-\d+\..*"),
+     r"port \1 is in use or cannot be opened: choose another with --port"),
+    (re.compile(r"To create a public link, set `share=True` in `launch\(\)`\."),
+     "To create a public link, add --share (it needs logins: --auth or --auth_file)."),
+    (re.compile(r"`?share=True`?( in `?launch\(\)`?)?"), "--share"),
+    (re.compile(r"`?server_port`?( parameter)?( to `?launch\(\)`?)?"), "--port"),
+]
+
+
+def cli_words(text: str) -> str:
+    """Gradio's message with the CLI's flags (--share, --port) in place of launch()'s parameters."""
+    for pattern, repl in _GRADIO_WORDS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class _Rephrased:
+    """A stream that writes Gradio's start-up prints with the CLI's flags (each message is one write)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(cli_words(text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _cli_words_on_stdout():
+    stream = sys.stdout
+    sys.stdout = _Rephrased(stream)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
+
+
 def serve(args: argparse.Namespace, block: bool = True):
     """Start the app; returns (demo, service). With block=False the server runs in a thread (tests)."""
     from .auth import AuthError, checker, exposure_error, logins_from_flags
@@ -75,13 +121,16 @@ def serve(args: argparse.Namespace, block: bool = True):
     demo = build(service, poll_s=args.poll)
     demo.queue(default_concurrency_limit=1)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block,
+        with _cli_words_on_stdout():
+            demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=not block,
                     allowed_paths=[str(service.runs_dir), str(RESULTS_DIR)],
                     max_file_size=f"{int(2 * args.max_image_mb) + 1}mb",
                     show_error=False, quiet=not block, css=CSS, auth=checker(logins) if logins else None,
-                    auth_message="lowrank: log in to train and compare adapters on this machine")
-    except BaseException:
+                        auth_message="lowrank: log in to train and compare adapters on this machine")
+    except BaseException as e:
         service.close()
+        if isinstance(e, (OSError, ValueError)) and cli_words(str(e)) != str(e):   # Gradio's start-up refusals
+            raise cli.CommandError(cli_words(str(e))) from None
         raise
     if block:
         service.close()

@@ -98,11 +98,12 @@ def _extra_flags(form: TrainForm) -> list[str]:
     return [arg for key, value in (form.extra or {}).items() for arg in (f"--{key}", str(value))]
 
 
-def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Path,
+def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Path | None,
                   launcher: str = "accelerate") -> list[str]:
-    cmd = [*launcher_prefix(launcher), str(trainer_script()), *_common_flags(form, method, run_dir),
-           "--instance_data_dir", str(instance_dir), "--instance_prompt", form.instance_prompt,
-           "--class_prompt", form.class_prompt]
+    """training/dreambooth.py on the uploaded subject, or with instance_dir None on its embedded example."""
+    subject = [] if instance_dir is None else ["--instance_data_dir", str(instance_dir)]
+    cmd = [*launcher_prefix(launcher), str(trainer_script()), *_common_flags(form, method, run_dir), *subject,
+           "--instance_prompt", form.instance_prompt, "--class_prompt", form.class_prompt]
     if form.num_samples:
         cmd += ["--num_validation_images", str(form.num_samples)]
     if form.prior_preservation:        # class images are generated into RUN/class_images by the trainer

@@ -16,7 +16,9 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import lowrank
-from training.common.data import to_rgb
+from training import dreambooth
+from training.common.args import adapter_config
+from training.common.data import EXAMPLE_NAME, to_rgb
 
 METHODS = tuple(lowrank.METHODS)      # registry order; lowrank.METHODS is the only list of methods
 MIN_IMAGES, MAX_IMAGES = 3, 20
@@ -25,6 +27,17 @@ MAX_PIXELS = 40_000_000               # ~ 6300 x 6300; a bigger decode is refuse
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
 FORMATS_SHOWN = "PNG, JPEG, WebP, BMP, GIF or TIFF"   # every message and label names the same list
 MAX_STEPS = 100_000
+HEADLINE_METHOD = "delora"            # the README's first command: `training/dreambooth.py --method delora`
+EXAMPLE_SUBJECT = EXAMPLE_NAME        # what the trainer uses when it is given no --instance_data_dir
+
+
+def cli_defaults() -> dict:
+    """The Train tab's defaults: what `training/dreambooth.py --method delora` resolves with no other flag (its
+    rank, λ, run length and checkpoint interval), read from the trainer itself so the two cannot differ."""
+    args = dreambooth.parse_args(["--method", HEADLINE_METHOD])
+    cfg = adapter_config(args)
+    return {"method": cfg.method, "rank": cfg.rank, "delora_lambda": cfg.delora_lambda,
+            "steps": args.max_train_steps, "checkpoint_every": args.checkpointing_steps}
 
 
 class InputError(ValueError):

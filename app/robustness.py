@@ -3,7 +3,8 @@ studies committed with lowrank under results/ (so a fresh clone shows real resul
 
 A report folder is any folder under runs_dir (one or two levels down) with a report.md; a committed one is
 named `results/<name>`. The tab shows its Markdown (figures taken out: a Gallery shows the PNGs, since
-Markdown cannot reach files by relative path).
+Markdown cannot reach files by relative path), with `*` and `_` outside code shown as written: the report's
+formulas (‖W_merged − W_pre‖_F, mult_* |λ|) are text, not emphasis.
 """
 from __future__ import annotations
 
@@ -14,6 +15,28 @@ REPORT = "report.md"
 IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\([^)]*\)\s*$")
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"   # the studies committed with lowrank
 COMMITTED = "results/"
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+_EMPHASIS = re.compile(r"(?<![\\*])\*(?!\*)|(?<!\\)_")      # a lone * or any _ (not ** of bold, not escaped)
+
+
+def _escape(part: str) -> str:
+    return _EMPHASIS.sub(lambda m: "\\" + m.group(0), part)
+
+
+def literal_markdown(text: str) -> str:
+    """`text` with every * (except the ** of bold) and _ outside code spans and fenced blocks escaped, so
+    Markdown shows them as written instead of turning them into italics."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            parts = _CODE_SPAN.split(line)      # text, ticks, code, text, ticks, code, ..., text
+            line = "".join(_escape(p) if i % 3 == 0 else (parts[i - 1] + p + parts[i - 1] if i % 3 == 2 else "")
+                           for i, p in enumerate(parts))
+        out.append(line)
+    return "\n".join(out)
 
 
 def report_folders(runs_dir: Path) -> list[str]:
@@ -34,12 +57,24 @@ def _folder(runs_dir: Path, name: str) -> Path | None:
 
 
 def show(runs_dir: Path, name: str | None) -> tuple[str, list[str]]:
-    """(report Markdown without its image lines, the PNG figures) of one report folder."""
+    """(report Markdown without its image lines, shown literally; the PNG figures) of one report folder. With
+    no folder chosen it says whether there are reports to choose from (never "none yet" beside a list)."""
     if not name:
-        return "No robustness report yet: run `python -m eval.robustness --output_dir RUNS/robustness` " \
-               "(RUNS = this app's runs folder).", []
+        found = report_folders(runs_dir)
+        if found:
+            return f"Choose a report folder above ({len(found)} found).", []
+        return (f"No robustness report yet: run `python -m eval.robustness` (it writes "
+                f"`outputs/robustness-<task>/`; this app lists report folders under {Path(runs_dir).resolve()}).", [])
     folder = _folder(runs_dir, name)
     if folder is None:
         return f"{name} is not a robustness report folder under {Path(runs_dir).resolve()} or {RESULTS_DIR}.", []
     text = "\n".join(line for line in (folder / REPORT).read_text().splitlines() if not IMAGE_LINE.match(line))
-    return text, [str(p) for p in sorted(folder.glob("*.png"))]
+    return literal_markdown(text), [str(p) for p in sorted(folder.glob("*.png"))]
+
+
+def refresh(runs_dir: Path, current: str | None) -> tuple[list[str], str | None, str, list[str]]:
+    """(choices, the folder to show, its text, its figures): the current folder while it is still offered,
+    else the newest one, so the dropdown and the text always agree."""
+    found = report_folders(runs_dir)
+    value = current if current in found else (found[0] if found else None)
+    return (found, value, *show(runs_dir, value))

@@ -10,6 +10,9 @@ is read back from files there, so runs survive a restart of the app.
     RUNS/<name>/train.log          the trainer's stdout and stderr
     RUNS/<name>/run.json, metrics.jsonl, checkpoint-N/, adapter.safetensors, eval.jsonl  (the trainer, eval/)
 
+A robustness study (`python -m eval.robustness`) keeps its runs under its own folder, RUNS/<study>/runs/<run>/:
+they are listed too, named `<study>/runs/<run>` and grouped by study after the app's and the CLI's own runs.
+
 Status: queued -> running -> finished | failed | cancelled. A pid file whose process is gone with no
 exit_code file means the process died (app killed, OOM...): the run shows as failed with its last log
 lines, unless its final adapter is there (it finished while nobody was watching).
@@ -38,6 +41,7 @@ SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distanc
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
 _GROWING = (runfolder.METRICS, runfolder.EVAL, LOG_FILE)   # files written in place: their own stamps count
+STUDY_RUNS = "runs"          # eval.robustness: OUTPUT_DIR/runs/<run>
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -189,20 +193,30 @@ class RunInfo:
     log_tail: list[str] = field(default_factory=list)
 
     @property
+    def study(self) -> str:
+        """The robustness study the run belongs to ('' for a run of its own)."""
+        return self.name.split("/", 1)[0] if "/" in self.name else ""
+
+    @property
     def label(self) -> str:
         return f"{self.name} [{self.status}]"
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name or "")) and ".." not in name
+    """A run folder name, or a study's run `<study>/runs/<run>`: nothing else can reach outside the runs dir."""
+    parts = str(name or "").split("/")
+    if len(parts) == 3 and parts[1] == STUDY_RUNS:
+        parts = [parts[0], parts[2]]
+    elif len(parts) != 1:
+        return False
+    return all(_NAME_RE.match(p) and ".." not in p for p in parts)
 
 
 def run_path(runs_dir: Path, name: str) -> Path:
     """RUNS/name for a name typed or chosen in the UI; ValueError for anything that is not a plain
-    run folder name (no separators, no '..'), so no UI value can point outside the runs dir."""
-    name = str(name or "").strip()
-    if " [" in name:                                      # accept a RunInfo.label too
-        name = name.split(" [", 1)[0]
+    run folder name (no separators, no '..') or a study's `<study>/runs/<run>`, so no UI value can point
+    outside the runs dir."""
+    name = run_name(name)                                 # accept a RunInfo.label too
     if not valid_name(name):
         raise ValueError(f"not a run name: {name!r}")
     path = Path(runs_dir) / name
@@ -246,18 +260,29 @@ def status(run_dir: Path) -> tuple[str, str]:
     return "incomplete", "no final adapter (a run made outside the app, or still writing)"
 
 
-def info(run_dir: Path) -> RunInfo:
-    """What the app knows about a run; cached on the folder's stamps (see app.cache) unless it is queued
-    or running. A copy: callers may change it."""
+def run_name(name: str) -> str:
+    """The run name a UI value (a name or a RunInfo.label) stands for."""
+    name = str(name or "").strip()
+    return name.split(" [", 1)[0] if " [" in name else name
+
+
+def find(runs_dir: Path, name: str) -> RunInfo:
+    """RunInfo of the run a UI value names (ValueError as run_path), under the name the registry lists it."""
+    return info(run_path(runs_dir, name), name=run_name(name))
+
+
+def info(run_dir: Path, name: str | None = None) -> RunInfo:
+    """What the app knows about a run, listed as `name` (default: the folder's name); cached on the folder's
+    stamps (see app.cache) unless it is queued or running. A copy: callers may change it."""
     run_dir = Path(run_dir)
     got = cache.file_memo(cache.RUN_INFO, [run_dir, *(run_dir / f for f in _GROWING)], lambda: _info(run_dir),
                           store=lambda ri: ri.status not in ("queued", "running"))
-    return replace(got, checkpoints=list(got.checkpoints), log_tail=list(got.log_tail))
+    return replace(got, name=name or got.name, checkpoints=list(got.checkpoints), log_tail=list(got.log_tail))
 
 
 def _info(run_dir: Path) -> RunInfo:
     app = read_json(run_dir / APP_JSON, {}) or {}
-    top = read_json(run_dir / "run.json", {}) or {}
+    top = read_json(run_dir / runfolder.RUN_JSON, {}) or {}
     top = top if isinstance(top, dict) else {}
     args = top.get("args") if isinstance(top.get("args"), dict) else {}
     # what the trainer resolved: a CLI run given no --rank/--method still has them in its adapter config
@@ -279,7 +304,7 @@ def _info(run_dir: Path) -> RunInfo:
                  model=str(pick("pretrained_model_name_or_path", "model") or "tiny"),
                  created=float(app.get("created") or _mtime(run_dir)),
                  checkpoints=[s for s, _ in checkpoints(run_dir)], has_final=is_adapter_dir(run_dir),
-                 scored=(run_dir / "eval.jsonl").is_file())
+                 scored=(run_dir / runfolder.EVAL).is_file())
     if st in ("failed", "cancelled"):
         ri.log_tail = last_log_lines(run_dir)
         if st == "failed" and ri.log_tail and "exited with code" in detail:
@@ -294,17 +319,30 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _is_run(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in (APP_JSON, runfolder.RUN_JSON, runfolder.METRICS))
+
+
 def list_runs(runs_dir: Path) -> list[RunInfo]:
-    """Every run folder (one with app.json, run.json or metrics.jsonl), newest first."""
+    """Every run folder (one with app.json, run.json or metrics.jsonl), newest first; then the runs of each
+    robustness study under the runs dir (RUNS/<study>/runs/<run>), one study after another (the newest
+    first), each study's runs by name."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    markers = (APP_JSON, runfolder.RUN_JSON, runfolder.METRICS)
-    out = []
+    own, studies = [], {}
     for p in runs_dir.iterdir():
-        if p.is_dir() and valid_name(p.name) and any((p / f).exists() for f in markers):
-            out.append(info(p))
-    return sorted(out, key=lambda r: (-r.created, r.name))
+        if not valid_name(p.name):
+            continue
+        if _is_run(p):
+            own.append(info(p))
+        elif (p / STUDY_RUNS).is_dir():
+            found = [info(q, name=f"{p.name}/{STUDY_RUNS}/{q.name}") for q in (p / STUDY_RUNS).iterdir()
+                     if valid_name(q.name) and _is_run(q)]
+            if found:
+                studies[p.name] = sorted(found, key=lambda r: r.name)
+    order = sorted(studies, key=lambda s: (-max(r.created for r in studies[s]), s))
+    return sorted(own, key=lambda r: (-r.created, r.name)) + [r for s in order for r in studies[s]]
 
 
 def new_run_dir(runs_dir: Path, method: str, rank: int, stamp: str | None = None) -> Path:

@@ -13,7 +13,16 @@ from pathlib import Path
 from . import commands, compare
 from . import runs as R
 from .generate import Generator
-from .inputs import MAX_IMAGE_MB, TrainForm, check_images, save_images
+from .inputs import (
+    EXAMPLE_SUBJECT,
+    MAX_IMAGE_MB,
+    MAX_IMAGES,
+    MIN_IMAGES,
+    InputError,
+    TrainForm,
+    check_images,
+    save_images,
+)
 from .jobs import Job, JobQueue
 
 
@@ -66,37 +75,52 @@ class Service:
         out = []
         for name in names or []:
             try:
-                out.append(R.info(R.run_path(self.runs_dir, name)))
+                out.append(R.find(self.runs_dir, name))
             except ValueError:
                 continue
         return out
 
+    def empty_state(self) -> str:
+        """What Compare and Generate say with no run chosen: how to get runs when the folder has none."""
+        if self.runs():
+            return "Choose runs above."
+        return (f"No runs in {self.runs_dir} yet: train one in the Train tab, or run a trainer with no "
+                f"--output_dir (it writes under outputs/), or start the app with --runs_dir where your runs are.")
+
     def run_choices(self) -> list[tuple[str, str]]:
-        return [(f"{r.method}{'' if r.rank is None else f' r{r.rank}'} · {r.name} [{r.status}]", r.name)
-                for r in self.runs()]
+        """(label, name) per run; a study's runs are labelled `study ▸ ...` and listed together."""
+        return [(f"{r.study + ' ▸ ' if r.study else ''}{r.method}{'' if r.rank is None else f' r{r.rank}'} · "
+                 f"{r.name.rsplit('/', 1)[-1]} [{r.status}]", r.name) for r in self.runs()]
 
     # ----- training -------------------------------------------------------------------------------
     def check_upload(self, files) -> str:
         return f"{len(check_images(files, max_mb=self.max_image_mb))} images ready."
 
-    def submit(self, files, form: TrainForm) -> list[str]:
+    def submit(self, files, form: TrainForm, embedded: bool = False) -> list[str]:
         """Validate everything first, then create one run folder per method and queue the runs in
-        order. Returns the run names (= job ids). Raises InputError with nothing written."""
-        images = check_images(files, max_mb=self.max_image_mb)
+        order. Returns the run names (= job ids). Raises InputError with nothing written. With `embedded`
+        the runs train on the trainer's example subject (no --instance_data_dir, as the CLI) and `files`
+        are not used."""
+        if not embedded and not files:
+            raise InputError(f"Upload {MIN_IMAGES}–{MAX_IMAGES} images of the subject first, or tick "
+                             f"'Train on the {EXAMPLE_SUBJECT}'.")
+        images = [] if embedded else check_images(files, max_mb=self.max_image_mb)
         form.model = commands.check_model(form.model)
         names = []
         batch = time.strftime("%Y%m%d-%H%M%S")
         for method in form.methods:
             run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
-            instance = run_dir / "instance_images"
-            save_images(images, instance)
+            instance = None if embedded else run_dir / "instance_images"
+            if instance is not None:
+                save_images(images, instance)
             cmd = commands.train_command(form, method, run_dir, instance, launcher=self.launcher)
             R.write_json(run_dir / R.APP_JSON, {
                 "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
                 "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
                 "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
                 "instance_prompt": form.instance_prompt, "class_prompt": form.class_prompt, "seed": form.seed,
-                "batch": batch, "methods": form.methods, "num_images": len(images), "created": time.time(),
+                "batch": batch, "methods": form.methods, "num_images": len(images) or None,
+                "subject": "embedded" if embedded else "upload", "created": time.time(),
                 "owner": R.owner_record(), "command": cmd})
             self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
             names.append(run_dir.name)
@@ -148,7 +172,7 @@ class Service:
         infos, lines, done_steps, total_steps, all_done = [], [], 0, 0, True
         for name in names:
             try:
-                ri = R.info(R.run_path(self.runs_dir, name))
+                ri = R.find(self.runs_dir, name)
             except ValueError:
                 continue
             infos.append(ri)

@@ -1,4 +1,4 @@
-"""The Gradio Blocks: three tabs (Train, Compare, Generate) wired to Service. No logic lives here
+"""The Gradio Blocks: four tabs (Train, Compare, Generate, Robustness) wired to Service. No logic lives here
 beyond turning InputError into a message next to the button that caused it.
 
 API names (for gradio_client): /check_upload, /start, /start_semantic, /follow, /cancel, /runs, /compare, /score,
@@ -16,7 +16,7 @@ from . import commands, compare
 from . import generate as G
 from . import robustness as RB
 from . import runs as R
-from .inputs import METHODS, InputError, check_form, preview_images
+from .inputs import EXAMPLE_SUBJECT, METHODS, InputError, check_form, cli_defaults, preview_images
 from .service import Service
 
 log = logging.getLogger("lowrank.app")
@@ -47,6 +47,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
     def line_plot(label, elem_id):
         return gr.Plot(label=label, format="png", elem_id=elem_id)
 
+    cli = cli_defaults()          # the Train tab starts where `training/dreambooth.py --method delora` does
     with gr.Blocks(title="lowrank: DreamBooth with low-rank adapters") as demo:   # CSS goes to launch()
         gr.Markdown("## lowrank · DreamBooth with bounded and unbounded low-rank adapters")
         jobs = gr.State([])
@@ -61,19 +62,23 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                         preview = gr.Gallery(label="Preview", columns=5, height=220, interactive=False,
                                              elem_id="subject-preview")
                         upload_msg = gr.Markdown(elem_id="upload-msg")
+                        embedded = gr.Checkbox(False, elem_id="subject-embedded",
+                                               label=f"Train on the {EXAMPLE_SUBJECT} instead (as the CLI does "
+                                                     f"without --instance_data_dir; uploads are not used)")
                     with gr.Column(scale=1):
                         with gr.Row():
                             noun = gr.Textbox("cat", label="Class noun", elem_id="class-noun")
                             token = gr.Textbox("sks", label="Unique token", elem_id="unique-token")
-                        methods = gr.CheckboxGroup(list(METHODS), value=["lora"], elem_id="methods",
+                        methods = gr.CheckboxGroup(list(METHODS), value=[cli["method"]], elem_id="methods",
                                                    label="Methods (trained one after another)")
                         with gr.Row():
-                            rank = gr.Number(4, precision=0, label="Rank", elem_id="rank")
+                            rank = gr.Number(cli["rank"], precision=0, label="Rank", elem_id="rank")
                             lr = gr.Textbox("", label="Learning rate", placeholder="per-method default", elem_id="lr")
-                            lam = gr.Number(15.0, label="λ (DeLoRA)", elem_id="delora-lambda")
+                            lam = gr.Number(cli["delora_lambda"], label="λ (DeLoRA)", elem_id="delora-lambda")
                         with gr.Row():
-                            steps = gr.Number(50, precision=0, label="Steps", elem_id="steps")
-                            every = gr.Number(10, precision=0, label="Checkpoint every", elem_id="checkpoint-every")
+                            steps = gr.Number(cli["steps"], precision=0, label="Steps", elem_id="steps")
+                            every = gr.Number(cli["checkpoint_every"], precision=0, label="Checkpoint every",
+                                              elem_id="checkpoint-every")
                         model = gr.Textbox("tiny", label="Base model", elem_id="base-model",
                                            info="'tiny' (built-in, random weights: machinery only), a hub name "
                                                 "or a local pipeline folder")
@@ -123,7 +128,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                     dist_key = gr.Dropdown(list(compare.DISTANCE_KEYS), value="distance_fig3",
                                            label="Distance", scale=1, elem_id="distance-key")
                     refresh = gr.Button("Refresh", scale=0, elem_id="refresh")
-                prompt_md = gr.Markdown(elem_id="grid-prompt")
+                prompt_md = gr.Markdown(service.empty_state(), elem_id="grid-prompt")
                 grid = gr.Image(label="Samples: rows = methods, columns = checkpoints (same prompt and seed)",
                                 type="pil", format="png", interactive=False, elem_id="sample-grid")
                 with gr.Row():
@@ -178,23 +183,28 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                                          elem_id="gen-export-file")
                     with gr.Column():
                         g_out = gr.Gallery(label="Images", columns=2, elem_id="gen-images")
-                        g_msg = gr.Markdown(elem_id="gen-msg")
+                        g_msg = gr.Markdown(service.empty_state(), elem_id="gen-msg")
 
             # ------------------------------------------------------------------ Robustness (eval.robustness)
             with gr.Tab("Robustness", id="robustness"):
                 with gr.Row():
-                    reports = RB.report_folders(service.runs_dir)
-                    first = reports[0] if reports else None   # a fresh clone opens on the committed study
+                    reports, first, rb_text0, rb_figs0 = RB.refresh(service.runs_dir, None)
                     rb_pick = gr.Dropdown(reports, value=first, label="Report folder",
                                           elem_id="robustness-report", allow_custom_value=True)
                     rb_refresh = gr.Button("Refresh", elem_id="robustness-refresh")
-                rb_text0, rb_figs0 = RB.show(service.runs_dir, first)
-                rb_figs = gr.Gallery(rb_figs0, label="Figures", columns=2, height=420, elem_id="robustness-figures")
+                # contain, not cover: a figure is shown whole (its axes labels and legend are the point)
+                rb_figs = gr.Gallery(rb_figs0, label="Figures", columns=2, height="auto", object_fit="contain",
+                                     elem_id="robustness-figures")
                 rb_text = gr.Markdown(rb_text0, elem_id="robustness-text")
+
+            def rb_refresh_fn(current):
+                choices, value, text, figures = RB.refresh(service.runs_dir, current)
+                return gr.update(choices=choices, value=value), figures, text
+
             rb_pick.change(lambda n: RB.show(service.runs_dir, n)[::-1], rb_pick, [rb_figs, rb_text],
                            api_name="robustness", queue=False)
-            rb_refresh.click(lambda: gr.update(choices=RB.report_folders(service.runs_dir)), None, rb_pick,
-                             api_name=False, queue=False)
+            for ev in (rb_refresh.click, demo.load):     # a page opened later sees the reports written since
+                ev(rb_refresh_fn, rb_pick, [rb_pick, rb_figs, rb_text], api_name=False, queue=False)
 
         # ------------------------------------------------------------------ handlers
         def check_upload(paths):
@@ -242,11 +252,11 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
                 yield (p.bar_html(), p.markdown(), *curves(p.runs, compare.distance_key(p.runs)), names, p.summary())
 
         def start_fn(paths, meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
-                     sample_steps_, n_samples_, prior_=False, n_class_=None):
+                     sample_steps_, n_samples_, prior_=False, n_class_=None, embedded_=False):
             try:
                 form = check_form(meths, noun_, token_, rank_, lr_, steps_, every_, lam_, model_, seed_, res_,
                                   sample_steps_, n_samples_, prior_, n_class_)
-                names = service.submit(paths, form)
+                names = service.submit(paths, form, embedded=bool(embedded_))
             except Exception as e:
                 yield ("", _message(e), None, None, [], [])
                 return
@@ -272,7 +282,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
 
         def compare_fn(names, key, metric_):
             v = service.compare(names, key)
-            prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else "Choose runs to compare.")
+            prompt = f"Prompt: *{v['prompt']}*" if v["prompt"] else ("" if names else service.empty_state())
             dist = plot(compare.curve_png(v["distance"], v["distance_key"], DIST_LABEL))
             loss = plot(compare.curve_png(v["loss"], "loss", "loss"))
             points = compare.tradeoff_points(v["infos"], v["distance_key"], metric_)
@@ -311,7 +321,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
             return str(path), f"Exported {path.name} ({G.EXPORT_FORMATS.get(label, label)})."
 
         train_inputs = [files, methods, noun, token, rank, lr, steps, every, lam, model, seed, res, sample_steps,
-                        n_samples, prior, n_class]
+                        n_samples, prior, n_class, embedded]
         train_outputs = [progress, status, loss_plot, dist_plot, jobs, batch]
         files.change(check_upload, files, [preview, upload_msg], api_name="check_upload")
         load_ev = demo.load(follow_fn, None, train_outputs, api_name="follow", show_progress="hidden")
@@ -319,7 +329,7 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         start_ev = start.click(start_fn, train_inputs, train_outputs, api_name="start", concurrency_limit=None,
                                show_progress="hidden", cancels=[load_ev], trigger_mode="once")
         start_ev.then(after_train, jobs, [chosen, g_run], api_name=False)
-        seg_inputs = [seg_images, seg_maps, seg_embedded] + train_inputs[1:-2]   # no subject files, no prior
+        seg_inputs = [seg_images, seg_maps, seg_embedded] + train_inputs[1:-3]   # no subject files, no prior
         seg_ev = seg_start.click(seg_start_fn, seg_inputs, train_outputs, api_name="start_semantic",
                                  concurrency_limit=None, show_progress="hidden", cancels=[load_ev],
                                  trigger_mode="once")
@@ -336,6 +346,9 @@ def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
         report_btn.click(report_fn, chosen, [report_md, report_imgs, report_files], api_name="report",
                          concurrency_limit=None)
         g_run.change(gen_ckpts, [g_run, g_prompt], [g_ckpt, g_prompt], api_name="checkpoints", queue=False)
+        # the empty states as of now (runs may have appeared since the app started)
+        g_run.change(lambda n: "" if n else service.empty_state(), g_run, g_msg, api_name=False, queue=False)
+        demo.load(lambda: (service.empty_state(),) * 2, None, [prompt_md, g_msg], api_name=False, queue=False)
         g_btn.click(gen_fn, [g_run, g_ckpt, g_prompt, g_seed, g_n, g_steps, g_cfg, g_merge], [g_out, g_msg],
                     api_name="generate", concurrency_limit=1)
         g_export.click(export_fn, [g_run, g_ckpt, g_fmt], [g_file, g_msg], api_name="export", concurrency_limit=1)

@@ -3,6 +3,7 @@ atomically; every axes has a title, labelled axes and a legend."""
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib
 
@@ -14,8 +15,20 @@ from .common import atomic_write  # noqa: E402
 SCORE_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 
 
+def wrap(text: str, width: int = 48) -> str:
+    """A title in lines of at most `width` characters (a layer name is one long word: it is cut too), so no
+    title runs past its axes; constrained layout then makes room for every line."""
+    return "\n".join(textwrap.fill(line, width, break_long_words=True) for line in str(text).split("\n"))
+
+
+def figure(rows: int, cols: int, figsize) -> tuple:
+    """plt.subplots with constrained layout: titles, labels and legends are kept inside the figure."""
+    return plt.subplots(rows, cols, figsize=figsize, squeeze=False, layout="constrained")
+
+
 def save(fig, path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:     # a figure not made by figure(): lay it out here
+        fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
@@ -27,10 +40,11 @@ def colour_of(label: str, colours: dict | None):
 def distance_vs_step(curves: dict[str, tuple[list, list]], key: str, path, colours: dict | None = None) -> None:
     """curves: label -> (steps, distances). DeLoRA Fig. 3: bounded methods level off, unbounded keep going.
     colours: label -> colour, so a run has the same colour in every figure."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = figure(1, 1, (7, 4.5))
+    ax = axes[0][0]
     for label, (steps, values) in curves.items():
         ax.plot(steps, values, label=label, linewidth=1.5, color=colour_of(label, colours))
-    ax.set_title(f"Weight distance vs step\n({key})", fontsize=10)
+    ax.set_title(wrap(f"Weight distance vs step\n({key})", 70), fontsize=10)
     ax.set_xlabel("training step")
     ax.set_ylabel("‖W_eff − W0‖_F")
     ax.grid(alpha=0.3)
@@ -41,11 +55,11 @@ def distance_vs_step(curves: dict[str, tuple[list, list]], key: str, path, colou
 def scores_vs_step(curves: dict[str, dict[str, tuple[list, list]]], path, colours: dict | None = None) -> None:
     """curves: score key -> label -> (steps, values); one panel per score."""
     keys = [k for k in SCORE_NAMES if curves.get(k)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    fig, axes = figure(1, len(keys), (4.5 * len(keys), 4))
     for ax, key in zip(axes[0], keys):
         for label, (steps, values) in curves[key].items():
             ax.plot(steps, values, marker="o", markersize=3, label=label, color=colour_of(label, colours))
-        ax.set_title(f"{SCORE_NAMES[key]} vs step")
+        ax.set_title(wrap(f"{SCORE_NAMES[key]} vs step"))
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{SCORE_NAMES[key]} (cosine)")
         ax.grid(alpha=0.3)
@@ -58,16 +72,16 @@ def lr_sweep(sweeps: dict[str, list[dict]], base: dict[str, float], distance_key
     Fig. 2: how scores and the final distance react to a larger learning rate."""
     panels = [k for k in SCORE_NAMES if any(p.get(k) is not None for pts in sweeps.values() for p in pts)]
     panels.append("distance")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    fig, axes = figure(1, len(panels), (4.5 * len(panels), 4))
     for ax, key in zip(axes[0], panels):
         for method, points in sweeps.items():
             pts = [(p["factor"], p[key]) for p in points if p.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{method} (×1 = lr {base[method]:g})")
         name = SCORE_NAMES.get(key, "final distance")
-        ax.set_title(f"{name} vs learning-rate factor")
+        ax.set_title(wrap(f"{name} vs learning-rate factor"))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("learning-rate factor (lr / smallest lr of the method's sweep)")
+        ax.set_xlabel(wrap("learning-rate factor (lr / smallest lr of the method's sweep)"))
         ax.set_ylabel("‖W_eff − W0‖_F at the last step" if key == "distance" else f"{name} (last scored step)")
         if key == "distance":
             ax.annotate(distance_key, (0.01, 0.01), xycoords="axes fraction", fontsize=6, alpha=0.7)
@@ -80,8 +94,7 @@ def sample_grid(rows: list[str], columns: list[int], cells: dict[tuple[int, int]
     """rows: labels (one per run), columns: steps (or a str title), cells[(row, col)] = PIL image. Blank where a run
     has no checkpoint at that step."""
     size = 1.9
-    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
-                             figsize=(size * len(columns) + 1.6, size * len(rows) + 0.8))
+    fig, axes = figure(len(rows), len(columns), (size * len(columns) + 1.6, size * len(rows) + 0.8))
     for r, label in enumerate(rows):
         for c, step in enumerate(columns):
             ax = axes[r][c]
@@ -95,7 +108,7 @@ def sample_grid(rows: list[str], columns: list[int], cells: dict[tuple[int, int]
                 ax.set_title(step if isinstance(step, str) else f"step {step}", fontsize=9)   # "map" column
             if c == 0:
                 ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle(caption, fontsize=9)
+    fig.suptitle(wrap(caption, 20 * len(columns) + 20), fontsize=9)
     save(fig, path)
 
 

@@ -3,7 +3,7 @@
     python -m eval.report outputs/dog-lora outputs/dog-delora --out reports/dog
 
 Writes into --out:
-    report.md, report.csv     method, rank, lr, step, dino, clip_i, clip_t, distance: one row per
+    report.md, report.csv     task, method, rank, lr, step, dino, clip_i, clip_t, distance: one row per
                               scored checkpoint (RUN/eval.jsonl from eval.subject), else the last step
     distance_vs_step.png      weight distance of every run on one axes (DeLoRA Fig. 3)
     scores_vs_step.png        DINO / CLIP-I / CLIP-T per scored checkpoint
@@ -11,6 +11,10 @@ Writes into --out:
                               against the learning-rate factor (DeLoRA Fig. 2)
     sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed);
                               semantic-map runs get their control map as the first column
+
+Runs of different tasks (DreamBooth, semantic map, each GLUE task, instruction tuning: read from run.json)
+are never compared: report.md has one section per task with its own table, and each task its own figures,
+named <figure>-<task>.png when the report holds more than one task.
 
 The distance is the Fig. 3 layer by default: the out-projection of the first self-attention
 (the first metrics key distance/...attn1.to_out.0, of transformer block 0), else distance_mean.
@@ -42,7 +46,8 @@ from .common import (
 from .images import open_image
 
 FIG3_LAYER = "attn1.to_out.0"
-COLUMNS = ["run", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "distance"]
+COLUMNS = ["run", "task", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "distance"]
+CSV_COLUMNS = COLUMNS + ["distance_key"]     # the csv names each row's distance (Markdown: each section's)
 SCORES = ("dino", "clip_i", "clip_t")
 
 
@@ -57,6 +62,7 @@ class Run:
     distance_key: str | None
     final_step: int | None
     label: str = ""
+    task: str = ""
     samples: dict[int, Path] = field(default_factory=dict)   # step -> samples folder
 
 
@@ -72,6 +78,27 @@ def pick_distance_key(metrics: list[dict], choice: str = "auto") -> str | None:
         if candidates:
             return candidates[0]
     return None
+
+
+# a flag only that trainer has -> the task (GLUE: one task per --task_name)
+TASK_FLAGS = (("instance_prompt", "dreambooth"), ("conditioning_image_column", "semantic-map"),
+              ("train_file", "instruct"))
+
+
+def task_of(run: dict) -> str:
+    """The task a run trained, from its recorded flags ('' when run.json does not say): a GLUE distance and
+    an SD layer's, or accuracies and DINO scores, are different quantities and never share a line or column."""
+    args = run.get("args") if isinstance(run.get("args"), dict) else {}
+    if args.get("task_name"):
+        return f"glue-{args['task_name']}"
+    return next((task for flag, task in TASK_FLAGS if flag in args), "")
+
+
+def by_task(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.task, []).append(r)
+    return groups
 
 
 def value_at(metrics: list[dict], key: str | None, step: int | None):
@@ -105,7 +132,7 @@ def load_run(path: str | Path, distance_choice: str) -> Run:
     lr = run_setting(run, "learning_rate")
     r = Run(path=path, method=str(run_setting(run, "method", "?")), rank=run_setting(run, "rank"),
             lr=float(lr) if isinstance(lr, (int, float)) else None, metrics=metrics, evals=evals,
-            distance_key=key, final_step=final_step(path, run))
+            distance_key=key, final_step=final_step(path, run), task=task_of(run))
     r.samples = {step: d / SAMPLES for step, d in checkpoint_dirs(path) if (d / SAMPLES / PROMPTS).is_file()}
     if (path / SAMPLES / PROMPTS).is_file() and isinstance(r.final_step, int):
         r.samples.setdefault(r.final_step, path / SAMPLES)
@@ -131,7 +158,8 @@ def table_rows(runs: list[Run]) -> list[dict]:
         points = r.evals or [{"step": r.final_step}]
         for e in points:
             step = e.get("step")
-            rows.append({"run": r.path.name, "method": r.method, "rank": r.rank, "lr": r.lr, "step": step,
+            rows.append({"run": r.path.name, "task": r.task, "distance_key": r.distance_key, "method": r.method,
+                         "rank": r.rank, "lr": r.lr, "step": step,
                          **{k: e.get(k) for k in SCORES}, "distance": value_at(r.metrics, r.distance_key, step)})
     return rows
 
@@ -144,24 +172,36 @@ def fmt(value) -> str:
 
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+    writer.writerows({k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS} for row in rows)
     return buf.getvalue()
 
 
-def to_markdown(runs: list[Run], rows: list[dict], figures: list[str], distance_choice: str) -> str:
+def section(runs: list[Run], rows: list[dict], figures: list[str], distance_choice: str,
+            level: str = "##") -> list[str]:
+    """The table, runs and figures of one task's runs (their headings at `level`)."""
     keys = sorted({r.distance_key for r in runs if r.distance_key})
-    lines = ["# lowrank report", "",
-             f"{len(runs)} run(s). distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
+    lines = [f"{len(runs)} run(s). distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
              f"(--distance_key {distance_choice}) at the row's step. Scores: eval.subject (cosines, higher is "
              f"closer); blank = not scored.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(row[k]) for k in COLUMNS) + " |" for row in rows]
-    lines += ["", "## Runs", ""] + [f"- `{r.path.name}`: {r.label}, {r.path}" for r in runs]
+    lines += ["", f"{level} Runs", ""] + [f"- `{r.path.name}`: {r.label}, {r.path}" for r in runs]
     if figures:
-        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
-    return "\n".join(lines) + "\n"
+        lines += ["", f"{level} Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return lines
+
+
+def to_markdown(sections: list[tuple[str, list[str]]]) -> str:
+    """sections: (task, its lines); one task: its lines as they are, else one `## Task:` heading each."""
+    lines = ["# lowrank report", ""]
+    if len(sections) == 1:
+        return "\n".join(lines + sections[0][1]) + "\n"
+    lines += [f"Runs of {len(sections)} tasks, kept apart: one table and one set of figures per task.", ""]
+    for task, body in sections:
+        lines += [f"## Task: {task or 'unknown (run.json names no task)'}", "", *body, ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # ----- figures ------------------------------------------------------------------------------------
@@ -220,7 +260,8 @@ def spread(steps: list[int], n: int) -> list[int]:
     return [steps[i] for i in sorted(idx)]
 
 
-def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
+def write_figures(runs: list[Run], out: Path, max_columns: int, suffix: str = "") -> list[str]:
+    """The figures of one task's runs, named <figure><suffix>.png."""
     written = []
     colours = {r.label: f"C{i % 10}" for i, r in enumerate(runs)}   # one colour per run in every figure
     curves = {r.label: series(r.metrics, r.distance_key) for r in runs if r.distance_key}
@@ -228,17 +269,17 @@ def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
     if curves:
         keys = sorted({r.distance_key for r in runs if r.distance_key})
         plots.distance_vs_step(curves, keys[0] if len(keys) == 1 else "per-run key: " + ", ".join(keys),
-                               out / "distance_vs_step.png", colours)
-        written.append("distance_vs_step.png")
+                               out / f"distance_vs_step{suffix}.png", colours)
+        written.append(f"distance_vs_step{suffix}.png")
     score_curves = {k: {r.label: series(r.evals, k) for r in runs if series(r.evals, k)[0]} for k in SCORES}
     if any(score_curves.values()):
-        plots.scores_vs_step(score_curves, out / "scores_vs_step.png", colours)
-        written.append("scores_vs_step.png")
+        plots.scores_vs_step(score_curves, out / f"scores_vs_step{suffix}.png", colours)
+        written.append(f"scores_vs_step{suffix}.png")
     sweeps, base = lr_sweeps(runs)
     if sweeps:
         plots.lr_sweep(sweeps, base, ", ".join(sorted({r.distance_key for r in runs if r.distance_key})),
-                       out / "lr_sweep.png")
-        written.append("lr_sweep.png")
+                       out / f"lr_sweep{suffix}.png")
+        written.append(f"lr_sweep{suffix}.png")
     with_samples = [r for r in runs if r.samples]
     if with_samples:
         columns = spread(sorted({s for r in with_samples for s in r.samples}), max_columns)
@@ -257,8 +298,9 @@ def write_figures(runs: list[Run], out: Path, max_columns: int) -> list[str]:
             columns = ["map", *columns]
         if cells:
             caption = f"prompt {want[0]!r}, seed {want[1]}" if want else ""
-            plots.sample_grid([r.label for r in with_samples], columns, cells, caption, out / "sample_grid.png")
-            written.append("sample_grid.png")
+            plots.sample_grid([r.label for r in with_samples], columns, cells, caption,
+                              out / f"sample_grid{suffix}.png")
+            written.append(f"sample_grid{suffix}.png")
     return written
 
 
@@ -285,12 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a directory")
-    rows = table_rows(runs)
-    figures = write_figures(runs, out, args.max_grid_columns)
+    groups = by_task(runs)
+    rows, figures, sections = [], [], []
+    for task, group in groups.items():   # one task: the figures keep their plain names
+        suffix = f"-{task or 'unknown'}" if len(groups) > 1 else ""
+        task_rows, task_figures = table_rows(group), write_figures(group, out, args.max_grid_columns, suffix)
+        rows, figures = rows + task_rows, figures + task_figures
+        sections.append((task, section(group, task_rows, task_figures, args.distance_key,
+                                       "##" if len(groups) == 1 else "###")))
     write_text(out / "report.csv", to_csv(rows))
-    write_text(out / "report.md", to_markdown(runs, rows, figures, args.distance_key))
-    print(f"report of {len(runs)} run(s): {out / 'report.md'}, report.csv, {', '.join(figures) or 'no figures'}",
-          file=sys.stderr)
+    write_text(out / "report.md", to_markdown(sections))
+    print(f"report of {len(runs)} run(s) of {len(groups)} task(s): {out / 'report.md'}, report.csv, "
+          f"{', '.join(figures) or 'no figures'}", file=sys.stderr)
     return 0
 
 

@@ -27,7 +27,7 @@ from training.common.models import is_tiny
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
-from .robustness_tasks import ABLATION_ROWS, ROOT, base_model_name
+from .robustness_tasks import ABLATION_ROWS, ROOT, base_model_name, flag_value
 
 TYPES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "q_proj": "q", "k_proj": "k", "v_proj": "v",
          "out_proj": "out", "query": "q", "key": "k", "value": "v", "attention.output.dense": "out"}
@@ -222,6 +222,21 @@ def machine_info(args, results) -> dict:
             "jobs": args.jobs, "threads_per_run": args.threads_per_run, "versions": library_versions()}
 
 
+def checkpoint_intervals(results) -> str:
+    """The checkpoint interval the study's runs really had, per study: each run's recorded args (run.json),
+    or for a run that never wrote one the --checkpointing_steps it was given, e.g. '6 steps (lr), 25 (long)'."""
+    studies: dict[int, list[str]] = {}
+    for r in results:
+        recorded = ((read_json(r.folder / "run.json", {}) or {}).get("args") or {}).get("checkpointing_steps")
+        every = recorded if recorded is not None else flag_value(r.command, "--checkpointing_steps")
+        if str(every).isdigit():
+            names = studies.setdefault(int(every), [])
+            names += [] if r.spec.study in names else [r.spec.study]
+    if len(studies) == 1:
+        return f"{next(iter(studies))} steps"
+    return ", ".join(f"{every} steps ({', '.join(names)})" for every, names in sorted(studies.items())) or "none"
+
+
 def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(t for t, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
     cell = lambda r, k: (r.get(k) or "") if k == "error" else pm(r, k) if f"{k}_std" in r else nice(r.get(k))  # noqa: E731
@@ -287,13 +302,12 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
         return task.base_lr(method, passthrough, args.base_lrs)
     sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
              f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
-    # what the trainers were told (trainer_command): a step-sized run never checkpoints more rarely than its length
-    every = args.checkpointing_steps if args.num_train_epochs else min(args.checkpointing_steps, args.max_train_steps)
+    every = checkpoint_intervals(results)   # as the runs recorded it: a run never checkpoints past its length
     deterministic = "--deterministic" in passthrough
     threads = args.threads_per_run or "torch's default"
     md = [f"# Robustness study: {args.task}", "", f"Base model: `{name or 'the trainer default'}`. "
           f"Sweep runs: {sizes[0]}; " + (f"long runs: {sizes[1]}; " if "long" in args.studies else "") +
-          f"checkpoints every {every} steps; "
+          f"checkpoints every {every}; "
           f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
           f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
           f"Wall time of the command that trained the runs: {machine['wall_time_s'] / 60:.1f} min on "

@@ -93,7 +93,7 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
 
         page.get_by_role("tab", name="Generate").click()         # the first new run is preselected
         page.wait_for_function("document.querySelector('#gen-checkpoint input').value == 'final'")
-        assert page.input_value("#gen-run input").startswith("lora r4")
+        assert page.input_value("#gen-run input").startswith("delora r8")     # the CLI's defaults
         page.fill("#gen-steps input[type=number]", "2")
         page.click("#generate")
         page.wait_for_selector("#gen-images img")
@@ -103,3 +103,28 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
         assert time.monotonic() - t0 < 240
     assert not errors, errors
     assert (ARTIFACTS / "app-compare.png").stat().st_size > 10_000
+
+
+def test_the_robustness_tab_shows_the_report_as_written(page, tmp_path):
+    """The report's formulas are text (no italics), its figures are shown whole, and the tab opens on the
+    newest report, not on "no report yet" beside a dropdown that offers one."""
+    from PIL import Image
+
+    study = tmp_path / "runs" / "robustness-dreambooth"
+    study.mkdir(parents=True)
+    (study / "report.md").write_text("# Robustness study: dreambooth\n\nDistance: ‖W_merged − W_pre‖_F of the "
+                                     "layer; bound of the mult_* |λ|·σ_max(W̄) rows.\n")
+    Image.new("RGB", (600, 150), (200, 30, 30)).save(study / "fig2_lr_sweep.png")     # wide: cover would crop it
+    with running_app(tmp_path / "runs") as (url, service):
+        page.goto(url)
+        page.get_by_role("tab", name="Robustness").click()
+        page.wait_for_selector("#robustness-text :text('Robustness study: dreambooth')")
+        text = page.inner_text("#robustness-text")
+        assert "‖W_merged − W_pre‖_F" in text and "mult_* |λ|·σ_max(W̄)" in text, text
+        assert page.locator("#robustness-text em").count() == 0
+        assert page.input_value("#robustness-report input") == "robustness-dreambooth"
+        page.wait_for_selector("#robustness-figures img")
+        fits = page.evaluate("[...document.querySelectorAll('#robustness-figures img')]"
+                             ".map(i => getComputedStyle(i).objectFit)")
+        assert fits and set(fits) == {"contain"}, fits
+        page.screenshot(path=str(ARTIFACTS / "app-robustness.png"), full_page=True)

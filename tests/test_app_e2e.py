@@ -167,6 +167,7 @@ def test_bad_input_gives_a_message_and_writes_nothing(app, client, subject, tmp_
     Image.new("RGB", (7000, 6000), (10, 20, 30)).save(huge)      # 42 MP, a small file
     cases = [
         (start_args([], ["lora"]), "Upload 3–20 images"),
+        (start_args([], ["lora"]), "or tick 'Train on the embedded example subject"),
         (start_args(subject + [str(fake)], ["lora"]), "fake is not an image"),
         (start_args(subject + [str(text)], ["lora"]), "notes is not an image"),
         (start_args(subject + [str(huge)], ["lora"]), "7000×6000 pixels is too large"),
@@ -183,6 +184,19 @@ def test_bad_input_gives_a_message_and_writes_nothing(app, client, subject, tmp_
     assert "fake is not an image" in msg
     assert tree(runs) == before_runs                            # nothing written, not even in the runs dir
     assert set(os.listdir()) == before_cwd and set(os.listdir(runs.parent)) == before_base
+
+
+def test_a_run_on_the_embedded_subject(client, app):
+    """No upload, the embedded subject ticked: the run trains on the CLI's example cat and finishes."""
+    _, service, runs = app
+    bar, status, loss, dist, batch = client.predict(*start_args([], ["delora"]), False, None, True,
+                                                    api_name="/start")
+    assert [b["status"] for b in batch] == ["finished"], status
+    run = runs / batch[0]["name"]
+    assert not (run / "instance_images").exists()
+    args = R.read_json(run / "run.json")["args"]
+    assert args["instance_data_dir"] is None and args["instance_prompt"] == "a photo of sks cat"
+    assert R.read_json(run / R.APP_JSON)["subject"] == "embedded" and R.checkpoints(run)
 
 
 def test_cancel_keeps_the_last_checkpoint_and_the_queue_shows_positions(app, subject, tmp_path):

@@ -2,12 +2,21 @@
 command line and the base-model check. No Gradio, no training."""
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from app import commands
-from app.inputs import InputError, check_form, check_images, preview_images, sanitize_filename, save_images
+from app.inputs import (
+    InputError,
+    check_form,
+    check_images,
+    cli_defaults,
+    preview_images,
+    sanitize_filename,
+    save_images,
+)
 
 
 def png(path, size=(40, 40), color=(200, 40, 40)):
@@ -70,7 +79,7 @@ def test_non_image_is_refused(tmp_path, three):
 
 def test_truncated_image_is_refused(tmp_path, three):
     bad = tmp_path / "cut.png"
-    data = open(three[0], "rb").read()
+    data = Path(three[0]).read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cut could not be decoded"):
         check_images(three + [str(bad)])
@@ -161,3 +170,34 @@ def test_train_command_is_the_cli(tmp_path):
     prior = check_form(**{**FORM, "prior_preservation": True, "num_class_images": 8})
     cmd = commands.train_command(prior, "lora", tmp_path, tmp_path)
     assert cmd[cmd.index("--with_prior_preservation") + 1:][:2] == ["--num_class_images", "8"]
+
+
+def test_the_train_tabs_defaults_are_the_clis(monkeypatch):
+    """The form starts where the README's first command does: its method, and what the trainer resolves for it
+    with no other flag (rank, λ, run length, checkpoint interval)."""
+    import re
+
+    from lowrank import AdapterConfig
+    from training import dreambooth
+    from training.common.args import MAX_STEPS_ENV
+
+    monkeypatch.delenv(MAX_STEPS_ENV, raising=False)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    headline = re.search(r"accelerate launch training/dreambooth\.py --method (\w+)", readme).group(1)
+    steps, checkpoints = dreambooth.DEFAULT_STEPS
+    assert cli_defaults() == {"method": headline, "rank": AdapterConfig().rank,
+                              "delora_lambda": AdapterConfig().delora_lambda, "steps": steps,
+                              "checkpoint_every": steps // checkpoints}
+    assert (cli_defaults()["method"], cli_defaults()["rank"]) == ("delora", 8)
+
+
+def test_the_embedded_subject_is_the_clis(tmp_path):
+    """No upload: the trainer gets no --instance_data_dir and trains on its example subject, as the CLI does."""
+    from training import dreambooth
+    from training.common.data import EXAMPLE_PROMPT
+
+    form = check_form(**FORM)
+    cmd = commands.train_command(form, "delora", tmp_path / "run", None, launcher="python")
+    assert "--instance_data_dir" not in cmd
+    args = dreambooth.parse_args(cmd[2:])
+    assert args.instance_data_dir is None and args.instance_prompt == EXAMPLE_PROMPT == form.instance_prompt

@@ -1,5 +1,6 @@
 """app/runs.py: the run registry read back from files (status, dead processes, logs, metrics)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -161,3 +162,47 @@ def test_new_run_dir_never_reuses_a_folder(tmp_path):
     first = R.new_run_dir(tmp_path, "DeLoRA!", 4, stamp="s")
     second = R.new_run_dir(tmp_path, "delora", 4, stamp="s")
     assert (first.name, second.name) == ("s-delora-r4", "s-delora-r4-1")
+
+
+def test_a_robustness_studys_runs_are_listed_grouped_by_study(tmp_path):
+    """eval.robustness writes OUTPUT_DIR/runs/<run>/: under the app's runs folder they are runs named
+    <study>/runs/<run>, after the folder's own runs, one study after another, each study's runs together."""
+    from app.service import Service
+
+    own = make_run(tmp_path, "own-run", created=5.0)
+    for study, created in (("robustness-dreambooth", 3.0), ("robustness-glue", 4.0)):
+        for run in ("lora-lr1", "delora-lr1"):
+            d = tmp_path / study / "runs" / run
+            d.mkdir(parents=True)
+            (d / "run.json").write_text(json.dumps({"args": {"method": run.split("-")[0], "rank": 8}}))
+            write_adapter(d)
+            os.utime(d, (created, created))
+        (tmp_path / study / "runs" / "lora-lr1.log").write_text("log")    # the study's log files: not runs
+        (tmp_path / study / "report.md").write_text("# Robustness study")
+    names = [r.name for r in R.list_runs(tmp_path)]
+    assert names == [own.name, "robustness-glue/runs/delora-lr1", "robustness-glue/runs/lora-lr1",
+                     "robustness-dreambooth/runs/delora-lr1", "robustness-dreambooth/runs/lora-lr1"]
+    ri = R.find(tmp_path, "robustness-glue/runs/lora-lr1 [finished]")
+    assert (ri.name, ri.study, ri.method, ri.rank, ri.status) == (
+        "robustness-glue/runs/lora-lr1", "robustness-glue", "lora", 8, "finished")
+    assert R.run_path(tmp_path, ri.name) == tmp_path / "robustness-glue" / "runs" / "lora-lr1"
+    for bad in ("robustness-glue/lora-lr1", "robustness-glue/runs/..", "../robustness-glue/runs/lora-lr1",
+                "robustness-glue/runs/lora-lr1/checkpoint-1", "robustness-glue/runs/x/../lora-lr1"):
+        with pytest.raises(ValueError):
+            R.run_path(tmp_path, bad)
+    labels = dict((name, label) for label, name in Service(tmp_path).run_choices())
+    assert labels["robustness-dreambooth/runs/delora-lr1"] == \
+        "robustness-dreambooth ▸ delora r8 · delora-lr1 [finished]"
+    # Compare and Generate take these names like any other
+    infos = Service(tmp_path).run_infos(["robustness-dreambooth/runs/lora-lr1", own.name])
+    assert [r.name for r in infos] == ["robustness-dreambooth/runs/lora-lr1", own.name]
+
+
+def test_compare_and_generate_say_how_to_get_runs_only_when_there_are_none(tmp_path):
+    from app.service import Service
+
+    service = Service(tmp_path / "outputs")
+    assert service.empty_state().startswith(f"No runs in {tmp_path / 'outputs'} yet")
+    assert "--runs_dir" in service.empty_state() and "Train tab" in service.empty_state()
+    make_run(tmp_path / "outputs", "a-run")
+    assert service.empty_state() == "Choose runs above."

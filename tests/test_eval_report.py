@@ -87,7 +87,7 @@ def test_table_rows_values_and_markdown(runs, tmp_path):
     out = tmp_path / "out"
     assert run_main(report.main, [str(a), str(b), str(c), "--out", str(out)]) == 0
     rows = read_csv(out / "report.csv")
-    assert list(rows[0]) == report.COLUMNS
+    assert list(rows[0]) == report.CSV_COLUMNS and {r["task"] for r in rows} == {""}   # run.json names none
     assert [(r["run"], r["step"]) for r in rows] == [("lora-a", "2"), ("lora-a", "4"), ("lora-a", "6"),
                                                      ("lora-b", "2"), ("lora-b", "6"), ("delora-c", "6")]
     for r in rows:
@@ -105,7 +105,8 @@ def test_table_rows_values_and_markdown(runs, tmp_path):
     md = (out / "report.md").read_text()
     assert "| " + " | ".join(report.COLUMNS) + " |" in md and md.count("| lora-a |") == 3
     for png in ("distance_vs_step.png", "scores_vs_step.png", "lr_sweep.png", "sample_grid.png"):
-        assert f"]({png})" in md and Image.open(out / png).size[0] > 100
+        with Image.open(out / png) as im:
+            assert f"]({png})" in md and im.size[0] > 100
 
 
 def test_distance_key_choice(runs, tmp_path):
@@ -155,7 +156,8 @@ def test_sample_grid_uses_the_same_prompt_and_seed(runs, tmp_path):
     a, b, _ = runs                 # b lists another prompt first (green); its matching sample is blue
     out = tmp_path / "out"
     assert run_main(report.main, [str(a), str(b), "--out", str(out)]) == 0
-    px = np.asarray(Image.open(out / "sample_grid.png").convert("RGB")).astype(int)
+    with Image.open(out / "sample_grid.png") as im:
+        px = np.asarray(im.convert("RGB")).astype(int)
     count = lambda rgb: int((np.abs(px - np.array(rgb)).sum(-1) < 30).sum())  # noqa: E731
     assert count(COLOURS["red"]) > 500 and count(COLOURS["blue"]) > 500 and count(COLOURS["green"]) == 0
 
@@ -187,3 +189,68 @@ def test_cli(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
         "distance_vs_step.png", "report.csv", "report.md", "sample_grid.png", "scores_vs_step.png"]
+
+
+def title_boxes(fig):
+    """(text, window extent) of every axes title and the figure's suptitle, as drawn (on a fresh Agg canvas:
+    saving closed the figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in (ax.title, ax._left_title, ax._right_title)]
+    texts += [fig._suptitle] if fig._suptitle is not None else []
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_text()]
+
+
+def test_titles_are_not_cut(runs, tmp_path, figures):
+    """Every title lies inside its figure, even the distance plot's, which names a long layer key per run."""
+    a, b, c = runs
+    assert run_main(report.main, [str(a), str(b), str(c), "--out", str(tmp_path / "out")]) == 0
+    assert "per-run key" in figures["distance_vs_step.png"].axes[0].get_title()    # two long keys in it
+    for name, fig in figures.items():
+        boxes = title_boxes(fig)
+        width, height = fig.canvas.get_width_height()
+        for text, box in boxes:
+            assert box.x0 >= 0 and box.x1 <= width and box.y0 >= 0 and box.y1 <= height, (name, text, box)
+
+
+def glue_run(root: Path, name: str, lr: float) -> Path:
+    """A GLUE run folder as training/glue.py writes it: --task_name recorded, distance_mean logged."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"args": {"method": "lora", "learning_rate": lr, "task_name": "sst2"},
+                                              "adapter_config": {"method": "lora", "rank": 8}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "distance_mean": 7.0 * s}) + "\n"
+                                               for s in (1, 2, 3)))
+    return run
+
+
+def test_runs_of_different_tasks_are_kept_apart(tmp_path, figures):
+    """A DreamBooth LoRA and a GLUE LoRA at another learning rate: never one line on the sweep plot, never one
+    distance column or table; each task its own section and figures."""
+    sd, sd2 = make_run(tmp_path, "dog-lora", "lora", 1e-4), make_run(tmp_path, "dog-lora-x4", "lora", 4e-4)
+    for run in (sd, sd2):                                        # as training/dreambooth.py records it
+        info = json.loads((run / "run.json").read_text())
+        info["args"]["instance_prompt"] = "a photo of sks dog"
+        (run / "run.json").write_text(json.dumps(info))
+    glue = glue_run(tmp_path, "glue-sst2-lora", 2e-3)
+    out = tmp_path / "out"
+    assert run_main(report.main, [str(sd), str(glue), str(sd2), "--out", str(out)]) == 0
+    assert set(figures) == {"distance_vs_step-dreambooth.png", "lr_sweep-dreambooth.png",
+                            "sample_grid-dreambooth.png", "distance_vs_step-glue-sst2.png"}
+    sweep = figures["lr_sweep-dreambooth.png"].axes[-1]             # the distance panel: the DreamBooth runs only
+    (line,) = sweep.get_lines()
+    assert list(line.get_xdata()) == [1.0, 4.0]
+    assert {l.get_label() for l in figures["distance_vs_step-glue-sst2.png"].axes[0].get_lines()} == \
+        {"lora r=8 lr=0.002"}
+    rows = read_csv(out / "report.csv")
+    assert {(r["run"], r["task"], r["distance_key"]) for r in rows} == {
+        ("dog-lora", "dreambooth", BLOCK0), ("dog-lora-x4", "dreambooth", BLOCK0),
+        ("glue-sst2-lora", "glue-sst2", "distance_mean")}
+    md = (out / "report.md").read_text()
+    sd_part, glue_part = md.split("## Task: dreambooth")[1].split("## Task: glue-sst2")
+    assert "dog-lora" in sd_part and "glue-sst2-lora" not in sd_part and f"`{BLOCK0}`" in sd_part
+    assert "glue-sst2-lora" in glue_part and "dog-lora" not in glue_part and "`distance_mean`" in glue_part
+    assert "](lr_sweep-dreambooth.png)" in sd_part and "](distance_vs_step-glue-sst2.png)" in glue_part

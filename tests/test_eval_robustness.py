@@ -257,3 +257,16 @@ def test_glue_study_on_real_tweets_offline(tmp_path):
     assert "did not load" not in report and "Weight norms (Fig. 4)" in report
     for name in ("fig2_lr_sweep.png", "fig3_distance_over_steps.png", "fig4_weight_norms.png", "machine.json"):
         assert (out / name).is_file(), name
+
+
+def test_the_report_states_the_checkpoint_interval_each_study_really_had(tmp_path, fake):
+    """Sweep runs of 3 steps are told min(5, 3) = 3, the 10-step long runs 5: the report says both, per study,
+    as the runs recorded them (run.json), not the flag's default or one number for all."""
+    out = tmp_path / "study"
+    assert robustness.cli(["--task", "fake", "--methods", "lora", "--lr_factors", "1", "--max_train_steps", "3",
+                           "--checkpointing_steps", "5", "--long_steps", "10", "--studies", "lr,long",
+                           "--output_dir", str(out)]) == 0
+    recorded = {p.parent.name: json.loads((p).read_text())["args"]["checkpointing_steps"]
+                for p in (out / "runs").glob("*/run.json")}
+    assert sorted(recorded.values()) == ["3", "5"]
+    assert "checkpoints every 3 steps (lr), 5 steps (long);" in (out / "report.md").read_text()

@@ -52,7 +52,8 @@ def cli(tiny_models, run, *extra):  # noqa: F811
 
 
 def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
 def test_run_dir_generates_scores_and_rescores(tiny_models, run_dir, monkeypatch):  # noqa: F811
@@ -64,7 +65,8 @@ def test_run_dir_generates_scores_and_rescores(tiny_models, run_dir, monkeypatch
     listed = [json.loads(line) for line in (step1 / "prompts.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in listed] == [(p, s) for p in ("a sks cat in the jungle",
                                                                            "a sks cat in the snow") for s in (0, 1)]
-    assert Image.open(step1 / listed[0]["image"]).size == (32, 32)
+    with Image.open(step1 / listed[0]["image"]) as im:
+        assert im.size == (32, 32)
     # the adapter is what differs between checkpoints (same prompts, same seeds)
     assert np.abs(pixels(step1 / "p00-s0.png") - pixels(step2 / "p00-s0.png")).max() > 0
     # and the seed is what differs within one

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lowrank import AdapterConfig
 from training.common import TrainingError
 from training.common.args import (
+    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
@@ -116,7 +117,7 @@ def parse_args(argv=None):
         raise TrainingError("give --instance_data_dir or --dataset_name, not both")
     if args.instance_data_dir is not None:   # the most useful error first: a missing folder, then its prompt
         check_image_folder(args.instance_data_dir, "--instance_data_dir")
-    args.output_dir = args.output_dir or f"outputs/dreambooth-{args.method or AdapterConfig().method}"
+    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/dreambooth-{args.method or AdapterConfig().method}"
     out = Path(args.output_dir).expanduser()
     check_folder_path(out, "--output_dir")
     data_flag = "--instance_data_dir" if args.instance_data_dir else "--dataset_name" if args.dataset_name else None

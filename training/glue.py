@@ -35,6 +35,7 @@ import lowrank
 from lowrank import AdapterConfig, runfolder
 from training.common import TrainingError
 from training.common.args import (
+    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
@@ -182,7 +183,7 @@ def parse_args(argv=None):
         raise TrainingError(f"--lr_warmup_ratio must be in [0, 1), got {args.lr_warmup_ratio}")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise TrainingError(f"--seeds has duplicates: {args.seeds}")
-    args.output_dir = args.output_dir or f"outputs/glue-{args.task_name}-{args.method or AdapterConfig().method}"
+    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/glue-{args.task_name}-{args.method or AdapterConfig().method}"
     check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
     adapter_config(args)   # a bad method/option fails now, before any model or data
     if tweets:   # a missing package, a changed corpus or impossible sizes fail before anything is written

@@ -28,6 +28,7 @@ import lowrank
 from lowrank import AdapterConfig, runfolder
 from training.common import TrainingError
 from training.common.args import (
+    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
@@ -102,7 +103,7 @@ def parse_args(argv=None):
     args.example = args.train_file is None and args.dataset_name is None
     if args.mc_file is None:
         args.mc_file = [str(EXAMPLE_MC)] if args.example else []
-    args.output_dir = args.output_dir or f"outputs/instruct-{args.method or AdapterConfig().method}"
+    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/instruct-{args.method or AdapterConfig().method}"
     check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
     adapter_config(args)
     return args

@@ -51,6 +51,7 @@ from lowrank import AdapterConfig, runfolder
 from training.common import TrainingError
 from training.common import segdata as sd
 from training.common.args import (
+    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
@@ -144,7 +145,7 @@ def parse_args(argv=None):
     if vi and vp and len(vi) != len(vp) and 1 not in (len(vi), len(vp)):
         raise TrainingError(f"{len(vi)} --validation_image and {len(vp)} --validation_prompt: give as many of "
                             f"each, or one of either")
-    args.output_dir = args.output_dir or f"outputs/semantic-map-{args.method or AdapterConfig().method}"
+    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/semantic-map-{args.method or AdapterConfig().method}"
     check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
     if args.resolution is None:
         args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512

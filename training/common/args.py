@@ -20,6 +20,9 @@ from . import TrainingError
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
 
+# Where a run goes when --output_dir is not given: OUTPUTS_DIR/<task>-<method> (the app lists this folder)
+OUTPUTS_DIR = "outputs"
+
 # diffusers' run length when a flag is given: --num_train_epochs 1, a checkpoint every 500 steps
 DEFAULT_EPOCHS, DEFAULT_CHECKPOINTING_STEPS = 1, 500
 # The image trainers' run length when neither --max_train_steps nor --num_train_epochs is given (one epoch of
