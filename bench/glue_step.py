@@ -1,12 +1,14 @@
 """One GLUE-style training step (forward, cross-entropy, backward, AdamW) of a BERT-like classifier per method,
-ours vs peft's on the same model with the same parameter values (logits checked equal).
+ours vs peft's on the same model with the same parameter values (logits checked equal), and against a fair floor.
 
     python bench/glue_step.py [--device cuda] [--dtype bf16] [--size minilm|base] [--batch 32] [--seq 128]
 
 Adapters on query and value (r = 8), the classification head trained in full (modules_to_save), as
 training/glue.py does. The model is built from a config with random weights (no download): 'minilm' is
-MiniLM-L6's shape (6 layers, hidden 384), 'base' RoBERTa/BERT-base's (12 layers, hidden 768). The frozen model
-with only the head trainable is the floor. Writes bench/results/glue_step-<device>-<dtype>.json.
+MiniLM-L6's shape (6 layers, hidden 384), 'base' RoBERTa/BERT-base's (12 layers, hidden 768), 'tiny' a 2-layer
+model for smoke runs. The floor is the frozen model with only the head trainable and its backward forced through
+the encoder (the embeddings' output requires grad): what every adapter pays at least.
+Writes bench/results/glue_step-<device>-<dtype>-<size>.json.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from bench.common import base_parser, interleaved, peak_cuda_bytes, write_result
 
 METHODS = ("lora", "dora", "delora")
 SIZES = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-         "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
+         "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+         "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)}
 TARGETS = ["query", "value"]
 
 
@@ -67,6 +70,16 @@ def peft_twin(method: str, base, mine, rank: int):
     return model
 
 
+def fair_floor(base):
+    """The frozen model with only the head trainable, whose backward still runs through the whole encoder:
+    the embeddings' output requires grad, so every adapted layer's input gradient is computed, as with any
+    adapter. What an adapter costs beyond it is its own work (the weight gradients and the adapter's ops)."""
+    floor = copy.deepcopy(base).requires_grad_(False)
+    floor.classifier.requires_grad_(True)
+    floor.bert.embeddings.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
+    return floor
+
+
 def train_step(model, batch, labels, lr: float = 1e-4):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -92,8 +105,7 @@ def main(argv=None):
     batch = {"input_ids": torch.randint(0, 30522, (args.batch, args.seq), generator=g).to(device),
              "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device)}
     labels = torch.randint(0, 2, (args.batch,), generator=g).to(device)
-    floor = copy.deepcopy(base).requires_grad_(False)
-    floor.classifier.requires_grad_(True)
+    floor = fair_floor(base)
     cands, diff = {"floor": floor}, {}
     for m in methods:
         cands[m] = ours(m, base, args.rank)

@@ -360,3 +360,11 @@ def test_default_run_writes_checkpoints_and_the_done_line_names_only_what_exists
     assert "pytorch_lora_weights" not in done and not (out / "pytorch_lora_weights.safetensors").exists()
     named = [n.split()[0].rstrip("/") for n in done.split(": ", 2)[2].split(", ") if "..." not in n]
     assert named and all((out / n).exists() for n in named), named
+
+
+def test_skip_final_samples_keeps_checkpoint_samples(tmp_path):
+    out = tmp_path / "out"
+    assert train(out, "--method", "lora", "--skip_final_samples") == 0
+    assert (out / "adapter.safetensors").is_file()
+    assert not (out / "samples").exists() and not (out / "samples_grid.png").exists()
+    check_samples(out / "checkpoint-2" / "samples", 2)   # checkpoints still sample

@@ -209,8 +209,9 @@ class DreamBooth(Task):
         return shots
 
     def finish(self, output_dir: Path, step: int) -> None:
-        shots = self.samples(step, output_dir / "samples", tag="final")
-        write_grid(output_dir / "samples_grid.png", shots, cols=self.args.num_validation_images)
+        if not self.args.skip_final_samples:
+            shots = self.samples(step, output_dir / "samples", tag="final")
+            write_grid(output_dir / "samples_grid.png", shots, cols=self.args.num_validation_images)
         if self.args.export_diffusers:
             export_diffusers(self.unet, output_dir)
 

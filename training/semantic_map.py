@@ -253,6 +253,8 @@ class SemanticMap(Task):
         self.run.metrics.log_images(step, logged, tag=tag)
 
     def finish(self, output_dir: Path, step: int) -> None:
+        if self.args.skip_final_samples:
+            return
         self.samples(step, output_dir / "samples", tag="final")
         runfolder.atomic_write(output_dir / "samples_grid.png",
                                lambda p: shutil.copyfile(output_dir / "samples" / "grid.png", p))

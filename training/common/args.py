@@ -209,6 +209,10 @@ def add_diffusion_args(parser: argparse.ArgumentParser, default_resolution: str 
     p("--num_validation_images", type=int, default=4, help="Images per validation prompt (seeds 0..N-1).")
     p("--validation_steps", type=int, default=None,
       help="Also sample every N steps into output_dir/validation/step-N (default: only at checkpoints and the end).")
+    p("--skip_final_samples", action="store_true",
+      help="Do not sample the final adapter at the end of training (no samples/ or samples_grid.png in "
+           "output_dir); checkpoints and --validation_steps still sample. Saves the final sampling time, e.g. "
+           "for benchmarks and sweeps.")
     p("--num_inference_steps", type=int, default=25, help="Denoising steps for samples and class images.")
     p("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for samples and class images.")
     p("--export_diffusers", type=_bool, nargs="?", const=True, default=True,
