@@ -153,10 +153,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # ----- checkpoints and samples -------------------------------------------------------------------
 def samples(folder: Path) -> list[tuple[Path, str]]:
     """(image, prompt) pairs of folder/samples, in prompts.jsonl order (else sorted PNGs)."""
-    sdir = Path(folder) / "samples"
+    sdir = Path(folder) / runfolder.SAMPLES
     out = []
     try:
-        lines = (sdir / "prompts.jsonl").read_text().splitlines()
+        lines = (sdir / runfolder.PROMPTS).read_text().splitlines()
     except OSError:
         lines = []
     for line in lines:

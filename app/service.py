@@ -1,5 +1,6 @@
-"""The app's logic behind the UI, testable without Gradio: submit a training batch, follow it,
-cancel it, score runs, list runs. ui.py only wires these to components.
+"""The app's logic behind the UI, testable without Gradio: the one way the tabs reach jobs and run folders.
+Submit a training batch (subject or semantic map), follow it, cancel it, score runs, build a report, list and
+compare runs; the tab modules (app/tab_*.py) turn these into components and events.
 """
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import commands, compare
-from . import runs as R
+from . import commands, compare, runs
 from .generate import Generator
 from .inputs import (
     EXAMPLE_SUBJECT,
@@ -24,6 +24,8 @@ from .inputs import (
     save_images,
 )
 from .jobs import Job, JobQueue
+from .runs import RunInfo
+from .semantic import stage_pairs
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Progress:
     done: bool
     fraction: float
     lines: list[str] = field(default_factory=list)
-    runs: list[R.RunInfo] = field(default_factory=list)
+    runs: list[RunInfo] = field(default_factory=list)
 
     def markdown(self) -> str:
         return "\n".join(self.lines)
@@ -67,15 +69,15 @@ class Service:
         self.eval_args = list(eval_args or [])                 # e.g. --dino_model/--clip_model folders (CLI only)
 
     # ----- runs -----------------------------------------------------------------------------------
-    def runs(self) -> list[R.RunInfo]:
-        return R.list_runs(self.runs_dir)
+    def runs(self) -> list[RunInfo]:
+        return runs.list_runs(self.runs_dir)
 
-    def run_infos(self, names) -> list[R.RunInfo]:
+    def run_infos(self, names) -> list[RunInfo]:
         """RunInfo for names chosen in the UI (unknown or unsafe names are skipped)."""
         out = []
         for name in names or []:
             try:
-                out.append(R.find(self.runs_dir, name))
+                out.append(runs.find(self.runs_dir, name))
             except ValueError:
                 continue
         return out
@@ -109,19 +111,19 @@ class Service:
         names = []
         batch = time.strftime("%Y%m%d-%H%M%S")
         for method in form.methods:
-            run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
+            run_dir = runs.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
             instance = None if embedded else run_dir / "instance_images"
             if instance is not None:
                 save_images(images, instance)
             cmd = commands.train_command(form, method, run_dir, instance, launcher=self.launcher)
-            R.write_json(run_dir / R.APP_JSON, {
+            runs.write_json(run_dir / runs.APP_JSON, {
                 "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
                 "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
                 "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
                 "instance_prompt": form.instance_prompt, "class_prompt": form.class_prompt, "seed": form.seed,
                 "batch": batch, "methods": form.methods, "num_images": len(images) or None,
                 "subject": "embedded" if embedded else "upload", "created": time.time(),
-                "owner": R.owner_record(), "command": cmd})
+                "owner": runs.owner_record(), "command": cmd})
             self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
             names.append(run_dir.name)
         return names
@@ -129,8 +131,6 @@ class Service:
     def submit_semantic(self, image_files, map_files, form: TrainForm, embedded: bool = False) -> list[str]:
         """Semantic-map runs (training/semantic_map.py), one per method, on uploaded image + map pairs
         (checked and staged by app.semantic) or the trainer's embedded set. InputError: nothing written."""
-        from .semantic import stage_pairs
-
         form.model = commands.check_model(form.model)
         batch = time.strftime("%Y%m%d-%H%M%S")
         staged, pairs = None, None
@@ -140,19 +140,19 @@ class Service:
         names = []
         try:
             for method in form.methods:
-                run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
+                run_dir = runs.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
                 data = None
                 if staged is not None:
                     data = run_dir / "seg_data"
                     shutil.copytree(staged, data)
                 cmd = commands.semantic_train_command(form, method, run_dir, data, launcher=self.launcher)
-                R.write_json(run_dir / R.APP_JSON, {
+                runs.write_json(run_dir / runs.APP_JSON, {
                     "task": "semantic_map", "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
                     "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
                     "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
                     "seed": form.seed, "batch": batch, "methods": form.methods,
                     "num_pairs": pairs, "data": "upload" if staged is not None else "embedded",
-                    "created": time.time(), "owner": R.owner_record(), "command": cmd})
+                    "created": time.time(), "owner": runs.owner_record(), "command": cmd})
                 self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
                 names.append(run_dir.name)
         finally:
@@ -172,7 +172,7 @@ class Service:
         infos, lines, done_steps, total_steps, all_done = [], [], 0, 0, True
         for name in names:
             try:
-                ri = R.find(self.runs_dir, name)
+                ri = runs.find(self.runs_dir, name)
             except ValueError:
                 continue
             infos.append(ri)
@@ -249,7 +249,7 @@ class Service:
             if job is None:
                 continue
             if job.state == "failed":
-                tail = R.last_log_lines(job.run_dir, 6, "eval.log")
+                tail = runs.last_log_lines(job.run_dir, 6, "eval.log")
                 lines.append(f"- `{name}`: scoring failed ({job.note})\n  ```\n" + "\n".join(tail) + "\n  ```")
             else:
                 pos = self.queue.position(job.id)
@@ -282,7 +282,7 @@ class Service:
             return (f"Report {'running' if pos == 0 else f'waiting, position {pos} in the queue'}…", [])
         files = sorted(str(p) for p in out.rglob("*") if p.is_file() and p.name != "report.log")
         if job is not None and job.state != "finished":
-            tail = "\n".join(R.last_log_lines(out, 8, "report.log"))
+            tail = "\n".join(runs.last_log_lines(out, 8, "report.log"))
             return f"Report failed ({job.note}):\n```\n{tail}\n```", files
         md = next((p for p in sorted(out.glob("*.md"))), None)
         text = md.read_text(errors="replace") if md else "Report written."
