@@ -139,8 +139,8 @@ def semantic_inputs() -> tuple[list, gr.Button]:
 
 def build_tab(service: Service, demo: gr.Blocks, poll_s: float) -> TrainTab:
     handlers = TrainHandlers(service, poll_s)
-    jobs = gr.State([])
     with gr.Tab("Train", id="train"):
+        jobs = gr.State([])      # in the tab: one directly under gr.Tabs shifts the tab labels in the browser
         with gr.Row():
             with gr.Column(scale=1):
                 files, preview, upload_msg, embedded = subject_inputs(service)
