@@ -1,6 +1,7 @@
 """The app's logic behind the UI, testable without Gradio: the one way the tabs reach jobs and run folders.
 Submit a training batch (subject or semantic map), follow it, cancel it, score runs, build a report, list and
-compare runs; the tab modules (app/tab_*.py) turn these into components and events.
+compare runs, generate from a checkpoint and export its adapter; the tab modules (app/tab_*.py) turn these
+into components and events.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import commands, compare, runs
-from .generate import Generator
+from .generate import Generator, checkpoint_choices, export
 from .inputs import (
     EXAMPLE_SUBJECT,
     MAX_IMAGE_MB,
@@ -301,6 +302,22 @@ class Service:
                 "distance": compare.curves(infos, key), "distance_key": key, "loss": compare.curves(infos, "loss"),
                 "table": compare.metrics_table(infos), "prompt": compare.prompt_of(infos),
                 "details": "\n".join(details)}
+
+    # ----- generation ---------------------------------------------------------------------------
+    # a name that is no run raises ValueError (app.runs.run_path), bad input InputError
+    def checkpoints(self, name) -> tuple[list[str], str | None]:
+        """(the run's checkpoint choices, the instance prompt it was trained with, if the app started it)."""
+        run_dir = runs.run_path(self.runs_dir, name)
+        app_json = runs.read_json(run_dir / runs.APP_JSON, {}) or {}
+        return checkpoint_choices(run_dir), app_json.get("instance_prompt")
+
+    def generate_images(self, name, checkpoint: str, prompt: str, seed: int, num_images: int, steps: int,
+                        guidance: float, merged: bool) -> list:
+        return self.generator.generate(runs.run_path(self.runs_dir, name), checkpoint, prompt, seed, num_images,
+                                       steps, guidance, merged)
+
+    def export_adapter(self, name, checkpoint: str, label: str) -> Path:
+        return export(runs.run_path(self.runs_dir, name), checkpoint, label)
 
     def close(self) -> None:
         self.queue.shutdown()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from . import generate, runs
+from . import generate
 from .inputs import InputError
 from .service import Service
 from .widgets import message
@@ -32,19 +32,16 @@ class GenerateHandlers:
     def checkpoints(self, name, prompt):
         """The run's checkpoints (the last step chosen) and its own prompt, when it has one."""
         try:
-            run_dir = runs.run_path(self.service.runs_dir, name)
+            choices, own_prompt = self.service.checkpoints(name)
         except ValueError:
             return gr.update(choices=[], value=None), prompt
-        choices = generate.checkpoint_choices(run_dir)
-        app_json = runs.read_json(run_dir / runs.APP_JSON, {}) or {}
         return (gr.update(choices=choices, value=choices[-2] if len(choices) > 1 else choices[0]),
-                app_json.get("instance_prompt") or prompt)
+                own_prompt or prompt)
 
     def generate(self, name, checkpoint, prompt, seed, num_images, steps, guidance, merged):
         try:
-            run_dir = runs.run_path(self.service.runs_dir, name)
-            images = self.service.generator.generate(run_dir, checkpoint, prompt, int(seed or 0), int(num_images),
-                                                     int(steps), float(guidance), bool(merged))
+            images = self.service.generate_images(name, checkpoint, prompt, int(seed or 0), int(num_images),
+                                                  int(steps), float(guidance), bool(merged))
         except ValueError as e:
             return [], pick_a_run(e)
         except Exception as e:
@@ -53,8 +50,7 @@ class GenerateHandlers:
 
     def export(self, name, checkpoint, label):
         try:
-            run_dir = runs.run_path(self.service.runs_dir, name)
-            path = generate.export(run_dir, checkpoint, label)
+            path = self.service.export_adapter(name, checkpoint, label)
         except ValueError as e:
             return None, pick_a_run(e)
         except Exception as e:
