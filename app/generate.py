@@ -1,5 +1,6 @@
-"""Generate tab: images from a run's checkpoint (seeded, reproducible), optionally with the adapter
-merged into the base weights.
+"""What the Generate tab does (no Gradio here): images from a run's checkpoint (seeded, reproducible),
+optionally with the adapter merged into the base weights, and the checkpoint's adapter exported as a file
+diffusers, peft, ComfyUI or AUTOMATIC1111 load (training.common.export).
 
 One pipeline per base model is cached. For each request the adapter is loaded into it, used and
 ejected again, and the base weights it touched are restored bit for bit from a snapshot, so requests
