@@ -37,6 +37,7 @@ ADAPTER_FILES, is_adapter_dir, read_json = runfolder.ADAPTER_FILES, runfolder.is
 checkpoints, read_eval = runfolder.list_checkpoints, runfolder.read_eval
 
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
+EVAL_LOG, REPORT_LOG = "eval.log", "report.log"   # the app's scoring job (in RUN/), report job (its folder)
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")

@@ -236,7 +236,8 @@ class Service:
             else:
                 try:
                     self.queue.submit(Job(id=f"eval:{ri.name}", run_dir=ri.path, kind="eval", track=False,
-                                          log_name="eval.log", cmd=commands.eval_command(ri.path, self.scorer, extra)))
+                                          log_name=runs.EVAL_LOG,
+                                          cmd=commands.eval_command(ri.path, self.scorer, extra)))
                     queued.append(ri.name)
                 except ValueError:
                     skipped.append(f"{ri.name} (already being scored)")
@@ -250,7 +251,7 @@ class Service:
             if job is None:
                 continue
             if job.state == "failed":
-                tail = runs.last_log_lines(job.run_dir, 6, "eval.log")
+                tail = runs.last_log_lines(job.run_dir, 6, runs.EVAL_LOG)
                 lines.append(f"- `{name}`: scoring failed ({job.note})\n  ```\n" + "\n".join(tail) + "\n  ```")
             else:
                 pos = self.queue.position(job.id)
@@ -271,7 +272,8 @@ class Service:
             out = out.with_name(f"{out.name.split('~')[0]}~{k}")
             k += 1
         out.mkdir(parents=True)
-        self.queue.submit(Job(id=f"report:{out.name}", run_dir=out, kind="report", track=False, log_name="report.log",
+        self.queue.submit(Job(id=f"report:{out.name}", run_dir=out, kind="report", track=False,
+                              log_name=runs.REPORT_LOG,
                               cmd=commands.report_command([r.path for r in infos], out, self.reporter)))
         return f"Building a report of {len(infos)} run(s) in {out}.", out
 
@@ -281,9 +283,9 @@ class Service:
         if job is not None and not job.done:
             pos = self.queue.position(job.id)
             return (f"Report {'running' if pos == 0 else f'waiting, position {pos} in the queue'}…", [])
-        files = sorted(str(p) for p in out.rglob("*") if p.is_file() and p.name != "report.log")
+        files = sorted(str(p) for p in out.rglob("*") if p.is_file() and p.name != runs.REPORT_LOG)
         if job is not None and job.state != "finished":
-            tail = "\n".join(runs.last_log_lines(out, 8, "report.log"))
+            tail = "\n".join(runs.last_log_lines(out, 8, runs.REPORT_LOG))
             return f"Report failed ({job.note}):\n```\n{tail}\n```", files
         md = next((p for p in sorted(out.glob("*.md"))), None)
         text = md.read_text(errors="replace") if md else "Report written."
