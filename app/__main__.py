@@ -19,8 +19,14 @@ import sys
 from pathlib import Path
 
 from lowrank import cli
-from training.common.args import OUTPUTS_DIR
+from training.common.args import OUTPUTS_DIR, file_in_the_way
 
+from .auth import AuthError, checker, exposure_error, logins_from_flags
+from .robustness import RESULTS_DIR
+from .service import Service
+from .ui import CSS, build
+
+# gradio reads it when the page is built (gradio.analytics), so setting it after the import is in time
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
@@ -103,11 +109,6 @@ def _cli_words_on_stdout():
 
 def serve(args: argparse.Namespace, block: bool = True):
     """Start the app; returns (demo, service). With block=False the server runs in a thread (tests)."""
-    from .auth import AuthError, checker, exposure_error, logins_from_flags
-    from .robustness import RESULTS_DIR
-    from .service import Service
-    from .ui import CSS, build
-
     try:   # before anything is built: a refused start leaves nothing behind
         logins = logins_from_flags(getattr(args, "auth", None), getattr(args, "auth_file", None))
     except AuthError as e:
@@ -143,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from training.common.args import file_in_the_way
-
     runs = Path(args.runs_dir).expanduser()
     bad = file_in_the_way(runs)
     if bad is not None:

@@ -9,6 +9,9 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
+
 from training.common.models import is_tiny
 
 from .inputs import InputError, TrainForm
@@ -42,7 +45,6 @@ def check_model(name: str) -> str:
         raise InputError(f"Base model: {name!r} is neither a hub name (org/model) nor a local folder.")
     if _offline():
         try:
-            from huggingface_hub import try_to_load_from_cache
             cached = try_to_load_from_cache(name, "model_index.json")
         except Exception:   # invalid repo ids raise validation errors of several types
             cached = None
@@ -67,11 +69,7 @@ def launcher_prefix(launcher: str = "accelerate", cpu: bool | None = None) -> li
     if launcher != "accelerate":
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     if cpu is None:
-        try:
-            import torch
-            cpu = not torch.cuda.is_available()
-        except ImportError:
-            cpu = True
+        cpu = not torch.cuda.is_available()
     return [sys.executable, "-m", "accelerate.commands.launch", *(["--cpu"] if cpu else []),
             "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 

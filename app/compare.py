@@ -21,8 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 matplotlib.use("Agg")    # a server: never a GUI backend
 
-from . import cache, lineplot
-from . import runs as R
+from . import cache, lineplot, runs
 
 DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
                  "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
@@ -51,21 +50,21 @@ def _font(size: int = 13):
         return ImageFont.load_default()
 
 
-def row_label(run: R.RunInfo) -> str:
+def row_label(run: runs.RunInfo) -> str:
     return f"{run.method} r{run.rank}" if run.rank is not None else run.method
 
 
-def columns(run_infos: list[R.RunInfo]) -> list[tuple[R.RunInfo, dict[str, tuple[Path, str]]]]:
+def columns(run_infos: list[runs.RunInfo]) -> list[tuple[runs.RunInfo, dict[str, tuple[Path, str]]]]:
     """Per run: {column label: (first sample, prompt)} over its checkpoints (and the final samples
     when the last step has no checkpoint). Sample 0 of each checkpoint is the same prompt and seed."""
     out = []
     for run in run_infos:
         cells: dict[str, tuple[Path, str]] = {}
-        for step, path in R.checkpoints(run.path):
-            got = R.samples(path)
+        for step, path in runs.checkpoints(run.path):
+            got = runs.samples(path)
             if got:
                 cells[f"step {step}"] = got[0]
-        final = R.samples(run.path)
+        final = runs.samples(run.path)
         if final and f"step {run.total_steps}" not in cells:
             cells["final"] = final[0]
         out.append((run, cells))
@@ -76,7 +75,7 @@ def _order(labels: set[str]) -> list[str]:
     return sorted(labels, key=lambda c: (c == "final", int(c.split()[1]) if c.startswith("step ") else 0))
 
 
-def sample_grid(run_infos: list[R.RunInfo], cell: int = CELL) -> Image.Image | None:
+def sample_grid(run_infos: list[runs.RunInfo], cell: int = CELL) -> Image.Image | None:
     """Rows = runs, columns = checkpoints; an empty cell where a run has no sample for that step."""
     cols = columns(run_infos)
     labels = _order({c for _, cells in cols for c in cells})
@@ -115,7 +114,7 @@ def _tile(path: Path, cell: int) -> Image.Image | None:
     return tile.resize((cell, cell), resample)
 
 
-def gallery_items(run_infos: list[R.RunInfo]) -> list[tuple[str, str]]:
+def gallery_items(run_infos: list[runs.RunInfo]) -> list[tuple[str, str]]:
     items = []
     for run, cells in columns(run_infos):
         for label in _order(set(cells)):
@@ -124,7 +123,7 @@ def gallery_items(run_infos: list[R.RunInfo]) -> list[tuple[str, str]]:
     return items
 
 
-def prompt_of(run_infos: list[R.RunInfo]) -> str:
+def prompt_of(run_infos: list[runs.RunInfo]) -> str:
     for _, cells in columns(run_infos):
         for _, prompt in cells.values():
             if prompt:
@@ -138,21 +137,21 @@ def curve_frame(rows: list[dict]) -> pd.DataFrame:
         {"step": "int64", "value": "float64", "run": "str"})
 
 
-def curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
+def curves(run_infos: list[runs.RunInfo], key: str) -> pd.DataFrame:
     """Long format for gr.LinePlot(x='step', y='value', color='run'); runs without the key are skipped."""
     rows = []
     for run in run_infos:
         label = f"{run.method} · {run.name}"
-        for m in R.read_metrics(run.path):
+        for m in runs.read_metrics(run.path):
             v = m.get(key)
             if isinstance(v, (int, float)) and v == v:
                 rows.append({"step": int(m["step"]), "value": float(v), "run": label})
     return curve_frame(rows)
 
 
-def distance_key(run_infos: list[R.RunInfo], preferred: str | None = None) -> str:
+def distance_key(run_infos: list[runs.RunInfo], preferred: str | None = None) -> str:
     """The distance key to plot: the preferred one if any run logs it, else the first one logged."""
-    logged = {k for run in run_infos for m in R.read_metrics(run.path)[-1:] for k in m}
+    logged = {k for run in run_infos for m in runs.read_metrics(run.path)[-1:] for k in m}
     for key in ([preferred] if preferred else []) + list(DISTANCE_KEYS):
         if key in logged:
             return key
@@ -163,12 +162,12 @@ def _num(v, digits: int = 4):
     return round(float(v), digits) if isinstance(v, (int, float)) else None
 
 
-def metrics_table(run_infos: list[R.RunInfo]) -> pd.DataFrame:
+def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
     cols = ["run", "method", "rank", "lr", "status", "step", "loss", *DISTANCE_KEYS, "scored step", *EVAL_KEYS]
     rows = []
     for run in run_infos:
-        last = (R.read_metrics(run.path) or [{}])[-1]
-        ev = R.read_eval(run.path)
+        last = (runs.read_metrics(run.path) or [{}])[-1]
+        ev = runs.read_eval(run.path)
         ev = [e for e in ev if isinstance(e.get("step"), int)]   # bound rows (real/base images) have no step
         score = ev[-1] if ev else {}
         steps = f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step)
@@ -179,24 +178,13 @@ def metrics_table(run_infos: list[R.RunInfo]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def eval_curves(run_infos: list[R.RunInfo], key: str) -> pd.DataFrame:
-    """An eval/ score against the step (one point per scored checkpoint)."""
-    rows = []
-    for run in run_infos:
-        for row in R.read_eval(run.path):
-            v = row.get(key)
-            if isinstance(v, (int, float)) and isinstance(row.get("step"), int):
-                rows.append({"step": row["step"], "value": float(v), "run": f"{run.method} · {run.name}"})
-    return curve_frame(rows)
-
-
-def tradeoff_points(run_infos: list[R.RunInfo], distance: str, metric: str) -> pd.DataFrame:
+def tradeoff_points(run_infos: list[runs.RunInfo], distance: str, metric: str) -> pd.DataFrame:
     """One point per scored checkpoint: its weight distance (x) and an eval/ score (y), like peft's
     Pareto plot: how far a method moved the weights against how well it keeps the subject."""
     rows = []
     for run in run_infos:
-        by_step = {m["step"]: m for m in R.read_metrics(run.path)}
-        for ev in R.read_eval(run.path):
+        by_step = {m["step"]: m for m in runs.read_metrics(run.path)}
+        for ev in runs.read_eval(run.path):
             step, y = ev.get("step"), ev.get(metric)
             x = (by_step.get(step) or {}).get(distance)
             if isinstance(x, (int, float)) and isinstance(y, (int, float)):

@@ -1,5 +1,6 @@
-"""Generate tab: images from a run's checkpoint (seeded, reproducible), optionally with the adapter
-merged into the base weights.
+"""What the Generate tab does (no Gradio here): images from a run's checkpoint (seeded, reproducible),
+optionally with the adapter merged into the base weights, and the checkpoint's adapter exported as a file
+diffusers, peft, ComfyUI or AUTOMATIC1111 load (training.common.export).
 
 One pipeline per base model is cached. For each request the adapter is loaded into it, used and
 ejected again, and the base weights it touched are restored bit for bit from a snapshot, so requests
@@ -7,11 +8,20 @@ never leak into one another (merge/unmerge round trips are exact only to fp32 ro
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from . import runs as R
+import torch
+
+from lowrank import AdapterError, eject, load_adapter, merge, read_adapter, runfolder
+from training.common import TrainingError
+from training.common.export import export_run
+from training.common.models import load_pipeline
+
+from . import runs
 from .inputs import InputError
 
 BASE = "base model (no adapter)"
@@ -24,8 +34,8 @@ EXPORTS = "exports"
 
 
 def checkpoint_choices(run_dir: Path) -> list[str]:
-    out = [f"step {s}" for s, _ in R.checkpoints(run_dir)]
-    if R.is_adapter_dir(run_dir):
+    out = [f"step {s}" for s, _ in runs.checkpoints(run_dir)]
+    if runs.is_adapter_dir(run_dir):
         out.append(FINAL)
     return out + [BASE]
 
@@ -36,11 +46,11 @@ def adapter_dir(run_dir: Path, choice: str) -> Path | None:
     if choice == BASE:
         return None
     if choice in (FINAL, ""):
-        if not R.is_adapter_dir(run_dir):
+        if not runs.is_adapter_dir(run_dir):
             raise InputError("This run has no final adapter yet (still training, cancelled or failed): "
                              "pick a checkpoint.")
         return run_dir
-    for step, path in R.checkpoints(run_dir):
+    for step, path in runs.checkpoints(run_dir):
         if choice in (f"step {step}", str(step), path.name):
             return path
     raise InputError(f"No checkpoint {choice!r} in run {run_dir.name}.")
@@ -49,13 +59,6 @@ def adapter_dir(run_dir: Path, choice: str) -> Path | None:
 def export(run_dir: Path, choice: str, label: str) -> Path:
     """Export a checkpoint's (or the final) adapter as a file other tools load; returns the file to download
     (peft's two files zipped). Written under RUN/exports/<checkpoint>-<format>/, each file atomically."""
-    import shutil
-    import tempfile
-
-    from lowrank import AdapterError
-    from training.common import TrainingError
-    from training.common.export import export_run
-
     fmt = EXPORT_FORMATS.get(str(label or "").strip(), str(label or "").strip())
     if fmt not in EXPORT_FORMATS.values():
         raise InputError(f"Unknown export format {label!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
@@ -85,13 +88,10 @@ class Generator:
         self.device = device
 
     def pipeline(self, model: str):
-        from training.common.models import load_pipeline
-
         key = model or "tiny"
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]
-        import torch
         try:
             pipe = load_pipeline(None if key == "tiny" else key)
         except Exception as e:  # ModelLoadError and anything from_pretrained raises
@@ -108,16 +108,12 @@ class Generator:
 
     def generate(self, run_dir: Path, choice: str, prompt: str, seed: int = 0, num_images: int = 1,
                  steps: int = 25, guidance: float = 7.5, merged: bool = False, resolution: int | None = None):
-        import torch
-
-        from lowrank import eject, load_adapter, merge, read_adapter
-
         prompt = str(prompt or "").strip()
         if not prompt:
             raise InputError("Type a prompt.")
         adir = adapter_dir(Path(run_dir), choice)
-        info = R.info(Path(run_dir))
-        args = R.read_json(Path(run_dir) / "run.json", {}) or {}
+        info = runs.info(Path(run_dir))
+        args = runs.read_json(Path(run_dir) / runfolder.RUN_JSON, {}) or {}
         args = args.get("args", args)
         res = resolution or args.get("resolution")
         with self._lock:

@@ -1,5 +1,6 @@
-"""The Robustness tab: report folders written by `python -m eval.robustness` under the runs folder, and the
-studies committed with lowrank under results/ (so a fresh clone shows real results before any training).
+"""What the Robustness tab shows (no Gradio here): report folders written by `python -m eval.robustness`
+under the runs folder, and the studies committed with lowrank under results/ (so a fresh clone shows real
+results before any training).
 
 A report folder is any folder under runs_dir (one or two levels down) with a report.md; a committed one is
 named `results/<name>`. The tab shows its Markdown (figures taken out: a Gallery shows the PNGs, since

@@ -37,6 +37,7 @@ ADAPTER_FILES, is_adapter_dir, read_json = runfolder.ADAPTER_FILES, runfolder.is
 checkpoints, read_eval = runfolder.list_checkpoints, runfolder.read_eval
 
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
+EVAL_LOG, REPORT_LOG = "eval.log", "report.log"   # the app's scoring job (in RUN/), report job (its folder)
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
@@ -153,10 +154,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # ----- checkpoints and samples -------------------------------------------------------------------
 def samples(folder: Path) -> list[tuple[Path, str]]:
     """(image, prompt) pairs of folder/samples, in prompts.jsonl order (else sorted PNGs)."""
-    sdir = Path(folder) / "samples"
+    sdir = Path(folder) / runfolder.SAMPLES
     out = []
     try:
-        lines = (sdir / "prompts.jsonl").read_text().splitlines()
+        lines = (sdir / runfolder.PROMPTS).read_text().splitlines()
     except OSError:
         lines = []
     for line in lines:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from training.common import TrainingError
-from training.common import segdata as sd
+from training.common import TrainingError, segdata
 from training.common.data import to_rgb
 
 from .inputs import InputError, _display_name, _path_of, check_images, sanitize_filename
@@ -65,7 +64,7 @@ def stage_pairs(image_files, map_files, folder: Path, max_mb: float) -> int:
                     raise InputError(f"Label map {stem!r} is {m.format}: maps must be PNG (lossless) with class "
                                      f"ids (0 = other, 1..150) or ADE palette colours.")
                 m.save(ann_dir / f"{stem}.png", format="PNG")   # as it came: the trainer reads ids or colours
-        sd.check_pairs(sd.ade_split(folder, "training"), "the upload")
+        segdata.check_pairs(segdata.ade_split(folder, "training"), "the upload")
     except TrainingError as e:          # the trainer's words, with our staging paths made into names
         shutil.rmtree(folder, ignore_errors=True)
         raise InputError(str(e).replace(str(img_dir) + "/", "image ").replace(str(ann_dir) + "/", "map ")) from None

@@ -1,5 +1,7 @@
-"""The app's logic behind the UI, testable without Gradio: submit a training batch, follow it,
-cancel it, score runs, list runs. ui.py only wires these to components.
+"""The app's logic behind the UI, testable without Gradio: the one way the tabs reach jobs and run folders.
+Submit a training batch (subject or semantic map), follow it, cancel it, score runs, build a report, list and
+compare runs, generate from a checkpoint and export its adapter; the tab modules (app/tab_*.py) turn these
+into components and events.
 """
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import commands, compare
-from . import runs as R
-from .generate import Generator
+from . import commands, compare, runs
+from .generate import Generator, checkpoint_choices, export
 from .inputs import (
     EXAMPLE_SUBJECT,
     MAX_IMAGE_MB,
@@ -24,6 +25,8 @@ from .inputs import (
     save_images,
 )
 from .jobs import Job, JobQueue
+from .runs import RunInfo
+from .semantic import stage_pairs
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Progress:
     done: bool
     fraction: float
     lines: list[str] = field(default_factory=list)
-    runs: list[R.RunInfo] = field(default_factory=list)
+    runs: list[RunInfo] = field(default_factory=list)
 
     def markdown(self) -> str:
         return "\n".join(self.lines)
@@ -67,15 +70,15 @@ class Service:
         self.eval_args = list(eval_args or [])                 # e.g. --dino_model/--clip_model folders (CLI only)
 
     # ----- runs -----------------------------------------------------------------------------------
-    def runs(self) -> list[R.RunInfo]:
-        return R.list_runs(self.runs_dir)
+    def runs(self) -> list[RunInfo]:
+        return runs.list_runs(self.runs_dir)
 
-    def run_infos(self, names) -> list[R.RunInfo]:
+    def run_infos(self, names) -> list[RunInfo]:
         """RunInfo for names chosen in the UI (unknown or unsafe names are skipped)."""
         out = []
         for name in names or []:
             try:
-                out.append(R.find(self.runs_dir, name))
+                out.append(runs.find(self.runs_dir, name))
             except ValueError:
                 continue
         return out
@@ -109,19 +112,19 @@ class Service:
         names = []
         batch = time.strftime("%Y%m%d-%H%M%S")
         for method in form.methods:
-            run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
+            run_dir = runs.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
             instance = None if embedded else run_dir / "instance_images"
             if instance is not None:
                 save_images(images, instance)
             cmd = commands.train_command(form, method, run_dir, instance, launcher=self.launcher)
-            R.write_json(run_dir / R.APP_JSON, {
+            runs.write_json(run_dir / runs.APP_JSON, {
                 "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
                 "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
                 "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
                 "instance_prompt": form.instance_prompt, "class_prompt": form.class_prompt, "seed": form.seed,
                 "batch": batch, "methods": form.methods, "num_images": len(images) or None,
                 "subject": "embedded" if embedded else "upload", "created": time.time(),
-                "owner": R.owner_record(), "command": cmd})
+                "owner": runs.owner_record(), "command": cmd})
             self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
             names.append(run_dir.name)
         return names
@@ -129,8 +132,6 @@ class Service:
     def submit_semantic(self, image_files, map_files, form: TrainForm, embedded: bool = False) -> list[str]:
         """Semantic-map runs (training/semantic_map.py), one per method, on uploaded image + map pairs
         (checked and staged by app.semantic) or the trainer's embedded set. InputError: nothing written."""
-        from .semantic import stage_pairs
-
         form.model = commands.check_model(form.model)
         batch = time.strftime("%Y%m%d-%H%M%S")
         staged, pairs = None, None
@@ -140,19 +141,19 @@ class Service:
         names = []
         try:
             for method in form.methods:
-                run_dir = R.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
+                run_dir = runs.new_run_dir(self.runs_dir, method, form.rank, stamp=batch)
                 data = None
                 if staged is not None:
                     data = run_dir / "seg_data"
                     shutil.copytree(staged, data)
                 cmd = commands.semantic_train_command(form, method, run_dir, data, launcher=self.launcher)
-                R.write_json(run_dir / R.APP_JSON, {
+                runs.write_json(run_dir / runs.APP_JSON, {
                     "task": "semantic_map", "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
                     "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
                     "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
                     "seed": form.seed, "batch": batch, "methods": form.methods,
                     "num_pairs": pairs, "data": "upload" if staged is not None else "embedded",
-                    "created": time.time(), "owner": R.owner_record(), "command": cmd})
+                    "created": time.time(), "owner": runs.owner_record(), "command": cmd})
                 self.queue.submit(Job(id=run_dir.name, run_dir=run_dir, cmd=cmd))
                 names.append(run_dir.name)
         finally:
@@ -172,7 +173,7 @@ class Service:
         infos, lines, done_steps, total_steps, all_done = [], [], 0, 0, True
         for name in names:
             try:
-                ri = R.find(self.runs_dir, name)
+                ri = runs.find(self.runs_dir, name)
             except ValueError:
                 continue
             infos.append(ri)
@@ -235,7 +236,8 @@ class Service:
             else:
                 try:
                     self.queue.submit(Job(id=f"eval:{ri.name}", run_dir=ri.path, kind="eval", track=False,
-                                          log_name="eval.log", cmd=commands.eval_command(ri.path, self.scorer, extra)))
+                                          log_name=runs.EVAL_LOG,
+                                          cmd=commands.eval_command(ri.path, self.scorer, extra)))
                     queued.append(ri.name)
                 except ValueError:
                     skipped.append(f"{ri.name} (already being scored)")
@@ -249,7 +251,7 @@ class Service:
             if job is None:
                 continue
             if job.state == "failed":
-                tail = R.last_log_lines(job.run_dir, 6, "eval.log")
+                tail = runs.last_log_lines(job.run_dir, 6, runs.EVAL_LOG)
                 lines.append(f"- `{name}`: scoring failed ({job.note})\n  ```\n" + "\n".join(tail) + "\n  ```")
             else:
                 pos = self.queue.position(job.id)
@@ -270,7 +272,8 @@ class Service:
             out = out.with_name(f"{out.name.split('~')[0]}~{k}")
             k += 1
         out.mkdir(parents=True)
-        self.queue.submit(Job(id=f"report:{out.name}", run_dir=out, kind="report", track=False, log_name="report.log",
+        self.queue.submit(Job(id=f"report:{out.name}", run_dir=out, kind="report", track=False,
+                              log_name=runs.REPORT_LOG,
                               cmd=commands.report_command([r.path for r in infos], out, self.reporter)))
         return f"Building a report of {len(infos)} run(s) in {out}.", out
 
@@ -280,9 +283,9 @@ class Service:
         if job is not None and not job.done:
             pos = self.queue.position(job.id)
             return (f"Report {'running' if pos == 0 else f'waiting, position {pos} in the queue'}…", [])
-        files = sorted(str(p) for p in out.rglob("*") if p.is_file() and p.name != "report.log")
+        files = sorted(str(p) for p in out.rglob("*") if p.is_file() and p.name != runs.REPORT_LOG)
         if job is not None and job.state != "finished":
-            tail = "\n".join(R.last_log_lines(out, 8, "report.log"))
+            tail = "\n".join(runs.last_log_lines(out, 8, runs.REPORT_LOG))
             return f"Report failed ({job.note}):\n```\n{tail}\n```", files
         md = next((p for p in sorted(out.glob("*.md"))), None)
         text = md.read_text(errors="replace") if md else "Report written."
@@ -301,6 +304,22 @@ class Service:
                 "distance": compare.curves(infos, key), "distance_key": key, "loss": compare.curves(infos, "loss"),
                 "table": compare.metrics_table(infos), "prompt": compare.prompt_of(infos),
                 "details": "\n".join(details)}
+
+    # ----- generation ---------------------------------------------------------------------------
+    # a name that is no run raises ValueError (app.runs.run_path), bad input InputError
+    def checkpoints(self, name) -> tuple[list[str], str | None]:
+        """(the run's checkpoint choices, the instance prompt it was trained with, if the app started it)."""
+        run_dir = runs.run_path(self.runs_dir, name)
+        app_json = runs.read_json(run_dir / runs.APP_JSON, {}) or {}
+        return checkpoint_choices(run_dir), app_json.get("instance_prompt")
+
+    def generate_images(self, name, checkpoint: str, prompt: str, seed: int, num_images: int, steps: int,
+                        guidance: float, merged: bool) -> list:
+        return self.generator.generate(runs.run_path(self.runs_dir, name), checkpoint, prompt, seed, num_images,
+                                       steps, guidance, merged)
+
+    def export_adapter(self, name, checkpoint: str, label: str) -> Path:
+        return export(runs.run_path(self.runs_dir, name), checkpoint, label)
 
     def close(self) -> None:
         self.queue.shutdown()

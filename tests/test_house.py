@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("lowrank", "training", "eval", "app")
-PACKAGES = ("lowrank", "eval")
+PACKAGES = ("lowrank", "eval", "app")
 MAX_FUNCTION_LINES = 100
 
 
