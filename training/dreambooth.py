@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/dream
 import torch
 import torch.nn.functional as F
 
-from lowrank import AdapterConfig
 from training.common import TrainingError
 from training.common.args import (
     ArgumentParser,
@@ -35,6 +34,7 @@ from training.common.args import (
     add_training_args,
     check_folder_path,
     check_training_args,
+    output_dir,
     resolve_run_length,
 )
 from training.common.data import (
@@ -50,7 +50,7 @@ from training.common.data import (
 )
 from training.common.export import export_diffusers
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, steps_per_epoch
+from training.common.loop import Task, TrainingRun
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
 from training.common.samples import (
@@ -116,8 +116,7 @@ def parse_args(argv=None):
         raise TrainingError("give --instance_data_dir or --dataset_name, not both")
     if args.instance_data_dir is not None:   # the most useful error first: a missing folder, then its prompt
         check_image_folder(args.instance_data_dir, "--instance_data_dir")
-    args.output_dir = args.output_dir or f"outputs/dreambooth-{args.method or AdapterConfig().method}"
-    out = Path(args.output_dir).expanduser()
+    out = output_dir(args, "dreambooth")
     check_folder_path(out, "--output_dir")
     data_flag = "--instance_data_dir" if args.instance_data_dir else "--dataset_name" if args.dataset_name else None
     if data_flag is None:
@@ -257,8 +256,7 @@ def train(args) -> None:
                                 f"--num_class_images {args.num_class_images}; remove the unreadable ones")
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
+    max_train_steps = run.total_steps(len(dataset))
     run.adapt(pipe.unet, max_train_steps)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()

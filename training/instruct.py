@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/instr
 import torch
 
 import lowrank
-from lowrank import AdapterConfig, runfolder
+from lowrank import runfolder
 from training.common import TrainingError
 from training.common.args import (
     ArgumentParser,
@@ -34,6 +34,7 @@ from training.common.args import (
     add_run_args,
     check_folder_path,
     check_training_args,
+    output_dir,
 )
 from training.common.instruct_data import (
     EXAMPLE_INSTRUCTIONS,
@@ -48,7 +49,7 @@ from training.common.instruct_data import (
 )
 from training.common.language import DEFAULT_TARGETS, load_language_model, model_type
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, steps_per_epoch
+from training.common.loop import Task, TrainingRun
 from training.common.results import write_results
 from training.common.runtime import run_trainer
 
@@ -102,8 +103,7 @@ def parse_args(argv=None):
     args.example = args.train_file is None and args.dataset_name is None
     if args.mc_file is None:
         args.mc_file = [str(EXAMPLE_MC)] if args.example else []
-    args.output_dir = args.output_dir or f"outputs/instruct-{args.method or AdapterConfig().method}"
-    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    check_folder_path(output_dir(args, "instruct"), "--output_dir")
     adapter_config(args)
     return args
 
@@ -175,8 +175,7 @@ def train(args) -> None:
         logger.warning("%d example(s) dropped: the prompt alone fills --max_seq_length %d", dropped,
                        args.max_seq_length)
     dataset = Encoded(features)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
+    max_steps = run.total_steps(len(dataset))
     kind = model_type(model)
     try:
         config, _ = run.adapt(model, max_steps, target_modules=DEFAULT_TARGETS.get(kind, ["q_proj", "v_proj"]))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import lowrank
-from lowrank import AdapterConfig, runfolder
+from lowrank import runfolder
 from training.common import TrainingError
 from training.common import segdata as sd
 from training.common.args import (
@@ -57,6 +57,7 @@ from training.common.args import (
     add_training_args,
     check_folder_path,
     check_training_args,
+    output_dir,
     resolve_run_length,
 )
 from training.common.conditioning import (
@@ -67,7 +68,7 @@ from training.common.conditioning import (
     save_encoder,
 )
 from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, mix_seed, steps_per_epoch
+from training.common.loop import Task, TrainingRun, mix_seed
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
 from training.common.samples import grid, sampling_pipeline
@@ -144,8 +145,7 @@ def parse_args(argv=None):
     if vi and vp and len(vi) != len(vp) and 1 not in (len(vi), len(vp)):
         raise TrainingError(f"{len(vi)} --validation_image and {len(vp)} --validation_prompt: give as many of "
                             f"each, or one of either")
-    args.output_dir = args.output_dir or f"outputs/semantic-map-{args.method or AdapterConfig().method}"
-    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    check_folder_path(output_dir(args, "semantic-map"), "--output_dir")
     if args.resolution is None:
         args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
     adapter_config(args, target_modules=TARGET_MODULES)
@@ -312,8 +312,7 @@ def train(args) -> None:
 
     dataset = sd.SemanticMapDataset(train_set, args.resolution, args.condition, run.seed,
                                     args.proportion_empty_prompts)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
+    max_train_steps = run.total_steps(len(dataset))
     run.adapt(pipe.unet, max_train_steps, task, target_modules=TARGET_MODULES)
     if encoder is not None:
         encoder.requires_grad_(True)

@@ -42,7 +42,7 @@ import lowrank
 from lowrank import runfolder
 
 from . import DivergedError, StoppedError, TrainingError
-from .args import adapter_config, default_learning_rate
+from .args import adapter_config, default_learning_rate, output_dir
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
 from .logging import (
@@ -181,7 +181,7 @@ class TrainingRun:
     def __init__(self, args, project: str):
         self.args, self.project = args, project
         set_threads(args)   # before the accelerator: cuBLAS reads its setting at CUDA init
-        self.output_dir = Path(args.output_dir).expanduser()
+        self.output_dir = output_dir(args)
         self.report_to = resolve_report_to(args.report_to)
         self.accelerator = acc = start_accelerator(args, self.output_dir, self.report_to)
         self.is_main, self.process_index, self.num_processes, self.device = (
@@ -232,12 +232,12 @@ class TrainingRun:
         the base weights, so base and adapter are bit-identical to the run that wrote the checkpoint.
         `fill` gives defaults for adapter fields the user left unset (e.g. target_modules per task)."""
         args, task = self.args, task or Task()
-        config = adapter_config(args, dyndora_total_steps=total_steps, **fill)
-        if self.resume_dir:
-            saved, _ = lowrank.read_adapter(self.resume_dir)
-            # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
-            # --max_train_steps without silently changing a schedule the adapter already follows
-            config = adapter_config(args, **{**fill, "dyndora_total_steps": saved.dyndora_total_steps})
+        saved = lowrank.read_adapter(self.resume_dir)[0] if self.resume_dir else None
+        # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
+        # --max_train_steps without silently changing a schedule the adapter already follows
+        steps = saved.dyndora_total_steps if saved else total_steps
+        config = adapter_config(args, **{**fill, "dyndora_total_steps": steps})
+        if saved is not None:
             if saved != config:
                 diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
                 raise TrainingError(f"{self.resume_dir} was trained with {', '.join(diff)}; "

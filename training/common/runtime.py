@@ -27,7 +27,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -35,6 +34,7 @@ import lowrank
 from lowrank import runfolder
 
 from . import StoppedError, TrainingError
+from .args import output_dir
 
 CUBLAS_WORKSPACE = ":4096:8"
 
@@ -158,7 +158,7 @@ def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
     created, out = None, None
     try:
         args = parse_args(argv)
-        out = Path(args.output_dir).expanduser()
+        out = output_dir(args)
         created = None if out.exists() else out
         train(args)
         write_exit_status(out, 0, "done")
