@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import lowrank
-from training.common.data import to_rgb
+from training.images.files import to_rgb
 
 METHODS = tuple(lowrank.METHODS)      # registry order; lowrank.METHODS is the only list of methods
 MIN_IMAGES, MAX_IMAGES = 3, 20

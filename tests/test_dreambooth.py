@@ -15,8 +15,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lowrank  # noqa: E402
 from training import dreambooth  # noqa: E402
-from training.common.data import load_image_dir  # noqa: E402
 from training.common.models import load_pipeline  # noqa: E402
+from training.images.files import load_image_dir  # noqa: E402
 
 FAST = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--seed", "0", "--resolution", "32",
         "--num_inference_steps", "2", "--num_validation_images", "2", "--rank", "4", "--report_to", "none"]

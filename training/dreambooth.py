@@ -37,29 +37,27 @@ from training.common.args import (
     output_dir,
     resolve_run_length,
 )
-from training.common.data import (
-    EXAMPLE_CLASS_PROMPT,
-    EXAMPLE_NAME,
-    EXAMPLE_PROMPT,
-    DreamBoothDataset,
-    check_image_folder,
-    collate,
-    example_subject,
-    load_dataset_images,
-    load_image_dir,
-)
 from training.common.export import export_diffusers
-from training.common.logging import setup_console
 from training.common.loop import Task, TrainingRun
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
-from training.common.samples import (
+from training.common.tracking import setup_console
+from training.images.files import check_image_folder, load_dataset_images, load_image_dir
+from training.images.samples import (
     count_images,
     generate,
     generate_class_images,
     sampling_pipeline,
     write_grid,
     write_samples,
+)
+from training.subject.data import (
+    EXAMPLE_CLASS_PROMPT,
+    EXAMPLE_NAME,
+    EXAMPLE_PROMPT,
+    DreamBoothDataset,
+    collate,
+    example_subject,
 )
 
 logger = setup_console()

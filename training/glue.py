@@ -44,7 +44,11 @@ from training.common.args import (
     env_max_steps,
     output_dir,
 )
-from training.common.glue_data import (
+from training.common.loop import Task, TrainingRun
+from training.common.results import summarize_seeds, write_results
+from training.common.runtime import run_trainer
+from training.common.tracking import setup_console
+from training.text.glue_data import (
     EXAMPLE_DIR,
     EXAMPLE_TASK,
     TASKS,
@@ -54,12 +58,8 @@ from training.common.glue_data import (
     score,
     split_validation,
 )
-from training.common.language import CLASSIFIER_HEADS, DEFAULT_TARGETS, load_language_model, model_type
-from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun
-from training.common.results import summarize_seeds, write_results
-from training.common.runtime import run_trainer
-from training.common.tweet_data import TRAIN_SIZE, TWEET_TASKS, VALIDATION_SIZE, load_tweets, tweet_learning_rate
+from training.text.language import CLASSIFIER_HEADS, DEFAULT_TARGETS, load_language_model, model_type
+from training.text.tweet_data import TRAIN_SIZE, TWEET_TASKS, VALIDATION_SIZE, load_tweets, tweet_learning_rate
 
 logger = setup_console()
 

@@ -4,7 +4,7 @@
 The DeLoRA paper's Alpaca setup: AutoModelForCausalLM, adapters on the query and value projections (r = 8), one
 epoch, max length 256, Alpaca-format data (instruction, input, output) with the prompt tokens masked out of the
 loss. Evaluation: zero-shot multiple choice by log-likelihood on local JSON-lines files (--mc_file; ARC, MMLU and
-TruthfulQA MC1/MC2 formats, see training/common/instruct_data.py) before training (results.json `initial`),
+TruthfulQA MC1/MC2 formats, see training/text/instruct_data.py) before training (results.json `initial`),
 after every epoch and at the end (`final`); with lm-evaluation-harness installed (pip install lm-eval) and the hub
 reachable, --lm_eval_tasks runs the paper's tasks on the merged model.
 With no model or data flag it trains a tiny LLaMA built from a config (RANDOM weights: it shows the machinery,
@@ -36,7 +36,11 @@ from training.common.args import (
     check_training_args,
     output_dir,
 )
-from training.common.instruct_data import (
+from training.common.loop import Task, TrainingRun
+from training.common.results import write_results
+from training.common.runtime import run_trainer
+from training.common.tracking import setup_console
+from training.text.instruct_data import (
     EXAMPLE_INSTRUCTIONS,
     EXAMPLE_MC,
     MC_FORMATS,
@@ -47,11 +51,7 @@ from training.common.instruct_data import (
     load_mc,
     pad_batch,
 )
-from training.common.language import DEFAULT_TARGETS, load_language_model, model_type
-from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun
-from training.common.results import write_results
-from training.common.runtime import run_trainer
+from training.text.language import DEFAULT_TARGETS, load_language_model, model_type
 
 logger = setup_console()
 DEFAULT_MODEL = "tiny-llama"

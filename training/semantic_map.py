@@ -19,7 +19,7 @@ an image that follows an ADE20K segmentation map. Two parts train:
 
 Data (checked before the model loads): ADE20K as distributed (--train_data_dir .../ADEChallengeData2016),
 diffusers' imagefolder with metadata.jsonl, or --dataset_name; with no data flag the embedded example set
-(training/common/segdata.py says how its maps are made). Captions come from the data when it has them,
+(training/segmap/data.py says how its maps are made). Captions come from the data when it has them,
 else from the map's largest classes ("a photo of wall, floor, bed"); run.json's caption_source says which.
 --condition canny|shuffle trains on controlnet-aux's weight-free detectors applied to the target image.
 
@@ -49,7 +49,6 @@ from PIL import Image
 import lowrank
 from lowrank import runfolder
 from training.common import TrainingError
-from training.common import segdata as sd
 from training.common.args import (
     ArgumentParser,
     adapter_config,
@@ -60,19 +59,20 @@ from training.common.args import (
     output_dir,
     resolve_run_length,
 )
-from training.common.conditioning import (
+from training.common.loop import Task, TrainingRun, mix_seed
+from training.common.models import is_tiny, load_pipeline
+from training.common.runtime import run_trainer
+from training.common.tracking import setup_console
+from training.images.samples import grid, sampling_pipeline
+from training.segmap import data as sd
+from training.segmap.conditioning import (
     ENCODER_FILE,
     ConditionedUNet,
     conditioning_encoder,
     load_encoder,
     save_encoder,
 )
-from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, mix_seed
-from training.common.models import is_tiny, load_pipeline
-from training.common.runtime import run_trainer
-from training.common.samples import grid, sampling_pipeline
-from training.common.semantic_sets import MapData, load_data, validation_items
+from training.segmap.sets import MapData, load_data, validation_items
 
 logger = setup_console()
 

@@ -45,7 +45,9 @@ from . import DivergedError, StoppedError, TrainingError
 from .args import adapter_config, default_learning_rate, output_dir
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
-from .logging import (
+from .model_card import write_run_card
+from .runtime import StopRequest, make_deterministic
+from .tracking import (
     DistanceProbe,
     MetricsLogger,
     rank_records,
@@ -54,8 +56,6 @@ from .logging import (
     setup_console,
     write_rank_heatmap,
 )
-from .model_card import write_run_card
-from .runtime import StopRequest, make_deterministic
 
 logger = setup_console()
 

