@@ -13,7 +13,8 @@ Outputs (output_dir):
     metrics.jsonl                              per step: loss, lr, ‖W_eff − W0‖_F of every adapted layer
     run.json                                   arguments, resolved settings, library versions
     README.md                                  model card (diffusers' front matter, how to load it)
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/dream
 import torch
 import torch.nn.functional as F
 
+from lowrank import runfolder
 from training.common import TrainingError
 from training.common.args import (
     ArgumentParser,
@@ -205,7 +207,7 @@ class DreamBooth(Task):
         return shots
 
     def finish(self, output_dir: Path, step: int) -> None:
-        shots = self.samples(step, output_dir / "samples", tag="final")
+        shots = self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
         write_grid(output_dir / "samples_grid.png", shots, cols=self.args.num_validation_images)
         if self.args.export_diffusers:
             export_diffusers(self.unet, output_dir)

@@ -15,7 +15,8 @@ Outputs (output_dir; with --seeds, one such folder per seed under output_dir/see
     results.json                               initial/final metrics, time, memory, parameters (peft's shape)
     metrics.jsonl                              per step: loss, lr, distances; per epoch: tune/* and test/* scores
     checkpoint-N/, run.json                    as every trainer
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 

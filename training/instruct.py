@@ -11,7 +11,8 @@ With no model or data flag it trains a tiny LLaMA built from a config (RANDOM we
 not language ability) on the embedded instruction set (training/data/alpaca_example.jsonl).
 
 Outputs (output_dir): adapter files, results.json, metrics.jsonl (+ mc/* per epoch), checkpoint-N/, run.json.
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 

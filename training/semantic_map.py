@@ -30,7 +30,8 @@ Outputs (output_dir), DreamBooth's layout:
     metrics.jsonl    per step: loss, lr (lr_conditioning too), distance/unet.<layer> of every adapted layer
     run.json         arguments, resolved settings (condition, caption_source, encoder parameters, ...)
 Score it with  python -m eval.segmentation --run_dir OUTPUT_DIR --checkpoints all
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ from training.common.args import (
     add_training_args,
     check_folder_path,
     check_training_args,
+    default_learning_rate,
     output_dir,
     resolve_run_length,
 )
@@ -246,15 +248,15 @@ class SemanticMap(Task):
                 logged += images
         finally:
             self.model.train(was_training)
-        (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / runfolder.PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
         grid(tiles, cols=1 + a.num_validation_images).save(tmp / "grid.png")
         runfolder.replace_dir(tmp, folder)
         self.run.metrics.log_images(step, logged, tag=tag)
 
     def finish(self, output_dir: Path, step: int) -> None:
-        self.samples(step, output_dir / "samples", tag="final")
+        self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
         runfolder.atomic_write(output_dir / "samples_grid.png",
-                               lambda p: shutil.copyfile(output_dir / "samples" / "grid.png", p))
+                               lambda p: shutil.copyfile(output_dir / runfolder.SAMPLES / "grid.png", p))
 
 
 def check_controlnet(controlnet, pipe, path: str) -> None:
@@ -325,7 +327,7 @@ def train(args) -> None:
                   "conditioning": "controlnet" if controlnet is not None else "encoder",
                   "conditioning_encoder_parameters": enc_params,
                   "conditioning_learning_rate": (args.conditioning_learning_rate or min(
-                      args.learning_rate or lowrank.METHODS[run.config.method].default_learning_rate,
+                      args.learning_rate or default_learning_rate(run.config.method),
                       MAX_CONDITIONING_LR)) if encoder is not None else None})
 
 
