@@ -61,7 +61,8 @@ from training.common.args import (
     output_dir,
     resolve_run_length,
 )
-from training.common.loop import Task, TrainingRun, mix_seed
+from training.common.batches import mix_seed
+from training.common.loop import Task, TrainingRun
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
 from training.common.tracking import setup_console

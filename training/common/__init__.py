@@ -1,10 +1,12 @@
 """What every trainer uses unchanged: a trainer (dreambooth.py, ...) is its task's data, loss and sampling on these.
 
-    loop.py        TrainingRun + Task: set-up, resume, adapter, the phases of `fit` (prepare, optimizer step,
-                   metrics row, checkpoint/validation/stop, finish), deterministic batches, the run length
+    loop.py        TrainingRun + Task: seed, resume, adapter, the phases of `fit` (prepare, optimizer step,
+                   metrics row, checkpoint/validation/stop, finish)
+    batches.py     deterministic batches (mix_seed, epoch_batches) and the run length (total_steps)
     args.py        diffusers-named flags + one flag per AdapterConfig field, --output_dir as a folder
     checkpoint.py  atomic checkpoint-N/ directories, resume, rotation
-    runtime.py     --deterministic, SIGTERM as a stop request, exit_status.json, run_trainer (every main())
+    runtime.py     --deterministic, SIGTERM as a stop request, exit_status.json, run_trainer (every main()),
+                   the accelerator set-up and the refusal of FSDP/DeepSpeed
     errors.py      TrainingError, DivergedError, StoppedError and the exit codes
     faults.py      fault injection at exact points of the loop and of a checkpoint write (the tests' kills)
     tracking.py    console logging, metrics.jsonl + trackers, per-step weight distances, live-rank heat map

@@ -31,10 +31,8 @@ import math
 import random
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -43,10 +41,11 @@ from lowrank import runfolder
 
 from . import DivergedError, StoppedError, TrainingError
 from .args import adapter_config, default_learning_rate, output_dir
+from .batches import epoch_batches, mix_seed, steps_per_epoch, total_steps
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
 from .model_card import write_run_card
-from .runtime import StopRequest, make_deterministic
+from .runtime import StopRequest, quiet_libraries, refuse_sharding, set_threads, start_accelerator
 from .tracking import (
     DistanceProbe,
     MetricsLogger,
@@ -58,38 +57,6 @@ from .tracking import (
 )
 
 logger = setup_console()
-
-
-# ----- deterministic batches ------------------------------------------------------------------------------
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, same on every platform)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, process_index: int = 0,
-                  num_processes: int = 1) -> list[list[int]]:
-    """This process's batches of epoch `epoch`, as lists of run positions (epoch * n + i).
-
-    The permutation depends on (seed, epoch) only, so every process agrees; it is padded by wrapping so
-    all processes get the same number of batches (an uneven shard would deadlock DDP's all-reduce).
-    Datasets take a run position k and use example k % n (seeding their augmentation from k)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
-    per = math.ceil(n / num_processes)
-    perm = (perm * num_processes)[: per * num_processes]
-    mine = [epoch * n + i for i in perm[process_index::num_processes]]
-    return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
-    return math.ceil(math.ceil(math.ceil(n / num_processes) / batch_size) / grad_accum)
-
-
-def total_steps(args, num_examples: int, num_processes: int = 1) -> int:
-    """The run's number of optimizer steps: --max_train_steps, else --num_train_epochs epochs of
-    `num_examples` examples (every trainer's run length, derived here only)."""
-    return args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        num_examples, args.train_batch_size, args.gradient_accumulation_steps, num_processes)
-
 
 
 # ----- what a trainer plugs in ------------------------------------------------------------------------------
@@ -134,44 +101,6 @@ class Task:
 
     def finish(self, output_dir: Path, step: int) -> None:
         """Main process, after the final adapter is saved: final samples, reports."""
-
-
-# ----- the run's set-up ---------------------------------------------------------------------------------------
-def set_threads(args) -> None:
-    """--deterministic (deterministic kernels, a fixed thread count) or just --num_threads."""
-    if getattr(args, "deterministic", False):
-        make_deterministic(args.num_threads)
-    elif getattr(args, "num_threads", None):
-        torch.set_num_threads(args.num_threads)
-
-
-def start_accelerator(args, output_dir: Path, report_to):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
-    # a bounded wait for the other processes: a dead worker ends the others' collectives with an error
-    # after --ddp_timeout seconds instead of torch's default half hour
-    timeout = getattr(args, "ddp_timeout", None)
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, kwargs_handlers=handlers,
-                       project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                           logging_dir=str(output_dir / "logs")))
-
-
-def refuse_sharding(acc) -> None:
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # adapters are a few MB and the models fit one GPU: sharding buys nothing, and saving and
-        # resuming need whole (unsharded) adapter tensors on every process
-        raise TrainingError(f"{acc.distributed_type.name} is not supported by this script; "
-                            f"use data parallel: accelerate launch --multi_gpu --num_processes N")
-
-
-def quiet_libraries() -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 # ----- the run ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lowrank import ade20k
 from training.common import TrainingError, hfdata
-from training.common.loop import mix_seed
+from training.common.batches import mix_seed
 from training.images.files import open_image, resize_short, to_rgb
 
 logger = logging.getLogger("lowrank.training")
@@ -314,7 +314,7 @@ def prepare(example: Example, resolution: int, condition: str, seed: int) -> dic
 
 
 class SemanticMapDataset(torch.utils.data.Dataset):
-    """Index k = a position in the whole run (loop.epoch_batches): example k % n, its empty-prompt draw
+    """Index k = a position in the whole run (batches.epoch_batches): example k % n, its empty-prompt draw
     (--proportion_empty_prompts) and its shuffle seeded from (seed, k), so resume sees the same batches."""
 
     def __init__(self, examples: list[Example], resolution: int, condition: str, seed: int,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.common import TrainingError
-from training.common.loop import mix_seed
+from training.common.batches import mix_seed
 
 from . import data as sd
 

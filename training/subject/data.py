@@ -2,7 +2,7 @@
 instance (+ class) images and its collate.
 
 Each sample's crop is a function of (seed, its position in the whole run) and the batch order a function
-of (seed, epoch) (training.common.loop.epoch_batches), so a resumed run sees exactly the batches the
+of (seed, epoch) (training.common.batches.epoch_batches), so a resumed run sees exactly the batches the
 uninterrupted run saw, with no RNG state to carry over.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from skimage import data as skimage_data
 
-from training.common.loop import mix_seed
+from training.common.batches import mix_seed
 from training.images.files import resize_short
 
 EXAMPLE_PROMPT = "a photo of sks cat"
