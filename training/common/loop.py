@@ -3,8 +3,9 @@ and this module does the rest.
 
     run = TrainingRun(args, "dreambooth")              # accelerator, resume point, seed, output folder
     ... load the data (bad input fails in seconds), then the model ...
-    config, names = run.adapt(unet, total_steps)       # inject, or load the checkpoint's adapter
-    run.fit(unet, task, dataset, collate, info={...})  # optimizer, steps, checkpoints, final save
+    steps = run.total_steps(len(dataset))              # --max_train_steps, else epochs of the data
+    config, names = run.adapt(unet, steps)             # inject, or load the checkpoint's adapter
+    run.fit(unet, task, dataset, collate, info={...})  # prepare, steps, checkpoints, final save
     # main() is training.common.runtime.run_trainer(parse_args, train): exit codes and exit_status.json
 
 What it guarantees, for every trainer:
