@@ -16,9 +16,10 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import lowrank
-from training import dreambooth
 from training.common.args import adapter_config
-from training.common.data import EXAMPLE_NAME, to_rgb
+from training.images.files import to_rgb
+from training.subject.args import parse_args as dreambooth_args
+from training.subject.data import EXAMPLE_NAME
 
 METHODS = tuple(lowrank.METHODS)      # registry order; lowrank.METHODS is the only list of methods
 MIN_IMAGES, MAX_IMAGES = 3, 20
@@ -34,7 +35,7 @@ EXAMPLE_SUBJECT = EXAMPLE_NAME        # what the trainer uses when it is given n
 def cli_defaults() -> dict:
     """The Train tab's defaults: what `training/dreambooth.py --method delora` resolves with no other flag (its
     rank, λ, run length and checkpoint interval), read from the trainer itself so the two cannot differ."""
-    args = dreambooth.parse_args(["--method", HEADLINE_METHOD])
+    args = dreambooth_args(["--method", HEADLINE_METHOD])
     cfg = adapter_config(args)
     return {"method": cfg.method, "rank": cfg.rank, "delora_lambda": cfg.delora_lambda,
             "steps": args.max_train_steps, "checkpoint_every": args.checkpointing_steps}

@@ -4,7 +4,7 @@ layout the trainer reads: RUN/seg_data/images/training/<stem>.png + annotations/
 Pairs match by file stem. Images are decoded and re-encoded as RGB PNG under sanitised names; a map is
 a PNG re-written as it came (one channel of raw ADE20K ids, 0 = other, 1..150, or RGB painted with the ADE
 palette), so its values are not touched. Then the trainer's own checks run on the staged folder
-(training.common.segdata: pairing, label range, map size = image size), so the app refuses exactly what the
+(training.segmap.data: pairing, label range, map size = image size), so the app refuses exactly what the
 trainer would, before anything is queued; on any refusal the staged folder is removed.
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from training.common import TrainingError, segdata
-from training.common.data import to_rgb
+from training.common import TrainingError
+from training.images.files import to_rgb
+from training.segmap import data as segdata
 
 from .inputs import InputError, _display_name, _path_of, check_images, sanitize_filename
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import lowrank
 from lowrank.runfolder import PROMPTS
 from training.common import models
-from training.common.data import example_subject
+from training.subject.data import example_subject
 
 from . import EvalError
 from .common import run_setting

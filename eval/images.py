@@ -1,5 +1,5 @@
 """Image folders in: the real subject photos, the generated images named by prompts.jsonl, and
-label maps. Images decode as the trainers decode them (training.common.data.open_image). Unreadable
+label maps. Images decode as the trainers decode them (training.images.files.open_image). Unreadable
 files are skipped, named in one warning and counted; a folder with nothing usable is an error."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lowrank.runfolder import PROMPTS
 from training.common import TrainingError
-from training.common.data import (
+from training.images.files import (
     check_image_folder,
     open_image,  # the trainers' decoding: EXIF rotation, alpha over white, 16-bit
 )
@@ -48,7 +48,7 @@ def warn_skipped(loaded: Loaded, where: Path) -> None:
 
 
 def check_dir(directory: str | Path, flag: str) -> Path:
-    """The folder a flag names (training.common.data's check), with eval's error type."""
+    """The folder a flag names (training.images.files's check), with eval's error type."""
     try:
         return check_image_folder(directory, flag)
     except TrainingError as e:

@@ -22,8 +22,8 @@ import lowrank
 from lowrank import read_adapter
 from lowrank.analysis import delora_bound
 from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
-from training.common.logging import library_versions
 from training.common.models import is_tiny
+from training.common.tracking import library_versions
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure

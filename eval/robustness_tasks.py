@@ -15,10 +15,10 @@ from pathlib import Path
 
 from lowrank.cli import error_line
 from lowrank.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
-from training.common import language
 from training.common.args import default_learning_rate
 from training.common.models import load_pipeline
-from training.common.tweet_data import TWEET_TASKS, tweet_learning_rate
+from training.text import language
+from training.text.tweet_data import TWEET_TASKS, tweet_learning_rate
 
 from . import EvalError
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
@@ -168,7 +168,7 @@ def flag_value(passthrough: list[str], flag: str) -> str | None:
 
 
 def glue_base_lr(method: str, passthrough: list[str]) -> float:
-    """The tweet tasks' tuned rates (training.common.tweet_data); other GLUE data: the method's default."""
+    """The tweet tasks' tuned rates (training.text.tweet_data); other GLUE data: the method's default."""
     if flag_value(passthrough, "--task_name") in TWEET_TASKS:
         return tweet_learning_rate(method)
     return default_learning_rate(method)

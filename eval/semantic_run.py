@@ -11,10 +11,10 @@ again when the settings change) two bounds are scored the same way: the real val
 bound, row "kind": "real") and the base model without adapter or conditioning (lower bound, "kind":
 "base"); their rows carry step null, before the checkpoint rows.
 
-The validation maps are the run's own, chosen by the trainer's own code (training.common.semantic_sets,
+The validation maps are the run's own, chosen by the trainer's own code (training.segmap.sets,
 from the data settings in run.json): the ADE20K validation split of its --train_data_dir, the first
 --max_maps pairs of an imagefolder/hub set, or the trainer's embedded set. Maps and images are cropped
-and resized exactly as the trainer did (training.common.segdata), at the run's resolution.
+and resized exactly as the trainer did (training.segmap.data), at the run's resolution.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 import lowrank
 from lowrank.runfolder import EVAL
 from training.common import TrainingError
-from training.common.conditioning import ConditionedUNet, conditioning_encoder, load_encoder
-from training.common.segdata import to_tensor
-from training.common.semantic_sets import MapData, load_data, validation_items
+from training.segmap.conditioning import ConditionedUNet, conditioning_encoder, load_encoder
+from training.segmap.data import to_tensor
+from training.segmap.sets import MapData, load_data, validation_items
 
 from . import EvalError, fid
 from .common import read_jsonl, read_run, run_setting, update_eval_file, write_json
@@ -41,7 +41,7 @@ from .miou import confusion_matrix, reduce_zero_label, scores_from_confusion
 from .subject import choose_checkpoints
 
 BOUND_KINDS = ("real", "base")
-# the run.json settings that choose and prepare its validation maps (training.common.semantic_sets.MapData)
+# the run.json settings that choose and prepare its validation maps (training.segmap.sets.MapData)
 MAP_SETTINGS = ("train_data_dir", "dataset_name", "cache_dir", "image_column", "conditioning_image_column",
                 "caption_column", "condition", "resolution")
 

@@ -25,7 +25,7 @@ CLASSES = (
 
 # RGB of raw label k is PALETTE[k - 1]. The standard palette paints road (7) and skyscraper (49) alike,
 # (140, 140, 140); it is kept as is because ControlNet's seg models were trained on exactly these colours.
-# Reading colours back (training.common.segdata.unpaint) gives the lower label, road, for that colour.
+# Reading colours back (training.segmap.data.unpaint) gives the lower label, road, for that colour.
 PALETTE = (
     (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
     (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70),

@@ -178,13 +178,13 @@ def test_the_train_tabs_defaults_are_the_clis(monkeypatch):
     import re
 
     from lowrank import AdapterConfig
-    from training import dreambooth
     from training.common.args import MAX_STEPS_ENV
+    from training.subject import args as subject_args
 
     monkeypatch.delenv(MAX_STEPS_ENV, raising=False)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     headline = re.search(r"accelerate launch training/dreambooth\.py --method (\w+)", readme).group(1)
-    steps, checkpoints = dreambooth.DEFAULT_STEPS
+    steps, checkpoints = subject_args.DEFAULT_STEPS
     assert cli_defaults() == {"method": headline, "rank": AdapterConfig().rank,
                               "delora_lambda": AdapterConfig().delora_lambda, "steps": steps,
                               "checkpoint_every": steps // checkpoints}
@@ -194,7 +194,7 @@ def test_the_train_tabs_defaults_are_the_clis(monkeypatch):
 def test_the_embedded_subject_is_the_clis(tmp_path):
     """No upload: the trainer gets no --instance_data_dir and trains on its example subject, as the CLI does."""
     from training import dreambooth
-    from training.common.data import EXAMPLE_PROMPT
+    from training.subject.data import EXAMPLE_PROMPT
 
     form = check_form(**FORM)
     cmd = commands.train_command(form, "delora", tmp_path / "run", None, launcher="python")

@@ -15,8 +15,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lowrank  # noqa: E402
 from training import dreambooth  # noqa: E402
-from training.common.data import load_image_dir  # noqa: E402
 from training.common.models import load_pipeline  # noqa: E402
+from training.images.files import load_image_dir  # noqa: E402
+from training.subject import args as subject_args  # noqa: E402
 
 FAST = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--seed", "0", "--resolution", "32",
         "--num_inference_steps", "2", "--num_validation_images", "2", "--rank", "4", "--report_to", "none"]
@@ -258,7 +259,7 @@ def test_nan_loss_stops_keeps_last_checkpoint_and_resumes(tmp_path, capsys):
 
 
 def test_every_flag_has_help_and_every_adapter_option_is_a_flag(capsys):
-    parser = dreambooth.build_parser()
+    parser = subject_args.build_parser()
     for action in parser._actions:
         assert action.help, action.option_strings
     with pytest.raises(SystemExit) as exit_:

@@ -73,7 +73,7 @@ def test_run_dir_generates_scores_and_rescores(tiny_models, run_dir, monkeypatch
     assert np.abs(pixels(step1 / "p00-s0.png") - pixels(step1 / "p00-s1.png")).max() > 0
 
     # the row is the scoring of exactly those images against the run's real images
-    from training.common.data import example_subject
+    from training.subject.data import example_subject
 
     real = [(f"r{i}", img) for i, img in enumerate(example_subject(32))]
     dino, clip = DinoEmbedder(str(tiny_models["dino"])), ClipEmbedder(str(tiny_models["clip"]))

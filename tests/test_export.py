@@ -215,8 +215,8 @@ def test_a_glue_run_exports_for_peft_with_its_head(tmp_path, capsys):
     """`python -m training.export <glue run> --format peft` loads with PeftModel.from_pretrained on a fresh
     AutoModelForSequenceClassification and gives the trained model's logits (head included)."""
     from training import glue
-    from training.common.language import load_language_model
     from training.export import main as export_cli
+    from training.text.language import load_language_model
 
     run = tmp_path / "run"
     assert glue.main(["--method", "delora", "--model_name_or_path", "tiny-bert", "--max_train_steps", "2",

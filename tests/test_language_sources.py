@@ -9,10 +9,10 @@ import torch
 
 from lowrank import load_adapter
 from training import glue, instruct
-from training.common import glue_data as G
-from training.common import instruct_data as I
-from training.common.language import load_language_model
 from training.export import main as export_cli
+from training.text import glue_data as G
+from training.text import instruct_data as I
+from training.text.language import load_language_model
 
 
 @pytest.fixture(autouse=True)

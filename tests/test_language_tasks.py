@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from lowrank import runfolder
 from training import glue, instruct
-from training.common import glue_data as G
-from training.common import instruct_data as I
-from training.common.language import load_language_model
+from training.text import glue_data as G
+from training.text import instruct_data as I
+from training.text.language import load_language_model
 
 
 @pytest.fixture(autouse=True)

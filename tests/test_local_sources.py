@@ -12,11 +12,11 @@ from PIL import Image
 
 from training import dreambooth
 from training import semantic_map as sm
-from training.common import segdata as sd
-from training.common.data import load_dataset_images, load_image_dir
 from training.common.export import export_run
 from training.common.models import load_pipeline
 from training.export import main as export_cli
+from training.images.files import load_dataset_images, load_image_dir
+from training.segmap import data as sd
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one tiny-SD cache for the session
 
@@ -174,7 +174,7 @@ def test_semantic_map_with_a_local_controlnet_trains_the_adapter_only(tmp_path):
     """On the SD-1.5-layout folder with a safety checker too: the semantic-map trainer loads it as DreamBooth does."""
     from diffusers import ControlNetModel
 
-    from training.common.conditioning import ConditionedUNet
+    from training.segmap.conditioning import ConditionedUNet
 
     base = checker_pipeline(tmp_path / "sd15-layout")
     net_dir = tiny_controlnet(tmp_path / "controlnet")

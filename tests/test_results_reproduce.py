@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from eval import robustness
-from training.common.tweet_data import VALIDATION_SIZE
+from training.text.tweet_data import VALIDATION_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "tweets-minilm"

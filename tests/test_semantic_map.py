@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from eval.miou import confusion_matrix, scores_from_confusion
 from lowrank import ade20k
 from training import semantic_map as sm
-from training.common import segdata as sd
-from training.common.semantic_sets import MapData, load_data
+from training.segmap import data as sd
+from training.segmap.sets import MapData, load_data
 
 from .test_eval_support import tiny_upernet  # noqa: F401
 

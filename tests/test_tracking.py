@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from training import dreambooth
-from training.common.logging import resolve_report_to
+from training.common.tracking import resolve_report_to
 
 wandb = pytest.importorskip("wandb")
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one tiny-SD cache for the session

@@ -16,7 +16,7 @@ import lowrank
 from lowrank import AdapterConfig, inject, step_hooks
 from lowrank.methods.dynamic_rank import DynDoraLayer, budget, phases
 from tests.nets import MLP
-from training.common.logging import write_rank_heatmap
+from training.common.tracking import write_rank_heatmap
 
 TARGETS = ["inp", "mid", "out"]
 

@@ -12,8 +12,8 @@ from sklearn.metrics import f1_score
 
 from training import glue
 from training.common import TrainingError
-from training.common import glue_data as G
-from training.common import tweet_data as T
+from training.text import glue_data as G
+from training.text import tweet_data as T
 
 
 def test_clean_text_removes_mojibake_entities_and_line_breaks():

@@ -19,6 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import lowrank
+from training.common import TrainingError
+from training.common.export import FORMATS, export_run
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):   # one `error:` line, exit 2 (argparse would print the usage block too)
@@ -27,8 +31,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from training.common.export import FORMATS
-
     p = _Parser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR",
                    help="a run folder (final adapter at its top), a checkpoint-N folder or any lowrank adapter folder")
@@ -47,10 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    import lowrank
-    from training.common import TrainingError
-    from training.common.export import export_run
-
     try:
         args = parse_args(argv)
     except SystemExit as e:   # argparse already printed its usage and error line (exit 2)

@@ -15,7 +15,8 @@ Outputs (output_dir; with --seeds, one such folder per seed under output_dir/see
     results.json                               initial/final metrics, time, memory, parameters (peft's shape)
     metrics.jsonl                              per step: loss, lr, distances; per epoch: tune/* and test/* scores
     checkpoint-N/, run.json                    as every trainer
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ import lowrank
 from lowrank import AdapterConfig, runfolder
 from training.common import TrainingError
 from training.common.args import (
-    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
@@ -43,8 +43,13 @@ from training.common.args import (
     check_folder_path,
     check_training_args,
     env_max_steps,
+    output_dir,
 )
-from training.common.glue_data import (
+from training.common.loop import Task, TrainingRun
+from training.common.results import summarize_seeds, write_results
+from training.common.runtime import run_trainer
+from training.common.tracking import setup_console
+from training.text.glue_data import (
     EXAMPLE_DIR,
     EXAMPLE_TASK,
     TASKS,
@@ -54,12 +59,8 @@ from training.common.glue_data import (
     score,
     split_validation,
 )
-from training.common.language import CLASSIFIER_HEADS, DEFAULT_TARGETS, load_language_model, model_type
-from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, steps_per_epoch
-from training.common.results import summarize_seeds, write_results
-from training.common.runtime import run_trainer
-from training.common.tweet_data import TRAIN_SIZE, TWEET_TASKS, VALIDATION_SIZE, load_tweets, tweet_learning_rate
+from training.text.language import CLASSIFIER_HEADS, DEFAULT_TARGETS, load_language_model, model_type
+from training.text.tweet_data import TRAIN_SIZE, TWEET_TASKS, VALIDATION_SIZE, load_tweets, tweet_learning_rate
 
 logger = setup_console()
 
@@ -183,8 +184,7 @@ def parse_args(argv=None):
         raise TrainingError(f"--lr_warmup_ratio must be in [0, 1), got {args.lr_warmup_ratio}")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise TrainingError(f"--seeds has duplicates: {args.seeds}")
-    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/glue-{args.task_name}-{args.method or AdapterConfig().method}"
-    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    check_folder_path(output_dir(args, f"glue-{args.task_name}"), "--output_dir")
     adapter_config(args)   # a bad method/option fails now, before any model or data
     if tweets:   # a missing package, a changed corpus or impossible sizes fail before anything is written
         load_tweets(ALL_TASKS[args.task_name], args.max_train_samples, args.max_eval_samples)
@@ -278,7 +278,7 @@ def best_epoch(output_dir: Path) -> dict | None:
 
 def train(args) -> None:
     if args.seeds:
-        base, per_seed = Path(args.output_dir).expanduser(), {}
+        base, per_seed = output_dir(args), {}
         for seed in args.seeds:
             one = copy.copy(args)
             one.seed, one.seeds, one.output_dir = seed, None, str(base / f"seed-{seed}")
@@ -326,9 +326,7 @@ def train_one(args) -> dict:
     val = encode(tokenizer, val_ex, args.max_seq_length, regression)
     tune, test = Encoded([val[i] for i in tune_idx]), Encoded([val[i] for i in test_idx])
 
-    per_epoch = steps_per_epoch(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
-                                run.num_processes)
-    max_steps = args.max_train_steps or args.num_train_epochs * per_epoch
+    max_steps = run.total_steps(len(dataset))
     if args.lr_warmup_ratio is not None:
         args.lr_warmup_steps = round(args.lr_warmup_ratio * max_steps)
     try:

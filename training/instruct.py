@@ -4,14 +4,15 @@
 The DeLoRA paper's Alpaca setup: AutoModelForCausalLM, adapters on the query and value projections (r = 8), one
 epoch, max length 256, Alpaca-format data (instruction, input, output) with the prompt tokens masked out of the
 loss. Evaluation: zero-shot multiple choice by log-likelihood on local JSON-lines files (--mc_file; ARC, MMLU and
-TruthfulQA MC1/MC2 formats, see training/common/instruct_data.py) before training (results.json `initial`),
+TruthfulQA MC1/MC2 formats, see training/text/instruct_data.py) before training (results.json `initial`),
 after every epoch and at the end (`final`); with lm-evaluation-harness installed (pip install lm-eval) and the hub
 reachable, --lm_eval_tasks runs the paper's tasks on the merged model.
 With no model or data flag it trains a tiny LLaMA built from a config (RANDOM weights: it shows the machinery,
 not language ability) on the embedded instruction set (training/data/alpaca_example.jsonl).
 
 Outputs (output_dir): adapter files, results.json, metrics.jsonl (+ mc/* per epoch), checkpoint-N/, run.json.
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 
@@ -25,18 +26,22 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/instr
 import torch
 
 import lowrank
-from lowrank import AdapterConfig, runfolder
+from lowrank import runfolder
 from training.common import TrainingError
 from training.common.args import (
-    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
     add_run_args,
     check_folder_path,
     check_training_args,
+    output_dir,
 )
-from training.common.instruct_data import (
+from training.common.loop import Task, TrainingRun
+from training.common.results import write_results
+from training.common.runtime import run_trainer
+from training.common.tracking import setup_console
+from training.text.instruct_data import (
     EXAMPLE_INSTRUCTIONS,
     EXAMPLE_MC,
     MC_FORMATS,
@@ -47,11 +52,7 @@ from training.common.instruct_data import (
     load_mc,
     pad_batch,
 )
-from training.common.language import DEFAULT_TARGETS, load_language_model, model_type
-from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, steps_per_epoch
-from training.common.results import write_results
-from training.common.runtime import run_trainer
+from training.text.language import DEFAULT_TARGETS, load_language_model, model_type
 
 logger = setup_console()
 DEFAULT_MODEL = "tiny-llama"
@@ -103,8 +104,7 @@ def parse_args(argv=None):
     args.example = args.train_file is None and args.dataset_name is None
     if args.mc_file is None:
         args.mc_file = [str(EXAMPLE_MC)] if args.example else []
-    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/instruct-{args.method or AdapterConfig().method}"
-    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    check_folder_path(output_dir(args, "instruct"), "--output_dir")
     adapter_config(args)
     return args
 
@@ -176,8 +176,7 @@ def train(args) -> None:
         logger.warning("%d example(s) dropped: the prompt alone fills --max_seq_length %d", dropped,
                        args.max_seq_length)
     dataset = Encoded(features)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
+    max_steps = run.total_steps(len(dataset))
     kind = model_type(model)
     try:
         config, _ = run.adapt(model, max_steps, target_modules=DEFAULT_TARGETS.get(kind, ["q_proj", "v_proj"]))

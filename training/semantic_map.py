@@ -19,7 +19,7 @@ an image that follows an ADE20K segmentation map. Two parts train:
 
 Data (checked before the model loads): ADE20K as distributed (--train_data_dir .../ADEChallengeData2016),
 diffusers' imagefolder with metadata.jsonl, or --dataset_name; with no data flag the embedded example set
-(training/common/segdata.py says how its maps are made). Captions come from the data when it has them,
+(training/segmap/data.py says how its maps are made). Captions come from the data when it has them,
 else from the map's largest classes ("a photo of wall, floor, bed"); run.json's caption_source says which.
 --condition canny|shuffle trains on controlnet-aux's weight-free detectors applied to the target image.
 
@@ -30,7 +30,8 @@ Outputs (output_dir), DreamBooth's layout:
     metrics.jsonl    per step: loss, lr (lr_conditioning too), distance/unet.<layer> of every adapted layer
     run.json         arguments, resolved settings (condition, caption_source, encoder parameters, ...)
 Score it with  python -m eval.segmentation --run_dir OUTPUT_DIR --checkpoints all
-Exit codes: 0 done; 1 the loss diverged (NaN/inf); 2 bad input (one `error:` line on stderr).
+Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
+2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
 """
 from __future__ import annotations
 
@@ -47,32 +48,34 @@ import torch.nn.functional as F
 from PIL import Image
 
 import lowrank
-from lowrank import AdapterConfig, runfolder
+from lowrank import runfolder
 from training.common import TrainingError
-from training.common import segdata as sd
 from training.common.args import (
-    OUTPUTS_DIR,
     ArgumentParser,
     adapter_config,
     add_adapter_args,
     add_training_args,
     check_folder_path,
     check_training_args,
+    default_learning_rate,
+    output_dir,
     resolve_run_length,
 )
-from training.common.conditioning import (
+from training.common.batches import mix_seed
+from training.common.loop import Task, TrainingRun
+from training.common.models import is_tiny, load_pipeline
+from training.common.runtime import run_trainer
+from training.common.tracking import setup_console
+from training.images.samples import grid, sampling_pipeline
+from training.segmap import data as sd
+from training.segmap.conditioning import (
     ENCODER_FILE,
     ConditionedUNet,
     conditioning_encoder,
     load_encoder,
     save_encoder,
 )
-from training.common.logging import setup_console
-from training.common.loop import Task, TrainingRun, mix_seed, steps_per_epoch
-from training.common.models import is_tiny, load_pipeline
-from training.common.runtime import run_trainer
-from training.common.samples import grid, sampling_pipeline
-from training.common.semantic_sets import MapData, load_data, validation_items
+from training.segmap.sets import MapData, load_data, validation_items
 
 logger = setup_console()
 
@@ -145,8 +148,7 @@ def parse_args(argv=None):
     if vi and vp and len(vi) != len(vp) and 1 not in (len(vi), len(vp)):
         raise TrainingError(f"{len(vi)} --validation_image and {len(vp)} --validation_prompt: give as many of "
                             f"each, or one of either")
-    args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/semantic-map-{args.method or AdapterConfig().method}"
-    check_folder_path(Path(args.output_dir).expanduser(), "--output_dir")
+    check_folder_path(output_dir(args, "semantic-map"), "--output_dir")
     if args.resolution is None:
         args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
     adapter_config(args, target_modules=TARGET_MODULES)
@@ -247,7 +249,7 @@ class SemanticMap(Task):
                 logged += images
         finally:
             self.model.train(was_training)
-        (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / runfolder.PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
         grid(tiles, cols=1 + a.num_validation_images).save(tmp / "grid.png")
         runfolder.replace_dir(tmp, folder)
         self.run.metrics.log_images(step, logged, tag=tag)
@@ -255,9 +257,9 @@ class SemanticMap(Task):
     def finish(self, output_dir: Path, step: int) -> None:
         if self.args.skip_final_samples:
             return
-        self.samples(step, output_dir / "samples", tag="final")
+        self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
         runfolder.atomic_write(output_dir / "samples_grid.png",
-                               lambda p: shutil.copyfile(output_dir / "samples" / "grid.png", p))
+                               lambda p: shutil.copyfile(output_dir / runfolder.SAMPLES / "grid.png", p))
 
 
 def check_controlnet(controlnet, pipe, path: str) -> None:
@@ -315,8 +317,7 @@ def train(args) -> None:
 
     dataset = sd.SemanticMapDataset(train_set, args.resolution, args.condition, run.seed,
                                     args.proportion_empty_prompts)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        len(dataset), args.train_batch_size, args.gradient_accumulation_steps, run.num_processes)
+    max_train_steps = run.total_steps(len(dataset))
     run.adapt(pipe.unet, max_train_steps, task, target_modules=TARGET_MODULES)
     if encoder is not None:
         encoder.requires_grad_(True)
@@ -329,7 +330,7 @@ def train(args) -> None:
                   "conditioning": "controlnet" if controlnet is not None else "encoder",
                   "conditioning_encoder_parameters": enc_params,
                   "conditioning_learning_rate": (args.conditioning_learning_rate or min(
-                      args.learning_rate or lowrank.METHODS[run.config.method].default_learning_rate,
+                      args.learning_rate or default_learning_rate(run.config.method),
                       MAX_CONDITIONING_LR)) if encoder is not None else None})
 
 

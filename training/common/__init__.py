@@ -1,32 +1,26 @@
-"""Pieces every trainer shares: a trainer (dreambooth.py, ...) is its data, loss and sampling on these.
+"""What every trainer uses unchanged: a trainer (dreambooth.py, ...) is its task's data, loss and sampling on these.
 
-    loop.py        TrainingRun + Task: seed, resume, optimizer, the step, NaN checks, checkpoints, exit codes
-    args.py        diffusers-named flags + one flag per AdapterConfig field
-    models.py      load_pipeline(name_or_path) and the offline tiny SD preset (TINY)
-    data.py        image loading/validation, --dataset_name images and captions, the embedded example subject
-    hfdata.py      --dataset_name through `datasets`: save_to_disk folders, parquet/JSON/CSV, imagefolders, hub
+    loop.py        TrainingRun + Task: seed, resume, adapter, the phases of `fit` (prepare, optimizer step,
+                   metrics row, checkpoint/validation/stop, finish)
+    batches.py     deterministic batches (mix_seed, epoch_batches) and the run length (total_steps)
+    args.py        diffusers-named flags + one flag per AdapterConfig field, --output_dir as a folder
     checkpoint.py  atomic checkpoint-N/ directories, resume, rotation
-    logging.py     metrics.jsonl + trackers, per-step weight distances
-    samples.py     fixed-seed validation images, prompts.jsonl, sample grids
+    runtime.py     --deterministic, SIGTERM as a stop request, exit_status.json, run_trainer (every main()),
+                   the accelerator set-up and the refusal of FSDP/DeepSpeed
+    errors.py      TrainingError, DivergedError, StoppedError and the exit codes
+    faults.py      fault injection at exact points of the loop and of a checkpoint write (the tests' kills)
+    tracking.py    console logging, metrics.jsonl + trackers, per-step weight distances, live-rank heat map
+    results.py     results.json in peft's method-comparison shape, mean ± std over seeds
+    models.py      load_pipeline(name_or_path) and the offline tiny SD preset (TINY)
+    hfdata.py      --dataset_name through `datasets`: save_to_disk folders, parquet/JSON/CSV, imagefolders, hub
+    export.py      exact diffusers/kohya/peft/diff files, merged pipelines and language models from a run
+    model_card.py  the README.md model card of every finished run and export
 
-The run folder's layout and readers are lowrank.runfolder's. Imports point one way: training -> lowrank
-(never app or eval).
+Each task's own data, model set-up and loss live in its package: training.images (image files and samples,
+shared by the two image tasks), training.subject (DreamBooth), training.segmap (map-to-image),
+training.text (language models and tasks). The run folder's layout and readers are lowrank.runfolder's.
+Imports point one way: training -> lowrank (never app or eval).
 """
-from lowrank.cli import CommandError
+from .errors import DivergedError, StoppedError, TrainingError
 
-
-class TrainingError(CommandError):
-    """Bad input or an unrecoverable training state. Trainers print it as one `error:` line, exit 2."""
-
-
-class DivergedError(TrainingError):
-    """The loss became NaN/inf. Trainers print it as one `error:` line and exit 1."""
-
-    exit_code = 1
-
-
-class StoppedError(TrainingError):
-    """SIGTERM during training: a checkpoint at the current step is saved. Printed as a `stopped:` line;
-    exit 143 (128 + SIGTERM, what a process killed by it reports)."""
-
-    exit_code = 143
+__all__ = ["DivergedError", "StoppedError", "TrainingError"]

@@ -105,6 +105,14 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
                             "without weight decay (default: --learning_rate).")
 
 
+def output_dir(args: argparse.Namespace, task: str | None = None) -> Path:
+    """--output_dir as a folder (~ expanded): the one place the flag becomes a path. With `task`, an unset
+    flag first gets its default, OUTPUTS_DIR/<task>-<method>."""
+    if task is not None:
+        args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/{task}-{args.method or AdapterConfig().method}"
+    return Path(args.output_dir).expanduser()
+
+
 def adapter_config(args: argparse.Namespace, **fill: typing.Any) -> AdapterConfig:
     """AdapterConfig from the flags the user set; `fill` supplies values for unset fields only
     (e.g. dyndora_total_steps=args.max_train_steps). Raises lowrank.ConfigError on bad values."""

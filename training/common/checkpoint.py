@@ -83,7 +83,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
                     total_limit: int | None = None) -> Path:
     """Collective: every process must call it. Returns the final checkpoint folder."""
     out = Path(output_dir)
-    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    final = runfolder.checkpoint_dir(out, step)
+    tmp = final.with_name(final.name + ".tmp")
     index = accelerator.process_index
     try:
         if accelerator.is_main_process:

@@ -28,10 +28,14 @@ from pathlib import Path
 import lowrank
 from lowrank.export import FORMATS as FILE_FORMATS
 from lowrank.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
+from training.text.glue_data import TASKS
+from training.text.language import MINILM, load_language_model
+from training.text.tweet_data import TWEET_TASKS
 
 from . import TrainingError
-from .logging import logger
 from .model_card import write_model_card
+from .models import load_pipeline
+from .tracking import logger
 
 FORMATS = (*FILE_FORMATS, "pipeline", "merged")   # diffusers, kohya, peft + pipeline (SD), merged (language)
 MERGED_FORMATS = ("pipeline", "merged")   # whole model folders: written into a new or empty folder
@@ -138,8 +142,6 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     Loads the base pipeline (`pipeline`, default: the run's base model from run.json), loads the adapter into
     its UNet and exports it; the output appears complete or not at all (written into a temporary folder
     beside it, then renamed). Returns the written file (pipeline: the folder)."""
-    from .models import load_pipeline
-
     _check(format)
     src, output = Path(run_or_adapter_dir).expanduser(), Path(output).expanduser()
     if not src.is_dir() or not is_adapter_dir(src):
@@ -189,10 +191,6 @@ def export_language_run(src: Path, output: Path, format: str, info: dict, model:
     gives the trained model's logits. merged: W_eff merged into the base weights (lowrank.eject(merge=True),
     every method), the trained head in place, saved with the tokenizer by save_pretrained: a plain transformers
     folder for AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)."""
-    from .glue_data import TASKS
-    from .language import MINILM, load_language_model
-    from .tweet_data import TWEET_TASKS
-
     task = info["task"]
     if format not in ("peft", "merged"):
         raise ExportInputError(f"a {task} run exports as --format peft (a transformers model with a peft adapter) "

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from . import TrainingError
 
 SAVED_MARKERS = ("state.json", "dataset_dict.json")   # what save_to_disk writes beside the arrow files
@@ -109,8 +111,6 @@ def open_cell(value, base: Path | None, where: str):
     """An image cell as the PIL image it stores (mode unchanged: a label map keeps its ids): an Image
     feature (decoded by datasets) or a path relative to the dataset's folder (diffusers' fill50k layout
     keeps conditioning images as path strings)."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, str):

@@ -3,8 +3,9 @@ and this module does the rest.
 
     run = TrainingRun(args, "dreambooth")              # accelerator, resume point, seed, output folder
     ... load the data (bad input fails in seconds), then the model ...
-    config, names = run.adapt(unet, total_steps)       # inject, or load the checkpoint's adapter
-    run.fit(unet, task, dataset, collate, info={...})  # optimizer, steps, checkpoints, final save
+    steps = run.total_steps(len(dataset))              # --max_train_steps, else epochs of the data
+    config, names = run.adapt(unet, steps)             # inject, or load the checkpoint's adapter
+    run.fit(unet, task, dataset, collate, info={...})  # prepare, steps, checkpoints, final save
     # main() is training.common.runtime.run_trainer(parse_args, train): exit codes and exit_status.json
 
 What it guarantees, for every trainer:
@@ -31,48 +32,32 @@ import math
 import random
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import lowrank
 from lowrank import runfolder
 
 from . import DivergedError, StoppedError, TrainingError
-from .args import adapter_config, default_learning_rate
+from .args import adapter_config, default_learning_rate, output_dir
+from .batches import epoch_batches, mix_seed, steps_per_epoch, total_steps
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
-from .logging import DistanceProbe, MetricsLogger, rank_records, resolve_report_to, run_info, setup_console
 from .model_card import write_run_card
-from .runtime import StopRequest, make_deterministic
+from .runtime import StopRequest, quiet_libraries, refuse_sharding, set_threads, start_accelerator
+from .tracking import (
+    DistanceProbe,
+    MetricsLogger,
+    rank_records,
+    resolve_report_to,
+    run_info,
+    setup_console,
+    write_rank_heatmap,
+)
 
 logger = setup_console()
-
-
-# ----- deterministic batches ------------------------------------------------------------------------------
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, same on every platform)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, process_index: int = 0,
-                  num_processes: int = 1) -> list[list[int]]:
-    """This process's batches of epoch `epoch`, as lists of run positions (epoch * n + i).
-
-    The permutation depends on (seed, epoch) only, so every process agrees; it is padded by wrapping so
-    all processes get the same number of batches (an uneven shard would deadlock DDP's all-reduce).
-    Datasets take a run position k and use example k % n (seeding their augmentation from k)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
-    per = math.ceil(n / num_processes)
-    perm = (perm * num_processes)[: per * num_processes]
-    mine = [epoch * n + i for i in perm[process_index::num_processes]]
-    return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
-    return math.ceil(math.ceil(math.ceil(n / num_processes) / batch_size) / grad_accum)
 
 
 # ----- what a trainer plugs in ------------------------------------------------------------------------------
@@ -124,56 +109,50 @@ class TrainingRun:
     """Accelerator, resume point, seed and output folder of one run; `adapt` then `fit`."""
 
     def __init__(self, args, project: str):
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
         self.args, self.project = args, project
-        if getattr(args, "deterministic", False):   # before the accelerator: cuBLAS reads its setting at CUDA init
-            make_deterministic(args.num_threads)
-        elif getattr(args, "num_threads", None):
-            torch.set_num_threads(args.num_threads)
-        self.output_dir = Path(args.output_dir).expanduser()
+        set_threads(args)   # before the accelerator: cuBLAS reads its setting at CUDA init
+        self.output_dir = output_dir(args)
         self.report_to = resolve_report_to(args.report_to)
-        # a bounded wait for the other processes: a dead worker ends the others' collectives with an error
-        # after --ddp_timeout seconds instead of torch's default half hour
-        timeout = getattr(args, "ddp_timeout", None)
-        handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
-        self.accelerator = acc = Accelerator(
-            mixed_precision=args.mixed_precision, log_with=self.report_to, kwargs_handlers=handlers,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
-                                                logging_dir=str(self.output_dir / "logs")))
+        self.accelerator = acc = start_accelerator(args, self.output_dir, self.report_to)
         self.is_main, self.process_index, self.num_processes, self.device = (
             acc.is_main_process, acc.process_index, acc.num_processes, acc.device)
         setup_console(self.is_main)
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            # adapters are a few MB and the models fit one GPU: sharding buys nothing, and saving and
-            # resuming need whole (unsharded) adapter tensors on every process
-            raise TrainingError(f"{acc.distributed_type.name} is not supported by this script; "
-                                f"use data parallel: accelerate launch --multi_gpu --num_processes N")
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
+        refuse_sharding(acc)
+        quiet_libraries()
         # frozen weights in the mixed-precision dtype; trainable parameters stay fp32
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-
         # The resume point and the seed come first: the seed drives the adapter init, data order and noise.
-        self.resume_dir = resolve_resume(self.output_dir, args.resume_from_checkpoint)
-        if args.resume_from_checkpoint and self.resume_dir is None:
+        self.resume_dir, self.state, self.seed = self.resume_point_and_seed()
+        self.prepare_output_dir()
+        acc.wait_for_everyone()
+
+    def resume_point_and_seed(self) -> tuple[Path | None, dict, int]:
+        """The checkpoint to resume from (or None), its state, and the run's seed (set in every RNG)."""
+        from accelerate.utils import broadcast_object_list, set_seed
+
+        args = self.args
+        resume_dir = resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        if args.resume_from_checkpoint and resume_dir is None:
             logger.info("no checkpoint in %s yet; starting a new run", self.output_dir)
-        self.state = read_state(self.resume_dir) if self.resume_dir else {}
-        seed = args.seed if args.seed is not None else self.state.get("seed")
+        state = read_state(resume_dir) if resume_dir else {}
+        seed = args.seed if args.seed is not None else state.get("seed")
         if seed is None:   # pick one on the main process and share it, so all processes agree
             seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
-        self.seed = seed
         set_seed(seed)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            runfolder.remove_stale(self.output_dir)
-            if self.resume_dir is None and runfolder.list_checkpoints(self.output_dir):
-                logger.warning("%s holds checkpoints of an earlier run; new ones replace those with the same step, "
-                               "and --resume_from_checkpoint latest picks the newest of all", self.output_dir)
-        acc.wait_for_everyone()
+        return resume_dir, state, seed
+
+    def prepare_output_dir(self) -> None:
+        if not self.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        runfolder.remove_stale(self.output_dir)
+        if self.resume_dir is None and runfolder.list_checkpoints(self.output_dir):
+            logger.warning("%s holds checkpoints of an earlier run; new ones replace those with the same step, "
+                           "and --resume_from_checkpoint latest picks the newest of all", self.output_dir)
+
+    def total_steps(self, num_examples: int) -> int:
+        """The run's number of optimizer steps on `num_examples` examples (see `total_steps`)."""
+        return total_steps(self.args, num_examples, self.num_processes)
 
     def adapt(self, model: torch.nn.Module, total_steps: int, task: Task | None = None,
               **fill) -> tuple[lowrank.AdapterConfig, list[str]]:
@@ -183,12 +162,12 @@ class TrainingRun:
         the base weights, so base and adapter are bit-identical to the run that wrote the checkpoint.
         `fill` gives defaults for adapter fields the user left unset (e.g. target_modules per task)."""
         args, task = self.args, task or Task()
-        config = adapter_config(args, dyndora_total_steps=total_steps, **fill)
-        if self.resume_dir:
-            saved, _ = lowrank.read_adapter(self.resume_dir)
-            # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
-            # --max_train_steps without silently changing a schedule the adapter already follows
-            config = adapter_config(args, **{**fill, "dyndora_total_steps": saved.dyndora_total_steps})
+        saved = lowrank.read_adapter(self.resume_dir)[0] if self.resume_dir else None
+        # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
+        # --max_train_steps without silently changing a schedule the adapter already follows
+        steps = saved.dyndora_total_steps if saved else total_steps
+        config = adapter_config(args, **{**fill, "dyndora_total_steps": steps})
+        if saved is not None:
             if saved != config:
                 diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
                 raise TrainingError(f"{self.resume_dir} was trained with {', '.join(diff)}; "
@@ -204,171 +183,237 @@ class TrainingRun:
 
     def fit(self, model: torch.nn.Module, task: Task, dataset, collate: Callable, info: dict | None = None,
             num_train_steps: int | None = None) -> Path:
-        """Train `model` (adapted by `adapt`) on `dataset` with `task.loss`; returns the output folder."""
-        from diffusers.optimization import get_scheduler
-        from tqdm.auto import tqdm
+        """Train `model` (adapted by `adapt`) on `dataset` with `task.loss`; returns the output folder.
 
-        args, acc, out = self.args, self.accelerator, self.output_dir
-        if self.is_main:   # training starts here: an earlier attempt's word no longer holds (bad input before
-            (out / runfolder.EXIT_STATUS).unlink(missing_ok=True)   # this point leaves the folder's record alone)
-        per_epoch = steps_per_epoch(len(dataset), args.train_batch_size, args.gradient_accumulation_steps,
-                                    self.num_processes)
-        max_steps = num_train_steps or args.max_train_steps or args.num_train_epochs * per_epoch
-        num_epochs = math.ceil(max_steps / per_epoch)
-
-        learning_rate = args.learning_rate or default_learning_rate(self.config.method)
-        optimizer = torch.optim.AdamW(task.param_groups(model, learning_rate, args),
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        # stepped once per optimizer step, not prepared (a prepared scheduler steps num_processes times)
-        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                     num_training_steps=max_steps)
-        register_adapter_hooks(acc, task.save)
-        wrapped, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(lr_scheduler)
-        model = self.model = acc.unwrap_model(wrapped)
-        hooks = lowrank.step_hooks(model)   # every step, unconditionally: methods without hooks cost nothing
-        probe = DistanceProbe(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        step = 0
-        if self.resume_dir:
-            load_accelerator_state(acc, self.resume_dir)   # optimizer, scheduler, RNG; the adapter is in place
-            step = int(self.state["global_step"])
-            logger.info("resumed from %s at step %d", self.resume_dir, step)
-
-        run = run_info(args, seed=self.seed, learning_rate=learning_rate, max_train_steps=max_steps,
-                       num_train_epochs=num_epochs, steps_per_epoch=per_epoch, adapter_config=self.config.to_dict(),
-                       adapted_layers=len(self.names), fig3_layer=probe.fig3, task=self.project,
-                       parameters=lowrank.count_parameters(model), num_processes=self.num_processes,
-                       mixed_precision=acc.mixed_precision, device=str(self.device),
-                       resumed_from=str(self.resume_dir) if self.resume_dir else None, report_to=self.report_to,
-                       distance_at_start={"step": step, **{k: v for k, v in probe().items() if "/" not in k}},
-                       **(info or {}))
-        if self.is_main:
-            runfolder.write_json(out / runfolder.RUN_JSON, run)
-        metrics = MetricsLogger(acc, out, f"{self.project}-lowrank", {**vars(args), "seed": self.seed},
-                                resume_step=step if self.resume_dir else None, report_to=self.report_to)
-        self.metrics = metrics   # tasks log their images through it
-        progress = tqdm(total=max_steps, initial=step, desc="Steps", disable=not self.is_main)
-
-        def diverged(what: str, value: float) -> DivergedError:
-            progress.close()   # the bar's last line must not swallow the error line
-            metrics.close()
-            last = runfolder.list_checkpoints(out)
-            where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
-            return DivergedError(f"{what} is {value} at step {step + 1} (lr {lr_scheduler.get_last_lr()[0]:g}); "
-                                 f"stopped without saving; {where} (resume it with --resume_from_checkpoint latest "
-                                 f"and a lower --learning_rate)")
-
-        logger.info("training %s (%d layers, %s trainable params) for %d steps on %d process(es); outputs in %s",
-                    self.config.method, len(self.names), f"{run['parameters']['trainable']:,}", max_steps,
-                    self.num_processes, out)
-        accum = args.gradient_accumulation_steps
-        stop = StopRequest(acc)
+        The phases, in order: prepare (optimizer, scheduler, resume state, run.json), then per optimizer
+        step: the step, its metrics row, checkpoint/validation/stop; then finish (the final save)."""
+        self.task = task
+        self.clear_exit_status()
+        self.per_epoch = steps_per_epoch(len(dataset), self.args.train_batch_size,
+                                         self.args.gradient_accumulation_steps, self.num_processes)
+        self.max_steps = max_steps = num_train_steps or self.total_steps(len(dataset))
+        self.num_epochs = math.ceil(max_steps / self.per_epoch)
+        wrapped = self.prepare(model, task)
+        step = self.resume_state()
+        self.write_run_json(step, info)
+        self.start_metrics(step)
+        stop = self.stop_request = StopRequest(self.accelerator)
         wrapped.train()
-        for epoch in range(step // per_epoch, num_epochs):
-            batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
-                                    self.num_processes)
-            remaining = batches[(step - epoch * per_epoch) * accum:]   # skips what a resumed run already did
-            loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
-                                                      num_workers=args.dataloader_num_workers))
-            for start in range(0, len(remaining), accum):
+        for epoch in range(step // self.per_epoch, self.num_epochs):
+            loader, groups = self.epoch_loader(dataset, collate, epoch, step)
+            for group, ends_epoch in groups:
                 if step >= max_steps:   # resumed from the last step's checkpoint: only the final save is left
                     break
                 t0 = time.perf_counter()
-                group = min(accum, len(remaining) - start)   # the epoch's last step may have fewer micro-batches
-                losses = []
-                for micro in range(group):
-                    batch = next(loader)
-                    gen = torch.Generator().manual_seed(mix_seed(self.seed, step, micro, self.process_index))
-                    # manual accumulation: gradients all-reduce only on the step's last micro-batch
-                    with contextlib.nullcontext() if micro == group - 1 else acc.no_sync(wrapped):
-                        loss = task.loss(wrapped, batch, gen) + hooks.extra_loss()
-                        if args.debug_nan_at_step == step + 1:
-                            loss = loss * float("nan")
-                        mean_loss = acc.reduce(loss.detach(), reduction="mean")   # all processes agree
-                        if not torch.isfinite(mean_loss):
-                            raise diverged("the loss", mean_loss.item())
-                        acc.backward(loss / group)
-                    losses.append(mean_loss.item())
-                grad_norm = acc.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-                # with fp16 an inf norm is routine: the grad scaler skips that step and lowers its scale
-                if acc.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    raise diverged("the gradient norm", float(grad_norm))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                losses, grad_norm = self.optimizer_step(wrapped, loader, group, step)
                 step += 1
-                hooks.after_optimizer_step(step)
-
-                lrs = lr_scheduler.get_last_lr()
-                row = {"loss": sum(losses) / len(losses), "lr": lrs[0],
-                       "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None, "epoch": epoch}
-                row.update({f"lr_{g['name']}": lr for g, lr in zip(optimizer.param_groups[1:], lrs[1:])
-                            if g.get("name")})
-                if self.is_main:   # adapters are identical on every process: measure once
-                    t_train = time.perf_counter() - t0
-                    row.update(probe())
-                    row["time/step"] = t_train + row["time/distance"]
-                    row["time/distance_share"] = row["time/distance"] / row["time/step"]
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", dist_fig3=f"{row['distance_fig3']:.3g}")
-                if step == max_steps or start + accum >= len(remaining):
-                    row.update(task.at_epoch_end(epoch, step) or {})
-                metrics.log(step, row)
-                progress.update(1)
-
-                if step % args.checkpointing_steps == 0:
-                    save_checkpoint(acc, out, step, {"seed": self.seed, "method": self.config.method,
-                                                     "max_train_steps": max_steps},
-                                    lambda folder, s=step: task.at_checkpoint(folder, s), args.checkpoints_total_limit)
-                elif args.validation_steps and step % args.validation_steps == 0 and self.is_main:
-                    task.at_validation(step)
-                fault_point("step", step, self.process_index)
-                if args.debug_step_delay:
-                    time.sleep(args.debug_step_delay)
-                if step < max_steps and stop.requested():
-                    progress.close()
-                    metrics.close()
-                    if step % args.checkpointing_steps:   # samples skipped: the grace before SIGKILL is short
-                        save_checkpoint(acc, out, step, {"seed": self.seed, "method": self.config.method,
-                                                         "max_train_steps": max_steps},
-                                        None, args.checkpoints_total_limit)
-                    stop.restore()
-                    raise StoppedError(f"{stop.name} at step {step} of {max_steps}; checkpoint-{step} is saved in "
-                                       f"{out}; continue with the same command and --resume_from_checkpoint latest")
+                self.hooks.after_optimizer_step(step)
+                self.log_step(step, epoch, losses, grad_norm, t0, ends_epoch or step == max_steps)
+                self.checkpoint_or_validate(step)
+                self.stop_if_requested(step)
                 if step >= max_steps:
                     break
             if step >= max_steps:
                 break
-        progress.close()
+        self.progress.close()
         stop.restore()   # from here on a SIGTERM ends the process at once: only the final save is left
+        self.finish(step)
+        return self.output_dir
 
-        if self.num_processes > 1:   # DDP keeps replicas identical; a per-process hook that drifted shows here
-            checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-            sums = acc.gather(checksum.to(self.device))
-            if not torch.all(sums == sums[0]):
-                raise TrainingError(f"the {self.num_processes} processes ended with different adapters "
-                                    f"({sums.tolist()}); please report")
-        acc.wait_for_everyone()
+    # ----- prepare ----------------------------------------------------------------------------------------
+    def clear_exit_status(self) -> None:
+        if self.is_main:   # training starts here: an earlier attempt's word no longer holds (bad input before
+            (self.output_dir / runfolder.EXIT_STATUS).unlink(missing_ok=True)   # this point leaves it alone)
+
+    def prepare(self, model: torch.nn.Module, task: Task) -> torch.nn.Module:
+        """Optimizer, scheduler and accelerate's wrapping; returns the wrapped (DDP) model."""
+        from diffusers.optimization import get_scheduler
+
+        args, acc = self.args, self.accelerator
+        self.learning_rate = args.learning_rate or default_learning_rate(self.config.method)
+        optimizer = torch.optim.AdamW(task.param_groups(model, self.learning_rate, args),
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        # stepped once per optimizer step, not prepared (a prepared scheduler steps num_processes times)
+        self.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                          num_training_steps=self.max_steps)
+        register_adapter_hooks(acc, task.save)
+        wrapped, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.model = acc.unwrap_model(wrapped)
+        self.hooks = lowrank.step_hooks(self.model)   # every step, unconditionally: methods without hooks cost nothing
+        self.probe = DistanceProbe(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        return wrapped
+
+    def resume_state(self) -> int:
+        """Optimizer, scheduler and RNG states of the checkpoint (the adapter is in place); the step to start at."""
+        if not self.resume_dir:
+            return 0
+        load_accelerator_state(self.accelerator, self.resume_dir)
+        step = int(self.state["global_step"])
+        logger.info("resumed from %s at step %d", self.resume_dir, step)
+        return step
+
+    def write_run_json(self, step: int, info: dict | None) -> None:
+        args, acc = self.args, self.accelerator
+        self.run_info = run = run_info(
+            args, seed=self.seed, learning_rate=self.learning_rate, max_train_steps=self.max_steps,
+            num_train_epochs=self.num_epochs, steps_per_epoch=self.per_epoch,
+            adapter_config=self.config.to_dict(), adapted_layers=len(self.names), fig3_layer=self.probe.fig3,
+            task=self.project, parameters=lowrank.count_parameters(self.model), num_processes=self.num_processes,
+            mixed_precision=acc.mixed_precision, device=str(self.device),
+            resumed_from=str(self.resume_dir) if self.resume_dir else None, report_to=self.report_to,
+            distance_at_start={"step": step, **{k: v for k, v in self.probe().items() if "/" not in k}},
+            **(info or {}))
         if self.is_main:
+            runfolder.write_json(self.output_dir / runfolder.RUN_JSON, run)
+
+    def start_metrics(self, step: int) -> None:
+        """metrics.jsonl and the trackers (tasks log their images through self.metrics), the progress bar."""
+        args = self.args
+        self.metrics = MetricsLogger(self.accelerator, self.output_dir, f"{self.project}-lowrank",
+                                     {**vars(args), "seed": self.seed},
+                                     resume_step=step if self.resume_dir else None, report_to=self.report_to)
+        self.progress = tqdm(total=self.max_steps, initial=step, desc="Steps", disable=not self.is_main)
+        logger.info("training %s (%d layers, %s trainable params) for %d steps on %d process(es); outputs in %s",
+                    self.config.method, len(self.names), f"{self.run_info['parameters']['trainable']:,}",
+                    self.max_steps, self.num_processes, self.output_dir)
+
+    # ----- one optimizer step -------------------------------------------------------------------------------
+    def epoch_loader(self, dataset, collate: Callable, epoch: int, step: int):
+        """The epoch's micro-batches left at `step` (a resumed run skips what it already did), and the
+        optimizer steps they make: [(micro-batches in the step, whether it is the epoch's last)]."""
+        args, accum = self.args, self.args.gradient_accumulation_steps
+        batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
+                                self.num_processes)
+        remaining = batches[(step - epoch * self.per_epoch) * accum:]
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
+                                                  num_workers=args.dataloader_num_workers))
+        # the epoch's last step may have fewer micro-batches
+        groups = [(min(accum, len(remaining) - start), start + accum >= len(remaining))
+                  for start in range(0, len(remaining), accum)]
+        return loader, groups
+
+    def optimizer_step(self, wrapped: torch.nn.Module, loader, group: int, step: int) -> tuple[list[float], float]:
+        """One optimizer step from `group` micro-batches, with the NaN checks; (micro-batch losses, grad norm)."""
+        args, acc = self.args, self.accelerator
+        losses = []
+        for micro in range(group):
+            batch = next(loader)
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, step, micro, self.process_index))
+            # manual accumulation: gradients all-reduce only on the step's last micro-batch
+            with contextlib.nullcontext() if micro == group - 1 else acc.no_sync(wrapped):
+                loss = self.task.loss(wrapped, batch, gen) + self.hooks.extra_loss()
+                if args.debug_nan_at_step == step + 1:
+                    loss = loss * float("nan")
+                mean_loss = acc.reduce(loss.detach(), reduction="mean")   # all processes agree
+                if not torch.isfinite(mean_loss):
+                    raise self.diverged("the loss", mean_loss.item(), step)
+                acc.backward(loss / group)
+            losses.append(mean_loss.item())
+        grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm or float("inf"))
+        # with fp16 an inf norm is routine: the grad scaler skips that step and lowers its scale
+        if acc.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
+            raise self.diverged("the gradient norm", float(grad_norm), step)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses, grad_norm
+
+    def diverged(self, what: str, value: float, step: int) -> DivergedError:
+        self.progress.close()   # the bar's last line must not swallow the error line
+        self.metrics.close()
+        last = runfolder.list_checkpoints(self.output_dir)
+        where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
+        return DivergedError(f"{what} is {value} at step {step + 1} (lr {self.lr_scheduler.get_last_lr()[0]:g}); "
+                             f"stopped without saving; {where} (resume it with --resume_from_checkpoint latest "
+                             f"and a lower --learning_rate)")
+
+    # ----- the metrics row ----------------------------------------------------------------------------------
+    def log_step(self, step: int, epoch: int, losses: list[float], grad_norm, t0: float, ends_epoch: bool) -> None:
+        """metrics.jsonl's row of the step: loss, learning rates, grad norm, weight distances, timing."""
+        lrs = self.lr_scheduler.get_last_lr()
+        row = {"loss": sum(losses) / len(losses), "lr": lrs[0],
+               "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else None, "epoch": epoch}
+        row.update({f"lr_{g['name']}": lr for g, lr in zip(self.optimizer.param_groups[1:], lrs[1:])
+                    if g.get("name")})
+        if self.is_main:   # adapters are identical on every process: measure once
+            t_train = time.perf_counter() - t0
+            row.update(self.probe())
+            row["time/step"] = t_train + row["time/distance"]
+            row["time/distance_share"] = row["time/distance"] / row["time/step"]
+            self.progress.set_postfix(loss=f"{row['loss']:.4f}", dist_fig3=f"{row['distance_fig3']:.3g}")
+        if ends_epoch:
+            row.update(self.task.at_epoch_end(epoch, step) or {})
+        self.metrics.log(step, row)
+        self.progress.update(1)
+
+    # ----- checkpoint, validation, stop ---------------------------------------------------------------------
+    def save_checkpoint(self, step: int, at_checkpoint: Callable | None) -> None:
+        save_checkpoint(self.accelerator, self.output_dir, step,
+                        {"seed": self.seed, "method": self.config.method, "max_train_steps": self.max_steps},
+                        at_checkpoint, self.args.checkpoints_total_limit)
+
+    def checkpoint_or_validate(self, step: int) -> None:
+        args = self.args
+        if step % args.checkpointing_steps == 0:
+            self.save_checkpoint(step, lambda folder: self.task.at_checkpoint(folder, step))
+        elif args.validation_steps and step % args.validation_steps == 0 and self.is_main:
+            self.task.at_validation(step)
+        fault_point("step", step, self.process_index)
+        if args.debug_step_delay:
+            time.sleep(args.debug_step_delay)
+
+    def stop_if_requested(self, step: int) -> None:
+        """After a SIGTERM: a checkpoint at this step (samples skipped: the grace before SIGKILL is short)."""
+        stop = self.stop_request
+        if step >= self.max_steps or not stop.requested():
+            return
+        self.progress.close()
+        self.metrics.close()
+        if step % self.args.checkpointing_steps:
+            self.save_checkpoint(step, None)
+        stop.restore()
+        saved = runfolder.checkpoint_dir(self.output_dir, step).name
+        raise StoppedError(f"{stop.name} at step {step} of {self.max_steps}; {saved} is saved in {self.output_dir}; "
+                           f"continue with the same command and --resume_from_checkpoint latest")
+
+    # ----- finish -------------------------------------------------------------------------------------------
+    def finish(self, step: int) -> None:
+        """Replicas checked, then on the main process: the final adapter, the task's outputs, the card."""
+        self.check_replicas()
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            out = self.output_dir
             fault_point("final", step, self.process_index, str(out / runfolder.ADAPTER_WEIGHTS))
-            task.save(model, out)
-            task.finish(out, step)
+            self.task.save(self.model, out)
+            self.task.finish(out, step)
             write_run_card(out)   # README.md; language trainers rewrite it once results.json has the scores
             records = rank_records(runfolder.read_metrics(out))
             if records:   # dynamic-rank methods: where the rank budget went
-                from .logging import write_rank_heatmap
-
                 runfolder.write_json(out / "live_ranks.json", {"final": records[-1][1], "steps": records})
                 write_rank_heatmap(records, out / "live_ranks.png")
-            ckpts = [d.name for _, d in runfolder.list_checkpoints(out)]   # what is there, not what might be
-            kept = (f"{ckpts[0]}/" if len(ckpts) == 1 else f"{ckpts[0]}/ ... {ckpts[-1]}/ ({len(ckpts)})") if ckpts \
-                else f"no checkpoint (every {args.checkpointing_steps} steps)"
-            print(f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
-                  f"metrics.jsonl (distances), {kept}, run.json{task_outputs(task)}"
-                  f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
-        metrics.close()
-        return out
+            print(self.done_line(step))
+        self.metrics.close()
+
+    def check_replicas(self) -> None:
+        """DDP keeps replicas identical; a per-process hook that drifted shows here."""
+        if self.num_processes == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1)
+        sums = self.accelerator.gather(checksum.to(self.device))
+        if not torch.all(sums == sums[0]):
+            raise TrainingError(f"the {self.num_processes} processes ended with different adapters "
+                                f"({sums.tolist()}); please report")
+
+    def done_line(self, step: int) -> str:
+        out = self.output_dir
+        ckpts = [d.name for _, d in runfolder.list_checkpoints(out)]   # what is there, not what might be
+        kept = (f"{ckpts[0]}/" if len(ckpts) == 1 else f"{ckpts[0]}/ ... {ckpts[-1]}/ ({len(ckpts)})") if ckpts \
+            else f"no checkpoint (every {self.args.checkpointing_steps} steps)"
+        return (f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
+                f"metrics.jsonl (distances), {kept}, run.json{task_outputs(self.task)}"
+                f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
 
 
 def task_outputs(task: Task) -> str:

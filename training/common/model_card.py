@@ -22,8 +22,8 @@ import lowrank
 from lowrank.analysis import delora_bound
 from lowrank.runfolder import ADAPTER_WEIGHTS, RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
 
-from .logging import logger
 from .models import TINY
+from .tracking import logger
 
 CARD = "README.md"
 GRID = "samples_grid.png"
@@ -141,7 +141,7 @@ def _numbers(f: dict) -> list[str]:
 def _loading(f: dict, name: str, export_format: str | None, file: str | None, has_diffusers: bool) -> list[str]:
     base, cli = f["base"], f"python -m training.export {f['source']}"
     tiny = [f"(`{base}` is lowrank's built-in random test model: `training.common.models.load_pipeline` / "
-            f"`training.common.language.load_language_model` build it.)"] if base in TINY_MODELS else []
+            f"`training.text.language.load_language_model` build it.)"] if base in TINY_MODELS else []
     if f["task"] in LANGUAGE:
         head = ("AutoModelForSequenceClassification", ", num_labels=N") if f["task"] == "glue" \
             else ("AutoModelForCausalLM", "")

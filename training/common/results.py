@@ -19,8 +19,8 @@ import torch
 import lowrank
 from lowrank import runfolder
 
-from .logging import library_versions
 from .model_card import write_run_card
+from .tracking import library_versions
 
 
 def peak_memory_bytes(device: torch.device) -> int:

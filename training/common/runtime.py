@@ -1,5 +1,6 @@
 """Process-level behaviour of a training run: deterministic mode, SIGTERM as a stop request, the exit
-status file the trainer leaves for whoever started it, and `run_trainer`, every trainer's main().
+status file the trainer leaves for whoever started it, `run_trainer` (every trainer's main()), and a run's
+process set-up: threads, the accelerator, the refusal of sharded training.
 
 Reproducibility. On one machine, with the same flags, seed and thread count, two CPU runs are bit-identical
 (float32 matmuls and convolutions are deterministic for a fixed number of threads). What changes results
@@ -27,14 +28,18 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 import lowrank
 from lowrank import runfolder
 
 from . import StoppedError, TrainingError
+from .args import output_dir
 
 CUBLAS_WORKSPACE = ":4096:8"
 
@@ -121,8 +126,6 @@ def write_exit_status(output_dir, code: int, message: str) -> None:
 def is_peer_failure(e: RuntimeError) -> bool:
     """A collective (all-reduce, barrier) that failed because another process is gone: gloo's and NCCL's
     connection errors, a collective timeout. Only in a multi-process run."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     text = str(e)
@@ -139,8 +142,6 @@ def peer_error_text(e: RuntimeError) -> str:
 
 def close_progress_bars() -> None:
     """End any open progress bar's line, so that the `error:` line after it is a line of its own."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 
@@ -158,7 +159,7 @@ def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
     created, out = None, None
     try:
         args = parse_args(argv)
-        out = Path(args.output_dir).expanduser()
+        out = output_dir(args)
         created = None if out.exists() else out
         train(args)
         write_exit_status(out, 0, "done")
@@ -208,3 +209,41 @@ def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
         return 130
     finally:
         restore_signals()
+
+
+# ----- a run's process set-up (TrainingRun.__init__) -----------------------------------------------------------------
+def set_threads(args) -> None:
+    """--deterministic (deterministic kernels, a fixed thread count) or just --num_threads."""
+    if getattr(args, "deterministic", False):
+        make_deterministic(args.num_threads)
+    elif getattr(args, "num_threads", None):
+        torch.set_num_threads(args.num_threads)
+
+
+def start_accelerator(args, folder: Path, report_to):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    # a bounded wait for the other processes: a dead worker ends the others' collectives with an error
+    # after --ddp_timeout seconds instead of torch's default half hour
+    timeout = getattr(args, "ddp_timeout", None)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, kwargs_handlers=handlers,
+                       project_config=ProjectConfiguration(project_dir=str(folder),
+                                                           logging_dir=str(folder / "logs")))
+
+
+def refuse_sharding(acc) -> None:
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # adapters are a few MB and the models fit one GPU: sharding buys nothing, and saving and
+        # resuming need whole (unsharded) adapter tensors on every process
+        raise TrainingError(f"{acc.distributed_type.name} is not supported by this script; "
+                            f"use data parallel: accelerate launch --multi_gpu --num_processes N")
+
+
+def quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

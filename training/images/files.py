@@ -1,9 +1,6 @@
-"""Images in, tensors out: folder loading with validation, the embedded example subject, the DreamBooth
-dataset.
-
-Each sample's crop is a function of (seed, its position in the whole run) and the batch order a function
-of (seed, epoch) (loop.epoch_batches), so a resumed run sees exactly the batches the uninterrupted run
-saw, with no RNG state to carry over.
+"""Image files in, RGB images out, shared by the image tasks (and eval, and the app): decoding with EXIF
+rotation, transparency over white and 16-bit rescaling; folder loading with validation; --dataset_name
+images and captions.
 """
 from __future__ import annotations
 
@@ -11,17 +8,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import TrainingError, hfdata
-from .loop import mix_seed
+from training.common import TrainingError, hfdata
 
 logger = logging.getLogger("lowrank.training")
-
-EXAMPLE_PROMPT = "a photo of sks cat"
-EXAMPLE_CLASS_PROMPT = "a photo of cat"
-EXAMPLE_NAME = "embedded example subject (scikit-image chelsea, 5 crops/flips)"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -116,57 +107,3 @@ def load_dataset_images(name: str, resolution: int, image_column: str = "image",
     if caption_column:
         captions = ["" if c is None else str(c) for c in table[caption_column]]
     return images, captions
-
-
-def example_subject(resolution: int) -> list[Image.Image]:
-    """Five real photos of one cat: crops and a flip of scikit-image's `chelsea` (300x451)."""
-    from skimage import data
-
-    cat = Image.fromarray(data.chelsea())
-    boxes = [(75, 0, 375, 300), (0, 0, 300, 300), (151, 0, 451, 300), (90, 30, 330, 270), (40, 10, 320, 290)]
-    crops = [cat.crop(b) for b in boxes]
-    crops[2] = ImageOps.mirror(crops[2])
-    crops[4] = ImageOps.mirror(crops[4])
-    return [resize_short(c, resolution) for c in crops]
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0     # [-1, 1], as diffusers' Normalize([0.5], [0.5])
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-class DreamBoothDataset(torch.utils.data.Dataset):
-    """Index k is a position in the whole run (epoch * len + i): sample i, cropped by a generator seeded
-    from (seed, k). With class images, each item also carries a class image (prior preservation); each item
-    names its instance image (`index`), whose caption the loss uses when the data has captions."""
-
-    def __init__(self, instance_images, class_images, size: int, center_crop: bool, seed: int):
-        self.instance, self.cls = list(instance_images), list(class_images or [])
-        self.size, self.center_crop, self.seed = size, center_crop, seed
-
-    def __len__(self) -> int:
-        return max(len(self.instance), len(self.cls))
-
-    def crop(self, img: Image.Image, gen: torch.Generator) -> torch.Tensor:
-        w, h = img.size
-        if self.center_crop:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-        else:
-            left = int(torch.randint(0, w - self.size + 1, (1,), generator=gen))
-            top = int(torch.randint(0, h - self.size + 1, (1,), generator=gen))
-        return to_tensor(img.crop((left, top, left + self.size, top + self.size)))
-
-    def __getitem__(self, k: int) -> dict:
-        i = k % len(self)
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, k))
-        item = {"instance": self.crop(self.instance[i % len(self.instance)], gen), "index": i % len(self.instance)}
-        if self.cls:
-            item["class"] = self.crop(self.cls[i % len(self.cls)], gen)
-        return item
-
-
-def collate(items: list[dict]) -> dict:
-    """Instance images first, then class images (the loss splits the batch in two halves), and the instance
-    images' indices (their captions, when the data has them)."""
-    pixels = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
-    return {"pixels": torch.stack(pixels), "index": torch.tensor([it["index"] for it in items])}

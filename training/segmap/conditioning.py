@@ -9,10 +9,10 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lowrank import runfolder
-
-from . import TrainingError
+from training.common import TrainingError
 
 ENCODER_FILE = "conditioning_encoder.safetensors"
 ENCODER_WIDTHS = (16, 32, 96, 256)
@@ -77,16 +77,12 @@ class ConditionedUNet(torch.nn.Module):
 
 
 def save_encoder(encoder, folder: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
     runfolder.atomic_write(Path(folder) / ENCODER_FILE, lambda p: save_file(
         tensors, str(p), metadata={"format": "pt", "kind": "ControlNetConditioningEmbedding"}))
 
 
 def load_encoder(encoder, folder: Path) -> None:
-    from safetensors.torch import load_file
-
     path = Path(folder) / ENCODER_FILE
     if not path.is_file():
         raise TrainingError(f"{folder} has no {ENCODER_FILE}; it was not written by this trainer's encoder")

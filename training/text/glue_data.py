@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrank import runfolder
-
-from . import TrainingError, hfdata
+from training.common import TrainingError, hfdata
 
 
 @dataclass(frozen=True)

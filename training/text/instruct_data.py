@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank import runfolder
-
-from . import TrainingError, hfdata
+from training.common import TrainingError, hfdata
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
@@ -142,7 +141,7 @@ def mc_item(row: dict, fmt: str, where: str) -> tuple[str, list[str], list[int]]
             true = [i for i, y in enumerate(target["labels"]) if y]
     except (KeyError, TypeError, ValueError, AttributeError):
         raise TrainingError(f"{where} is not a {fmt} item (fields: {', '.join(row)}); see the formats in "
-                            f"training/common/instruct_data.py") from None
+                            f"training/text/instruct_data.py") from None
     if len(choices) < 2 or not true or any(not 0 <= t < len(choices) for t in true):
         raise TrainingError(f"{where}: a {fmt} item needs >= 2 choices and a valid answer")
     return q, [str(c) for c in choices], true

@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from skimage import data as skimage_data
+from skimage.color import rgb2lab
+from tqdm.auto import tqdm
 
 from lowrank import ade20k
-
-from . import TrainingError, hfdata
-from .data import open_image, resize_short, to_rgb
-from .loop import mix_seed
+from training.common import TrainingError, hfdata
+from training.common.batches import mix_seed
+from training.images.files import open_image, resize_short, to_rgb
 
 logger = logging.getLogger("lowrank.training")
 
@@ -131,8 +133,6 @@ class Example:
 
 def check_pairs(examples: list[Example], what: str) -> list[Example]:
     """Sizes and label values of every pair, before any model is loaded."""
-    from tqdm.auto import tqdm
-
     if not examples:
         raise TrainingError(f"{what} holds no image/map pairs; see --train_data_dir's help for the layouts")
     for ex in tqdm(examples, desc=f"Checking {len(examples)} pairs", disable=len(examples) < 200):
@@ -241,8 +241,6 @@ def hub_dataset(name: str, image_col, cond_col, caption_col, condition: str, cac
 # ----- the embedded set ---------------------------------------------------------------------------------
 def kmeans_labels(photo: np.ndarray, k: int, seed: int = 0, iters: int = 10) -> np.ndarray:
     """(H, W) cluster ids 0..k-1 ordered top to bottom: k-means on CIELAB colour + position."""
-    from skimage.color import rgb2lab
-
     h, w = photo.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     feats = np.concatenate([rgb2lab(photo).reshape(-1, 3), 60 * np.stack([yy / h, xx / w], -1).reshape(-1, 2)], 1)
@@ -259,11 +257,9 @@ def kmeans_labels(photo: np.ndarray, k: int, seed: int = 0, iters: int = 10) -> 
 
 def example_set(size: int = 128) -> tuple[list[Example], list[Example]]:
     """(training, validation) of the embedded set; photos centre-cropped to squares of `size` px."""
-    from skimage import data
-
     train, val = [], []
     for name, classes in EXAMPLE_PHOTOS:
-        photo = getattr(data, name)()
+        photo = getattr(skimage_data, name)()
         img = centre_square(Image.fromarray(photo).convert("RGB"), size, Image.BILINEAR)
         clusters = kmeans_labels(np.asarray(img), len(classes))
         ids = np.array([ade20k.CLASSES.index(c) + 1 for c in classes], dtype=np.uint8)
@@ -318,7 +314,7 @@ def prepare(example: Example, resolution: int, condition: str, seed: int) -> dic
 
 
 class SemanticMapDataset(torch.utils.data.Dataset):
-    """Index k = a position in the whole run (loop.epoch_batches): example k % n, its empty-prompt draw
+    """Index k = a position in the whole run (batches.epoch_batches): example k % n, its empty-prompt draw
     (--proportion_empty_prompts) and its shuffle seeded from (seed, k), so resume sees the same batches."""
 
     def __init__(self, examples: list[Example], resolution: int, condition: str, seed: int,

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import lowrank
 from lowrank import cli, runfolder
 
@@ -120,7 +122,6 @@ def write_rank_heatmap(records: list[tuple[int, dict[str, int]]], path: str | Pa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     if not records:
         raise ValueError("write_rank_heatmap: no (step, ranks) records to plot")
@@ -215,8 +216,6 @@ class MetricsLogger:
                                  step=step)
 
     def log_images(self, step: int, images, tag: str = "validation") -> None:
-        import numpy as np
-
         if not self.trackers:
             return
         for tracker in self.accelerator.trackers:

@@ -21,7 +21,11 @@ import string
 import tempfile
 from pathlib import Path
 
-from .models import ModelLoadError, cache_dir
+import torch
+
+from training.common.models import ModelLoadError, cache_dir
+
+from .instruct_data import EXAMPLE_INSTRUCTIONS, PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
 MINILM = "minilm"
 TINY_VERSION = "v1"
@@ -59,8 +63,6 @@ def _byte_bpe_tokenizer():
     256-token window. Deterministic: same corpus, same merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from .instruct_data import EXAMPLE_INSTRUCTIONS, PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
     corpus = [PROMPT_WITH_INPUT, PROMPT_NO_INPUT] * 20 + EXAMPLE_INSTRUCTIONS.read_text(encoding="utf-8").splitlines()
     tok = Tokenizer(models.BPE())
@@ -100,8 +102,6 @@ def _build_tiny(name: str, folder: Path) -> None:
 
 def resolve_model(name_or_path: str | None, default: str) -> str:
     """A preset's folder (built on first use) or the name/path as given."""
-    import torch
-
     name = str(name_or_path or default).strip()
     if name == MINILM:
         return str(minilm_folder())

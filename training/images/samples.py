@@ -76,7 +76,7 @@ def write_samples(directory: Path, samples: list[tuple[str, int, Image.Image]]) 
         name = f"p{prompts.index(prompt):02d}-s{seed}.png"
         img.save(tmp / name)
         lines.append(json.dumps({"image": name, "prompt": prompt, "seed": seed}))
-    (tmp / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp / runfolder.PROMPTS).write_text("\n".join(lines) + "\n")
     return runfolder.replace_dir(tmp, directory)
 
 

@@ -2,7 +2,7 @@
 
 Shared by the trainer (training/semantic_map.py, from its flags) and eval.semantic_run (from a run's
 run.json), so a run is scored on exactly the maps it was validated on, prepared the same way.
-segdata.py reads and prepares the pairs; this module chooses which.
+data.py reads and prepares the pairs; this module chooses which.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import TrainingError
-from . import segdata as sd
-from .loop import mix_seed
+from training.common import TrainingError
+from training.common.batches import mix_seed
+
+from . import data as sd
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,101 @@
+"""DreamBooth's flags and their checks: `training/dreambooth.py`'s command line, here so that the app can read the
+trainer's defaults (its Train tab starts from them) without importing the trainer script."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.common import TrainingError
+from training.common.args import (
+    ArgumentParser,
+    adapter_config,
+    add_adapter_args,
+    add_training_args,
+    check_folder_path,
+    check_training_args,
+    output_dir,
+    resolve_run_length,
+)
+from training.common.models import is_tiny
+from training.common.tracking import setup_console
+from training.images.files import check_image_folder
+from training.subject.data import EXAMPLE_CLASS_PROMPT, EXAMPLE_PROMPT
+
+logger = setup_console()
+
+DESCRIPTION = "DreamBooth with lowrank adapters:  accelerate launch training/dreambooth.py --method delora"
+
+# With no step or epoch flag: 300 steps, a checkpoint with samples every 100 (what `make demo` shows: the
+# distance curve over steps and samples along the way), not diffusers' one epoch (5 steps on the example).
+DEFAULT_STEPS = (300, 3)   # (steps, checkpoints)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=DESCRIPTION)
+    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)",
+                      default_output="outputs/dreambooth-<method>", default_steps=DEFAULT_STEPS)
+    g = parser.add_argument_group("DreamBooth")
+    g.add_argument("--instance_data_dir", default=None,
+                   help="Folder with 3-5 photos of the subject (default: the embedded example cat).")
+    g.add_argument("--dataset_name", default=None,
+                   help="Instead of --instance_data_dir: a dataset of subject photos read by the 'datasets' library: "
+                        "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
+                        "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).")
+    g.add_argument("--dataset_config_name", default=None,
+                   help="Config of the --dataset_name dataset, if it has several.")
+    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+    g.add_argument("--image_column", default="image",
+                   help="--dataset_name's image column: Image cells or paths relative to the dataset's folder "
+                        "(default: image; an imagefolder's file_name column is read as 'image').")
+    g.add_argument("--caption_column", default=None,
+                   help="--dataset_name's per-image prompt column; each image trains with its own caption (default: "
+                        "none, every image uses --instance_prompt).")
+    g.add_argument("--instance_prompt", default=None,
+                   help=f"Prompt with the identifier of the subject (default with the example: {EXAMPLE_PROMPT!r}; "
+                        f"required with --instance_data_dir and --dataset_name, samples use it).")
+    g.add_argument("--class_data_dir", default=None,
+                   help="Class images for prior preservation; missing ones are generated "
+                        "(default: output_dir/class_images).")
+    g.add_argument("--class_prompt", default=None,
+                   help=f"Prompt of the subject's class (default with the example: {EXAMPLE_CLASS_PROMPT!r}).")
+    g.add_argument("--with_prior_preservation", action="store_true",
+                   help="Add the class-prior loss (DreamBooth Eq. 2).")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    g.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated when missing).")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    g.add_argument("--center_crop", action="store_true", help="Center-crop images (default: random crops).")
+    add_adapter_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+
+    resolve_run_length(args, DEFAULT_STEPS)
+    check_training_args(args)
+    if args.instance_data_dir is not None and args.dataset_name is not None:
+        raise TrainingError("give --instance_data_dir or --dataset_name, not both")
+    if args.instance_data_dir is not None:   # the most useful error first: a missing folder, then its prompt
+        check_image_folder(args.instance_data_dir, "--instance_data_dir")
+    out = output_dir(args, "dreambooth")
+    check_folder_path(out, "--output_dir")
+    data_flag = "--instance_data_dir" if args.instance_data_dir else "--dataset_name" if args.dataset_name else None
+    if data_flag is None:
+        args.instance_prompt = args.instance_prompt or EXAMPLE_PROMPT
+        args.class_prompt = args.class_prompt or EXAMPLE_CLASS_PROMPT
+    elif not args.instance_prompt:
+        raise TrainingError(f"--instance_prompt is required with {data_flag} (e.g. 'a photo of sks dog')")
+    if args.caption_column and not args.dataset_name:
+        raise TrainingError("--caption_column reads captions from --dataset_name; give --dataset_name too")
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise TrainingError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
+        args.class_data_dir = args.class_data_dir or str(out / "class_images")
+        check_folder_path(Path(args.class_data_dir).expanduser(), "--class_data_dir")
+        if args.num_class_images <= 0 or args.sample_batch_size <= 0:
+            raise TrainingError("--num_class_images and --sample_batch_size must be positive")
+    elif args.class_data_dir and data_flag:
+        logger.warning("--class_data_dir is ignored without --with_prior_preservation")
+    if args.resolution is None:
+        args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
+    adapter_config(args)   # fail on a bad method/option now, before loading any model
+    return args
