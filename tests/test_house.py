@@ -159,3 +159,16 @@ def test_no_function_over_100_lines():
             for f in function_bodies(ast.parse(path.read_text()))
             if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
     assert long == []
+
+
+TRAINER_SCRIPTS = {f"training.{p.stem}" for p in (ROOT / "training").glob("*.py") if p.stem != "__init__"}
+
+
+def test_eval_and_app_import_no_trainer_script():
+    """What a runner or the app shares with a trainer lives in a module both import (training/<task>/,
+    training/common/), never in the script that `accelerate launch` runs."""
+    assert {"training.dreambooth", "training.glue", "training.export"} <= TRAINER_SCRIPTS
+    found = [f"{path.relative_to(ROOT)} imports {module}"
+             for package in ("eval", "app") for path in modules(package).values()
+             for module in imports(path)[0] | {m for _, m in imports(path)[1]} if module in TRAINER_SCRIPTS]
+    assert found == []
