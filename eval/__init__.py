@@ -16,7 +16,8 @@ Modules, by what they are:
             robustness_tasks.py, robustness_report.py and robustness_figures.py
   shared    common.py (errors, atomic files, run folders, RUN/eval.jsonl), images.py (image folders,
             prompts.jsonl)
-Imports point one way: eval -> training's shared modules (training/common/, never a trainer script) -> lowrank.
+Imports point one way: eval -> training's shared and task modules (training/common/, training/<task>/; never a
+trainer script) -> lowrank.
 
 Imported inside functions, and only there, because they are heavy and only some commands need them:
 diffusers, transformers, torchvision, huggingface_hub. No project module is imported inside a function
