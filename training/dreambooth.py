@@ -43,7 +43,7 @@ from training.images.samples import (
     write_grid,
     write_samples,
 )
-from training.subject.args import parse_args
+from training.subject.args import build_parser, parse_args
 from training.subject.data import (
     EXAMPLE_NAME,
     DreamBoothDataset,
@@ -52,6 +52,11 @@ from training.subject.data import (
 )
 
 logger = setup_console()
+
+# every trainer script offers build_parser/parse_args/main/train; DreamBooth's command line lives in
+# training/subject/args.py, where the app reads its defaults without importing this script
+__all__ = ["build_parser", "parse_args", "main", "train"]
+
 
 def main(argv=None) -> int:
     return run_trainer(parse_args, train, argv)
