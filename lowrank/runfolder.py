@@ -37,6 +37,8 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 SAMPLES = "samples"
 PROMPTS = "prompts.jsonl"   # SAMPLES/prompts.jsonl: one row per sample image (image, prompt, seed)
+SAMPLES_GRID = "samples_grid.png"   # the final samples in one picture (image trainers)
+CONDITIONING_ENCODER = "conditioning_encoder.safetensors"   # semantic_map.py's map encoder, beside the adapter
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

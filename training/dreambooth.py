@@ -126,7 +126,7 @@ class DreamBooth(Task):
     def finish(self, output_dir: Path, step: int) -> None:
         if not self.args.skip_final_samples:
             shots = self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
-            write_grid(output_dir / "samples_grid.png", shots, cols=self.args.num_validation_images)
+            write_grid(output_dir / runfolder.SAMPLES_GRID, shots, cols=self.args.num_validation_images)
         if self.args.export_diffusers:
             export_diffusers(self.unet, output_dir)
 

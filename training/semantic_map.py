@@ -258,7 +258,7 @@ class SemanticMap(Task):
         if self.args.skip_final_samples:
             return
         self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
-        runfolder.atomic_write(output_dir / "samples_grid.png",
+        runfolder.atomic_write(output_dir / runfolder.SAMPLES_GRID,
                                lambda p: shutil.copyfile(output_dir / runfolder.SAMPLES / "grid.png", p))
 
 

@@ -20,13 +20,24 @@ import yaml
 
 import lowrank
 from lowrank.analysis import delora_bound
-from lowrank.runfolder import ADAPTER_WEIGHTS, RESULTS, atomic_write, read_json, read_metrics, run_setting, write_text
+from lowrank.export import DIFFUSERS_WEIGHTS
+from lowrank.runfolder import (
+    ADAPTER_WEIGHTS,
+    CONDITIONING_ENCODER,
+    RESULTS,
+    RUN_JSON,
+    SAMPLES_GRID,
+    atomic_write,
+    read_json,
+    read_metrics,
+    run_setting,
+    write_text,
+)
 
 from .models import TINY
 from .tracking import logger
 
 CARD = "README.md"
-GRID = "samples_grid.png"
 # licenses of base models we know (lower-case hub names); anything else: no license line
 LICENSES = {
     "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
@@ -39,8 +50,6 @@ LICENSES = {
 }
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
 LANGUAGE = {"glue": "text-classification", "instruct": "text-generation"}   # run.json task -> pipeline_tag
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-CONDITIONING = "conditioning_encoder.safetensors"   # semantic_map.py's map encoder, beside the adapter
 TINY_MODELS = (TINY, "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (models.py, language.py)
 
 
@@ -67,7 +76,7 @@ def base_license(base: str | None) -> str | None:
 def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     """What the card says about a run, read from its folder; the distance and bound of the adapter in
     `adapter_dir` (the run's final one, or a checkpoint-N: the metrics up to step N)."""
-    run = read_json(run_dir / "run.json", {}) or {}
+    run = read_json(run_dir / RUN_JSON, {}) or {}
     if not run.get("adapter_config") and (adapter_dir / ADAPTER_WEIGHTS).is_file():   # an adapter folder, no run
         run = {**run, "adapter_config": lowrank.read_adapter(adapter_dir)[0].to_dict()}
     cfg = run.get("adapter_config") or {}
@@ -85,9 +94,9 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
         bound = delora_bound(state, layer)
         if bound is None:   # semantic_map names its layers 'unet.<module>' in the metrics
             bound = delora_bound(state, layer.removeprefix("unet."))
-    prefixes = (method.split("_")[0] + "_", "ether_") if method.startswith("ether") else (method.split("_")[0] + "_",)
+    own = {o.name for o in lowrank.METHODS[method].options} if method in lowrank.METHODS else set()
     options = {k: v for k, v in cfg.items() if k in ("rank", "alpha", "target_modules", "dropout")
-               or (k.startswith(prefixes) and v not in (None, False, [], {}))}
+               or (k in own and v not in (None, False, [], {}))}
     return {"run": run, "task": run.get("task"), "method": method, "base": ALIASES.get(base, base),
             "options": options, "step": last.get("step"), "distance": last.get("distance_fig3"), "layer": layer,
             "distance_max": last.get("distance_max"), "bound": bound,
@@ -186,12 +195,12 @@ def model_card(folder: Path, run_dir: Path, export_format: str | None = None, fi
     what = f"a `{export_format}` export of the lowrank run `{source}`" if export_format else \
         "a lowrank training run (`lowrank.load_adapter(model, folder)` reads this folder itself)"
     body = [f"# {name}", "", f"{f['method']} adapter for `{f['base']}`, {what}.", "", *_numbers(f), ""]
-    if f["task"] not in LANGUAGE and (folder / GRID).is_file():
-        body += ["## Samples", "", f"![samples]({GRID})", ""]
-    has_diffusers = (folder / DIFFUSERS_FILE).is_file()
+    if f["task"] not in LANGUAGE and (folder / SAMPLES_GRID).is_file():
+        body += ["## Samples", "", f"![samples]({SAMPLES_GRID})", ""]
+    has_diffusers = (folder / DIFFUSERS_WEIGHTS).is_file()
     body += ["## How to use", ""]
-    if (run_dir / CONDITIONING).is_file():
-        body += [f"The map conditioning (`{CONDITIONING}`) is lowrank's own module: the files below carry the "
+    if (run_dir / CONDITIONING_ENCODER).is_file():
+        body += [f"The map conditioning (`{CONDITIONING_ENCODER}`) is lowrank's own module: the files below carry the "
                  f"UNet adapter only; generating from maps takes the run folder (lowrank's app or eval).", ""]
     body += [*_loading(f, name, export_format, file, has_diffusers), ""]
     meta = yaml.safe_dump(front_matter(f), sort_keys=False, allow_unicode=True)
@@ -206,10 +215,10 @@ def write_model_card(folder, run_dir=None, export_format: str | None = None, fil
     grid is copied beside the card so its image link works wherever the folder is shared."""
     folder = Path(folder)
     run_dir = Path(run_dir) if run_dir is not None else folder
-    grid = run_dir / GRID
-    if folder != run_dir and grid.is_file() and not (folder / GRID).exists():
+    grid = run_dir / SAMPLES_GRID
+    if folder != run_dir and grid.is_file() and not (folder / SAMPLES_GRID).exists():
         data = grid.read_bytes()
-        atomic_write(folder / GRID, lambda p: p.write_bytes(data))
+        atomic_write(folder / SAMPLES_GRID, lambda p: p.write_bytes(data))
     card = model_card(folder, run_dir, export_format, file, Path(adapter_dir) if adapter_dir else None, name, base)
     return write_text(folder / CARD, card)
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from lowrank import runfolder
 from training.common import TrainingError
 
-ENCODER_FILE = "conditioning_encoder.safetensors"
+ENCODER_FILE = runfolder.CONDITIONING_ENCODER
 ENCODER_WIDTHS = (16, 32, 96, 256)
 
 
