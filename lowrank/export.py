@@ -210,7 +210,9 @@ def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict
 @torch.no_grad()
 def dense_delta(layer: nn.Module) -> torch.Tensor:
     """ΔW = W_eff − W0 of one layer as an (out, in) float64 matrix. DoRA from its own tensors (DoRA Eq. 5,
-    m ⊙ V/‖V‖_row − W with V = W + sBA), every other method as the product of its exact factors."""
+    m ⊙ V/‖V‖_row − W with V = W + sBA), every other method as the product of its exact factors. Not the layer's
+    delta_weight(): that one is fp32, and k·V − W cancels to ~1e-7·‖W‖, more than the 1e-6 of the adapter's
+    effect that a diff file is held to when the effect is small."""
     if layer.method == "dora":
         w = layer.weight.detach().double()
         v = w + layer.scale * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
