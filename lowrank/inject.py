@@ -5,6 +5,7 @@ import re
 
 from torch import nn
 
+from . import prepare
 from .config import AdapterConfig
 from .errors import AdapterError, TargetError
 from .layer import adapter_layers
@@ -80,13 +81,16 @@ def inject(model: nn.Module, config: AdapterConfig, state: dict | None = None) -
         _set_module(model, name, layer)
     for module in full.values():   # e.g. a new classification head: trained in full, saved with the adapter
         module.requires_grad_(True)
+    prepare.install(model)   # batched per-forward factor preparation for methods that have one
     return names
 
 
 def eject(model: nn.Module, merge: bool = False) -> list[str]:
     """Put the base modules back (merging the update into them first if merge=True)."""
     layers = adapter_layers(model)
+    prepare.uninstall(model)
     for name, layer in layers.items():
+        layer._prepared = None
         if merge:
             layer.merge()
         else:

@@ -12,7 +12,10 @@ A method subclass provides:
 
 and may override delta_weight(), distance_all() / stacked_delta_factors() (the per-step distance of a
 group of layers), merge()/unmerge(), extra_loss(),
-after_optimizer_step(step) and the class-level after_optimizer_step_all(layers, step).
+after_optimizer_step(step) and the class-level after_optimizer_step_all(layers, step), and
+prepare_all(layers): the per-forward work on a group's parameters (normalisations, scalings) done in batched
+ops when the model's forward starts (lowrank/prepare.py), handed to each layer with keep_prepared() and
+taken in adapted() with take_prepared().
 
 A method class also carries what the rest of the project knows about it (so lowrank.METHODS is the only
 list of methods): `summary` (one line for help texts and the app), `default_learning_rate` (the trainers'
@@ -54,7 +57,16 @@ def is_conv1d(module: nn.Module) -> bool:
         and getattr(module, "nf", None) == w.shape[1]
 
 
+class _Prepared:
+    """What prepare_all left for one layer, with the grad mode and parameter stamp it holds for."""
+    __slots__ = ("grad_enabled", "stamp", "tensors")
+
+    def __init__(self, grad_enabled: bool, stamp: tuple, tensors: tuple):
+        self.grad_enabled, self.stamp, self.tensors = grad_enabled, stamp, tensors
+
+
 class AdapterLayer(nn.Module):
+    _prepared: _Prepared | None = None
     method: ClassVar[str] = ""
     prefix: ClassVar[str] = ""          # e.g. "lora_": every trainable name starts with it
     keeps_weight_on_merge: ClassVar[bool] = False  # True where ΔW cannot be undone arithmetically
@@ -197,6 +209,37 @@ class AdapterLayer(nn.Module):
     def distance_group(self) -> tuple:
         """Layers with equal keys can share one distance_all call (same method, shapes and options)."""
         return type(self), self.out_features, self.in_features, id(self.config)
+
+    # ----- per-forward preparation (optional; lowrank/prepare.py calls prepare_all) ----------------------------
+    @classmethod
+    def prepare_all(cls, layers: list["AdapterLayer"]) -> None:
+        """Compute, in batched ops over a group (same method, shapes, options, device), what every layer's
+        adapted() would otherwise compute from its parameters alone, and keep_prepared() it on each layer.
+        Called once per forward of the model the adapters were injected into. Default: nothing to prepare."""
+
+    def keep_prepared(self, *tensors: torch.Tensor) -> None:
+        self._prepared = _Prepared(torch.is_grad_enabled(), self._parameter_stamp(), tensors)
+
+    def take_prepared(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors prepare_all kept for this layer, or None when they no longer hold: a parameter changed
+        (optimizer step, load, move) or the grad mode differs. A mismatch drops them, so a reentrant checkpoint
+        (its first pass without grad) recomputes the layer on its own and never backpropagates twice through
+        the group's shared graph."""
+        kept = self._prepared
+        if kept is None:
+            return None
+        if kept.grad_enabled == torch.is_grad_enabled() and kept.stamp == self._parameter_stamp():
+            return kept.tensors
+        self._prepared = None
+        return None
+
+    def _parameter_stamp(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self._parameters.values() if p is not None)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_prepared"] = None   # graph tensors: never copied or pickled (deepcopy refuses non-leaves)
+        return state
 
     def extra_loss(self) -> torch.Tensor | None:
         return None

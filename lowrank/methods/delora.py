@@ -102,12 +102,44 @@ class DeloraLayer(AdapterLayer):
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         # ‖W̄‖ folded into A and λΞ/r into B: r x in and out x r scalings instead of passes over tokens,
-        # and autograd saves what LoRA saves (x and the bottleneck h)
+        # and autograd saves what LoRA saves (x and the bottleneck h). The factors come from prepare_all
+        # (one batched computation per group per forward) when the model's forward prepared them.
+        up, down = self.take_prepared() or self._up_down()
+        return add_low_rank(self.base_linear(x), self.dropout(x).to(down.dtype) @ down.T, up)
+
+    def _up_down(self):
+        """This layer's (up, down): the trainable factors, and with the subtract init the frozen copy beside them."""
         up, down = self._factors(self.delora_A, self.delora_B, self.delora_lambda)
         if self.config.delora_init == "subtract":
             u0, v0 = self._initial_factors()
             up, down = torch.cat([up, u0.to(up.dtype)], dim=1), torch.cat([down, v0.to(down.dtype)])
-        return add_low_rank(self.base_linear(x), self.dropout(x).to(down.dtype) @ down.T, up)
+        return up, down
+
+    @classmethod
+    def prepare_all(cls, layers):
+        """_up_down() of a whole group in batched ops: stacked parameters, one Ξ, one concatenation with the
+        group's stacked frozen copy (kept while the frozen buffers are unchanged), then a view per layer."""
+        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
+        w_norm, frozen = cls._frozen_stacks(layers)
+        up, down = layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"), w_norm)
+        if frozen is not None:
+            up, down = torch.cat([up, frozen[0]], dim=2), torch.cat([down, frozen[1]], dim=1)
+        for layer, u, d in zip(layers, up.unbind(), down.unbind()):
+            layer.keep_prepared(u, d)
+
+    @staticmethod
+    def _frozen_stacks(layers):
+        """(stacked ‖W̄‖, stacked (U₀, V₀) or None) of a group, kept on its first layer while its buffers hold."""
+        key = _buffers_key(layers)
+        kept = getattr(layers[0], "_prepare_frozen", None)
+        if kept is None or kept[0] != key:
+            frozen = None
+            if layers[0].config.delora_init == "subtract":
+                pairs = [layer._initial_factors() for layer in layers]
+                frozen = (torch.stack([u for u, _ in pairs]), torch.stack([v for _, v in pairs]))
+            kept = (key, torch.stack([layer.delora_w_norm for layer in layers]), frozen)
+            layers[0]._prepare_frozen = kept
+        return kept[1:]
 
     def delta_factors(self):
         factors = [self._factors(self.delora_A, self.delora_B, self.delora_lambda)]
@@ -147,8 +179,7 @@ class DeloraLayer(AdapterLayer):
     def _frozen_terms(layers):
         """(U₀, V₀, Σ(U₀ᵀU₀ ⊙ V₀V₀ᵀ)) of a group in float64, kept on the group's first layer and recomputed
         when any frozen buffer of the group changes (its storage or in-place version: a loaded adapter)."""
-        key = tuple((id(layer), *((b.data_ptr(), b._version) for b in layer.buffers(recurse=False)))
-                    for layer in layers)
+        key = _buffers_key(layers)
         kept = getattr(layers[0], "_distance_frozen", None)
         if kept is None or kept[0] != key:
             frozen = [layer._initial_factors() for layer in layers]
@@ -173,3 +204,8 @@ class DeloraLayer(AdapterLayer):
         if self.config.delora_init == "subtract":
             lam += abs(self.delora_lambda0.item())
         return lam * n
+
+
+def _buffers_key(layers) -> tuple:
+    """Identity and in-place version of every buffer of a group: what a value derived from them depends on."""
+    return tuple((id(layer), *((b.data_ptr(), b._version) for b in layer.buffers(recurse=False))) for layer in layers)
