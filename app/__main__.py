@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="Port to serve on.")
     p.add_argument("--runs_dir", default=OUTPUTS_DIR,
                    help="Folder holding one sub-folder per training run (the trainers' default --output_dir "
-                        "parent, so CLI runs show up; a robustness study's runs under <study>/runs/ too); runs "
+                        "parent, so CLI runs show up; a robustness study's runs under <study>/runs/ and a "
+                        "--seeds run's under <group>/seed-N too); runs "
                         "found there are listed after a restart.")
     p.add_argument("--launcher", choices=["accelerate", "python"], default="accelerate",
                    help="How the trainer is started: 'accelerate launch training/dreambooth.py' (as the CLI docs) "

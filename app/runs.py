@@ -10,8 +10,9 @@ is read back from files there, so runs survive a restart of the app.
     RUNS/<name>/train.log          the trainer's stdout and stderr
     RUNS/<name>/run.json, metrics.jsonl, checkpoint-N/, adapter.safetensors, eval.jsonl  (the trainer, eval/)
 
-A robustness study (`python -m eval.robustness`) keeps its runs under its own folder, RUNS/<study>/runs/<run>/:
-they are listed too, named `<study>/runs/<run>` and grouped by study after the app's and the CLI's own runs.
+A robustness study (`python -m eval.robustness`) keeps its runs under its own folder, RUNS/<study>/runs/<run>/,
+and a language trainer given several seeds (`--seeds`) one run per seed, RUNS/<group>/seed-N/: they are listed
+too, named `<study>/runs/<run>` and `<group>/seed-N`, grouped by folder after the app's and the CLI's own runs.
 
 Status: queued -> running -> finished | failed | cancelled. A pid file whose process is gone with no
 exit_code file means the process died (app killed, OOM...): the run shows as failed with its last log
@@ -43,6 +44,7 @@ SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distanc
 STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
 _GROWING = (runfolder.METRICS, runfolder.EVAL, LOG_FILE)   # files written in place: their own stamps count
 STUDY_RUNS = "runs"          # eval.robustness: OUTPUT_DIR/runs/<run>
+_SEED_RE = re.compile(r"^seed-[0-9]{1,12}$")   # glue.py/instruct.py --seeds: OUTPUT_DIR/seed-N
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -195,7 +197,7 @@ class RunInfo:
 
     @property
     def study(self) -> str:
-        """The robustness study the run belongs to ('' for a run of its own)."""
+        """The folder grouping the run: its robustness study or multi-seed run ('' for a run of its own)."""
         return self.name.split("/", 1)[0] if "/" in self.name else ""
 
     @property
@@ -204,19 +206,20 @@ class RunInfo:
 
 
 def valid_name(name: str) -> bool:
-    """A run folder name, or a study's run `<study>/runs/<run>`: nothing else can reach outside the runs dir."""
+    """A run folder name, a study's run `<study>/runs/<run>` or one seed's run `<group>/seed-N`: nothing else
+    can reach outside the runs dir."""
     parts = str(name or "").split("/")
     if len(parts) == 3 and parts[1] == STUDY_RUNS:
         parts = [parts[0], parts[2]]
-    elif len(parts) != 1:
+    elif len(parts) > 1 and not (len(parts) == 2 and _SEED_RE.match(parts[1])):
         return False
     return all(_NAME_RE.match(p) and ".." not in p for p in parts)
 
 
 def run_path(runs_dir: Path, name: str) -> Path:
     """RUNS/name for a name typed or chosen in the UI; ValueError for anything that is not a plain
-    run folder name (no separators, no '..') or a study's `<study>/runs/<run>`, so no UI value can point
-    outside the runs dir."""
+    run folder name (no separators, no '..'), a study's `<study>/runs/<run>` or a `<group>/seed-N`, so no
+    UI value can point outside the runs dir."""
     name = run_name(name)                                 # accept a RunInfo.label too
     if not valid_name(name):
         raise ValueError(f"not a run name: {name!r}")
@@ -326,8 +329,8 @@ def _is_run(path: Path) -> bool:
 
 def list_runs(runs_dir: Path) -> list[RunInfo]:
     """Every run folder (one with app.json, run.json or metrics.jsonl), newest first; then the runs of each
-    robustness study under the runs dir (RUNS/<study>/runs/<run>), one study after another (the newest
-    first), each study's runs by name."""
+    robustness study (RUNS/<study>/runs/<run>) and multi-seed run (RUNS/<group>/seed-N) under the runs dir,
+    one group after another (the newest first), each group's runs by name."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
@@ -337,9 +340,10 @@ def list_runs(runs_dir: Path) -> list[RunInfo]:
             continue
         if _is_run(p):
             own.append(info(p))
-        elif (p / STUDY_RUNS).is_dir():
+        elif p.is_dir():
             found = [info(q, name=f"{p.name}/{STUDY_RUNS}/{q.name}") for q in (p / STUDY_RUNS).iterdir()
-                     if valid_name(q.name) and _is_run(q)]
+                     if valid_name(q.name) and _is_run(q)] if (p / STUDY_RUNS).is_dir() else []
+            found += [info(q, name=f"{p.name}/{q.name}") for q in p.iterdir() if _SEED_RE.match(q.name) and _is_run(q)]
             if found:
                 studies[p.name] = sorted(found, key=lambda r: r.name)
     order = sorted(studies, key=lambda s: (-max(r.created for r in studies[s]), s))

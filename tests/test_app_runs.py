@@ -206,3 +206,31 @@ def test_compare_and_generate_say_how_to_get_runs_only_when_there_are_none(tmp_p
     assert "--runs_dir" in service.empty_state() and "Train tab" in service.empty_state()
     make_run(tmp_path / "outputs", "a-run")
     assert service.empty_state() == "Choose runs above."
+
+
+def test_a_multi_seed_runs_seeds_are_listed_as_one_group(tmp_path):
+    """glue.py/instruct.py --seeds write OUTPUT_DIR/seed-N/ (one run each) and results_summary.json beside them:
+    each seed is a run named <group>/seed-N, listed together after the folder's own runs."""
+    from app.service import Service
+
+    own = make_run(tmp_path, "own-run", created=5.0)
+    group = tmp_path / "glue-sst2-delora"
+    for seed in (43, 42):
+        d = group / f"seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"args": {"method": "delora", "rank": 8, "seed": seed}}))
+        write_adapter(d)
+    (group / "results_summary.json").write_text("{}")
+    (group / "seed-x").mkdir()                                  # not a seed folder: not listed
+    (group / "seed-7").mkdir()                                  # a seed folder without a run in it: not listed
+    names = [r.name for r in R.list_runs(tmp_path)]
+    assert names == [own.name, "glue-sst2-delora/seed-42", "glue-sst2-delora/seed-43"]
+    ri = R.find(tmp_path, "glue-sst2-delora/seed-42 [finished]")
+    assert (ri.study, ri.method, ri.rank, ri.status) == ("glue-sst2-delora", "delora", 8, "finished")
+    assert R.run_path(tmp_path, ri.name) == group / "seed-42"
+    for bad in ("glue-sst2-delora/seed-x", "glue-sst2-delora/other", "glue-sst2-delora/seed-42/checkpoint-1",
+                "glue-sst2-delora/x/seed-42", "../glue-sst2-delora/seed-42", "glue-sst2-delora/seed-42/.."):
+        with pytest.raises(ValueError):
+            R.run_path(tmp_path, bad)
+    labels = dict((name, label) for label, name in Service(tmp_path).run_choices())
+    assert labels["glue-sst2-delora/seed-43"] == "glue-sst2-delora ▸ delora r8 · seed-43 [finished]"
