@@ -146,28 +146,47 @@ class EtherPlusLayer(EtherLayer):
         return stack_terms(torch.cat([self.ether_u_in, self.ether_v_in]), self._coef_in, self.config.ether_blocks)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        # the normalised terms of both sides: prepared for the whole group when the model's forward did
+        # (prepare_all), else computed here
+        out, in_ = self.take_prepared() or (self.out_terms(), self.in_terms() if self.two_sided else None)
         if self.two_sided and x.numel() >= self.in_features * self.out_features:
             # Many tokens (≥ out): H⁺ W H̃⁺ = W + U V with U V of rank ≤ 4n (delta_factors), a LoRA-shaped
             # path whose factors cost O(out·in·n) per step but which writes and keeps no extra
             # tokens x in activation; with few tokens the weight-side work dominates (BENCHMARKS.md has
             # the measured costs of both paths).
-            U, V = (torch.cat(t, dim=d) for t, d in zip(zip(*self.delta_factors()), (1, 0)))
+            U, V = (torch.cat(t, dim=d) for t, d in zip(zip(*self._factors_of(out, in_)), (1, 0)))
             return add_low_rank(self.base_linear(x), x.to(V.dtype) @ V.T, U)
         if self.two_sided:
-            x = rank1_update(x, self.in_terms())                          # H̃⁺ x   (H̃⁺ is symmetric)
-        y = rank1_update(self.base_linear(x, bias=False), self.out_terms())  # H⁺ W H̃⁺ x
+            x = rank1_update(x, in_)                                      # H̃⁺ x   (H̃⁺ is symmetric)
+        y = rank1_update(self.base_linear(x, bias=False), out)           # H⁺ W H̃⁺ x
         return y if self.bias is None else y + self.bias
 
     def delta_factors(self):
+        return self._factors_of(self.out_terms(), self.in_terms() if self.two_sided else None)
+
+    def _factors_of(self, out, in_):
         # H⁺ W H̃⁺ − W = P W + H⁺ (W P̃),  P = M diag(c) Mᵀ = −ÛÛᵀ + V̂V̂ᵀ, P̃ likewise: rank ≤ 4 per block.
         W = self.weight.float()
-        Mo, co = out = self.out_terms()
+        Mo, co = out
         factors = [(Mo * co, Mo.T @ W)]
-        if self.two_sided:
-            Mi, ci = self.in_terms()
+        if in_ is not None:
+            Mi, ci = in_
             HWM = rank1_update((W @ Mi).T, out).T                         # H⁺ applied to the columns of W M̃
             factors.append((HWM, ci.unsqueeze(1) * Mi.T))
         return factors
+
+    @classmethod
+    def prepare_all(cls, layers):
+        """Both sides' normalised terms (M, c) of a group with one block per side (the default) in batched ops:
+        one normalisation per side for all L layers instead of one per layer."""
+        first = layers[0]
+        if first.config.ether_blocks != 1:
+            return
+        outs = _stacked_side(layers, "ether_u", "ether_v", first._coef_out)[0].unbind()
+        ins = (_stacked_side(layers, "ether_u_in", "ether_v_in", first._coef_in)[0].unbind() if first.two_sided
+               else [None] * len(layers))
+        for layer, mo, mi in zip(layers, outs, ins):
+            layer.keep_prepared((mo, layer._coef_out), None if mi is None else (mi, layer._coef_in))
 
     @classmethod
     def stacked_delta_factors(cls, layers):
@@ -175,15 +194,11 @@ class EtherPlusLayer(EtherLayer):
         per layer, the normalisations and H⁺ over all L at once."""
         if layers[0].config.ether_blocks != 1:
             return super().stacked_delta_factors(layers)
-        def side(u_name: str, v_name: str, coef: torch.Tensor):   # (M (L, d, 2) = [û v̂] per layer, c)
-            uv = torch.cat([torch.stack([getattr(layer, n) for layer in layers]) for n in (u_name, v_name)], dim=1)
-            return stack_terms(uv, coef, 1)
-
         first = layers[0]
-        Mo, co = side("ether_u", "ether_v", first._coef_out)                       # co = [−1, 1]
+        Mo, co = _stacked_side(layers, "ether_u", "ether_v", first._coef_out)       # co = [−1, 1]
         factors = [(Mo * co, torch.stack([(Mo_l.T @ layer.weight.float()) for Mo_l, layer in zip(Mo, layers)]))]
         if first.two_sided:
-            Mi, ci = side("ether_u_in", "ether_v_in", first._coef_in)                # (L, in, 2)
+            Mi, ci = _stacked_side(layers, "ether_u_in", "ether_v_in", first._coef_in)  # (L, in, 2)
             WM = torch.stack([layer.weight.float() @ Mi_l for Mi_l, layer in zip(Mi, layers)])  # (L, out, 2)
             HWM = WM + (Mo * co) @ (Mo.mT @ WM)                                    # H⁺ W M̃, all at once
             factors.append((HWM, ci.unsqueeze(1) * Mi.mT))
@@ -197,3 +212,9 @@ class EtherPlusLayer(EtherLayer):
             c = (unit(u) * unit(v)).sum(1).detach().cpu()
             out = torch.maximum(out, (2 - 2 * c * c).clamp_min(0).sqrt())
         return out.tolist()
+
+
+def _stacked_side(layers, u_name: str, v_name: str, coef: torch.Tensor):
+    """(M (L, d, 2) = [û v̂] of every layer of a one-block group, c): one side's terms in batched ops."""
+    uv = torch.cat([torch.stack([getattr(layer, n) for layer in layers]) for n in (u_name, v_name)], dim=1)
+    return stack_terms(uv, coef, 1)
