@@ -32,6 +32,7 @@ from . import TrainingError
 logger = logging.getLogger("lowrank.training")
 
 FIG3_PATTERN = "attn1.to_out.0"   # DeLoRA Fig. 3: out-projection of the first self-attention
+DEFAULT_DISTANCE_LOGGING_STEPS = 10   # --distance_logging_steps: every layer's distance every 10 steps
 
 
 class _Format(logging.Formatter):
