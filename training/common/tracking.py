@@ -86,8 +86,8 @@ class DistanceProbe:
     The schedule (--distance_logging_steps N): every step the followed layer (fig3_layer) only, as
     distance_fig3 / rel_distance_fig3; a full probe (distance/<layer>, rel_distance/<layer> of every adapted
     layer, their mean and max) every N steps, at every checkpoint step and at the last step. A full sweep's
-    Gram products cost r²(in + out) per layer, over a percent of a UNet step for some methods; the followed
-    layer alone is a few hundredths of that. The adapter layers are collected once here, not per call."""
+    Gram products cost r²(in + out) per layer, over a percent of a UNet step for some methods; between full
+    probes only the followed layer's are computed. The adapter layers are collected once here, not per call."""
 
     def __init__(self, model, every: int = 1, checkpoint_every: int | None = None, last_step: int | None = None):
         self.model = model
