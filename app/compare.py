@@ -150,8 +150,9 @@ def curves(run_infos: list[runs.RunInfo], key: str) -> pd.DataFrame:
 
 
 def distance_key(run_infos: list[runs.RunInfo], preferred: str | None = None) -> str:
-    """The distance key to plot: the preferred one if any run logs it, else the first one logged."""
-    logged = {k for run in run_infos for m in runs.read_metrics(run.path)[-1:] for k in m}
+    """The distance key to plot: the preferred one if any run logs it, else the first one logged (any row: the
+    mean and max are on full-probe rows only, and a running run's last row may not be one)."""
+    logged = {k for run in run_infos for m in runs.read_metrics(run.path) for k in m}
     for key in ([preferred] if preferred else []) + list(DISTANCE_KEYS):
         if key in logged:
             return key
@@ -166,14 +167,18 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
     cols = ["run", "method", "rank", "lr", "status", "step", "loss", *DISTANCE_KEYS, "scored step", *EVAL_KEYS]
     rows = []
     for run in run_infos:
-        last = (runs.read_metrics(run.path) or [{}])[-1]
+        metrics = runs.read_metrics(run.path)
+        last = (metrics or [{}])[-1]
+        # each distance as last logged: distance_mean/max only on full-probe rows (every N steps, checkpoints,
+        # the last step), which a running run's last row may not be
+        latest = {k: next((m[k] for m in reversed(metrics) if k in m), None) for k in DISTANCE_KEYS}
         ev = runs.read_eval(run.path)
         ev = [e for e in ev if isinstance(e.get("step"), int)]   # bound rows (real/base images) have no step
         score = ev[-1] if ev else {}
         steps = f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step)
         rows.append({"run": run.name, "method": run.method, "rank": run.rank, "lr": run.learning_rate,
                      "status": run.status, "step": steps, "loss": _num(last.get("loss")),
-                     **{k: _num(last.get(k)) for k in DISTANCE_KEYS},
+                     **{k: _num(latest[k]) for k in DISTANCE_KEYS},
                      "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS}})
     return pd.DataFrame(rows, columns=cols)
 

@@ -121,8 +121,8 @@ _METRICS_LOCK = threading.Lock()
 
 
 def _read_new_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl grows by one line per step and each line carries a distance per layer (hundreds of
-    keys on SD-1.5): parse only the bytes added since the last read and keep SUMMARY_KEYS. The state
+    """metrics.jsonl grows by one line per step and a full-probe line carries a distance per layer (hundreds
+    of keys on SD-1.5): parse only the bytes added since the last read and keep SUMMARY_KEYS. The state
     (inode, mtime_ns, offset, rows) lives in the bounded app.cache.METRICS."""
     key = str(path)
     try:

@@ -157,14 +157,16 @@ def unet_ratios(args, plan: dict) -> dict:
     from bench import unet_step
 
     ns = argparse.Namespace(device=args.device, dtype="bf16", methods=list(plan["methods"]), reps=plan["unet_reps"],
-                            warmup=1, rank=16, batch=1)
+                            warmup=1, rank=16, batch=1,
+                            distance_logging_steps=unet_step.DEFAULT_DISTANCE_LOGGING_STEPS)   # the trainers' default
     cfg = TINY_UNET if args.quick else unet_step.SD15_UNET
     row, methods = unet_step.run_resolution(ns, plan["unet_res"], cfg)
     secs = row["seconds"]
     return {"resolution": plan["unet_res"], "unet": "tiny" if args.quick else "sd15",
             "vs_lora": {m: secs[m] / secs["lora"] for m in methods},
             "vs_floor": {m: secs[m] / secs["floor"] for m in methods},
-            "distance_share": row["distance_share"], "peak_cuda_bytes": row["peak_cuda_bytes"]}
+            "distance_share": row["distance_share"], "distance_share_full": row["distance_share_full"],
+            "peak_cuda_bytes": row["peak_cuda_bytes"]}
 
 
 def glue_ratios(args, plan: dict, work: Path) -> dict:

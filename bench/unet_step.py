@@ -1,13 +1,18 @@
 """A full DreamBooth training step per method, against LoRA and against the frozen floor.
 
     python bench/unet_step.py [--device cuda] [--dtype bf16] [--resolutions 64 128] [--sd15]
+                              [--distance_logging_steps 10]
 
-One step = VAE encode, noise, UNet forward/backward, AdamW step, step hooks, weight-distance
-logging: what training/dreambooth.py does per step. The floor is the frozen UNet backpropagating to
-its input (the work every adapter pays for). `lora#2` is a second, identical LoRA: how far its ratio
-strays from 1.00 is the noise of the run. Delta-LoRA is measured on its path after step K. Also measured:
-the share of the step spent in weight_distance(), and merged inference (adapter folded in) against the
-plain base UNet.
+One step = VAE encode, noise, UNet forward/backward, AdamW step, step hooks, the trainers' weight-distance
+probe on their schedule: what training/dreambooth.py does per step. The floor is the frozen UNet
+backpropagating to its input (the work every adapter pays for). `lora#2` is a second, identical LoRA: how far
+its ratio strays from 1.00 is the noise of the run. Delta-LoRA is measured on its path after step K.
+
+Also measured, interleaved: the share of a step the distance probe costs (training.common.tracking's
+DistanceProbe, the trainers' own), two ways: amortized at --distance_logging_steps N, what a trainer pays per
+step (N consecutive probe calls on the schedule, N-1 of the followed layer only and one of every layer,
+divided by N), and a full sweep of every adapted layer (what every step cost with N = 1); then merged
+inference (adapter folded in) against the plain base UNet.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
 from bench.common import base_parser, interleaved, peak_cuda_bytes, write_results  # noqa: E402
 from lowrank import cli  # noqa: E402
+from training.common.tracking import DEFAULT_DISTANCE_LOGGING_STEPS, DistanceProbe  # noqa: E402
 
 MID_UNET = dict(block_out_channels=(64, 128, 256), layers_per_block=1, cross_attention_dim=256, attention_head_dim=8,
                 down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
@@ -38,7 +44,7 @@ LR = {"lora": 6e-4, "dora": 6e-4, "delora": 6e-3, "ether": 6e-3, "etherplus": 6e
 class Trainer:
     """Everything one method's training step touches, built once."""
 
-    def __init__(self, method, unet, vae, sched, rank, device, dtype):
+    def __init__(self, method, unet, vae, sched, rank, device, dtype, distance_every=DEFAULT_DISTANCE_LOGGING_STEPS):
         # the frozen base weights are shared by every candidate (deepcopy's memo hands back the same
         # Parameter objects): nothing in a training step writes them, and the SD-1.5 UNet is 3.4 GB a copy
         self.unet = copy.deepcopy(unet, memo={id(p): p for p in unet.parameters()})
@@ -54,6 +60,7 @@ class Trainer:
             lowrank.inject(self.unet, lowrank.AdapterConfig(method=method, rank=rank, **extra))
             self.opt = torch.optim.AdamW(lowrank.parameter_groups(self.unet, lr=LR.get(method, 1e-4)))
             self.hooks = lowrank.step_hooks(self.unet)
+            self.probe = DistanceProbe(self.unet, every=distance_every)   # as the trainers build it
         self.steps = 0
 
     def step(self, pixels, text, log_distance=True):
@@ -76,7 +83,13 @@ class Trainer:
             self.steps += 1
             self.hooks.after_optimizer_step(self.steps)
             if log_distance:
-                lowrank.weight_distance(self.unet)
+                self.probe(self.steps)   # the followed layer, every layer each N-th step
+
+    def probe_cycle(self, n: int):
+        """N probe calls on the schedule (steps 1..N of a probe built with every=N: N-1 followed-only, one
+        full): timed as one call, its time / N is the probe's amortized cost per training step."""
+        for step in range(1, n + 1):
+            self.probe(step)
 
 
 def run_resolution(args, res, unet_cfg):
@@ -89,15 +102,18 @@ def run_resolution(args, res, unet_cfg):
     trainers = {"floor": Trainer("floor", unet, vae, sched, args.rank, device, dtype)}
     if "lora" in methods:
         methods.append("lora#2")
-    trainers |= {m: Trainer(m, unet, vae, sched, args.rank, device, dtype) for m in methods}
+    every = args.distance_logging_steps
+    trainers |= {m: Trainer(m, unet, vae, sched, args.rank, device, dtype, every) for m in methods}
     pixels = torch.randn(args.batch, 3, res, res, device=device)
     text = torch.randn(args.batch, 77, unet_cfg["cross_attention_dim"], device=device)
     secs = interleaved({k: (lambda tr=tr: tr.step(pixels, text)) for k, tr in trainers.items()},
                        args.reps, args.warmup, device)
     peak = {k: peak_cuda_bytes(lambda tr=tr: tr.step(pixels, text), device) for k, tr in trainers.items()}
-    # distance logging: weight_distance() alone per method, as a share of that method's whole step
-    dist = interleaved({m: (lambda tr=trainers[m]: lowrank.weight_distance(tr.unet)) for m in methods},
-                       args.reps, 1, device)
+    # the distance probe per method, as a share of that method's whole step: amortized over N steps of the
+    # schedule (what a trainer pays per step), and one full sweep of every layer (what N = 1 pays every step)
+    probes = {f"{m}@{every}": (lambda tr=trainers[m]: tr.probe_cycle(every)) for m in methods}
+    probes |= {f"{m}@full": (lambda tr=trainers[m]: tr.probe()) for m in methods}
+    dist = interleaved(probes, args.reps, 1, device)
     # merged inference vs the base UNet (no grad)
     merged = copy.deepcopy(trainers["delora" if "delora" in methods else methods[0]].unet)
     lowrank.merge(merged)                      # adapters merged, wrappers still in place (unmerge-able)
@@ -114,7 +130,9 @@ def run_resolution(args, res, unet_cfg):
     inf = interleaved({"merged": infer(merged), "ejected": infer(ejected), "base": infer(base)},
                       max(args.reps, 15), 1, device)
     row = {"resolution": res, "seconds": secs, "peak_cuda_bytes": peak,
-           "distance_share": {m: dist[m] / secs[m] for m in methods},
+           "distance_logging_steps": every,
+           "distance_share": {m: dist[f"{m}@{every}"] / every / secs[m] for m in methods},
+           "distance_share_full": {m: dist[f"{m}@full"] / secs[m] for m in methods},
            "merged_vs_base": inf["merged"] / inf["base"], "ejected_vs_base": inf["ejected"] / inf["base"]}
     size = sum(p.numel() for p in unet.parameters()) / 1e6
     print(f"\nUNet step at {res} px ({size:.1f}M-param UNet), r={args.rank}")
@@ -122,8 +140,10 @@ def run_resolution(args, res, unet_cfg):
     for k in ["floor"] + methods:
         ref = secs.get("lora", secs[methods[0]])
         print(f"  {k:<10} {secs[k] * 1e3:9.1f} {secs[k] / ref:8.3f} {secs[k] / secs['floor']:9.3f}")
-    print("  weight_distance share of a step: " + ", ".join(f"{m} {100 * v:.2f} %"
-                                                         for m, v in row["distance_share"].items()))
+    print(f"  distance probe share of a step, amortized at --distance_logging_steps {every} (what a trainer "
+          f"pays): " + ", ".join(f"{m} {100 * v:.2f} %" for m, v in row["distance_share"].items()))
+    print("  distance probe share of a step, full sweep of every layer (every step at 1): " + ", ".join(
+        f"{m} {100 * v:.2f} %" for m, v in row["distance_share_full"].items()))
     print(f"  merged inference vs base: {row['merged_vs_base']:.3f}x (wrapped), "
           f"{row['ejected_vs_base']:.3f}x (merged and ejected)")
     return row, methods
@@ -136,6 +156,9 @@ def main(argv=None):
                    help="the SD-1.5 UNet architecture (random weights) instead of the mid-size one")
     p.add_argument("--rank", type=int, default=16, help="adapter rank")
     p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--distance_logging_steps", type=int, default=DEFAULT_DISTANCE_LOGGING_STEPS,
+                   help="the trainers' flag: every layer's distance every N steps, the followed layer's between "
+                        f"(default {DEFAULT_DISTANCE_LOGGING_STEPS}, the trainers' default)")
     args = p.parse_args(argv)
     rows, methods = [], []
     for res in args.resolutions:
@@ -144,6 +167,8 @@ def main(argv=None):
     summ = {m: {"vs_lora": sum(r["seconds"][m] / r["seconds"].get("lora", r["seconds"][m]) for r in rows) / len(rows),
                 "vs_floor": sum(r["seconds"][m] / r["seconds"]["floor"] for r in rows) / len(rows)} for m in methods}
     summ["_step"] = {"distance_share": max(max(r["distance_share"].values()) for r in rows),
+                     "distance_share_full": max(max(r["distance_share_full"].values()) for r in rows),
+                     "distance_logging_steps": args.distance_logging_steps,
                      "merged_vs_base": sum(r["merged_vs_base"] for r in rows) / len(rows),
                      "ejected_vs_base": sum(r["ejected_vs_base"] for r in rows) / len(rows)}
     write_results(args, "unet_step", "-sd15" if args.sd15 else "", argv, summ, rows)

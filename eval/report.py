@@ -17,7 +17,9 @@ are never compared: report.md has one section per task with its own table, and e
 named <figure>-<task>.png when the report holds more than one task.
 
 The distance is the Fig. 3 layer by default: the out-projection of the first self-attention
-(the first metrics key distance/...attn1.to_out.0, of transformer block 0), else distance_mean.
+(the first metrics key distance/...attn1.to_out.0, of transformer block 0), else distance_mean. The trainers
+log that layer every step (distance_fig3) and every layer every --distance_logging_steps steps; its curve
+has every step, another layer's or distance_mean's the full-probe steps.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank.runfolder import EVAL, PROMPTS, SAMPLES
+from training.common.tracking import fill_followed_layer
 
 from . import EvalError, plots
 from .common import (
@@ -69,7 +72,10 @@ class Run:
 def pick_distance_key(metrics: list[dict], choice: str = "auto") -> str | None:
     """The logged key to plot as "the" distance. auto: distance/<first transformer block>.attn1.to_out.0
     (the paper's layer), else any attn1.to_out.0 layer, else distance_mean."""
-    keys = list(dict.fromkeys(k for row in metrics[:1] + metrics[-1:] for k in row))
+    # the first row, the first full-probe row (per-layer keys; with --distance_logging_steps N the first row
+    # may have only distance_fig3) and the last row
+    full = [next((row for row in metrics if "distance_mean" in row), {})]
+    keys = list(dict.fromkeys(k for row in metrics[:1] + full + metrics[-1:] for k in row))
     if choice != "auto":
         return choice if choice in keys else None
     layer = [k for k in keys if k.startswith("distance/") and FIG3_LAYER in k]
@@ -117,7 +123,9 @@ def value_at(metrics: list[dict], key: str | None, step: int | None):
 def load_run(path: str | Path, distance_choice: str) -> Run:
     path = Path(path).expanduser()
     run = read_run(path)
-    metrics = read_metrics(path)
+    # the followed layer (run.json's fig3_layer) is logged every step as distance_fig3, and under its
+    # own name on full-probe rows only: every row gets its distance/<layer>, for a per-step curve
+    metrics = fill_followed_layer(read_metrics(path), run.get("fig3_layer"))
     if not metrics:
         logger.warning("%s has no metrics.jsonl rows: no distance for it", path)
     evals = read_jsonl(path / EVAL, strict=False) if (path / EVAL).is_file() else []

@@ -23,7 +23,7 @@ from lowrank import read_adapter
 from lowrank.analysis import delora_bound
 from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
 from training.common.models import is_tiny
-from training.common.tracking import library_versions
+from training.common.tracking import fill_followed_layer, library_versions
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
@@ -38,12 +38,19 @@ BLOCK_RE = re.compile(r"(down_blocks\.\d+|mid_block|up_blocks\.\d+|layers?\.\d+|
 def figure_layer(folder: Path, rows: list[dict], wanted: str | None) -> str | None:
     if wanted:
         return wanted
-    try:
-        fig3 = read_run(folder).get("fig3_layer")
-    except ValueError:
-        fig3 = None
-    names = [k[len("distance/"):] for k in (rows[0] if rows else {}) if k.startswith("distance/")]
+    fig3 = followed_layer(folder)
+    # rows between full probes carry no distance/<layer>: the first row that does names the layers
+    full = next((r for r in rows if any(k.startswith("distance/") for k in r)), {})
+    names = [k[len("distance/"):] for k in full if k.startswith("distance/")]
     return fig3 or (names[0] if names else None)
+
+
+def followed_layer(folder: Path) -> str | None:
+    """The layer the trainer measured every step (run.json's fig3_layer; None when not recorded)."""
+    try:
+        return read_run(folder).get("fig3_layer")
+    except ValueError:
+        return None
 
 
 def bound_at(adapter_dir: Path, layer: str, sigma: dict) -> float | None:
@@ -110,6 +117,7 @@ def measure(results, args, task, base, score_note: str | None) -> list[dict]:
             continue
         rows = read_metrics(r.folder)
         layer = figure_layer(r.folder, rows, args.layer)
+        rows = fill_followed_layer(rows, followed_layer(r.folder))   # the followed layer's every step
         key = f"distance/{layer}"
         curve = [(m["step"], m[key]) for m in rows if key in m]
         if layer and layer not in sigma and layer in weights:

@@ -6,10 +6,11 @@
     save_adapter(model, "out/"); load_adapter(model, "out/")
     parameter_groups(model, lr=1e-3, lambda_lr=1e-2)
     weight_distance(model)              # {module name: ‖W_eff − W0‖_F}
+    layer_distances(adapter_layers(model))  # the same for a given {name: layer} dict (no model walk)
     step_hooks(model)                   # .extra_loss(), .after_optimizer_step(step)
     export(unet, "out/", format="diffusers")  # exact files: diffusers, kohya, peft; diff (full ΔW, any method)
 """
-from .analysis import count_parameters, distance_summary, weight_distance
+from .analysis import count_parameters, distance_summary, layer_distances, weight_distance
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError, ConfigError, TargetError
 from .export import ExportError, export, export_peft
@@ -22,7 +23,7 @@ from .registry import METHODS
 
 __all__ = [
     "AdapterConfig", "inject", "eject", "merge", "unmerge", "save_adapter", "load_adapter", "read_adapter",
-    "parameter_groups", "weight_distance", "distance_summary", "count_parameters", "step_hooks",
+    "parameter_groups", "weight_distance", "layer_distances", "distance_summary", "count_parameters", "step_hooks",
     "adapter_layers", "export", "export_peft", "ExportError", "live_ranks", "METHODS", "AdapterError",
     "ConfigError", "TargetError", "AdapterFileError", "AdapterMismatchError",
 ]

@@ -5,16 +5,24 @@ import torch
 from torch import nn
 
 from .inject import adapter_layers
+from .layer import AdapterLayer
 
 
 @torch.no_grad()
 def weight_distance(model: nn.Module, relative: bool = False) -> dict[str, float]:
     """{module name: ‖W_eff − W_pretrained‖_F} (÷ ‖W_pretrained‖_F if relative), cheap enough per step.
+    Every adapted layer of the model (adapter_layers), measured by layer_distances."""
+    return layer_distances(adapter_layers(model), relative)
+
+
+@torch.no_grad()
+def layer_distances(layers: dict[str, AdapterLayer], relative: bool = False) -> dict[str, float]:
+    """weight_distance of the given {module name: AdapterLayer} only: a caller that measures every step
+    keeps the dict (or part of it) and skips the model walk.
 
     Layers are grouped by method, shape and options, and each group is measured in one batched call
     (AdapterLayer.distance_all: Gram products of stacked factors, no out x in matrix). One device sync
-    for the whole model."""
-    layers = adapter_layers(model)
+    for the whole dict."""
     if not layers:
         return {}
     groups: dict[tuple, list[str]] = {}

@@ -67,6 +67,23 @@ def test_curves_and_table(tmp_path):
     assert compare.distance_key([a], "distance_max") == "distance_fig3"   # falls back to a logged key
 
 
+def test_a_running_run_whose_last_row_is_not_a_full_probe(tmp_path):
+    """--distance_logging_steps 3 at step 4 of a running run: distance_mean/max only on the full row of step 3.
+    The table shows each distance as last logged; the mean is still offered as the key to plot."""
+    a = fake_run(tmp_path, "a", "lora", steps=(3,), final=False)
+    rows = [{"step": s, "loss": 1.0 / s, "distance_fig3": 0.1 * s,
+             **({"distance_mean": 0.05 * s, "distance_max": 0.2 * s} if s == 3 else {})} for s in range(1, 5)]
+    (a.path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (a.path / "new.jsonl").replace(a.path / "metrics.jsonl")   # a new file, as the app's reader expects of a rewrite
+    a = R.info(a.path)
+    table = compare.metrics_table([a])
+    assert table["distance_fig3"].tolist() == [0.4] and table["distance_mean"].tolist() == [0.15]
+    assert table["distance_max"].tolist() == [0.6] and pd.isna(table["rel_distance_max"].tolist()[0])
+    assert compare.distance_key([a], "distance_max") == "distance_max"
+    assert compare.distance_key([a], "rel_distance_max") == "distance_fig3"   # never logged: a logged key
+    assert compare.curves([a], "distance_mean")["step"].tolist() == [3]
+
+
 def test_pareto_front_and_tradeoff_points(tmp_path):
     a = fake_run(tmp_path, "a", "lora", steps=(1, 2, 3), scores={1: 0.30, 2: 0.50, 3: 0.45})
     points = compare.tradeoff_points([a], "distance_fig3", "dino")

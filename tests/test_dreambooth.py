@@ -68,21 +68,19 @@ def test_every_method_trains_checkpoints_and_logs_distances(tmp_path, method):
 
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    layers = [k[len("distance/"):] for k in rows[0] if k.startswith("distance/")]
+    # default --distance_logging_steps 10: every layer at the checkpoint (2) and the last step (3) only
+    layers = check_distance_rows(rows, run["fig3_layer"], full_steps=[2, 3])
     assert len(layers) == run["adapted_layers"] > 0
     for r in rows:
         assert math.isfinite(r["loss"]) and r["lr"] > 0
-        assert r["distance_fig3"] == r["distance/" + run["fig3_layer"]]
-        assert r["distance_max"] == max(r["distance/" + n] for n in layers)
-        assert r["distance_mean"] == pytest.approx(sum(r["distance/" + n] for n in layers) / len(layers))
-        assert all(r["rel_distance/" + n] >= 0 for n in layers) and 0 < r["time/distance_share"] < 1
 
-    start = run["distance_at_start"]
+    start = run["distance_at_start"]   # a full probe before the first step
+    assert {"distance_fig3", "distance_mean", "distance_max", "rel_distance_max"} <= set(start)
     if method == "ether":    # a reflection from the start: never the identity
         assert start["rel_distance_max"] > 0.1 and rows[0]["distance_fig3"] > 0
     else:                    # starts at the pretrained weights and moves away
         assert start["rel_distance_max"] < 1e-5
-        assert 0 < rows[0]["distance_max"] < rows[-1]["distance_max"]
+        assert 0 < rows[1]["distance_max"] < rows[2]["distance_max"]
 
     # the saved adapter is the trained one: reloaded into a fresh model it has the last logged distance
     unet = load_pipeline().unet
@@ -91,12 +89,34 @@ def test_every_method_trains_checkpoints_and_logs_distances(tmp_path, method):
     assert fig3 == pytest.approx(rows[-1]["distance_fig3"], rel=1e-6, abs=1e-9)
 
 
+def check_distance_rows(rows, fig3, full_steps):
+    """distance_fig3 and the probe's time on every row; every adapted layer, their mean and max on the
+    full-probe rows (exactly `full_steps`), and there distance_fig3 == distance/<fig3 layer>. The layers."""
+    full = [r for r in rows if "distance_mean" in r]
+    assert [r["step"] for r in full] == full_steps
+    layers = [k[len("distance/"):] for k in full[0] if k.startswith("distance/")]
+    for r in rows:
+        assert r["distance_fig3"] >= 0 and r["rel_distance_fig3"] >= 0 and 0 < r["time/distance_share"] < 1
+        assert r["time/step"] > r["time/distance"] > 0
+        names = sorted(k.split("/", 1)[1] for k in r if k.startswith(("distance/", "rel_distance/")))
+        if r["step"] not in full_steps:   # the followed layer only
+            assert names == [] and not {"distance_max", "rel_distance_mean", "rel_distance_max"} & set(r)
+            continue
+        assert names == sorted(layers * 2)
+        assert r["distance_fig3"] == r["distance/" + fig3] and r["rel_distance_fig3"] == r["rel_distance/" + fig3]
+        assert r["distance_max"] == max(r["distance/" + n] for n in layers)
+        assert r["distance_mean"] == pytest.approx(sum(r["distance/" + n] for n in layers) / len(layers))
+        assert r["rel_distance_max"] == max(r["rel_distance/" + n] for n in layers)
+        assert all(r["rel_distance/" + n] >= 0 for n in layers)
+    return layers
+
+
 def test_rotation_validation_accumulation_and_tensorboard(tmp_path):
     out = tmp_path / "out"
     extra = ["--method", "lora", "--max_train_steps", "5", "--checkpointing_steps", "2", "--checkpoints_total_limit",
              "1", "--validation_steps", "3", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
              "--gradient_checkpointing", "--validation_prompt", "a sks cat", "a sks cat on the beach",
-             "--export_diffusers", "false"]
+             "--export_diffusers", "false", "--distance_logging_steps", "3"]
     has_tb = importlib_has("tensorboard")
     if has_tb:
         extra += ["--report_to", "tensorboard"]
@@ -110,7 +130,10 @@ def test_rotation_validation_accumulation_and_tensorboard(tmp_path):
     rows = metrics(out)
     # 5 images, batch 2, 2 micro-batches per step: 2 optimizer steps per epoch
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["epoch"] for r in rows] == [0, 0, 1, 1, 2]
-    assert json.loads((out / "run.json").read_text())["steps_per_epoch"] == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps_per_epoch"] == 2
+    # every layer every 3 steps, at the checkpoints (2, 4) and the last step (5): all but step 1
+    check_distance_rows(rows, run["fig3_layer"], full_steps=[2, 3, 4, 5])
     if has_tb:
         assert list((out / "logs").rglob("events.out.tfevents.*"))
 
@@ -193,6 +216,7 @@ BAD = {
     "unknown method": (["--method", "nope"], "unknown method 'nope'"),
     "output is a file": (["--output_dir", "{t}/afile"], "is not a directory"),
     "zero steps": (["--max_train_steps", "0"], "must be positive"),
+    "zero distance steps": (["--distance_logging_steps", "0"], "--distance_logging_steps must be positive, got 0"),
     "bad rank": (["--rank", "0"], "rank must be a positive integer"),
     "unknown flag": (["--bogus", "1"], "unrecognized arguments"),
     "bad bool": (["--dora_detach_norm", "maybe"], "expected true or false"),

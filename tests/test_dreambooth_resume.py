@@ -78,7 +78,7 @@ def test_accelerate_launch_smoke_every_method(tmp_path, env, method):
     n_layers = json.loads((out / "run.json").read_text())["adapted_layers"]
     logged = rows(out)
     assert [r["step"] for r in logged] == [1, 2]
-    for r in logged:
+    for r in logged:   # a checkpoint every step: every row is a full probe
         dists = [v for k, v in r.items() if k.startswith("distance/")]
         assert len(dists) == n_layers > 0 and all(d >= 0 for d in dists)
         assert r["distance_max"] == max(dists) > 0
@@ -117,6 +117,11 @@ def test_sigkill_then_resume_latest_equals_uninterrupted_run(tmp_path, env):
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]              # the killed run's extra rows were dropped
     for x, y in zip(ra, rb):
         assert x["loss"] == y["loss"] and x["distance_fig3"] == y["distance_fig3"]
+        # every layer on the same steps (the checkpoints 2, 4, 6) with the same values, resumed or not
+        dist = [k for k in x if k.startswith(("distance", "rel_distance"))]
+        assert dist == [k for k in y if k.startswith(("distance", "rel_distance"))]
+        assert [x[k] for k in dist] == [y[k] for k in dist]
+    assert [r["step"] for r in rb if "distance_mean" in r] == [2, 4, 6]
     assert not list(killed.glob("*.tmp"))
 
 

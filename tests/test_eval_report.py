@@ -121,6 +121,31 @@ def test_distance_key_choice(runs, tmp_path):
         [distance(OTHER, s, 0.1) for s in (2, 4, 6)])
 
 
+def test_rows_between_full_probes(tmp_path, figures):
+    """metrics.jsonl as the trainers write it with --distance_logging_steps 3 (a run still going at step 5):
+    the followed layer as distance_fig3 every step, every layer and distance_mean at step 3 only. The key is
+    still found, the Fig. 3 curve has every step (distance_fig3 under the layer's name), distance_mean its
+    one full row."""
+    run = make_run(tmp_path, "lora-run", "lora", 1e-4, steps=5)
+    layer = BLOCK0[len("distance/"):]
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "fig3_layer": layer}))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [{**r, "distance_fig3": r[BLOCK0]} if r["step"] == 3 else
+            {"step": r["step"], "loss": r["loss"], "distance_fig3": r[BLOCK0]} for r in logged]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report.pick_distance_key(rows) == BLOCK0           # neither the first nor the last row names it
+    assert report.pick_distance_key(rows[:2]) is None         # no full row yet: nothing to name
+    loaded = report.load_run(run, "auto")
+    assert loaded.distance_key == BLOCK0
+    assert report.series(loaded.metrics, BLOCK0) == ([1, 2, 3, 4, 5], [distance(BLOCK0, s, 0.1) for s in range(1, 6)])
+    assert report.series(loaded.metrics, OTHER) == ([3], [distance(OTHER, 3, 0.1)])
+    assert report.value_at(loaded.metrics, BLOCK0, 4) == distance(BLOCK0, 4, 0.1)
+    assert run_main(report.main, [str(run), "--out", str(tmp_path / "out")]) == 0
+    [line] = figures["distance_vs_step.png"].axes[0].get_lines()
+    np.testing.assert_allclose(line.get_ydata(), [distance(BLOCK0, s, 0.1) for s in range(1, 6)])
+
+
 def test_figures_show_the_data_with_titles_labels_and_legends(runs, tmp_path, figures):
     a, b, c = runs
     assert run_main(report.main, [str(a), str(b), str(c), "--out", str(tmp_path / "out")]) == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval import robustness
+from eval import robustness, robustness_report
 from eval.robustness_tasks import TASKS, StudyTask, score_glue
 
 from .test_eval_support import tiny_models  # noqa: F401
@@ -53,7 +53,10 @@ FAKE_TRAINER = textwrap.dedent('''
             for n, t in model.named_parameters():
                 if t.requires_grad:
                     t.add_(lr)
-        rows.append({"step": step, "loss": 1.0, "distance/to_q": lowrank.weight_distance(model)["to_q"]})
+        # as the trainers log it: the followed layer every step, every layer at checkpoints and the last step
+        d = lowrank.weight_distance(model)["to_q"]
+        full = step % every == 0 or step == steps
+        rows.append({"step": step, "loss": 1.0, "distance_fig3": d, **({"distance/to_q": d} if full else {})})
         if step % every == 0:
             ck = out / f"checkpoint-{step}"
             lowrank.save_adapter(model, ck)
@@ -97,9 +100,19 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_path, fake):
+def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_path, fake, monkeypatch):
     out = tmp_path / "study"
+    drawn = []   # the prolonged runs' Fig. 3 curves, as drawn
+    draw = robustness_report.long_figures
+    monkeypatch.setattr(robustness_report, "long_figures", lambda rows, *a: drawn.extend(rows) or draw(rows, *a))
     assert study(out, "--ablation") == 1          # the report is written, and the exit status says runs failed
+    # every step of the followed layer (distance_fig3 between the full rows at checkpoints 2 and 4)
+    curves = {r["method"]: r["curve"] for r in drawn if r["study"] == "long" and r["status"] != "failed"}
+    assert set(curves) == {"lora", "delora"}
+    for method, curve in curves.items():
+        logged = [json.loads(line) for line in (out / "runs" / next(
+            r["run"] for r in drawn if r["study"] == "long" and r["method"] == method) / "metrics.jsonl").open()]
+        assert curve == [(m["step"], m["distance_fig3"]) for m in logged] and len(curve) == 4
     first = calls_of(fake)
     # 3 methods (the long runs have the sweep's settings: the same folders, not trained twice) and the five
     # ablation rows that are not already among them (V1 = lora, V3 = delora), less V8, which the stand-in's
@@ -165,6 +178,19 @@ def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_p
     assert study(out) == 1
     resumed = [c for c in calls_of(fake) if "lora" in c and "--resume_from_checkpoint" in c]
     assert len(resumed) == 1 and resumed[0][resumed[0].index("--resume_from_checkpoint") + 1] == "latest"
+
+
+def test_figure_layer_from_the_first_row_that_names_the_layers(tmp_path):
+    """A run.json without fig3_layer, metrics whose first rows have only the followed layer's distance_fig3
+    (--distance_logging_steps): the layer comes from the first full-probe row."""
+    (tmp_path / "run.json").write_text(json.dumps({"args": {}}))
+    rows = [{"step": 1, "distance_fig3": 0.1}, {"step": 2, "distance_fig3": 0.2},
+            {"step": 3, "distance_fig3": 0.3, "distance/blocks.0.to_q": 0.3, "distance/blocks.1.to_q": 0.5}]
+    assert robustness_report.figure_layer(tmp_path, rows, None) == "blocks.0.to_q"
+    assert robustness_report.figure_layer(tmp_path, rows, "blocks.1.to_q") == "blocks.1.to_q"
+    assert robustness_report.figure_layer(tmp_path, rows[:2], None) is None
+    (tmp_path / "run.json").write_text(json.dumps({"args": {}, "fig3_layer": "blocks.1.to_q"}))
+    assert robustness_report.figure_layer(tmp_path, rows, None) == "blocks.1.to_q"
 
 
 def test_bad_input_is_one_error_line(tmp_path, fake, monkeypatch, capsys):

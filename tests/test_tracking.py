@@ -70,17 +70,21 @@ def test_report_to_wandb_offline_logs_scalars_distance_curves_and_checkpoint_sam
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     (tmp_path / "wb").mkdir()
     out = tmp_path / "run"
-    assert dreambooth.main(["--output_dir", str(out), "--report_to", "wandb", *FAST]) == 0
+    # 3 steps, a checkpoint at 2: the distance of every layer at 2 and 3 (the last step), the followed layer at 1
+    assert dreambooth.main(["--output_dir", str(out), "--report_to", "wandb", *FAST, "--max_train_steps", "3",
+                            "--checkpointing_steps", "2"]) == 0
     [run_dir] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     logged = history(next(run_dir.glob("run-*.wandb")))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:   # every number metrics.jsonl holds, the same in wandb (JSON both ways: exact)
         numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        assert any(k.startswith("distance/") for k in numbers) and "distance_fig3" in numbers
+        full = row["step"] in (2, 3)
+        assert any(k.startswith("distance/") for k in numbers) == full and "distance_fig3" in numbers
+        assert any(k.startswith("distance/") for k in logged[row["step"]]) == full
         assert {k: logged[row["step"]][k] for k in numbers} == numbers
-    # the samples of each checkpoint (tag validation) and the final ones, as PNGs in the run's media
-    for step, tag in ((1, "validation"), (2, "validation"), (2, "final")):
+    # the samples of the checkpoint (tag validation) and the final ones, as PNGs in the run's media
+    for step, tag in ((2, "validation"), (3, "final")):
         files = logged[step][f"{tag}/filenames"]
         assert len(files) == 1 and (run_dir / "files" / files[0]).is_file()
     assert json.loads((out / "run.json").read_text())["report_to"] == "wandb"

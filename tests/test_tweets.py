@@ -115,5 +115,10 @@ def test_a_short_real_run(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["fig3_layer"] == "bert.encoder.layer.0.attention.self.query"
     steps = [r for r in rows if "distance_fig3" in r]
-    assert len(steps) == 3 and all(r["distance_fig3"] == r["distance/" + run["fig3_layer"]] > 0 for r in steps)
+    assert len(steps) == 3 and all(r["distance_fig3"] > 0 for r in steps)
+    # every layer at the last step only (3 steps, default --distance_logging_steps 10, no checkpoint before)
+    full = [r for r in steps if "distance_mean" in r]
+    assert [r["step"] for r in full] == [3] == [r["step"] for r in steps if any(k.startswith("distance/") for k in r)]
+    assert full[0]["distance_fig3"] == full[0]["distance/" + run["fig3_layer"]]
+    assert full[0]["distance_max"] >= full[0]["distance_fig3"]
     assert any("test/macro_f1" in r for r in rows)

@@ -27,7 +27,8 @@ Outputs (output_dir), DreamBooth's layout:
     adapter_config.json, adapter.safetensors, conditioning_encoder.safetensors   the final model
     samples/  per validation map i: p{i}-map.png (control), p{i}-label.png (ids), p{i}-s{seed}.png; grid.png
     checkpoint-N/    adapter + encoder, optimizer/scheduler/RNG state, samples/
-    metrics.jsonl    per step: loss, lr (lr_conditioning too), distance/unet.<layer> of every adapted layer
+    metrics.jsonl    per step: loss, lr (lr_conditioning too), distance_fig3; distance/unet.<layer> of every
+                     adapted layer every --distance_logging_steps steps, at checkpoints and the last step
     run.json         arguments, resolved settings (condition, caption_source, encoder parameters, ...)
 Score it with  python -m eval.segmentation --run_dir OUTPUT_DIR --checkpoints all
 Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;

@@ -16,6 +16,7 @@ from pathlib import Path
 from lowrank import METHODS, AdapterConfig, cli
 
 from . import TrainingError
+from .tracking import DEFAULT_DISTANCE_LOGGING_STEPS
 
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
@@ -192,6 +193,13 @@ def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size 
     p("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
       help="Mixed precision (default: accelerate's config / launch flag). Frozen weights are cast to it; "
            "adapter parameters stay fp32.")
+    p("--distance_logging_steps", type=int, default=DEFAULT_DISTANCE_LOGGING_STEPS,
+      help="Weight-distance logging in metrics.jsonl (and the trackers): every step the followed layer (DeLoRA "
+           "Fig. 3's, the first self-attention's out-projection; a language model's first adapted layer) as "
+           "distance_fig3 / rel_distance_fig3; every N steps, at every checkpoint step and at the last step "
+           "every adapted layer too (distance/<layer>, rel_distance/<layer>, distance_mean/max, "
+           "rel_distance_mean/max). 1: every layer every step (costs 1-2 %% of a UNet step for some methods) "
+           f"(default: {DEFAULT_DISTANCE_LOGGING_STEPS}).")
     p("--report_to", default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
       help="Trackers besides output_dir/metrics.jsonl, each given the losses, learning rates, distance curves "
            "(distance/<layer>) and the samples at checkpoints: tensorboard (output_dir/logs), wandb (Weights & "
@@ -277,7 +285,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     first: it fills the run length's defaults)."""
     resolve_run_length(args)
     positive = ["train_batch_size", "num_train_epochs", "checkpointing_steps", "gradient_accumulation_steps",
-                "num_validation_images", "num_inference_steps", "ddp_timeout"]
+                "num_validation_images", "num_inference_steps", "ddp_timeout", "distance_logging_steps"]
     for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution",
                           "num_threads"]:
         v = getattr(args, name, None)

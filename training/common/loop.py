@@ -22,8 +22,9 @@ What it guarantees, for every trainer:
   checkpoint (training/common/faults.py kills at exact points of the write in the tests);
 - --deterministic: deterministic kernels and a fixed thread count, for bit-identical reruns on one machine
   (see `make_deterministic`);
-- per-step weight distances of every adapted layer in metrics.jsonl; checkpoints with the task's
-  samples; DDP over any number of processes (only the main process writes).
+- per-step weight distances in metrics.jsonl (the followed layer every step, every adapted layer every
+  --distance_logging_steps steps and at checkpoints); checkpoints with the task's samples; DDP over any
+  number of processes (only the main process writes).
 """
 from __future__ import annotations
 
@@ -241,7 +242,7 @@ class TrainingRun:
         acc.register_for_checkpointing(self.lr_scheduler)
         self.model = acc.unwrap_model(wrapped)
         self.hooks = lowrank.step_hooks(self.model)   # every step, unconditionally: methods without hooks cost nothing
-        self.probe = DistanceProbe(self.model)
+        self.probe = DistanceProbe(self.model, args.distance_logging_steps, args.checkpointing_steps, self.max_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         return wrapped
 
@@ -339,7 +340,7 @@ class TrainingRun:
                     if g.get("name")})
         if self.is_main:   # adapters are identical on every process: measure once
             t_train = time.perf_counter() - t0
-            row.update(self.probe())
+            row.update(self.probe(step))   # the followed layer, or every layer on a full-probe step
             row["time/step"] = t_train + row["time/distance"]
             row["time/distance_share"] = row["time/distance"] / row["time/step"]
             self.progress.set_postfix(loss=f"{row['loss']:.4f}", dist_fig3=f"{row['distance_fig3']:.3g}")

@@ -86,6 +86,8 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
         base = TINY   # the diffusion trainers' default (load_pipeline(None))
     ckpt = re.fullmatch(r"checkpoint-(\d+)", adapter_dir.name) if adapter_dir != run_dir else None
     rows = [r for r in read_metrics(run_dir) if "distance_fig3" in r and (not ckpt or r["step"] <= int(ckpt[1]))]
+    # distance_max is on full-probe rows: every checkpoint step and the last step are full; a checkpoint a
+    # SIGTERM wrote between them may not be, and then the card leaves the largest distance out
     last = rows[-1] if rows else {}
     layer = run.get("fig3_layer")
     bound = None

@@ -2,9 +2,12 @@
 the weight-distance probe every trainer runs after every optimizer step.
 
 metrics.jsonl holds one JSON object per optimizer step:
-    {"step", "loss", "lr", "distance/<layer>", "rel_distance/<layer>", "distance_fig3",
-     "rel_distance_fig3", "distance_mean", "distance_max", "rel_distance_mean", "rel_distance_max",
-     "time/step", "time/distance", "time/distance_share", ...}
+    {"step", "loss", "lr", "distance_fig3", "rel_distance_fig3", "time/step", "time/distance",
+     "time/distance_share", ...}
+and on the full-probe steps (every --distance_logging_steps steps, every checkpoint step, the last step)
+every adapted layer besides:
+    {"distance/<layer>", "rel_distance/<layer>", "distance_mean", "distance_max", "rel_distance_mean",
+     "rel_distance_max"}
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from . import TrainingError
 logger = logging.getLogger("lowrank.training")
 
 FIG3_PATTERN = "attn1.to_out.0"   # DeLoRA Fig. 3: out-projection of the first self-attention
+DEFAULT_DISTANCE_LOGGING_STEPS = 10   # --distance_logging_steps: every layer's distance every 10 steps
 
 
 class _Format(logging.Formatter):
@@ -77,37 +81,73 @@ def fig3_layer(names: list[str]) -> str | None:
 
 
 class DistanceProbe:
-    """‖W_eff − W0‖_F of every adapted layer, absolute and relative, with the time it took.
+    """‖W_eff − W0‖_F of the adapted layers, absolute and relative, with the time it took.
 
-    lowrank computes distances from r x r Gram products with one device sync per call, so this runs
-    after every optimizer step; the share of the step it costs is logged as time/distance_share."""
+    The schedule (--distance_logging_steps N): every step the followed layer (fig3_layer) only, as
+    distance_fig3 / rel_distance_fig3; a full probe (distance/<layer>, rel_distance/<layer> of every adapted
+    layer, their mean and max) every N steps, at every checkpoint step and at the last step. A full sweep's
+    Gram products cost r²(in + out) per layer, over a percent of a UNet step for some methods; between full
+    probes only the followed layer's are computed. The adapter layers are collected once here, not per call."""
 
-    def __init__(self, model):
+    def __init__(self, model, every: int = 1, checkpoint_every: int | None = None, last_step: int | None = None):
         self.model = model
-        layers = lowrank.adapter_layers(model)
-        self.names = list(layers)
+        self.layers = lowrank.adapter_layers(model)
+        self.names = list(self.layers)
         self.fig3 = fig3_layer(self.names)
+        self.followed = {self.fig3: self.layers[self.fig3]} if self.fig3 else {}
+        # the rest of a full probe: the followed layer is measured in its own call both ways, so the per-step
+        # number and the full row's distance/<layer> are the same bits on any device (a batched Gram product
+        # need not round a layer alike in a group of 1 and of 30)
+        self.others = {n: layer for n, layer in self.layers.items() if n not in self.followed}
+        self.every, self.checkpoint_every, self.last_step = every, checkpoint_every, last_step
         # ‖W0‖_F is fixed at inject time: dividing by it here gives exactly what
         # weight_distance(relative=True) returns, at half the cost of a second call
-        self.w0_norms = {n: float(layer.w0_norm) for n, layer in layers.items()}
+        self.w0_norms = {n: float(layer.w0_norm) for n, layer in self.layers.items()}
+        self.dynamic = bool(lowrank.live_ranks(model))   # dynamic-rank method: live ranks every step
 
-    def __call__(self) -> dict[str, float]:
+    def full_at(self, step: int) -> bool:
+        """Whether the probe after optimizer step `step` measures every adapted layer."""
+        return (step % self.every == 0 or step == self.last_step
+                or (self.checkpoint_every is not None and step % self.checkpoint_every == 0))
+
+    def __call__(self, step: int | None = None) -> dict[str, float]:
+        """The row's distances after optimizer step `step` following the schedule; every layer when None."""
+        full = step is None or self.full_at(step)
         t0 = time.perf_counter()
-        dist = lowrank.weight_distance(self.model)
+        dist = lowrank.layer_distances(self.followed)
+        if full:
+            dist = {**dist, **lowrank.layer_distances(self.others)}
+            dist = {n: dist[n] for n in self.names}   # model order, as weight_distance gives it
         rel = {k: v / self.w0_norms[k] for k, v in dist.items()}
         row: dict[str, float] = {}
         for prefix, values in (("distance", dist), ("rel_distance", rel)):
-            row.update({f"{prefix}/{k}": v for k, v in values.items()})
+            if full:
+                row.update({f"{prefix}/{k}": v for k, v in values.items()})
             # the Fig. 3 layer is not adapted when target_modules leave it out: then it has not moved
             row[f"{prefix}_fig3"] = values.get(self.fig3, 0.0) if self.fig3 else 0.0
-            summary = lowrank.distance_summary(values)
-            row[f"{prefix}_mean"], row[f"{prefix}_max"] = summary.get("mean", 0.0), summary.get("max", 0.0)
+            if full:
+                summary = lowrank.distance_summary(values)
+                row[f"{prefix}_mean"], row[f"{prefix}_max"] = summary.get("mean", 0.0), summary.get("max", 0.0)
         row["time/distance"] = time.perf_counter() - t0
-        ranks = lowrank.live_ranks(self.model)   # dynamic-rank methods: live components per layer
-        if ranks:
+        if self.dynamic:
+            ranks = lowrank.live_ranks(self.model)   # live components per layer
             row.update({f"rank/{k}": v for k, v in ranks.items()})
             row["rank_mean"] = sum(ranks.values()) / len(ranks)
         return row
+
+
+def fill_followed_layer(rows: list[dict], layer: str | None) -> list[dict]:
+    """metrics.jsonl rows with distance/<layer> and rel_distance/<layer> of the followed layer on every row:
+    rows between full probes carry it as distance_fig3 / rel_distance_fig3 (the same number a full row logs
+    under the layer's name, see DistanceProbe), so a per-step curve of that layer reads like any other key."""
+    if not layer:
+        return rows
+    out = []
+    for r in rows:
+        extra = {f"{p}/{layer}": r[f"{p}_fig3"] for p in ("distance", "rel_distance")
+                 if f"{p}/{layer}" not in r and isinstance(r.get(f"{p}_fig3"), (int, float))}
+        out.append({**r, **extra} if extra else r)
+    return out
 
 
 def rank_records(rows: list[dict]) -> list[tuple[int, dict[str, int]]]:
