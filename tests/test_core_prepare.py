@@ -1,7 +1,8 @@
 """Batched per-forward preparation (lowrank/prepare.py): the model's forward prepares DeLoRA's factors and
-ETHER+'s normalised terms for every group of same-shaped layers at once; outputs and gradients must be those of each layer computing its
-own, in every situation where the prepared tensors could be stale or shared: after an optimizer step, in
-another grad mode, under both kinds of activation checkpointing, with gradient accumulation, after a copy."""
+ETHER+'s normalised terms for every group of same-shaped layers at once; outputs and gradients must be those
+of each layer computing its own, in every situation where the prepared tensors could be stale or shared: after
+an optimizer step, in another grad mode, under both kinds of activation checkpointing, with gradient
+accumulation, after a copy."""
 import copy
 import io
 
