@@ -31,12 +31,13 @@ class Preparation:
 
 
 def preparing_groups(model: nn.Module) -> list[list[AdapterLayer]]:
-    """Adapter layers of `model` whose class overrides prepare_all, grouped by method, shape, options, device."""
+    """Adapter layers of `model` whose class overrides prepare_all, grouped by method, shape, options, device;
+    groups of two or more (a layer alone computes its own factors in fewer ops than stacking a group of one)."""
     groups: dict[tuple, list[AdapterLayer]] = {}
     for layer in adapter_layers(model).values():
         if type(layer).prepare_all.__func__ is not AdapterLayer.prepare_all.__func__:
             groups.setdefault((*layer.distance_group(), layer.weight.device), []).append(layer)
-    return list(groups.values())
+    return [layers for layers in groups.values() if len(layers) > 1]
 
 
 def install(model: nn.Module) -> None:
