@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from lowrank import runfolder
 from training.common import TrainingError
 from training.common.export import export_diffusers
-from training.common.loop import Task, TrainingRun
+from training.common.loop import TrainingRun
 from training.common.models import load_pipeline
 from training.common.runtime import run_trainer
+from training.common.task import Task
 from training.common.tracking import setup_console
 from training.images.files import load_dataset_images, load_image_dir
 from training.images.samples import (

@@ -45,9 +45,10 @@ from training.common.args import (
     env_max_steps,
     output_dir,
 )
-from training.common.loop import Task, TrainingRun
+from training.common.loop import TrainingRun
 from training.common.results import summarize_seeds, write_results
 from training.common.runtime import run_trainer
+from training.common.task import Task
 from training.common.tracking import setup_console
 from training.text.glue_data import (
     EXAMPLE_DIR,

@@ -37,9 +37,10 @@ from training.common.args import (
     check_training_args,
     output_dir,
 )
-from training.common.loop import Task, TrainingRun
+from training.common.loop import TrainingRun
 from training.common.results import write_results
 from training.common.runtime import run_trainer
+from training.common.task import Task
 from training.common.tracking import setup_console
 from training.text.instruct_data import (
     EXAMPLE_INSTRUCTIONS,

@@ -63,9 +63,10 @@ from training.common.args import (
     resolve_run_length,
 )
 from training.common.batches import mix_seed
-from training.common.loop import Task, TrainingRun
+from training.common.loop import TrainingRun
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
+from training.common.task import Task
 from training.common.tracking import setup_console
 from training.images.samples import grid, sampling_pipeline
 from training.segmap import data as sd

@@ -48,6 +48,7 @@ from .checkpoint import load_accelerator_state, read_state, register_adapter_hoo
 from .faults import fault_point
 from .model_card import write_run_card
 from .runtime import StopRequest, quiet_libraries, refuse_sharding, set_threads, start_accelerator
+from .task import Task
 from .tracking import (
     DistanceProbe,
     MetricsLogger,
@@ -59,50 +60,6 @@ from .tracking import (
 )
 
 logger = setup_console()
-
-
-# ----- what a trainer plugs in ------------------------------------------------------------------------------
-class Task:
-    """A trainer's part of the loop. `loss` is required; every other hook has a default."""
-
-    name = "task"
-    run: TrainingRun   # the run the task belongs to (the trainers set it in __init__)
-
-    def loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
-        """The training loss of one micro-batch. `model` is the prepared (DDP-wrapped) model: call it, so
-        gradients synchronise; draw all randomness from `generator` (seeded per step and micro-batch)."""
-        raise NotImplementedError
-
-    def param_groups(self, model: torch.nn.Module, lr: float, args) -> list[dict]:
-        """AdamW groups: the adapter's (λ in its own group); a trainer adds modules it trains in full."""
-        return lowrank.parameter_groups(model, lr=lr, lambda_lr=args.lambda_learning_rate,
-                                        weight_decay=args.adam_weight_decay)
-
-    def save(self, model: torch.nn.Module, folder: Path) -> None:
-        """Everything a checkpoint or the final output needs to rebuild the trained model."""
-        lowrank.save_adapter(model, folder)
-
-    def load(self, model: torch.nn.Module, folder: Path) -> list[str]:
-        """Rebuild a saved state into the freshly loaded plain model (before the optimizer exists)."""
-        return lowrank.load_adapter(model, folder)
-
-    def samples(self, step: int, folder: Path, tag: str = "validation") -> None:
-        """Fixed-seed samples of the model as it is now, written into `folder` (image tasks)."""
-
-    def at_checkpoint(self, folder: Path, step: int) -> None:
-        """Main process, inside checkpoint-N.tmp before it is renamed: samples into folder/samples."""
-        self.samples(step, folder / runfolder.SAMPLES)
-
-    def at_validation(self, step: int) -> None:
-        """Main process, every --validation_steps that is not a checkpoint step."""
-        self.samples(step, self.run.output_dir / "validation" / f"step-{step}")
-
-    def at_epoch_end(self, epoch: int, step: int) -> dict | None:
-        """Every process, after an epoch's last step; a returned dict is logged (e.g. a dev-set score)."""
-        return None
-
-    def finish(self, output_dir: Path, step: int) -> None:
-        """Main process, after the final adapter is saved: final samples, reports."""
 
 
 # ----- the run ----------------------------------------------------------------------------------------------
