@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowrank import load_adapter
+from tests.stderr import one_error_line
 from training import glue, instruct
 from training.export import main as export_cli
 from training.text import glue_data as G
@@ -79,12 +80,6 @@ def test_instruct_rows_from_parquet_and_a_saved_dataset_equal_the_jsonl(tmp_path
     assert I.instruction_rows(str(tmp_path / "saved"), "--dataset_name") == rows
 
 
-def one_error(capsys):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
 
 def test_bad_language_sources_are_one_error_line_naming_the_flag(tmp_path, capsys):
     root, _ = write_glue(tmp_path / "sst2", "save_to_disk")
@@ -99,7 +94,7 @@ def test_bad_language_sources_are_one_error_line_naming_the_flag(tmp_path, capsy
         out = tmp_path / f"out{i}"
         capsys.readouterr()
         assert trainer.main([*(base if trainer is glue else base[2:]), "--output_dir", str(out), *argv]) == 2
-        line = one_error(capsys)
+        line = one_error_line(capsys)
         assert all(w in line for w in words), line
         assert not out.exists()
 
@@ -154,4 +149,4 @@ def test_a_glue_adapter_leaves_as_a_merged_classifier_with_its_head(tmp_path, ca
     torch.testing.assert_close(logits(merged, batch), logits(ours, batch), rtol=1e-5, atol=1e-5)
     # an occupied folder and an SD-only request are refused in one line
     assert export_cli([str(run), "--format", "merged", "--output", str(out)]) == 2
-    assert "not empty" in one_error(capsys)
+    assert "not empty" in one_error_line(capsys)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.stderr import one_error_line
 from training import dreambooth
 from training import semantic_map as sm
 from training.common.export import export_run
@@ -203,13 +204,6 @@ def test_semantic_map_with_a_local_controlnet_trains_the_adapter_only(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.allclose(got, plain)   # the ControlNet does act
 
-
-def one_error_line(capsys):
-    """The one `error:` line; any other line is the trainer's own progress note, never a traceback."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_bad_dataset_sources_are_one_error_line_naming_the_flag(tmp_path, capsys):

@@ -39,6 +39,7 @@ from training.common.args import (
     ArgumentParser,
     adapter_config,
     add_adapter_args,
+    add_dataset_args,
     add_run_args,
     check_folder_path,
     check_training_args,
@@ -117,13 +118,11 @@ def build_parser() -> ArgumentParser:
                                                       "embedded example).")
     g.add_argument("--validation_file", default=None,
                    help="Validation examples (same formats), split into the tuning and test parts per seed.")
-    g.add_argument("--dataset_name", default=None,
-                   help="Instead of --train_file/--validation_file: a dataset with 'train' and 'validation' splits "
-                        "(MNLI: validation_matched) read by the 'datasets' library: a local save_to_disk folder, a "
-                        "folder of split-named parquet/JSON/CSV files (train.parquet, validation.parquet) or a hub "
-                        "name; columns as with the files.")
-    g.add_argument("--dataset_config_name", default=None, help="Config of the --dataset_name dataset (e.g. sst2).")
-    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+    add_dataset_args(g, "Instead of --train_file/--validation_file: a dataset with 'train' and 'validation' splits "
+                     "(MNLI: validation_matched) read by the 'datasets' library: a local save_to_disk folder, a "
+                     "folder of split-named parquet/JSON/CSV files (train.parquet, validation.parquet) or a hub "
+                     "name; columns as with the files.",
+                     config_help="Config of the --dataset_name dataset (e.g. sst2).")
     g.add_argument("--text_column", default=None, help="Column of the (first) sentence (default: the task's, "
                                                        "e.g. sentence, sentence1, question1, premise).")
     g.add_argument("--text_pair_column", default=None, help="Column of the second sentence of pair tasks.")

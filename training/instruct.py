@@ -32,6 +32,7 @@ from training.common.args import (
     ArgumentParser,
     adapter_config,
     add_adapter_args,
+    add_dataset_args,
     add_run_args,
     check_folder_path,
     check_training_args,
@@ -70,11 +71,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--revision", default=None, help="Revision (branch, tag or commit) of the model on the hub.")
     g.add_argument("--train_file", default=None, help="Alpaca-format JSON list, JSON lines or parquet file "
                                                       "(instruction, input, output) (default: the embedded set).")
-    g.add_argument("--dataset_name", default=None,
-                   help="Instead of --train_file: Alpaca-format data read by the 'datasets' library, its 'train' "
-                        "split (or only split): a local save_to_disk folder, a folder of parquet/JSON/CSV files or "
-                        "a hub name (e.g. tatsu-lab/alpaca).")
-    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+    add_dataset_args(g, "Instead of --train_file: Alpaca-format data read by the 'datasets' library, its 'train' "
+                     "split (or only split): a local save_to_disk folder, a folder of parquet/JSON/CSV files or "
+                     "a hub name (e.g. tatsu-lab/alpaca).")
     g.add_argument("--max_seq_length", type=int, default=256, help="Tokens per example after truncation.")
     g.add_argument("--mc_file", action="append", default=None,
                    help="Multiple-choice JSON lines scored zero-shot by log-likelihood (repeatable; default with "

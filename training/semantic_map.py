@@ -55,6 +55,7 @@ from training.common.args import (
     ArgumentParser,
     adapter_config,
     add_adapter_args,
+    add_dataset_args,
     add_training_args,
     check_folder_path,
     check_training_args,
@@ -98,11 +99,9 @@ def build_parser() -> ArgumentParser:
                    help="ADE20K root (images/{training,validation}/*.jpg + annotations/{training,validation}/*.png, "
                         "raw ids 0 = other, 1..150) or an imagefolder with metadata.jsonl (default: the embedded "
                         "example set).")
-    g.add_argument("--dataset_name", default=None,
-                   help="A dataset with image / conditioning image / caption columns, read by the 'datasets' library: "
-                        "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
-                        "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).")
-    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+    add_dataset_args(g, "A dataset with image / conditioning image / caption columns, read by the 'datasets' library: "
+                     "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
+                     "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).")
     g.add_argument("--image_column", default=None, help="Image column (metadata.jsonl default: file_name; "
                                                         "--dataset_name default: the first column).")
     g.add_argument("--conditioning_image_column", default=None,

@@ -214,6 +214,15 @@ def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size 
     p("--debug_step_delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
+def add_dataset_args(group, dataset_help: str, config_help: str | None = None) -> None:
+    """The `datasets` library's flags, named as diffusers' examples name them: --dataset_name (what this trainer
+    reads from it), --dataset_config_name where the trainer takes one, and --cache_dir."""
+    group.add_argument("--dataset_name", default=None, help=dataset_help)
+    if config_help:
+        group.add_argument("--dataset_config_name", default=None, help=config_help)
+    group.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+
+
 def add_diffusion_args(parser: argparse.ArgumentParser, default_resolution: str = "") -> None:
     """Resolution, UNet memory and sampling flags of the image trainers."""
     p = parser.add_argument

@@ -9,6 +9,7 @@ from training.common.args import (
     ArgumentParser,
     adapter_config,
     add_adapter_args,
+    add_dataset_args,
     add_training_args,
     check_folder_path,
     check_training_args,
@@ -36,13 +37,10 @@ def build_parser() -> ArgumentParser:
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--instance_data_dir", default=None,
                    help="Folder with 3-5 photos of the subject (default: the embedded example cat).")
-    g.add_argument("--dataset_name", default=None,
-                   help="Instead of --instance_data_dir: a dataset of subject photos read by the 'datasets' library: "
-                        "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
-                        "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).")
-    g.add_argument("--dataset_config_name", default=None,
-                   help="Config of the --dataset_name dataset, if it has several.")
-    g.add_argument("--cache_dir", default=None, help="Cache folder of the 'datasets' library for --dataset_name.")
+    add_dataset_args(g, "Instead of --instance_data_dir: a dataset of subject photos read by the 'datasets' library: "
+                     "a local folder (save_to_disk output, parquet/JSON/CSV files, an imagefolder with "
+                     "metadata.jsonl), a parquet/JSON/CSV file, or a hub name. Its 'train' split (or only split).",
+                     config_help="Config of the --dataset_name dataset, if it has several.")
     g.add_argument("--image_column", default="image",
                    help="--dataset_name's image column: Image cells or paths relative to the dataset's folder "
                         "(default: image; an imagefolder's file_name column is read as 'image').")
