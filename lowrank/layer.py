@@ -59,10 +59,10 @@ def is_conv1d(module: nn.Module) -> bool:
 
 class _Prepared:
     """What prepare_all left for one layer, with the grad mode and parameter stamp it holds for."""
-    __slots__ = ("grad_enabled", "stamp", "tensors")
+    __slots__ = ("grad_enabled", "stamp", "values")
 
-    def __init__(self, grad_enabled: bool, stamp: tuple, tensors: tuple):
-        self.grad_enabled, self.stamp, self.tensors = grad_enabled, stamp, tensors
+    def __init__(self, grad_enabled: bool, stamp: tuple, values: tuple):
+        self.grad_enabled, self.stamp, self.values = grad_enabled, stamp, values
 
 
 class AdapterLayer(nn.Module):
@@ -217,10 +217,11 @@ class AdapterLayer(nn.Module):
         adapted() would otherwise compute from its parameters alone, and keep_prepared() it on each layer.
         Called once per forward of the model the adapters were injected into. Default: nothing to prepare."""
 
-    def keep_prepared(self, *tensors: torch.Tensor) -> None:
-        self._prepared = _Prepared(torch.is_grad_enabled(), self._parameter_stamp(), tensors)
+    def keep_prepared(self, *values) -> None:
+        """Keep what prepare_all computed for this layer (tensors, or tuples of them) for take_prepared."""
+        self._prepared = _Prepared(torch.is_grad_enabled(), self._parameter_stamp(), values)
 
-    def take_prepared(self) -> tuple[torch.Tensor, ...] | None:
+    def take_prepared(self) -> tuple | None:
         """The tensors prepare_all kept for this layer, or None when they no longer hold: a parameter changed
         (optimizer step, load, move) or the grad mode differs. A mismatch drops them, so a reentrant checkpoint
         (its first pass without grad) recomputes the layer on its own and never backpropagates twice through
@@ -229,7 +230,7 @@ class AdapterLayer(nn.Module):
         if kept is None:
             return None
         if kept.grad_enabled == torch.is_grad_enabled() and kept.stamp == self._parameter_stamp():
-            return kept.tensors
+            return kept.values
         self._prepared = None
         return None
 

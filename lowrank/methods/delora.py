@@ -119,27 +119,12 @@ class DeloraLayer(AdapterLayer):
     def prepare_all(cls, layers):
         """_up_down() of a whole group in batched ops: stacked parameters, one Ξ, one concatenation with the
         group's stacked frozen copy (kept while the frozen buffers are unchanged), then a view per layer."""
-        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
-        w_norm, frozen = cls._frozen_stacks(layers)
-        up, down = layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"), w_norm)
+        up, down = cls._trained_stack(layers)
+        frozen = cls._frozen_stacks(layers)[1]
         if frozen is not None:
             up, down = torch.cat([up, frozen[0]], dim=2), torch.cat([down, frozen[1]], dim=1)
         for layer, u, d in zip(layers, up.unbind(), down.unbind()):
             layer.keep_prepared(u, d)
-
-    @staticmethod
-    def _frozen_stacks(layers):
-        """(stacked ‖W̄‖, stacked (U₀, V₀) or None) of a group, kept on its first layer while its buffers hold."""
-        key = _buffers_key(layers)
-        kept = getattr(layers[0], "_prepare_frozen", None)
-        if kept is None or kept[0] != key:
-            frozen = None
-            if layers[0].config.delora_init == "subtract":
-                pairs = [layer._initial_factors() for layer in layers]
-                frozen = (torch.stack([u for u, _ in pairs]), torch.stack([v for _, v in pairs]))
-            kept = (key, torch.stack([layer.delora_w_norm for layer in layers]), frozen)
-            layers[0]._prepare_frozen = kept
-        return kept[1:]
 
     def delta_factors(self):
         factors = [self._factors(self.delora_A, self.delora_B, self.delora_lambda)]
@@ -150,13 +135,8 @@ class DeloraLayer(AdapterLayer):
     @classmethod
     def stacked_delta_factors(cls, layers):
         """delta_factors of a group in batched ops: Ξ, the scalings and the frozen copy for all L at once."""
-        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
-        factors = [layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"),
-                                      stack("delora_w_norm"))]
-        if layers[0].config.delora_init == "subtract":
-            frozen = [layer._initial_factors() for layer in layers]
-            factors.append((torch.stack([u for u, _ in frozen]), torch.stack([v for _, v in frozen])))
-        return factors
+        frozen = cls._frozen_stacks(layers)[1]
+        return [cls._trained_stack(layers)] + ([frozen] if frozen is not None else [])
 
     @classmethod
     def distance_all(cls, layers):
@@ -166,28 +146,37 @@ class DeloraLayer(AdapterLayer):
         step two r x r Gram blocks per side instead of one 2r x 2r, and no float64 copy of the frozen half."""
         if layers[0].config.delora_init != "subtract":
             return super().distance_all(layers)
-        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
-        u1, v1 = layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"),
-                                    stack("delora_w_norm"))
+        u1, v1 = (t.double() for t in cls._trained_stack(layers))
         u0, v0, c0 = cls._frozen_terms(layers)
-        u1, v1 = u1.double(), v1.double()
         same = ((u1.mT @ u1) * (v1 @ v1.mT)).sum(dim=(1, 2))
         cross = ((u1.mT @ u0) * (v1 @ v0.mT)).sum(dim=(1, 2))
         return (same + 2 * cross + c0).clamp_min(0)
 
+    @classmethod
+    def _trained_stack(cls, layers):
+        """(U₁ (L, out, r), V₁ (L, r, in)): the trained factors of a group, from its stacked parameters."""
+        stack = lambda name: torch.stack([getattr(layer, name) for layer in layers])   # noqa: E731
+        return layers[0]._factors(stack("delora_A"), stack("delora_B"), stack("delora_lambda"),
+                                  cls._frozen_stacks(layers)[0])
+
     @staticmethod
-    def _frozen_terms(layers):
-        """(U₀, V₀, Σ(U₀ᵀU₀ ⊙ V₀V₀ᵀ)) of a group in float64, kept on the group's first layer and recomputed
-        when any frozen buffer of the group changes (its storage or in-place version: a loaded adapter)."""
-        key = _buffers_key(layers)
-        kept = getattr(layers[0], "_distance_frozen", None)
-        if kept is None or kept[0] != key:
-            frozen = [layer._initial_factors() for layer in layers]
-            u0 = torch.stack([u for u, _ in frozen]).double()
-            v0 = torch.stack([v for _, v in frozen]).double()
-            kept = (key, u0, v0, ((u0.mT @ u0) * (v0 @ v0.mT)).sum(dim=(1, 2)))
-            layers[0]._distance_frozen = kept
-        return kept[1:]
+    def _frozen_stacks(layers):
+        """(stacked ‖W̄‖, stacked (U₀, V₀) or None without the subtract init) of a group."""
+        def build():
+            frozen = None
+            if layers[0].config.delora_init == "subtract":
+                pairs = [layer._initial_factors() for layer in layers]
+                frozen = (torch.stack([u for u, _ in pairs]), torch.stack([v for _, v in pairs]))
+            return torch.stack([layer.delora_w_norm for layer in layers]), frozen
+        return _kept(layers, "_frozen_stacks_kept", build)
+
+    @classmethod
+    def _frozen_terms(cls, layers):
+        """(U₀, V₀, Σ(U₀ᵀU₀ ⊙ V₀V₀ᵀ)) of a subtract-init group in float64, for the distance."""
+        def build():
+            u0, v0 = (t.double() for t in cls._frozen_stacks(layers)[1])
+            return u0, v0, ((u0.mT @ u0) * (v0 @ v0.mT)).sum(dim=(1, 2))
+        return _kept(layers, "_frozen_terms_kept", build)
 
     def _initial_factors(self):
         """−ΔW(0) as factors (−B0Ξ0λ0/r, A0 ⊙ w), from frozen tensors: computed once per device."""
@@ -206,6 +195,12 @@ class DeloraLayer(AdapterLayer):
         return lam * n
 
 
-def _buffers_key(layers) -> tuple:
-    """Identity and in-place version of every buffer of a group: what a value derived from them depends on."""
-    return tuple((id(layer), *((b.data_ptr(), b._version) for b in layer.buffers(recurse=False))) for layer in layers)
+def _kept(layers, attr: str, build):
+    """build(), kept on the group's first layer (as `attr`) while the group's frozen buffers hold: recomputed when
+    any of them changes its storage (a move) or in-place version (a loaded adapter)."""
+    key = tuple((id(layer), *((b.data_ptr(), b._version) for b in layer.buffers(recurse=False))) for layer in layers)
+    kept = getattr(layers[0], attr, None)
+    if kept is None or kept[0] != key:
+        kept = (key, build())
+        setattr(layers[0], attr, kept)
+    return kept[1]
