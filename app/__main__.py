@@ -18,8 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
-from lowrank import cli
-from training.common.args import OUTPUTS_DIR, file_in_the_way
+from ground import cli
+from training.common.args import file_in_the_way
+from training.common.tasks import OUTPUTS_DIR
 
 from .auth import AuthError, checker, exposure_error, logins_from_flags
 from .robustness import RESULTS_DIR

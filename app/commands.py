@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from lowrank import METHODS
 from training.common.models import is_tiny
+from training.common.tasks import DREAMBOOTH, SEMANTIC_MAP
 
 from .inputs import InputError, TrainForm
-from .jobs import PROJECT_ROOT
 
 LAUNCHERS = ("accelerate", "python")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -55,10 +56,7 @@ def check_model(name: str) -> str:
 
 
 def trainer_script() -> Path:
-    spec = importlib.util.find_spec("training.dreambooth")
-    if spec is not None and spec.origin:
-        return Path(spec.origin)
-    return PROJECT_ROOT / "training" / "dreambooth.py"
+    return DREAMBOOTH.script
 
 
 def launcher_prefix(launcher: str = "accelerate", cpu: bool | None = None) -> list[str]:
@@ -74,15 +72,37 @@ def launcher_prefix(launcher: str = "accelerate", cpu: bool | None = None) -> li
             "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def _form_options(form: TrainForm) -> list:
+    """The methods' own options (lowrank.METHODS[m].options) that the form has a field for: DeLoRA's λ today."""
+    options = {o.name: o for cls in METHODS.values() for o in cls.options if hasattr(form, o.name)}
+    return list(options.values())
+
+
+def method_fields(form: TrainForm, method: str) -> dict:
+    """{option: the form's value where `method` owns it, else None} for a run's record: every run of a batch
+    records the same keys."""
+    return {o.name: getattr(form, o.name) if o in METHODS[method].options else None for o in _form_options(form)}
+
+
+def _method_flags(form: TrainForm, method: str) -> list[str]:
+    """--<option> <value> for each of `method`'s options the form sets (floats as repr: no precision lost)."""
+    flags = []
+    for o in METHODS[method].options:
+        value = getattr(form, o.name, None)
+        if value is not None:
+            flags += [f"--{o.name}", repr(float(value)) if o.type == "float" else str(value)]
+    return flags
+
+
 def _common_flags(form: TrainForm, method: str, run_dir: Path) -> list[str]:
     """The flags every trainer the app starts takes from the form: method, rank, steps, checkpoints, output,
-    seed, learning rate, DeLoRA's λ, the base model and the sampling resolution/steps."""
+    seed, learning rate, the method's own options the form has (DeLoRA's λ), the base model and the sampling
+    resolution/steps."""
     cmd = ["--method", method, "--rank", str(form.rank), "--max_train_steps", str(form.steps),
            "--checkpointing_steps", str(form.checkpoint_every), "--output_dir", str(run_dir), "--seed", str(form.seed)]
     if form.learning_rate is not None:
         cmd += ["--learning_rate", repr(float(form.learning_rate))]
-    if method == "delora":
-        cmd += ["--delora_lambda", repr(float(form.delora_lambda))]
+    cmd += _method_flags(form, method)
     if not is_tiny(form.model):
         cmd += ["--pretrained_model_name_or_path", form.model]
     if form.resolution:
@@ -115,7 +135,7 @@ def semantic_train_command(form: TrainForm, method: str, run_dir: Path, data_dir
                            launcher: str = "accelerate") -> list[str]:
     """training/semantic_map.py on uploaded pairs (data_dir, ADE20K layout) or, with None, its embedded set.
     The DreamBooth-only fields of the form (token, class noun, prior preservation) do not apply."""
-    script = Path(trainer_script()).with_name("semantic_map.py")
+    script = SEMANTIC_MAP.script
     cmd = [*launcher_prefix(launcher), str(script), *_common_flags(form, method, run_dir)]
     if data_dir is not None:
         cmd += ["--train_data_dir", str(data_dir)]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from lowrank import AdapterError, eject, load_adapter, merge, read_adapter, runfolder
+from ground import runfolder
+from lowrank import AdapterError, eject, load_adapter, merge, read_adapter
 from training.common import TrainingError
-from training.common.export import export_run
 from training.common.models import load_pipeline
+from training.exporting import export_run
 
 from . import runs
 from .inputs import InputError

@@ -16,7 +16,6 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import lowrank
-from training.common.args import adapter_config
 from training.images.files import to_rgb
 from training.subject.args import parse_args as dreambooth_args
 from training.subject.data import EXAMPLE_NAME
@@ -35,10 +34,10 @@ EXAMPLE_SUBJECT = EXAMPLE_NAME        # what the trainer uses when it is given n
 def cli_defaults() -> dict:
     """The Train tab's defaults: what `training/dreambooth.py --method delora` resolves with no other flag (its
     rank, λ, run length and checkpoint interval), read from the trainer itself so the two cannot differ."""
-    args = dreambooth_args(["--method", HEADLINE_METHOD])
-    cfg = adapter_config(args)
+    spec = dreambooth_args(["--method", HEADLINE_METHOD])
+    cfg = spec.adapter
     return {"method": cfg.method, "rank": cfg.rank, "delora_lambda": cfg.delora_lambda,
-            "steps": args.max_train_steps, "checkpoint_every": args.checkpointing_steps}
+            "steps": spec.max_train_steps, "checkpoint_every": spec.checkpointing_steps}
 
 
 class InputError(ValueError):

@@ -28,20 +28,19 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lowrank import runfolder
-from lowrank.cli import error_line
+from ground import runfolder
+from ground.cli import error_line
 
 from . import cache
 
-# run folders are read one way across the product: lowrank.runfolder's readers, under the app's names
+# run folders are read one way across the product: ground.runfolder's readers, under the app's names
 ADAPTER_FILES, is_adapter_dir, read_json = runfolder.ADAPTER_FILES, runfolder.is_adapter_dir, runfolder.read_json
-checkpoints, read_eval = runfolder.list_checkpoints, runfolder.read_eval
+checkpoints, read_eval, write_json = runfolder.list_checkpoints, runfolder.read_eval, runfolder.write_json
 
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
 EVAL_LOG, REPORT_LOG = "eval.log", "report.log"   # the app's scoring job (in RUN/), report job (its folder)
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
-STATUSES = ("queued", "running", "finished", "failed", "cancelled", "incomplete")
 _GROWING = (runfolder.METRICS, runfolder.EVAL, LOG_FILE)   # files written in place: their own stamps count
 STUDY_RUNS = "runs"          # eval.robustness: OUTPUT_DIR/runs/<run>
 _SEED_RE = re.compile(r"^seed-[0-9]{1,12}$")   # glue.py/instruct.py --seeds: OUTPUT_DIR/seed-N
@@ -50,10 +49,6 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # ----- small file helpers -------------------------------------------------------------------------
-def write_json(path: Path, data) -> None:
-    runfolder.write_json(path, data, indent=1)
-
-
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22), None if gone.
     Recorded with the pid so a recycled pid is never taken for our process."""
@@ -88,12 +83,12 @@ def owner_record() -> dict:
 
 
 def write_pid(run_dir: Path, pid: int) -> None:
-    write_json(Path(run_dir) / PID_FILE, {"pid": pid, "start": process_start(pid), "time": time.time()})
+    runfolder.write_json(Path(run_dir) / PID_FILE, {"pid": pid, "start": process_start(pid), "time": time.time()})
 
 
 def write_exit(run_dir: Path, returncode: int | None, cancelled: bool = False, note: str = "") -> None:
-    write_json(Path(run_dir) / EXIT_FILE, {"returncode": returncode, "cancelled": cancelled,
-                                            "note": note, "time": time.time()})
+    runfolder.write_json(Path(run_dir) / EXIT_FILE, {"returncode": returncode, "cancelled": cancelled,
+                                                      "note": note, "time": time.time()})
 
 
 def last_log_lines(run_dir: Path, n: int = 15, name: str = LOG_FILE) -> list[str]:

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.common.tasks import SEMANTIC_MAP
+
 from . import commands, compare, runs
 from .generate import Generator, checkpoint_choices, export
 from .inputs import (
@@ -120,7 +122,7 @@ class Service:
             runs.write_json(run_dir / runs.APP_JSON, {
                 "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
                 "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
-                "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
+                **commands.method_fields(form, method), "model": form.model,
                 "instance_prompt": form.instance_prompt, "class_prompt": form.class_prompt, "seed": form.seed,
                 "batch": batch, "methods": form.methods, "num_images": len(images) or None,
                 "subject": "embedded" if embedded else "upload", "created": time.time(),
@@ -148,9 +150,10 @@ class Service:
                     shutil.copytree(staged, data)
                 cmd = commands.semantic_train_command(form, method, run_dir, data, launcher=self.launcher)
                 runs.write_json(run_dir / runs.APP_JSON, {
-                    "task": "semantic_map", "method": method, "rank": form.rank, "learning_rate": form.learning_rate,
+                    "task": SEMANTIC_MAP.name, "method": method, "rank": form.rank,
+                    "learning_rate": form.learning_rate,
                     "max_train_steps": form.steps, "checkpointing_steps": form.checkpoint_every,
-                    "delora_lambda": form.delora_lambda if method == "delora" else None, "model": form.model,
+                    **commands.method_fields(form, method), "model": form.model,
                     "seed": form.seed, "batch": batch, "methods": form.methods,
                     "num_pairs": pairs, "data": "upload" if staged is not None else "embedded",
                     "created": time.time(), "owner": runs.owner_record(), "command": cmd})

@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
 from bench.common import base_parser, interleaved, peak_cuda_bytes, saved_bytes, write_results  # noqa: E402
-from lowrank import cli  # noqa: E402
+from ground import cli  # noqa: E402
 
 # (name, in_features, out_features, tokens): SD-1.5 self-attention at 64/32/16 px latents, and the
 # cross-attention key/value projections of the 77 text tokens.

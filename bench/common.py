@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank import cli, runfolder
+from ground import cli
+from ground.runfolder import write_json  # bench.gpu_check imports it from here
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,11 +79,6 @@ def machine() -> dict:
     return info
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runfolder.write_json(path, data)
-
-
 def base_parser(doc: str, reps: int, warmup: int) -> argparse.ArgumentParser:
     """The flags every bench takes: device, autocast dtype, methods, repetitions."""
     p = cli.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +95,6 @@ def write_results(args, bench: str, tag: str, argv, summary: dict, rows: list) -
     """bench/results/<bench>-<device>-<dtype><tag>.json (or --out), with the command and the machine."""
     out = args.out or RESULTS / f"{bench}-{args.device.split(':')[0]}-{args.dtype}{tag}.json"
     write_json(out, {"command": f"python bench/{bench}.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                     "machine": machine(), "summary": summary, "rows": rows})
+                     "machine": machine(), "summary": summary, "rows": rows}, parents=True)
     print(f"\nwrote {out}")
     return out

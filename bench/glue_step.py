@@ -135,5 +135,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lowrank import cli
+    from ground import cli
     sys.exit(cli.run_cli(main))

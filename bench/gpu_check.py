@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, machine, write_json  # noqa: E402
-from lowrank import cli  # noqa: E402
+from ground import cli  # noqa: E402
 
 METHODS = ("lora", "dora", "delora", "etherplus")
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank  # noqa: E402
 from bench.common import base_parser, interleaved, peak_cuda_bytes, write_results  # noqa: E402
-from lowrank import cli  # noqa: E402
+from ground import cli  # noqa: E402
 from training.common.tracking import DEFAULT_DISTANCE_LOGGING_STEPS, DistanceProbe  # noqa: E402
 
 MID_UNET = dict(block_out_channels=(64, 128, 256), layers_per_block=1, cross_attention_dim=256, attention_head_dim=8,

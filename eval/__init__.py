@@ -27,7 +27,7 @@ Every CLI prints bad input as one `error: <message>` line on stderr and exits 2;
 under a temporary name and renamed, so a failed run never leaves half a file.
 """
 
-from lowrank.cli import CommandError
+from ground.cli import CommandError
 
 
 class EvalError(CommandError):

@@ -16,12 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
-from lowrank.runfolder import PROMPTS
+from ground.runfolder import PROMPTS, run_setting
 from training.common import models
 from training.subject.data import example_subject
 
 from . import EvalError
-from .common import run_setting
 from .images import load_folder
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lowrank.runfolder import PROMPTS
+from ground.runfolder import PROMPTS, read_jsonl
 from training.common import TrainingError
 from training.images.files import (
     check_image_folder,
@@ -18,7 +18,7 @@ from training.images.files import (
 )
 
 from . import EvalError
-from .common import logger, read_jsonl
+from .common import logger
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 

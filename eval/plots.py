@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .common import atomic_write  # noqa: E402
+from ground.runfolder import atomic_write  # noqa: E402
 
 SCORE_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 
@@ -29,7 +29,7 @@ def figure(rows: int, cols: int, figsize) -> tuple:
 def save(fig, path) -> None:
     if fig.get_layout_engine() is None:     # a figure not made by figure(): lay it out here
         fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), parents=True)
     plt.close(fig)
 
 

@@ -30,22 +30,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank.runfolder import EVAL, PROMPTS, SAMPLES
-from training.common.tracking import fill_followed_layer
-
-from . import EvalError, plots
-from .common import (
-    ArgumentParser,
-    checkpoint_dirs,
+from ground.runfolder import (
+    EVAL,
+    PROMPTS,
+    SAMPLES,
     final_step,
-    logger,
+    list_checkpoints,
     read_jsonl,
     read_metrics,
     read_run,
-    run_main,
     run_setting,
     write_text,
 )
+from training.common.tasks import task_of as registered_task
+from training.common.tracking import fill_followed_layer
+
+from . import EvalError, plots
+from .common import ArgumentParser, logger, run_main
 from .images import open_image
 
 FIG3_LAYER = "attn1.to_out.0"
@@ -86,18 +87,15 @@ def pick_distance_key(metrics: list[dict], choice: str = "auto") -> str | None:
     return None
 
 
-# a flag only that trainer has -> the task (GLUE: one task per --task_name)
-TASK_FLAGS = (("instance_prompt", "dreambooth"), ("conditioning_image_column", "semantic-map"),
-              ("train_file", "instruct"))
-
-
 def task_of(run: dict) -> str:
-    """The task a run trained, from its recorded flags ('' when run.json does not say): a GLUE distance and
-    an SD layer's, or accuracies and DINO scores, are different quantities and never share a line or column."""
-    args = run.get("args") if isinstance(run.get("args"), dict) else {}
-    if args.get("task_name"):
-        return f"glue-{args['task_name']}"
-    return next((task for flag, task in TASK_FLAGS if flag in args), "")
+    """The group a run belongs to: its task (the registry's, from run.json), with the flag that names its data
+    where the task has one (glue-sst2); '' when run.json does not say. A GLUE distance and an SD layer's, or
+    accuracies and DINO scores, are different quantities and never share a line or column."""
+    task = registered_task(run)
+    if task is None:
+        return ""
+    detail = run_setting(run, task.output_flag) if task.output_flag else None
+    return f"{task.slug}-{detail}" if detail else task.slug
 
 
 def by_task(runs: list[Run]) -> dict[str, list[Run]]:
@@ -141,7 +139,7 @@ def load_run(path: str | Path, distance_choice: str) -> Run:
     r = Run(path=path, method=str(run_setting(run, "method", "?")), rank=run_setting(run, "rank"),
             lr=float(lr) if isinstance(lr, (int, float)) else None, metrics=metrics, evals=evals,
             distance_key=key, final_step=final_step(path, run), task=task_of(run))
-    r.samples = {step: d / SAMPLES for step, d in checkpoint_dirs(path) if (d / SAMPLES / PROMPTS).is_file()}
+    r.samples = {step: d / SAMPLES for step, d in list_checkpoints(path) if (d / SAMPLES / PROMPTS).is_file()}
     if (path / SAMPLES / PROMPTS).is_file() and isinstance(r.final_step, int):
         r.samples.setdefault(r.final_step, path / SAMPLES)
     return r
@@ -343,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, figures = rows + task_rows, figures + task_figures
         sections.append((task, section(group, task_rows, task_figures, args.distance_key,
                                        "##" if len(groups) == 1 else "###")))
-    write_text(out / "report.csv", to_csv(rows))
-    write_text(out / "report.md", to_markdown(sections))
+    write_text(out / "report.csv", to_csv(rows), parents=True)
+    write_text(out / "report.md", to_markdown(sections), parents=True)
     print(f"report of {len(runs)} run(s) of {len(groups)} task(s): {out / 'report.md'}, report.csv, "
           f"{', '.join(figures) or 'no figures'}", file=sys.stderr)
     return 0

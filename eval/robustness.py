@@ -46,9 +46,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ground.cli import error_line
+from ground.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json
 from lowrank import METHODS
-from lowrank.cli import error_line
-from lowrank.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json
+from training.common.tasks import DREAMBOOTH
 
 from . import EvalError
 from .common import ArgumentParser, run_main
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m eval.robustness", description=__doc__.split("\n\n")[0],
                        epilog="Any other flag goes to the trainer unchanged (e.g. --resolution, --rank, "
                               "--pretrained_model_name_or_path, --num_validation_images).")
-    p.add_argument("--task", default="dreambooth", choices=sorted(TASKS),
+    p.add_argument("--task", default=DREAMBOOTH.name, choices=sorted(TASKS),
                    help="Which trainer runs the study (default dreambooth).")
     p.add_argument("--methods", nargs="+", default=["lora", "dora", "etherplus", "delora"],
                    help="Methods for Figs. 2-3, space- or comma-separated (default lora dora etherplus delora).")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lowrank.runfolder import PROMPTS, SAMPLES, checkpoint_dir, read_jsonl
+from ground.runfolder import PROMPTS, SAMPLES, checkpoint_dir, read_jsonl
 
 from .plots import plt, sample_grid, save
 

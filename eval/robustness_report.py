@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import lowrank
+from ground.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
 from lowrank import read_adapter
 from lowrank.analysis import delora_bound
-from lowrank.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
 from training.common.models import is_tiny
 from training.common.tracking import fill_followed_layer, library_versions
 
@@ -282,7 +282,7 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     except Exception as e:
         notes.append(f"The base model {name!r} did not load ({str(e).splitlines()[0][:200]}): no weight norms, "
                      f"no `mult_*` bounds, no parameter counts.")
-    if args.task != "glue" and is_tiny(name):
+    if task.task.kind == "image" and is_tiny(name):
         notes.append("The base model is the built-in tiny SD with random weights: its images are noise, so any "
                      "DINO / CLIP-I score here says nothing about subject fidelity. The distances and bounds are "
                      "real measurements of what each method did to the weights.")

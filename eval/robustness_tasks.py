@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank.cli import error_line
-from lowrank.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
-from training.common.args import default_learning_rate
+from ground.cli import error_line
+from ground.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
+from lowrank import METHODS
 from training.common.models import load_pipeline
+from training.common.tasks import DREAMBOOTH, GLUE, SEMANTIC_MAP, TaskInfo
 from training.text import language
 from training.text.tweet_data import TWEET_TASKS, tweet_learning_rate
 
@@ -38,12 +39,10 @@ ABLATION_ROWS = [
 
 @dataclass
 class StudyTask:
-    name: str
-    script: Path
+    task: TaskInfo                 # the registry's task (name, trainer script, base-model flag)
     score_names: tuple[str, ...]
     score: Callable                # (run folder, args, step) -> ({name: value}, note)
     load_base: Callable            # (model name or path) -> nn.Module with the adapted layers' base weights
-    model_flag: str = "--pretrained_model_name_or_path"
     prepare: Callable | None = None   # (args) -> note: checks before the sweep (e.g. metric models load)
     defaults: dict = field(default_factory=dict)   # the study's flags this task sizes differently
     long_flags: tuple[str, ...] = ()               # trainer flags of the prolonged runs only
@@ -55,7 +54,19 @@ class StudyTask:
             return given[method]
         if self.base_lr_of is not None:
             return self.base_lr_of(method, passthrough)
-        return default_learning_rate(method)
+        return METHODS[method].default_learning_rate
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def script(self) -> Path:
+        return self.task.script
+
+    @property
+    def model_flag(self) -> str:
+        return self.task.model_flag
 
     def check(self) -> None:
         if not self.script.is_file():
@@ -171,7 +182,7 @@ def glue_base_lr(method: str, passthrough: list[str]) -> float:
     """The tweet tasks' tuned rates (training.text.tweet_data); other GLUE data: the method's default."""
     if flag_value(passthrough, "--task_name") in TWEET_TASKS:
         return tweet_learning_rate(method)
-    return default_learning_rate(method)
+    return METHODS[method].default_learning_rate
 
 
 def load_language_model(name: str | None):
@@ -180,16 +191,14 @@ def load_language_model(name: str | None):
     return model
 
 
-TASKS = {
-    "dreambooth": StudyTask("dreambooth", ROOT / "training" / "dreambooth.py", ("dino", "clip_i"), score_subject,
-                            load_unet, prepare=prepare_subject),
-    "semantic_map": StudyTask("semantic_map", ROOT / "training" / "semantic_map.py", ("miou",), score_segmentation,
-                              load_unet),
-    "glue": StudyTask("glue", ROOT / "training" / "glue.py", GLUE_SCORES + ("metric",), score_glue,
-                      load_language_model, model_flag="--model_name_or_path", base_lr_of=glue_base_lr,
-                      defaults={"num_train_epochs": 2, "long_epochs": 8, "checkpointing_steps": 100},
-                      long_flags=("--lr_scheduler", "constant")),
-}
+# the tasks a study can sweep (instruction tuning has no study score yet), keyed by the registry's names
+TASKS = {s.name: s for s in (
+    StudyTask(DREAMBOOTH, ("dino", "clip_i"), score_subject, load_unet, prepare=prepare_subject),
+    StudyTask(SEMANTIC_MAP, ("miou",), score_segmentation, load_unet),
+    StudyTask(GLUE, GLUE_SCORES + ("metric",), score_glue, load_language_model, base_lr_of=glue_base_lr,
+              defaults={"num_train_epochs": 2, "long_epochs": 8, "checkpointing_steps": 100},
+              long_flags=("--lr_scheduler", "constant")),
+)}
 
 
 def base_model_name(task: StudyTask, passthrough: list[str], run_dirs: list[Path]) -> str | None:

@@ -34,8 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ground.runfolder import clean_json, write_json
+
 from . import EvalError
-from .common import ArgumentParser, clean_json, logger, run_main, write_json
+from .common import ArgumentParser, logger, run_main
 from .embed import load_model, load_processor, resolve_device
 from .images import Loaded, check_dir, image_files, open_image, open_label, try_open, warn_skipped
 from .miou import IGNORE_INDEX, MIOU_MEANS, confusion_matrix, reduce_zero_label, scores_from_confusion
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mIoU {result['miou']:.4f}  pixel accuracy {result['pixel_accuracy']:.4f}  "
           f"({result['n_images']} images, {result['valid_pixels']} valid pixels)", file=sys.stderr)
     if args.output:
-        write_json(args.output, result)
+        write_json(args.output, result, parents=True)
     else:
         print(json.dumps(clean_json(result), indent=2))
     return 0

@@ -28,14 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
-from lowrank.runfolder import EVAL
+from ground.runfolder import EVAL, read_jsonl, read_run, run_setting, write_json
 from training.common import TrainingError
 from training.segmap.conditioning import ConditionedUNet, conditioning_encoder, load_encoder
 from training.segmap.data import to_tensor
 from training.segmap.sets import MapData, load_data, validation_items
 
 from . import EvalError, fid
-from .common import read_jsonl, read_run, run_setting, update_eval_file, write_json
+from .common import update_eval_file
 from .generate import load_pipeline
 from .miou import confusion_matrix, reduce_zero_label, scores_from_confusion
 from .subject import choose_checkpoints

@@ -23,22 +23,19 @@ from pathlib import Path
 
 import torch
 
+from ground.runfolder import (
+    ADAPTER_FILES,
+    final_step,
+    is_adapter_dir,
+    list_checkpoints,
+    read_run,
+    run_setting,
+    write_json,
+)
 from training.common.args import file_in_the_way
 
 from . import EvalError, generate
-from .common import (
-    ADAPTER_FILES,
-    ArgumentParser,
-    checkpoint_dirs,
-    final_step,
-    is_adapter_dir,
-    logger,
-    read_run,
-    run_main,
-    run_setting,
-    update_eval_file,
-    write_json,
-)
+from .common import ArgumentParser, logger, run_main, update_eval_file
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 from .images import Loaded, load_folder, load_generated
 from .prompts import IMAGES_PER_PROMPT, protocol_prompts, subject_of
@@ -79,7 +76,7 @@ def summary(result: dict) -> str:
 def choose_checkpoints(run_dir: Path, run: dict, which: str) -> list[tuple[int, Path]]:
     """(step, adapter folder) for `which`: all, last, or steps "N,M". The final adapter in RUN/ counts
     as the last step unless a checkpoint already has that step."""
-    available = dict(checkpoint_dirs(run_dir))
+    available = dict(list_checkpoints(run_dir))
     if is_adapter_dir(run_dir):
         step = final_step(run_dir, run)
         if isinstance(step, int) and step not in available:
@@ -259,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         result = score_loaded(real, generated, dino, clip)
         print(summary(result), file=sys.stderr)
     if args.output:
-        write_json(args.output, result)
+        write_json(args.output, result, parents=True)
     elif not args.run_dir:   # a run's scores are in RUN/eval.jsonl and RUN/eval/step-N/scores.json
         print(json.dumps(result, indent=2))
     return 0

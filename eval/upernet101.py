@@ -39,7 +39,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from lowrank.ade20k import CLASSES
+from ground.ade20k import CLASSES
 
 from . import EvalError
 

@@ -50,10 +50,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ground.runfolder import atomic_write
+
 from .errors import AdapterError, AdapterFileError
 from .inject import adapter_layers, saved_modules
 from .io import model_config
-from .runfolder import atomic_write
+from .methods.lora import peft_lora_config
+from .registry import METHODS
 
 FORMATS = ("diffusers", "kohya", "peft", "diff")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -67,12 +70,15 @@ class ExportError(AdapterError, ValueError):
     """A method the requested format cannot hold exactly; the message names the formats that can."""
 
 
-def _dora_refusal(fmt: str) -> ExportError:
-    return ExportError(f"DoRA cannot be written exactly as a {fmt} file: its update m ⊙ (W + sBA)/‖W + sBA‖ is "
-                       f"not low rank, and the dora_scale that ComfyUI/A1111 read is not DoRA's per-row magnitude; "
-                       f"export it as 'diff' (full ΔW per layer: ComfyUI and A1111 apply it exactly), 'diffusers' "
-                       f"or 'peft' (both load DoRA exactly), or as a merged pipeline (python -m training.export "
-                       f"--format pipeline)")
+def _method(model: nn.Module) -> type:
+    """The AdapterLayer class of the model's adapters: what each export asks of the method is on it."""
+    return METHODS[model_config(model).method]
+
+
+def _refuse_unless_low_rank(method: type, fmt: str) -> None:
+    """Files of LoRA factors alone hold only methods whose ΔW is exactly low rank."""
+    if not method.low_rank_exact:
+        raise ExportError(method.export_refusal.format(fmt=fmt))
 
 
 # ----- factors --------------------------------------------------------------------------------------
@@ -92,8 +98,7 @@ def _balanced(up: torch.Tensor, down: torch.Tensor, drop_zero: bool = True) -> t
 @torch.no_grad()
 def lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(up (out, k), down (k, in)) in float64 with up @ down = ΔW = W_eff − W0 exactly (module docstring)."""
-    if layer.method == "dora":
-        raise _dora_refusal("LoRA")
+    _refuse_unless_low_rank(type(layer), "LoRA")
     terms = layer.delta_factors()
     up = torch.cat([u.detach().double() for u, _ in terms], dim=1)
     down = torch.cat([v.detach().double() for _, v in terms], dim=0)
@@ -129,19 +134,14 @@ def low_rank_state(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torc
     return {name: _pad(u, v, rank) for name, (u, v) in factors.items()}, rank
 
 
-def _dora_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """{name: (up, down, magnitude)} with the scale s folded into the factors (peft's DoRA sees only s·BA)."""
+def _magnitude_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """{name: (up, down, magnitude)} of a method that is not low_rank_exact (DoRA), the scale folded into the
+    factors (peft's DoRA sees only s·BA)."""
     out = {}
     for name, layer in _checked_layers(model).items():
-        up, down = _balanced(layer.lora_B.detach() * layer.scale, layer.lora_A.detach(), drop_zero=False)
-        out[name] = (up, down, layer.lora_magnitude.detach())
+        up, down, mag = layer.magnitude_factors()
+        out[name] = (*_balanced(up, down, drop_zero=False), mag)
     return out
-
-
-def _lora_config(rank: int, alpha: float, targets: list[str], dora: bool = False) -> dict:
-    """peft LoraConfig fields: what diffusers writes as lora_adapter_metadata and peft as adapter_config.json."""
-    return {"r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
-            "use_dora": dora, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}
 
 
 # ----- formats --------------------------------------------------------------------------------------
@@ -164,8 +164,9 @@ def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
     layers = adapter_layers(model)
     file_names = _names(layers, component)
     state: dict[str, torch.Tensor] = {}
-    if model_config(model).method == "dora":
-        dora = _dora_state(model)
+    low_rank = _method(model).low_rank_exact
+    if not low_rank:
+        dora = _magnitude_state(model)
         for name, (up, down, mag) in dora.items():
             conv, key = layers[name].is_conv, f"{prefix}.{file_names[name]}"
             state[f"{key}.lora_A.weight"] = _as_layer_weight(down, conv)
@@ -180,7 +181,7 @@ def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
             conv, key = layers[name].is_conv, f"{prefix}.{file_names[name]}"
             state[f"{key}.lora_A.weight"] = _as_layer_weight(down, conv)
             state[f"{key}.lora_B.weight"] = _as_layer_weight(up, conv)
-    cfg = _lora_config(rank, float(rank), sorted(layers), dora=model_config(model).method == "dora")
+    cfg = peft_lora_config(rank, float(rank), sorted(layers), dora=not low_rank)
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps({f"{prefix}.{k}": v for k, v in cfg.items()},
                                                                 indent=2, sort_keys=True)}
     return state, meta, DIFFUSERS_WEIGHTS
@@ -189,8 +190,7 @@ def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
 def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict, str]:
     """kohya-ss sd-scripts' networks.lora keys, what ComfyUI and A1111 read: 'lora_unet_<module path with _>'
     + '.lora_down.weight' (R, in[, 1, 1]), '.lora_up.weight' (out, R[, 1, 1]), '.alpha' = R (scale alpha/R = 1)."""
-    if model_config(model).method == "dora":
-        raise _dora_refusal("kohya")
+    _refuse_unless_low_rank(_method(model), "kohya")
     prefix = COMPONENTS[component][1]
     layers = adapter_layers(model)
     factors, rank = low_rank_state(model)
@@ -209,15 +209,11 @@ def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict
 
 @torch.no_grad()
 def dense_delta(layer: nn.Module) -> torch.Tensor:
-    """ΔW = W_eff − W0 of one layer as an (out, in) float64 matrix. DoRA from its own tensors (DoRA Eq. 5,
-    m ⊙ V/‖V‖_row − W with V = W + sBA), every other method as the product of its exact factors. Not the layer's
-    delta_weight(): that one is fp32, and k·V − W cancels to ~1e-7·‖W‖, more than the 1e-6 of the adapter's
-    effect that a diff file is held to when the effect is small."""
-    if layer.method == "dora":
-        w = layer.weight.detach().double()
-        v = w + layer.scale * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
-        norm = v.norm(dim=1).clamp_min(1e-6)   # the layer's row_norm floor: sqrt(1e-12)
-        return (layer.lora_magnitude.detach().double() / norm).unsqueeze(1) * v - w
+    """ΔW = W_eff − W0 of one layer as an (out, in) float64 matrix: the product of its exact factors, or for a
+    method that is not low_rank_exact (DoRA) its own float64 dense_delta(). Not the layer's delta_weight(): that
+    one is fp32, which is too coarse for the diff file of a small effect."""
+    if not layer.low_rank_exact:
+        return layer.dense_delta()
     up, down = lora_factors(layer)
     return up @ down
 
@@ -241,36 +237,16 @@ def _diff(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict,
 
 
 def _native_peft(model: nn.Module, prefix: str) -> tuple[dict, dict] | None:
-    """The adapter as peft itself would train it (lora, dora: r and alpha as trained; delora with peft's own
-    zero_b init and column norms): a peft user can keep training it. None where peft has no such method."""
+    """The adapter as peft itself would train it (the method's peft_config and peft_state): a peft user can keep
+    training it. None where peft has no such method, or not with these options or layers."""
     cfg = model_config(model)
     layers = _checked_layers(model)
-    if cfg.method == "delora" and (cfg.delora_init != "zero_b" or cfg.delora_norm != "column"):
+    peft_cfg = METHODS[cfg.method].peft_config(cfg, sorted(layers), any(layer.is_conv for layer in layers.values()))
+    if peft_cfg is None:
         return None
-    if cfg.method not in ("lora", "dora", "delora"):
-        return None
-    if cfg.method != "lora" and any(layer.is_conv for layer in layers.values()):
-        return None   # peft's DeLoRA is Linear-only; DoRA on a conv goes the folded way (magnitude reshaped)
-    state = {}
-    for name, layer in layers.items():
-        key, conv = prefix + name, (1, 1) if layer.is_conv else ()
-        if cfg.method in ("lora", "dora"):
-            state[f"{key}.lora_A.weight"] = layer.lora_A.detach().reshape(*layer.lora_A.shape, *conv)
-            state[f"{key}.lora_B.weight"] = layer.lora_B.detach().reshape(*layer.lora_B.shape, *conv)
-            if cfg.method == "dora":
-                state[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude.detach()
-        else:
-            for t in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"):
-                state[f"{key}.{t}"] = getattr(layer, t).detach()
-    targets = sorted(layers)
-    if cfg.method == "delora":
-        peft_cfg = {"peft_type": "DELORA", "r": cfg.rank, "delora_lambda": cfg.delora_lambda,
-                    "module_dropout": cfg.dropout, "target_modules": targets, "init_weights": True}
-    else:
-        peft_cfg = {"peft_type": "LORA", **_lora_config(cfg.rank, cfg.alpha if cfg.alpha is not None else cfg.rank,
-                                                        targets, dora=cfg.method == "dora")}
-        peft_cfg["lora_dropout"] = cfg.dropout
-    return {k: v.float().contiguous().cpu() for k, v in state.items()}, peft_cfg
+    state = {f"{prefix}{name}.{k}": v.float().contiguous().cpu()
+             for name, layer in layers.items() for k, v in layer.peft_state().items()}
+    return state, peft_cfg
 
 
 def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
@@ -279,8 +255,8 @@ def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
         return native
     layers = adapter_layers(model)
     state = {}
-    if model_config(model).method == "dora":   # DoRA on 1x1 convs: peft's conv DoRA layout, scale folded
-        for name, (up, down, mag) in _dora_state(model).items():
+    if not _method(model).low_rank_exact:   # DoRA on 1x1 convs: peft's conv DoRA layout, scale folded
+        for name, (up, down, mag) in _magnitude_state(model).items():
             conv = layers[name].is_conv
             state[f"{prefix}{name}.lora_A.weight"] = _as_layer_weight(down, conv)
             state[f"{prefix}{name}.lora_B.weight"] = _as_layer_weight(up, conv)
@@ -294,7 +270,7 @@ def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
             state[f"{prefix}{name}.lora_A.weight"] = _as_layer_weight(down, conv)
             state[f"{prefix}{name}.lora_B.weight"] = _as_layer_weight(up, conv)
         dora = False
-    return state, {"peft_type": "LORA", **_lora_config(rank, float(rank), sorted(layers), dora=dora)}
+    return state, {"peft_type": "LORA", **peft_lora_config(rank, float(rank), sorted(layers), dora=dora)}
 
 
 # ----- entry points ---------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ground.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write
+
 from .config import AdapterConfig
 from .errors import AdapterError, AdapterFileError, AdapterMismatchError
 from .inject import adapter_layers, eject, inject, saved_modules
-from .runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write
 
 FORMAT = "lowrank/1"
 FULL_PREFIX = "modules_to_save."   # key prefix of the modules trained in full

@@ -20,7 +20,9 @@ taken in adapted() with take_prepared().
 A method class also carries what the rest of the project knows about it (so lowrank.METHODS is the only
 list of methods): `summary` (one line for help texts and the app), `default_learning_rate` (the trainers'
 default), `options` (its own AdapterConfig fields, lowrank/options.py) and `check_config(config)`, the checks
-of those fields, which AdapterConfig runs once per config (never per layer).
+of those fields, which AdapterConfig runs once per config (never per layer). What the exports
+(lowrank/export.py) need of a method is on it too, as peft keeps it on each tuner: `low_rank_exact` (else its
+`export_refusal`, magnitude_factors() and dense_delta()) and peft_config() / peft_state(), its native peft form.
 
 Nothing here imports lowrank/config.py: config builds AdapterConfig from the registry, which imports the
 methods, which import this module; `config` below is an AdapterConfig.
@@ -86,6 +88,33 @@ class AdapterLayer(nn.Module):
         check_config), after the generic checks, whatever method is selected: a config is valid as a
         whole. Checks that only matter when this method runs look at `config.method`. It may fill this
         method's None defaults that depend on generic fields (e.g. dyndora_initial_rank from rank)."""
+
+    # ----- exports (lowrank/export.py) --------------------------------------------------------------------
+    # True where delta_factors() give ΔW exactly: every format holds the method as LoRA factors. False (DoRA):
+    # ΔW is not low rank; the method gives magnitude_factors() and dense_delta(), and files that hold LoRA
+    # factors alone refuse it with export_refusal (its {fmt} is the format's name).
+    low_rank_exact: ClassVar[bool] = True
+    export_refusal: ClassVar[str] = ""
+
+    @classmethod
+    def peft_config(cls, config, targets: list[str], conv: bool) -> dict | None:
+        """peft's own adapter_config.json for this method trained with `config` on `targets` (conv: some are
+        1x1 convs), so a peft user can keep training it; None where peft has no such method or not with these
+        options or layers: the export then writes exact LoRA factors (or magnitude_factors)."""
+        return None
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """This layer's tensors under the names peft_config's peft method gives them ('lora_A.weight' ...)."""
+        raise NotImplementedError
+
+    def magnitude_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(up, down, m) with W_eff = m ⊙ (W + up·down)/‖W + up·down‖_row (peft's DoRA layout, scale folded into
+        up), for a method that is not low_rank_exact."""
+        raise NotImplementedError
+
+    def dense_delta(self) -> torch.Tensor:
+        """ΔW as an (out, in) float64 matrix from the method's own tensors, for one that is not low_rank_exact."""
+        raise NotImplementedError
 
     def __init__(self, base: nn.Module, config, init_state: dict | None = None):
         super().__init__()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.__main__ import build_parser, cli_words, main
 from training import dreambooth
-from training.common.args import OUTPUTS_DIR
+from training.common.tasks import OUTPUTS_DIR
 
 from .test_app_support import free_port
 

@@ -22,6 +22,7 @@ from app import runs as R
 from app.inputs import check_form
 from app.service import Service
 
+from . import test_eval_support as support
 from .test_app_support import FAST, running_app, subject_images
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -319,8 +320,6 @@ def test_report_button_shows_the_report(app, client, trained, stand_in_eval):
 def test_score_and_report_with_the_real_eval(app, client, trained, tmp_path):
     """eval/subject.py and eval/report.py themselves, with tiny random DINO/CLIP models saved locally
     (the eval tests' builders): the offline stand-ins for facebook/dino-vits16 and openai/clip."""
-    pytest.importorskip("eval.subject", reason="eval/subject.py is not in this checkout yet")
-    support = pytest.importorskip("tests.test_eval_support", reason="the eval tests' model builders are missing")
     service = app[1]
     dino, clip = support.build_dino(tmp_path / "dino"), support.build_clip(tmp_path / "clip")
     saved = service.eval_args

@@ -199,5 +199,5 @@ def test_the_embedded_subject_is_the_clis(tmp_path):
     form = check_form(**FORM)
     cmd = commands.train_command(form, "delora", tmp_path / "run", None, launcher="python")
     assert "--instance_data_dir" not in cmd
-    args = dreambooth.parse_args(cmd[2:])
+    args = dreambooth.parse_args(cmd[2:]).args
     assert args.instance_data_dir is None and args.instance_prompt == EXAMPLE_PROMPT == form.instance_prompt

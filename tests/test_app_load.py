@@ -1,6 +1,6 @@
 """The app under load: N = 8 gradio_client clients at once (run listings, Compare, checkpoint lists,
 Generate) while one training runs through the app's queue, over a --runs_dir holding 200 runs (tiny
-run folders written here through lowrank.runfolder). Every call must answer without an error, the
+run folders written here through ground.runfolder). Every call must answer without an error, the
 training's progress must keep flowing and it must finish, and no run folder may change. Latencies are
 printed (`-s`), with Compare's median and p95 against its targets (≤ 1 s, ≤ 2 s), not asserted (timings
 depend on the machine); BENCHMARKS.md records them:
@@ -23,7 +23,7 @@ import lowrank
 from app import generate as G
 from app import runs as R
 from app.inputs import check_form
-from lowrank import runfolder
+from ground import runfolder
 
 from .test_app_support import running_app, subject_images
 

@@ -328,7 +328,7 @@ def test_resume_mid_epoch_with_accumulation_is_exact(tmp_path, method):
 
 
 def test_checkpoint_listing_ignores_partial_and_stale_folders(tmp_path):
-    from lowrank.runfolder import list_checkpoints, remove_stale
+    from ground.runfolder import list_checkpoints, remove_stale
     from training.common import TrainingError
     from training.common.checkpoint import resolve_resume
 

@@ -26,7 +26,7 @@ FAKE_TRAINER = textwrap.dedent('''
     import torch
     from torch import nn
     import lowrank
-    from lowrank import runfolder
+    from ground import runfolder
 
     p = argparse.ArgumentParser()
     for flag in ("--output_dir", "--method", "--learning_rate", "--max_train_steps", "--checkpointing_steps",

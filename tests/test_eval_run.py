@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
+import lowrank
 from eval import subject
-from eval.common import read_jsonl, run_main
+from eval.common import run_main
 from eval.embed import ClipEmbedder, DinoEmbedder
 from eval.images import load_generated
+from ground.runfolder import read_jsonl
+from training.common import models
 
 from .test_eval_support import one_thread, tiny_models  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-lowrank = pytest.importorskip("lowrank")
-models = pytest.importorskip("training.common.models")
 
 
 @pytest.fixture(scope="module")

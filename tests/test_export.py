@@ -16,8 +16,9 @@ from safetensors import safe_open
 
 import lowrank
 from lowrank import AdapterConfig
-from training.common.export import export_model, export_run
+from training.common.export import export_model
 from training.common.models import load_pipeline
+from training.exporting import export_run
 
 TARGETS = ["to_q", "to_out.0", "proj_in"]   # Linear layers and a 1x1 conv (proj_in)
 OPTIONS = {   # alpha != r wherever alpha applies: the scale must be folded, not assumed
@@ -237,7 +238,7 @@ def test_a_glue_run_exports_for_peft_with_its_head(tmp_path, capsys):
 def test_exported_files_are_readable_by_other_users(pipe, unet32, tmp_path):
     """A UI running as another user (ComfyUI, A1111) must read the export: files and folders get the modes of
     ordinary ones under this process's umask (safetensors alone would write 0600, mkdtemp 0700)."""
-    from lowrank.runfolder import UMASK
+    from ground.runfolder import UMASK
 
     run_dir = tmp_path / "run"
     lowrank.save_adapter(adapted(unet32, "lora"), run_dir)

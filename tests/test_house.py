@@ -1,7 +1,9 @@
 """The layout rules the code keeps, read from the source (no imports run): no import cycle between a
-package's modules (imports inside functions included); inside a function no project import and no library
-import but the heavy ones the package's __init__.py lists (eval's, training's); no function over 100 lines.
-PACKAGES lists the packages held to them (one more package: one more name)."""
+package's modules (imports inside functions included); imports point down the layers (LAYERS: ground <
+lowrank < training < eval < app; inside training, common < a task's package < a trainer script); inside a
+function no project import and no library import but the heavy ones the package's __init__.py lists (eval's,
+training's); no function over 90 lines. PACKAGES lists the packages held to them (one more package: one more
+name, and its place in LAYERS)."""
 from __future__ import annotations
 
 import ast
@@ -9,9 +11,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ("lowrank", "training", "eval", "app")
-PACKAGES = ("lowrank", "eval", "training", "app")
-MAX_FUNCTION_LINES = 100
+PROJECT = ("ground", "lowrank", "training", "eval", "app")
+PACKAGES = ("ground", "lowrank", "eval", "training", "app")
+LAYERS = {"ground": 0, "lowrank": 1, "training": 2, "eval": 3, "app": 4}   # a module imports its layer or lower
+MAX_FUNCTION_LINES = 90
 
 
 def module_name(path: Path) -> str:
@@ -121,6 +124,58 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer(module: str, scripts: set[str]) -> tuple[int, int]:
+    """(the package's place in LAYERS, the place inside training): training.common and training/__init__.py 0,
+    a task's package (training/<task>/: images, subject, segmap, text, families, ...) 1, a trainer script
+    (training/<script>.py, one of `scripts`) 2; 0 outside training."""
+    parts = module.split(".")
+    inner = 0
+    if parts[0] == "training" and len(parts) > 1 and parts[1] != "common":
+        inner = 2 if f"training.{parts[1]}" in scripts else 1
+    return LAYERS[parts[0]], inner
+
+
+def upward_imports(graph: dict[str, set[str]], scripts: set[str]) -> list[str]:
+    """The arrows `importer -> imported` of the graph that point up: to a higher package in LAYERS, or inside
+    training to a higher place (common -> a task's package, a task's package -> a trainer script)."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if layer(b, scripts) > layer(a, scripts))
+
+
+def import_graph(late: bool = True) -> dict[str, set[str]]:
+    """module -> the project modules it imports, over PACKAGES (late: imports inside functions too)."""
+    graph = {}
+    for package in PACKAGES:
+        for name, path in modules(package).items():
+            top, inner = imports(path)
+            graph[name] = top | ({module for _, module in inner} if late else set())
+    return graph
+
+
+def test_the_layer_checker_finds_an_upward_import():
+    scripts = {"training.dreambooth", "training.glue"}
+    down = {"app.ui": {"eval.report", "training.common.task", "lowrank", "ground.cli"},
+            "eval.subject": {"training.subject.data", "training.common.args", "ground.runfolder"},
+            "training.dreambooth": {"training.glue", "training.images.samples", "training.common.loop"},
+            "training.images.samples": {"training.subject.data", "training.families.sd15", "training.common"},
+            "training.common.loop": {"training", "training.common.args", "lowrank.io"},
+            "lowrank.io": {"ground.runfolder"}, "ground.runfolder": {"ground.cli"}}
+    assert upward_imports(down, scripts) == []
+    up = {"ground.cli": {"app"}, "lowrank.io": {"training.common.args"}, "training.common.export": {"training.text"},
+          "training.text.glue_data": {"training.glue"}, "training.common.loop": {"eval.common"},
+          "eval.report": {"app.runs", "training.dreambooth"}, "training.families.sd15": {"training.dreambooth"}}
+    assert upward_imports(up, scripts) == [
+        "eval.report -> app.runs", "ground.cli -> app", "lowrank.io -> training.common.args",
+        "training.common.export -> training.text", "training.common.loop -> eval.common",
+        "training.families.sd15 -> training.dreambooth", "training.text.glue_data -> training.glue"]
+
+
+def test_imports_point_down_the_layers():
+    """ground < lowrank < training < eval < app, and inside training common < a task's package < a trainer
+    script: a module imports its own layer or a lower one (imports inside functions included)."""
+    assert upward_imports(import_graph(), TRAINER_SCRIPTS) == []
+
+
 def test_the_checker_finds_a_cycle_and_resolves_relative_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
@@ -132,12 +187,7 @@ def test_the_checker_finds_a_cycle_and_resolves_relative_imports():
 
 def test_no_import_cycle_between_modules():
     """Imports inside functions count too: a late import hides a cycle, it does not remove it."""
-    graph = {}
-    for package in PACKAGES:
-        for name, path in modules(package).items():
-            top, late = imports(path)
-            graph[name] = top | {module for _, module in late}
-    assert cycles(graph) == []
+    assert cycles(import_graph()) == []
 
 
 def test_no_project_import_inside_a_function_and_libraries_only_from_the_documented_list():
@@ -153,7 +203,7 @@ def test_no_project_import_inside_a_function_and_libraries_only_from_the_documen
     assert libraries == []
 
 
-def test_no_function_over_100_lines():
+def test_no_function_over_90_lines():
     long = [f"{path.relative_to(ROOT)}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
             for package in PACKAGES for path in modules(package).values()
             for f in function_bodies(ast.parse(path.read_text()))

@@ -11,7 +11,7 @@ import sklearn.metrics
 import torch
 import torch.nn.functional as F
 
-from lowrank import runfolder
+from ground import runfolder
 from training import glue, instruct
 from training.text import glue_data as G
 from training.text import instruct_data as I
@@ -111,7 +111,7 @@ def test_glue_seeds_report_mean_and_std(tmp_path, glue_files):
 
 
 def test_preset_sets_the_paper_row_and_flags_override():
-    args = glue.parse_args(["--preset", "delora-paper", "--task_name", "cola", "--num_train_epochs", "3"])
+    args = glue.parse_args(["--preset", "delora-paper", "--task_name", "cola", "--num_train_epochs", "3"]).args
     assert (args.learning_rate, args.train_batch_size, args.delora_lambda, args.dropout, args.lambda_learning_rate,
             args.max_seq_length, args.lr_scheduler, args.lr_warmup_ratio) == (1e-2, 8, 4.0, 0.2, 1e-2, 256, "linear",
                                                                              0.06)

@@ -13,9 +13,9 @@ from PIL import Image
 from tests.stderr import one_error_line
 from training import dreambooth
 from training import semantic_map as sm
-from training.common.export import export_run
 from training.common.models import load_pipeline
 from training.export import main as export_cli
+from training.exporting import export_run
 from training.images.files import load_dataset_images, load_image_dir
 from training.segmap import data as sd
 
@@ -149,7 +149,7 @@ def test_semantic_map_pairs_from_each_layout_equal_the_files(tmp_path, fmt):
                      image_columns=("image", "conditioning_image"))
     args = sm.parse_args(["--dataset_name", str(src), "--cache_dir", str(tmp_path / "cache"),
                           "--image_column", "image", "--conditioning_image_column", "conditioning_image",
-                          "--caption_column", "text", "--output_dir", str(tmp_path / "o"), *SM_FAST])
+                          "--caption_column", "text", "--output_dir", str(tmp_path / "o"), *SM_FAST]).args
     train, val, source = sm.load_data(args)
     assert [ex.caption for ex in train] == ["c0", "c1"] and len(val) == 1 and str(src) in source
     for ex, pic, label in zip(train, pics, labels):

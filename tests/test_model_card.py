@@ -9,8 +9,8 @@ import yaml
 import lowrank
 from lowrank.analysis import delora_bound
 from training import dreambooth, glue
-from training.common.export import export_run
 from training.common.model_card import base_license, model_card
+from training.exporting import export_run
 
 FAST = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--seed", "0", "--resolution", "32",
         "--num_inference_steps", "2", "--num_validation_images", "2", "--rank", "4", "--report_to", "none"]

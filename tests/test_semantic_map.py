@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from eval.miou import confusion_matrix, scores_from_confusion
-from lowrank import ade20k
+from ground import ade20k
 from training import semantic_map as sm
 from training.segmap import data as sd
 from training.segmap.sets import MapData, load_data
@@ -72,7 +72,7 @@ def test_palette_round_trip_map_colours_map():
 
 def test_ade20k_layout_pairs_by_stem_resizes_maps_nearest_and_captions_from_map(tmp_path):
     root = write_ade(tmp_path / "ADEChallengeData2016")
-    args = sm.parse_args(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "o"), *FAST])
+    args = sm.parse_args(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "o"), *FAST]).args
     train, val, source = load_data(MapData.from_args(args))
     assert [e.stem for e in train] == [f"ADE_training_{i:08d}" for i in range(3)] and len(val) == 1
     assert "ADE20K layout" in source
@@ -87,7 +87,7 @@ def test_ade20k_layout_pairs_by_stem_resizes_maps_nearest_and_captions_from_map(
 
 def test_imagefolder_metadata_layout_takes_captions_and_painted_maps(tmp_path):
     root = write_imagefolder(tmp_path / "folder")
-    args = sm.parse_args(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "o"), *FAST])
+    args = sm.parse_args(["--train_data_dir", str(root), "--output_dir", str(tmp_path / "o"), *FAST]).args
     train, val, _ = load_data(MapData.from_args(args))
     assert [e.caption for e in train] == ["caption 0", "caption 1"] and len(val) == 1
     item = sd.prepare(train[1], 32, "seg", 0)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank import runfolder
+from ground import runfolder
 from training import dreambooth
 from training.common import faults
 

@@ -64,7 +64,7 @@ def test_macro_f1_matches_scikit_learn():
 
 
 def test_defaults_with_no_other_flag():
-    args = glue.parse_args(["--task_name", "tweet_sentiment", "--method", "delora"])
+    args = glue.parse_args(["--task_name", "tweet_sentiment", "--method", "delora"]).args
     assert args.learning_rate == T.TWEET_LEARNING_RATES["delora"]
     assert (args.num_train_epochs, args.train_batch_size, args.max_seq_length) == (2, 16, 64)
     assert (args.max_train_samples, args.max_eval_samples) == (T.TRAIN_SIZE, T.VALIDATION_SIZE)

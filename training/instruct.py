@@ -26,22 +26,15 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/instr
 import torch
 
 import lowrank
-from lowrank import runfolder
+from ground import runfolder
 from training.common import TrainingError
-from training.common.args import (
-    ArgumentParser,
-    adapter_config,
-    add_adapter_args,
-    add_dataset_args,
-    add_run_args,
-    check_folder_path,
-    check_training_args,
-    output_dir,
-)
+from training.common.args import ArgumentParser, add_adapter_args, add_dataset_args, add_run_args
 from training.common.loop import TrainingRun
 from training.common.results import write_results
 from training.common.runtime import run_trainer
+from training.common.spec import RunSpec, resolve_run
 from training.common.task import Task
+from training.common.tasks import INSTRUCT
 from training.common.tracking import setup_console
 from training.text.instruct_data import (
     EXAMPLE_INSTRUCTIONS,
@@ -63,7 +56,7 @@ DEFAULT_MODEL = "tiny-llama"
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(parser, batch_help="Batch size per device.", train_batch_size=4,
-                 default_output="outputs/instruct-<method>")
+                 default_output=INSTRUCT.output_help())
     g = parser.add_argument_group("instruction tuning")
     g.add_argument("--model_name_or_path", default=None,
                    help="Hub name or local folder of a causal LM (e.g. meta-llama/Llama-2-7b-hf); presets: "
@@ -88,9 +81,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> RunSpec:
+    """The resolved run (training.common.spec) of this command line; TrainingError on bad input."""
     args = build_parser().parse_args(argv)
-    check_training_args(args)
+    spec = resolve_run(args, INSTRUCT)   # a bad method/option fails now, before any model or data
     if args.max_seq_length <= 2:
         raise TrainingError(f"--max_seq_length must be > 2, got {args.max_seq_length}")
     if args.lm_eval_tasks:
@@ -104,9 +98,7 @@ def parse_args(argv=None):
     args.example = args.train_file is None and args.dataset_name is None
     if args.mc_file is None:
         args.mc_file = [str(EXAMPLE_MC)] if args.example else []
-    check_folder_path(output_dir(args, "instruct"), "--output_dir")
-    adapter_config(args)
-    return args
+    return spec
 
 
 class Encoded(torch.utils.data.Dataset):
@@ -123,7 +115,6 @@ class Encoded(torch.utils.data.Dataset):
 class Instruct(Task):
     """Next-token cross-entropy on the response tokens; multiple-choice accuracy per epoch."""
 
-    name = "instruct"
     outputs = ""   # results.json comes after fit, named in the last line
 
     def __init__(self, run: TrainingRun, tokenizer, mc_sets: dict):
@@ -157,7 +148,8 @@ def run_lm_eval(model, tokenizer, tasks: str) -> dict:
             for task, res in out["results"].items()}
 
 
-def train(args) -> None:
+def train(spec: RunSpec) -> None:
+    args = spec.args
     # the data before the run folder and the model: bad input fails in seconds, with nothing written
     if args.dataset_name:
         rows, source = instruction_rows(args.dataset_name, "--dataset_name", args.cache_dir), args.dataset_name
@@ -165,7 +157,7 @@ def train(args) -> None:
         source = args.train_file or str(EXAMPLE_INSTRUCTIONS)
         rows = instruction_rows(source)
     mc_sets = {Path(f).stem: load_mc(Path(f).expanduser(), args.mc_format) for f in args.mc_file}
-    run = TrainingRun(args, "instruct")
+    run = TrainingRun(spec)
     with run.accelerator.main_process_first():
         model, tokenizer = load_language_model(
             args.model_name_or_path, "causal", default=DEFAULT_MODEL, revision=args.revision,

@@ -45,30 +45,21 @@ if __package__ in (None, ""):  # run as a file (accelerate launch training/seman
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import lowrank
-from lowrank import runfolder
+from ground import runfolder
 from training.common import TrainingError
-from training.common.args import (
-    ArgumentParser,
-    adapter_config,
-    add_adapter_args,
-    add_dataset_args,
-    add_training_args,
-    check_folder_path,
-    check_training_args,
-    default_learning_rate,
-    output_dir,
-    resolve_run_length,
-)
+from training.common.args import ArgumentParser, add_adapter_args, add_dataset_args, add_training_args
 from training.common.batches import mix_seed
 from training.common.loop import TrainingRun
 from training.common.models import is_tiny, load_pipeline
 from training.common.runtime import run_trainer
+from training.common.spec import RunSpec, resolve_run
 from training.common.task import Task
+from training.common.tasks import SEMANTIC_MAP
 from training.common.tracking import setup_console
+from training.images.diffusion import DiffusionObjective
 from training.images.samples import grid, sampling_pipeline
 from training.segmap import data as sd
 from training.segmap.conditioning import (
@@ -93,7 +84,7 @@ DEFAULT_STEPS = (200, 2)   # (steps, checkpoints)
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)",
-                      default_output="outputs/semantic-map-<method>", default_steps=DEFAULT_STEPS)
+                      default_output=SEMANTIC_MAP.output_help(), default_steps=DEFAULT_STEPS)
     g = parser.add_argument_group("semantic map")
     g.add_argument("--train_data_dir", default=None,
                    help="ADE20K root (images/{training,validation}/*.jpg + annotations/{training,validation}/*.png, "
@@ -130,10 +121,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> RunSpec:
+    """The resolved run (training.common.spec) of this command line; TrainingError on bad input."""
     args = build_parser().parse_args(argv)
-    resolve_run_length(args, DEFAULT_STEPS)
-    check_training_args(args)
+    spec = resolve_run(args, SEMANTIC_MAP, DEFAULT_STEPS, target_modules=TARGET_MODULES)
     if args.condition not in sd.CONDITIONS:
         raise TrainingError(f"--condition {args.condition!r} is unknown; use one of {', '.join(sd.CONDITIONS)} "
                             f"(detectors that need hub weights are not offered)")
@@ -149,11 +140,9 @@ def parse_args(argv=None):
     if vi and vp and len(vi) != len(vp) and 1 not in (len(vi), len(vp)):
         raise TrainingError(f"{len(vi)} --validation_image and {len(vp)} --validation_prompt: give as many of "
                             f"each, or one of either")
-    check_folder_path(output_dir(args, "semantic-map"), "--output_dir")
     if args.resolution is None:
         args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
-    adapter_config(args, target_modules=TARGET_MODULES)
-    return args
+    return spec
 
 
 def main(argv=None) -> int:
@@ -164,15 +153,14 @@ def main(argv=None) -> int:
 class SemanticMap(Task):
     """Diffusion loss with the control added to the UNet (ControlNet's objective), samples per map."""
 
-    name = "semantic-map"
     outputs = f"{ENCODER_FILE}, samples/ (map | samples in samples/grid.png)"
 
     def __init__(self, run: TrainingRun, pipe, model: ConditionedUNet, validation: list[dict], args):
-        from diffusers import DDPMScheduler
-
         self.run, self.args, self.model = run, args, model
-        self.vae, self.tokenizer, self.text_encoder = pipe.vae, pipe.tokenizer, pipe.text_encoder
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
+        # the encoder's rate, resolved once (param_groups and run.json read it)
+        self.encoder_lr = args.conditioning_learning_rate or min(run.spec.learning_rate, MAX_CONDITIONING_LR)
         self.val_pipe = sampling_pipeline(pipe.components)
         self.validation = validation
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -188,24 +176,14 @@ class SemanticMap(Task):
         return torch.stack([self._prompt_cache[c] for c in captions])
 
     def loss(self, model, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        device, sched = self.run.device, self.noise_scheduler
-        pixels = batch["pixel_values"].to(device, dtype=self.run.weight_dtype)
-        with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
-        noisy = sched.add_noise(latents, noise, timesteps)
-        control = batch["conditioning_pixel_values"].to(device)
-        pred = model(noisy, timesteps, self.encode(batch["captions"]), control).float()
-        target = sched.get_velocity(latents, noise, timesteps) if sched.config.prediction_type == "v_prediction" \
-            else noise
-        return F.mse_loss(pred, target.float())
+        control = batch["conditioning_pixel_values"].to(self.run.device)
+        emb = self.encode(batch["captions"])
+        return self.objective.loss(batch["pixel_values"], lambda noisy, t: model(noisy, t, emb, control), gen)
 
     def param_groups(self, model, lr: float, args) -> list[dict]:
         groups = super().param_groups(model, lr, args)
         if model.conditioning_embedding is not None:
-            enc_lr = args.conditioning_learning_rate or min(lr, MAX_CONDITIONING_LR)
-            groups.append({"params": list(model.conditioning_embedding.parameters()), "lr": enc_lr,
+            groups.append({"params": list(model.conditioning_embedding.parameters()), "lr": self.encoder_lr,
                            "weight_decay": args.adam_weight_decay, "name": "conditioning"})
         return groups
 
@@ -278,10 +256,11 @@ def check_controlnet(controlnet, pipe, path: str) -> None:
                             f"{pipe.vae_scale_factor}x; use a ControlNet of this base model")
 
 
-def train(args) -> None:
+def train(spec: RunSpec) -> None:
+    args = spec.args
     data = MapData.from_args(args)
     train_set, val_set, source = load_data(data)   # bad input fails in seconds, before anything is written
-    run = TrainingRun(args, "semantic-map")
+    run = TrainingRun(spec)
     logger.info("training pairs: %d from %s; validation maps: %d", len(train_set), source, len(val_set))
     validation = validation_items(data, val_set)
     captions = {ex.caption is not None for ex in train_set}
@@ -330,9 +309,7 @@ def train(args) -> None:
                   "condition": args.condition, "caption_source": caption_source,
                   "conditioning": "controlnet" if controlnet is not None else "encoder",
                   "conditioning_encoder_parameters": enc_params,
-                  "conditioning_learning_rate": (args.conditioning_learning_rate or min(
-                      args.learning_rate or default_learning_rate(run.config.method),
-                      MAX_CONDITIONING_LR)) if encoder is not None else None})
+                  "conditioning_learning_rate": task.encoder_lr if encoder is not None else None})
 
 
 if __name__ == "__main__":

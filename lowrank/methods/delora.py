@@ -59,6 +59,17 @@ class DeloraLayer(AdapterLayer):
         if config.delora_eps <= 0:
             raise ConfigError(f"delora_eps must be positive, got {config.delora_eps}")
 
+    @classmethod
+    def peft_config(cls, config, targets, conv):
+        # peft's DeLoRA is Linear-only, with B = 0 at init and column norms; other options go out as LoRA factors
+        if conv or config.delora_init != "zero_b" or config.delora_norm != "column":
+            return None
+        return {"peft_type": "DELORA", "r": config.rank, "delora_lambda": config.delora_lambda,
+                "module_dropout": config.dropout, "target_modules": targets, "init_weights": True}
+
+    def peft_state(self):
+        return {t: getattr(self, t).detach() for t in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")}
+
     def init_adapter(self) -> None:
         cfg, r, w = self.config, self.config.rank, self.weight.detach()
         kw = dict(device=w.device, dtype=torch.float32)

@@ -70,6 +70,10 @@ class DeltaLoraLayer(LoraLayer):
             raise ConfigError("deltalora needs dropout = 0: its update W += λΔ(BA) relies on g_W = g_BA, "
                               "which dropout on the low-rank branch breaks (Delta-LoRA Eq. 7)")
 
+    @classmethod
+    def peft_config(cls, config, targets, conv):
+        return None   # peft has no Delta-LoRA (its W moves too): exported as exact LoRA factors of rank 2r
+
     def init_adapter(self) -> None:
         super().init_adapter()
         self.ratio = float(self.config.deltalora_ratio)

@@ -29,6 +29,34 @@ class DoraLayer(LoraLayer):
                                                       "ablation, 'fixed magnitude')."),
     )
 
+    # exports: ΔW is not low rank, so DoRA goes out in peft's DoRA layout (peft and diffusers load it exactly)
+    low_rank_exact = False
+    export_refusal = ("DoRA cannot be written exactly as a {fmt} file: its update m ⊙ (W + sBA)/‖W + sBA‖ is not "
+                      "low rank, and the dora_scale that ComfyUI/A1111 read is not DoRA's per-row magnitude; export "
+                      "it as 'diff' (full ΔW per layer: ComfyUI and A1111 apply it exactly), 'diffusers' or 'peft' "
+                      "(both load DoRA exactly), or as a merged pipeline (python -m training.export --format "
+                      "pipeline)")
+
+    @classmethod
+    def peft_config(cls, config, targets, conv):
+        # peft's conv DoRA holds its magnitude as (1, out, 1, 1): the export writes magnitude_factors instead
+        return None if conv else {**super().peft_config(config, targets, conv), "use_dora": True}
+
+    def peft_state(self):
+        return {**super().peft_state(), "lora_magnitude_vector": self.lora_magnitude.detach()}
+
+    def magnitude_factors(self):
+        return self.lora_B.detach() * self.scale, self.lora_A.detach(), self.lora_magnitude.detach()
+
+    @torch.no_grad()
+    def dense_delta(self):
+        # Eq. 5, m ⊙ V/‖V‖_row − W with V = W + sBA, in float64: delta_weight()'s fp32 k·V − W cancels to
+        # ~1e-7·‖W‖, more than the 1e-6 of the adapter's effect that a diff file is held to
+        w = self.weight.detach().double()
+        v = w + self.scale * self.lora_B.detach().double() @ self.lora_A.detach().double()
+        norm = v.norm(dim=1).clamp_min(1e-6)   # row_norm's floor: sqrt(1e-12)
+        return (self.lora_magnitude.detach().double() / norm).unsqueeze(1) * v - w
+
     def init_adapter(self) -> None:
         super().init_adapter()
         w = self.weight.detach().float()

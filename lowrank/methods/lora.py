@@ -13,6 +13,12 @@ from torch import nn
 from ..layer import AdapterLayer, add_low_rank
 
 
+def peft_lora_config(rank: int, alpha: float, targets: list[str], dora: bool = False) -> dict:
+    """peft LoraConfig fields: what diffusers writes as lora_adapter_metadata and peft as adapter_config.json."""
+    return {"r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+            "use_dora": dora, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}
+
+
 class LoraLayer(AdapterLayer):
     method = "lora"
     prefix = "lora_"
@@ -38,3 +44,14 @@ class LoraLayer(AdapterLayer):
 
     def delta_factors(self):
         return [(self.lora_B * self.scale, self.lora_A)]
+
+    @classmethod
+    def peft_config(cls, config, targets, conv):
+        # peft's LoRA with r and alpha as trained (Linear and 1x1 conv alike)
+        alpha = config.alpha if config.alpha is not None else config.rank
+        return {"peft_type": "LORA", **peft_lora_config(config.rank, alpha, targets), "lora_dropout": config.dropout}
+
+    def peft_state(self):
+        conv = (1, 1) if self.is_conv else ()   # peft's conv LoRA holds A and B as 1x1 kernels
+        return {"lora_A.weight": self.lora_A.detach().reshape(*self.lora_A.shape, *conv),
+                "lora_B.weight": self.lora_B.detach().reshape(*self.lora_B.shape, *conv)}

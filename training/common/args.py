@@ -13,16 +13,14 @@ import types
 import typing
 from pathlib import Path
 
-from lowrank import METHODS, AdapterConfig, cli
+from ground import cli
+from lowrank import METHODS, AdapterConfig
 
 from . import TrainingError
 from .tracking import DEFAULT_DISTANCE_LOGGING_STEPS
 
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
 ADAPTER_FLAGS_SPECIAL = {"dyndora_total_steps": "default: --max_train_steps"}
-
-# Where a run goes when --output_dir is not given: OUTPUTS_DIR/<task>-<method> (the app lists this folder)
-OUTPUTS_DIR = "outputs"
 
 # diffusers' run length when a flag is given: --num_train_epochs 1, a checkpoint every 500 steps
 DEFAULT_EPOCHS, DEFAULT_CHECKPOINTING_STEPS = 1, 500
@@ -104,25 +102,6 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lambda_learning_rate", type=float, default=None,
                        help="Learning rate of scalar strengths (DeLoRA's boundary λ), a separate AdamW group "
                             "without weight decay (default: --learning_rate).")
-
-
-def output_dir(args: argparse.Namespace, task: str | None = None) -> Path:
-    """--output_dir as a folder (~ expanded): the one place the flag becomes a path. With `task`, an unset
-    flag first gets its default, OUTPUTS_DIR/<task>-<method>."""
-    if task is not None:
-        args.output_dir = args.output_dir or f"{OUTPUTS_DIR}/{task}-{args.method or AdapterConfig().method}"
-    return Path(args.output_dir).expanduser()
-
-
-def adapter_config(args: argparse.Namespace, **fill: typing.Any) -> AdapterConfig:
-    """AdapterConfig from the flags the user set; `fill` supplies values for unset fields only
-    (e.g. dyndora_total_steps=args.max_train_steps). Raises lowrank.ConfigError on bad values."""
-    names = {f.name for f in dataclasses.fields(AdapterConfig)}
-    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    for k, v in fill.items():
-        if k in names and k not in given:
-            given[k] = v
-    return AdapterConfig(**given)
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_resolution: str = "",
@@ -290,9 +269,8 @@ def resolve_run_length(args: argparse.Namespace, default_steps: tuple[int, int] 
 
 
 def check_training_args(args: argparse.Namespace) -> None:
-    """Cross-flag checks shared by the trainers; one TrainingError per problem (run `resolve_run_length`
-    first: it fills the run length's defaults)."""
-    resolve_run_length(args)
+    """Cross-flag checks shared by the trainers; one TrainingError per problem (after `resolve_run_length`:
+    it fills the run length's defaults)."""
     positive = ["train_batch_size", "num_train_epochs", "checkpointing_steps", "gradient_accumulation_steps",
                 "num_validation_images", "num_inference_steps", "ddp_timeout", "distance_logging_steps"]
     for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution",
@@ -307,6 +285,3 @@ def check_training_args(args: argparse.Namespace) -> None:
     if args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.dataloader_num_workers < 0:
         raise TrainingError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
 
-
-def default_learning_rate(method: str) -> float:
-    return METHODS[method].default_learning_rate

@@ -7,7 +7,7 @@
 
 A checkpoint is built in checkpoint-N.tmp and renamed into place, so a kill at any moment leaves either
 a complete checkpoint or a .tmp that resume ignores (and the next run deletes); what "complete" means
-is lowrank.runfolder.is_complete_checkpoint, the one rule training, eval and the app share.
+is ground.runfolder.is_complete_checkpoint, the one rule training, eval and the app share.
 
 Resume order: the adapter is loaded into the plain, freshly loaded model before the optimizer exists
 (lowrank.load_adapter injects it with the saved tensors instead of a random init, which would draw from
@@ -21,7 +21,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-from lowrank import runfolder
+from ground import runfolder
 
 from . import TrainingError
 from .faults import fault_point

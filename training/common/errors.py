@@ -7,7 +7,7 @@ process's exit status and RUN/exit_status.json):
     2    bad input or an unrecoverable state (TrainingError: one `error:` line that says what to do)
     143  stopped by SIGTERM (StoppedError: a checkpoint at the current step, then a `stopped:` line)
 """
-from lowrank.cli import CommandError
+from ground.cli import CommandError
 
 
 class TrainingError(CommandError):

@@ -1,7 +1,8 @@
 """Export a trained adapter for use elsewhere: the exact LoRA files of lowrank.export, or a merged pipeline.
 
     export_model(unet, run_dir, "diffusers")        # in memory, e.g. at the end of training
-    export_run("runs/cat", "out/cat", "kohya")      # from a run folder (or any adapter folder) on disk
+    export_image_run(src, out, "kohya")             # a diffusion run folder (or any adapter folder) on disk;
+                                                    # training.exporting.export_run picks it or the language one
     python -m training.export runs/cat --format pipeline --output out/cat-pipeline
 
 Why here and not in lowrank: the factors of ETHER (H W − W) and DeLoRA (‖W̄‖) depend on the pretrained
@@ -26,11 +27,8 @@ import tempfile
 from pathlib import Path
 
 import lowrank
+from ground.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
 from lowrank.export import FORMATS as FILE_FORMATS
-from lowrank.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
-from training.text.glue_data import TASKS
-from training.text.language import MINILM, load_language_model
-from training.text.tweet_data import TWEET_TASKS
 
 from . import TrainingError
 from .model_card import write_model_card
@@ -118,13 +116,13 @@ def export_model(unet, output: str | os.PathLike, format: str = "diffusers", pip
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
         save_merged_pipeline(pipeline, model, tmp)
-        _move_into_place(tmp, output)
+        move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
-def _move_into_place(tmp: Path, output: Path) -> None:
+def move_into_place(tmp: Path, output: Path) -> None:
     """tmp -> output: one rename when output is missing or empty; else each file replaced atomically."""
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()
@@ -135,13 +133,9 @@ def _move_into_place(tmp: Path, output: Path) -> None:
         os.replace(f, output / f.name)
 
 
-def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike, format: str = "diffusers",
-               pipeline: str | None = None) -> Path:
-    """Export a saved adapter (a run folder, a checkpoint-N folder or any lowrank adapter folder).
-
-    Loads the base pipeline (`pipeline`, default: the run's base model from run.json), loads the adapter into
-    its UNet and exports it; the output appears complete or not at all (written into a temporary folder
-    beside it, then renamed). Returns the written file (pipeline: the folder)."""
+def check_source(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike, format: str) -> tuple[Path, Path]:
+    """(source, output) as paths, or ExportInputError: the format is known, the source holds an adapter, the
+    output can take it."""
     _check(format)
     src, output = Path(run_or_adapter_dir).expanduser(), Path(output).expanduser()
     if not src.is_dir() or not is_adapter_dir(src):
@@ -150,16 +144,23 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     _check_output(output, format)
     if output.resolve() == src.resolve() and format in MERGED_FORMATS:
         raise ExportInputError(f"--output must not be the adapter folder itself for format {format!r}")
-    info = run_json(src) or {}
-    if info.get("task") in LANGUAGE_TASKS:
-        return export_language_run(src, output, format, info, model=pipeline)
+    return src, output
+
+
+def export_image_run(src: Path, output: Path, format: str, pipeline: str | None = None) -> Path:
+    """Export a saved adapter of a diffusion run (a run folder, a checkpoint-N folder or any lowrank adapter
+    folder; `check_source` first).
+
+    Loads the base pipeline (`pipeline`, default: the run's base model from run.json), loads the adapter into
+    its UNet and exports it; the output appears complete or not at all (written into a temporary folder
+    beside it, then renamed). Returns the written file (pipeline: the folder)."""
     if format == "merged":
         raise ExportInputError("--format merged writes a transformers model (GLUE and instruction runs); a Stable "
                                "Diffusion run merges into a diffusers pipeline with --format pipeline")
     name, revision = base_model(src, pipeline)
     pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
     lowrank.load_adapter(pipe.unet, src)
-    card = {"run_dir": _run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
+    card = {"run_dir": run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
             "base": name}
     if format == "pipeline":
         written = export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
@@ -170,57 +171,15 @@ def export_run(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLike,
     try:   # kohya names its file after the final folder, not the temporary one
         written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
         write_model_card(tmp, file=written.name, **card)
-        _move_into_place(tmp, output)
+        move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output / written.name
 
 
-def _run_folder(adapter_dir: Path) -> Path:
+def run_folder(adapter_dir: Path) -> Path:
     """The run folder an adapter belongs to (itself, or the parent of a checkpoint-N): where run.json is."""
     return next((d for d in (adapter_dir, adapter_dir.parent) if (d / RUN_JSON).is_file()), adapter_dir)
-
-
-LANGUAGE_TASKS = {"glue": "classification", "instruct": "causal"}   # run.json's task -> the transformers head
-
-
-def export_language_run(src: Path, output: Path, format: str, info: dict, model: str | None = None) -> Path:
-    """A GLUE or instruction run: its base transformers model (run.json's, or `model`) with the adapter loaded.
-    peft: exported by lowrank.export with the head trained in full as peft's modules_to_save, so
-    PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=...), DIR)
-    gives the trained model's logits. merged: W_eff merged into the base weights (lowrank.eject(merge=True),
-    every method), the trained head in place, saved with the tokenizer by save_pretrained: a plain transformers
-    folder for AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)."""
-    task = info["task"]
-    if format not in ("peft", "merged"):
-        raise ExportInputError(f"a {task} run exports as --format peft (a transformers model with a peft adapter) "
-                               f"or merged (a transformers model folder); {format!r} is for Stable Diffusion runs")
-    args = info.get("args", {})
-    kind, extra = LANGUAGE_TASKS[task], {}
-    # each trainer's default model when the run was given none (glue.py: MiniLM, instruct.py: the tiny LLaMA)
-    name = model or args.get("model_name_or_path") or (MINILM if kind == "classification" else "tiny-llama")
-    if kind == "classification":
-        glue_task = {**TASKS, **TWEET_TASKS}.get(info.get("glue_task") or args.get("task_name") or "sst2")
-        if glue_task is None:
-            raise ExportInputError(f"{src}: run.json names an unknown GLUE task {info.get('glue_task')!r}")
-        extra["num_labels"] = glue_task.num_labels
-    base, tokenizer = load_language_model(name, kind, revision=args.get("revision"), **extra)
-    lowrank.load_adapter(base, src)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    try:
-        if format == "merged":
-            lowrank.eject(base, merge=True)
-            base.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            written = output
-        else:
-            written = output / lowrank.export(base, tmp, "peft").name
-        write_model_card(tmp, _run_folder(src), format, written.name, adapter_dir=src, name=output.resolve().name)
-        _move_into_place(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
 
 
 def export_diffusers(unet, output_dir: str | os.PathLike) -> Path | None:

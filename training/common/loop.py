@@ -1,7 +1,8 @@
 """The training loop every trainer shares: a trainer is its data, its loss and its sampling (a `Task`),
 and this module does the rest.
 
-    run = TrainingRun(args, "dreambooth")              # accelerator, resume point, seed, output folder
+    spec = parse_args(argv)                            # the run resolved once (training.common.spec.RunSpec)
+    run = TrainingRun(spec)                            # accelerator, resume point, seed, output folder
     ... load the data (bad input fails in seconds), then the model ...
     steps = run.total_steps(len(dataset))              # --max_train_steps, else epochs of the data
     config, names = run.adapt(unet, steps)             # inject, or load the checkpoint's adapter
@@ -39,15 +40,15 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
-from lowrank import runfolder
+from ground import runfolder
 
 from . import DivergedError, StoppedError, TrainingError
-from .args import adapter_config, default_learning_rate, output_dir
 from .batches import epoch_batches, mix_seed, steps_per_epoch, total_steps
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .faults import fault_point
 from .model_card import write_run_card
 from .runtime import StopRequest, quiet_libraries, refuse_sharding, set_threads, start_accelerator
+from .spec import RunSpec
 from .task import Task
 from .tracking import (
     DistanceProbe,
@@ -66,10 +67,11 @@ logger = setup_console()
 class TrainingRun:
     """Accelerator, resume point, seed and output folder of one run; `adapt` then `fit`."""
 
-    def __init__(self, args, project: str):
-        self.args, self.project = args, project
+    def __init__(self, spec: RunSpec):
+        self.spec, self.args, self.project = spec, spec.args, spec.task.name
+        args = spec.args
         set_threads(args)   # before the accelerator: cuBLAS reads its setting at CUDA init
-        self.output_dir = output_dir(args)
+        self.output_dir = spec.output_dir
         self.report_to = resolve_report_to(args.report_to)
         self.accelerator = acc = start_accelerator(args, self.output_dir, self.report_to)
         self.is_main, self.process_index, self.num_processes, self.device = (
@@ -119,12 +121,12 @@ class TrainingRun:
         Loading into the plain model rebuilds the adapter from the saved tensors before anything touches
         the base weights, so base and adapter are bit-identical to the run that wrote the checkpoint.
         `fill` gives defaults for adapter fields the user left unset (e.g. target_modules per task)."""
-        args, task = self.args, task or Task()
+        task = task or Task()
         saved = lowrank.read_adapter(self.resume_dir)[0] if self.resume_dir else None
         # values the trainer filled in (not the user) keep the checkpoint's, so a resumed run may change
         # --max_train_steps without silently changing a schedule the adapter already follows
         steps = saved.dyndora_total_steps if saved else total_steps
-        config = adapter_config(args, **{**fill, "dyndora_total_steps": steps})
+        config = self.spec.adapter_for(**fill, dyndora_total_steps=steps)
         if saved is not None:
             if saved != config:
                 diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
@@ -188,7 +190,7 @@ class TrainingRun:
         from diffusers.optimization import get_scheduler
 
         args, acc = self.args, self.accelerator
-        self.learning_rate = args.learning_rate or default_learning_rate(self.config.method)
+        self.learning_rate = self.spec.learning_rate
         optimizer = torch.optim.AdamW(task.param_groups(model, self.learning_rate, args),
                                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         # stepped once per optimizer step, not prepared (a prepared scheduler steps num_processes times)
@@ -199,7 +201,8 @@ class TrainingRun:
         acc.register_for_checkpointing(self.lr_scheduler)
         self.model = acc.unwrap_model(wrapped)
         self.hooks = lowrank.step_hooks(self.model)   # every step, unconditionally: methods without hooks cost nothing
-        self.probe = DistanceProbe(self.model, args.distance_logging_steps, args.checkpointing_steps, self.max_steps)
+        self.probe = DistanceProbe(self.model, args.distance_logging_steps, self.spec.checkpointing_steps,
+                                   self.max_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         return wrapped
 
@@ -314,7 +317,7 @@ class TrainingRun:
 
     def checkpoint_or_validate(self, step: int) -> None:
         args = self.args
-        if step % args.checkpointing_steps == 0:
+        if step % self.spec.checkpointing_steps == 0:
             self.save_checkpoint(step, lambda folder: self.task.at_checkpoint(folder, step))
         elif args.validation_steps and step % args.validation_steps == 0 and self.is_main:
             self.task.at_validation(step)
@@ -329,7 +332,7 @@ class TrainingRun:
             return
         self.progress.close()
         self.metrics.close()
-        if step % self.args.checkpointing_steps:
+        if step % self.spec.checkpointing_steps:
             self.save_checkpoint(step, None)
         stop.restore()
         saved = runfolder.checkpoint_dir(self.output_dir, step).name
@@ -368,7 +371,7 @@ class TrainingRun:
         out = self.output_dir
         ckpts = [d.name for _, d in runfolder.list_checkpoints(out)]   # what is there, not what might be
         kept = (f"{ckpts[0]}/" if len(ckpts) == 1 else f"{ckpts[0]}/ ... {ckpts[-1]}/ ({len(ckpts)})") if ckpts \
-            else f"no checkpoint (every {self.args.checkpointing_steps} steps)"
+            else f"no checkpoint (every {self.spec.checkpointing_steps} steps)"
         return (f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
                 f"metrics.jsonl (distances), {kept}, run.json{task_outputs(self.task)}"
                 f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
@@ -376,6 +379,6 @@ class TrainingRun:
 
 def task_outputs(task: Task) -> str:
     """The task's own outputs that exist in its run folder (e.g. no diffusers file with --export_diffusers false)."""
-    items = [i.strip() for i in getattr(task, "outputs", "").split(",") if i.strip()]
+    items = [i.strip() for i in task.outputs.split(",") if i.strip()]
     there = [i for i in items if (task.run.output_dir / i.split()[0].rstrip("/")).exists()]
     return "".join(f", {i}" for i in there)

@@ -19,9 +19,7 @@ from pathlib import Path
 import yaml
 
 import lowrank
-from lowrank.analysis import delora_bound
-from lowrank.export import DIFFUSERS_WEIGHTS
-from lowrank.runfolder import (
+from ground.runfolder import (
     ADAPTER_WEIGHTS,
     CONDITIONING_ENCODER,
     RESULTS,
@@ -33,8 +31,11 @@ from lowrank.runfolder import (
     run_setting,
     write_text,
 )
+from lowrank.analysis import delora_bound
+from lowrank.export import DIFFUSERS_WEIGHTS
 
 from .models import TINY
+from .tasks import HEADS, task_of
 from .tracking import logger
 
 CARD = "README.md"
@@ -49,7 +50,6 @@ LICENSES = {
     "sentence-transformers/all-minilm-l6-v2": "apache-2.0",
 }
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
-LANGUAGE = {"glue": "text-classification", "instruct": "text-generation"}   # run.json task -> pipeline_tag
 TINY_MODELS = (TINY, "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (models.py, language.py)
 
 
@@ -82,7 +82,8 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     cfg = run.get("adapter_config") or {}
     method = cfg.get("method") or "lora"
     base = base or run_setting(run, "model_name_or_path") or run_setting(run, "pretrained_model_name_or_path")
-    if not base and run.get("task") not in LANGUAGE:
+    task = task_of(run)
+    if not base and not _is_text(task):
         base = TINY   # the diffusion trainers' default (load_pipeline(None))
     ckpt = re.fullmatch(r"checkpoint-(\d+)", adapter_dir.name) if adapter_dir != run_dir else None
     rows = [r for r in read_metrics(run_dir) if "distance_fig3" in r and (not ckpt or r["step"] <= int(ckpt[1]))]
@@ -99,10 +100,14 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     own = {o.name for o in lowrank.METHODS[method].options} if method in lowrank.METHODS else set()
     options = {k: v for k, v in cfg.items() if k in ("rank", "alpha", "target_modules", "dropout")
                or (k in own and v not in (None, False, [], {}))}
-    return {"run": run, "task": run.get("task"), "method": method, "base": ALIASES.get(base, base),
+    return {"run": run, "task": task, "method": method, "base": ALIASES.get(base, base),
             "options": options, "step": last.get("step"), "distance": last.get("distance_fig3"), "layer": layer,
             "distance_max": last.get("distance_max"), "bound": bound,
             "results": read_json(run_dir / RESULTS, {}) or {}}
+
+
+def _is_text(task) -> bool:
+    return task is not None and task.kind == "text"
 
 
 def front_matter(f: dict) -> dict:
@@ -111,17 +116,18 @@ def front_matter(f: dict) -> dict:
     license_ = base_license(f["base"])
     if license_:
         meta["license"] = license_
-    if task in LANGUAGE:
-        meta.update(library_name="peft", pipeline_tag=LANGUAGE[task], base_model=f["base"])
-        extra = [f["run"].get("glue_task")] if task == "glue" else []
-        meta["tags"] = ["lowrank", method, "peft", "lora", LANGUAGE[task], task, *filter(None, extra)]
+    if _is_text(task):
+        tag = HEADS[task.head][0]
+        detail = run_setting(f["run"], task.output_flag) if task.output_flag else None   # glue: its GLUE task
+        meta.update(library_name="peft", pipeline_tag=tag, base_model=f["base"])
+        meta["tags"] = ["lowrank", method, "peft", "lora", tag, task.slug, *filter(None, [detail])]
         return meta
     meta.update(library_name="diffusers", inference=True, base_model=f["base"])
     prompt = run_setting(f["run"], "instance_prompt")
     if prompt:
         meta["instance_prompt"] = prompt
     meta["tags"] = ["lowrank", method, "text-to-image", "diffusers", "lora", "diffusers-training",
-                    "stable-diffusion", "stable-diffusion-diffusers", *([task] if task else [])]
+                    "stable-diffusion", "stable-diffusion-diffusers", *([task.slug] if task else [])]
     return meta
 
 
@@ -153,13 +159,13 @@ def _loading(f: dict, name: str, export_format: str | None, file: str | None, ha
     base, cli = f["base"], f"python -m training.export {f['source']}"
     tiny = [f"(`{base}` is lowrank's built-in random test model: `training.common.models.load_pipeline` / "
             f"`training.text.language.load_language_model` build it.)"] if base in TINY_MODELS else []
-    if f["task"] in LANGUAGE:
-        head = ("AutoModelForSequenceClassification", ", num_labels=N") if f["task"] == "glue" \
-            else ("AutoModelForCausalLM", "")
+    if _is_text(f["task"]):
+        labels = f["task"].head == "classification"
+        head = (HEADS[f["task"].head][1], ", num_labels=N" if labels else "")
         here = name if export_format == "peft" else "PEFT_DIR"
         lines = ["```python", f"from transformers import {head[0]}", "from peft import PeftModel",
                  f"model = PeftModel.from_pretrained({head[0]}.from_pretrained({base!r}{head[1]}), {here!r})", "```"]
-        if f["task"] == "glue":
+        if labels:
             lines.append("N: the task's number of labels (the trained head is in the adapter).")
         if here == "PEFT_DIR":
             lines.append(f"PEFT_DIR: `{cli} --format peft --output PEFT_DIR`.")
@@ -197,7 +203,7 @@ def model_card(folder: Path, run_dir: Path, export_format: str | None = None, fi
     what = f"a `{export_format}` export of the lowrank run `{source}`" if export_format else \
         "a lowrank training run (`lowrank.load_adapter(model, folder)` reads this folder itself)"
     body = [f"# {name}", "", f"{f['method']} adapter for `{f['base']}`, {what}.", "", *_numbers(f), ""]
-    if f["task"] not in LANGUAGE and (folder / SAMPLES_GRID).is_file():
+    if not _is_text(f["task"]) and (folder / SAMPLES_GRID).is_file():
         body += ["## Samples", "", f"![samples]({SAMPLES_GRID})", ""]
     has_diffusers = (folder / DIFFUSERS_WEIGHTS).is_file()
     body += ["## How to use", ""]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import lowrank
-from lowrank import runfolder
+from ground import runfolder
 
 from .model_card import write_run_card
 from .tracking import library_versions

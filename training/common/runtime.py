@@ -36,10 +36,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import lowrank
-from lowrank import runfolder
+from ground import runfolder
 
 from . import StoppedError, TrainingError
-from .args import output_dir
 
 CUBLAS_WORKSPACE = ":4096:8"
 
@@ -158,10 +157,10 @@ def run_trainer(parse_args: Callable, train: Callable, argv=None) -> int:
     in a folder that existed before this command: that folder's record belongs to the run that made it."""
     created, out = None, None
     try:
-        args = parse_args(argv)
-        out = output_dir(args)
+        spec = parse_args(argv)   # the run, resolved once (training.common.spec.RunSpec)
+        out = spec.output_dir
         created = None if out.exists() else out
-        train(args)
+        train(spec)
         write_exit_status(out, 0, "done")
         return 0
     except StoppedError as e:

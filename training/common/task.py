@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 import lowrank
-from lowrank import runfolder
+from ground import runfolder
 
 
 class Task:
     """A trainer's part of the loop. `loss` is required; every other hook has a default."""
 
-    name = "task"
-    run = None   # the loop.TrainingRun the task belongs to (the trainers set it in __init__)
+    run = None     # the loop.TrainingRun the task belongs to (the trainers set it in __init__)
+    outputs = ""   # its own files in the run folder, comma-separated, for the run's last line (those that exist)
 
     def loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one micro-batch. `model` is the prepared (DDP-wrapped) model: call it, so

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import lowrank
-from lowrank import cli, runfolder
+from ground import cli, runfolder
 
 from . import TrainingError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank import runfolder
+from ground import runfolder
 from training.common import TrainingError
 
 ENCODER_FILE = runfolder.CONDITIONING_ENCODER

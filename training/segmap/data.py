@@ -2,7 +2,7 @@
 datasets, the embedded example set, painting with the ADE palette, captions and conditions.
 
 Label maps hold raw ADE ids: 0 = "other" (ignored by the metrics, painted black), 1..150 the classes
-(lowrank.ade20k). Images are resized bilinearly and label maps with NEAREST (so no label is ever
+(ground.ade20k). Images are resized bilinearly and label maps with NEAREST (so no label is ever
 invented between two classes), both shorter side -> resolution then the same centre crop.
 
 Everything a run needs is checked when the set is loaded (pairing by stem, readable files, sizes,
@@ -28,7 +28,7 @@ from skimage import data as skimage_data
 from skimage.color import rgb2lab
 from tqdm.auto import tqdm
 
-from lowrank import ade20k
+from ground import ade20k
 from training.common import TrainingError, hfdata
 from training.common.batches import mix_seed
 from training.images.files import open_image, resize_short, to_rgb
@@ -39,7 +39,7 @@ CONDITIONS = ("seg", "canny", "shuffle")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 _LUT = np.zeros((256, 3), dtype=np.uint8)
 _LUT[1:ade20k.NUM_CLASSES + 1] = np.asarray(ade20k.PALETTE, dtype=np.uint8)
-# colour -> raw label; for the one shared colour the lower label wins (lowrank.ade20k.SHARED_COLOUR)
+# colour -> raw label; for the one shared colour the lower label wins (ground.ade20k.SHARED_COLOUR)
 _COLOUR_TO_LABEL = {}
 for _k in range(ade20k.NUM_CLASSES, 0, -1):
     _r, _g, _b = ade20k.PALETTE[_k - 1]

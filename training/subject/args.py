@@ -7,16 +7,14 @@ from pathlib import Path
 from training.common import TrainingError
 from training.common.args import (
     ArgumentParser,
-    adapter_config,
     add_adapter_args,
     add_dataset_args,
     add_training_args,
     check_folder_path,
-    check_training_args,
-    output_dir,
-    resolve_run_length,
 )
 from training.common.models import is_tiny
+from training.common.spec import RunSpec, resolve_run
+from training.common.tasks import DREAMBOOTH
 from training.common.tracking import setup_console
 from training.images.files import check_image_folder
 from training.subject.data import EXAMPLE_CLASS_PROMPT, EXAMPLE_PROMPT
@@ -33,7 +31,7 @@ DEFAULT_STEPS = (300, 3)   # (steps, checkpoints)
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=DESCRIPTION)
     add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)",
-                      default_output="outputs/dreambooth-<method>", default_steps=DEFAULT_STEPS)
+                      default_output=DREAMBOOTH.output_help(), default_steps=DEFAULT_STEPS)
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--instance_data_dir", default=None,
                    help="Folder with 3-5 photos of the subject (default: the embedded example cat).")
@@ -65,17 +63,13 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> RunSpec:
+    """The resolved run (training.common.spec) of DreamBooth's command line; TrainingError on bad input."""
     args = build_parser().parse_args(argv)
-
-    resolve_run_length(args, DEFAULT_STEPS)
-    check_training_args(args)
     if args.instance_data_dir is not None and args.dataset_name is not None:
         raise TrainingError("give --instance_data_dir or --dataset_name, not both")
     if args.instance_data_dir is not None:   # the most useful error first: a missing folder, then its prompt
         check_image_folder(args.instance_data_dir, "--instance_data_dir")
-    out = output_dir(args, "dreambooth")
-    check_folder_path(out, "--output_dir")
     data_flag = "--instance_data_dir" if args.instance_data_dir else "--dataset_name" if args.dataset_name else None
     if data_flag is None:
         args.instance_prompt = args.instance_prompt or EXAMPLE_PROMPT
@@ -84,10 +78,11 @@ def parse_args(argv=None):
         raise TrainingError(f"--instance_prompt is required with {data_flag} (e.g. 'a photo of sks dog')")
     if args.caption_column and not args.dataset_name:
         raise TrainingError("--caption_column reads captions from --dataset_name; give --dataset_name too")
+    spec = resolve_run(args, DREAMBOOTH, DEFAULT_STEPS)   # a bad method/option fails now, before any model
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise TrainingError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
-        args.class_data_dir = args.class_data_dir or str(out / "class_images")
+        args.class_data_dir = args.class_data_dir or str(spec.output_dir / "class_images")
         check_folder_path(Path(args.class_data_dir).expanduser(), "--class_data_dir")
         if args.num_class_images <= 0 or args.sample_batch_size <= 0:
             raise TrainingError("--num_class_images and --sample_batch_size must be positive")
@@ -95,5 +90,4 @@ def parse_args(argv=None):
         logger.warning("--class_data_dir is ignored without --with_prior_preservation")
     if args.resolution is None:
         args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
-    adapter_config(args)   # fail on a bad method/option now, before loading any model
-    return args
+    return spec

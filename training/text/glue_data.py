@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank import runfolder
+from ground import runfolder
 from training.common import TrainingError, hfdata
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowrank import runfolder
+from ground import runfolder
 from training.common import TrainingError, hfdata
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "

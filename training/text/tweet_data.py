@@ -45,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowrank import METHODS
 from training.common import TrainingError
-from training.common.args import default_learning_rate
 
 from .glue_data import Examples, GlueTask
 
@@ -159,7 +159,7 @@ def split_corpus(texts: list[str], sentiments: list[str], task: GlueTask, train_
 
 
 def tweet_learning_rate(method: str) -> float:
-    return TWEET_LEARNING_RATES.get(method, default_learning_rate(method))
+    return TWEET_LEARNING_RATES.get(method, METHODS[method].default_learning_rate)
 
 
 def load_tweets(task: GlueTask, train_size: int = TRAIN_SIZE,

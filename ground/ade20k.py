@@ -52,7 +52,6 @@ PALETTE = (
 )
 
 NUM_CLASSES = len(CLASSES)
-IGNORE_LABEL = 0   # raw label 0 = "other/unlabelled": never scored, painted black
 
 SHARED_COLOUR = {49: 7}   # raw label -> the raw label its colour reads back as
 

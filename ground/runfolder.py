@@ -26,6 +26,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli import CommandError
+
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
@@ -42,8 +44,17 @@ CONDITIONING_ENCODER = "conditioning_encoder.safetensors"   # semantic_map.py's 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class RunFolderError(ValueError):
-    """A run-folder file that exists but cannot be read as what it should be (one-line message)."""
+class RunFolderError(CommandError, ValueError):
+    """A run-folder file that exists but cannot be read as what it should be: one line, and (as bad input to
+    a command) `error: ...` and exit status 2 wherever run_cli catches CommandError."""
+
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, no permission): the OSError's errno and reason, named
+    by the file's own path, not its temporary name. str(): `cannot write PATH: reason`."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
 
 
 # ----- atomic writes ---------------------------------------------------------------------------------
@@ -66,20 +77,29 @@ def public_dir(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """write(tmp) into a temporary file next to `path`, then os.replace it into place.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], parents: bool = False) -> Path:
+    """write(tmp) into a temporary file next to `path`, then os.replace it into place; parents: create
+    the missing folders above `path` first (an output named on a command line; never a run folder, which
+    is gone for a reason when it is missing).
 
     The temporary name keeps the real suffix last (PIL and matplotlib pick the format from it) and the
-    pid in it (two writers never share one). On any failure, OSError included (ENOSPC), the temporary
-    file is removed and the exception propagates: the old file, if any, is untouched."""
+    pid in it (two writers never share one). On any failure the temporary file is removed and the
+    exception propagates, an OSError (ENOSPC) as a WriteError naming `path`: the old file, if any, is
+    untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         # the mode of a file created the ordinary way: some writers (safetensors) create 0600, which a UI
         # running as another user (ComfyUI, A1111, a web server) cannot read
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -97,13 +117,14 @@ def clean_json(value):
     return value
 
 
-def write_json(path: str | os.PathLike, data, indent: int = 2) -> Path:
-    text = json.dumps(clean_json(data), indent=indent, sort_keys=True, default=str) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+def write_json(path: str | os.PathLike, data, parents: bool = False) -> Path:
+    """The one JSON writer of the product: NaN as null, keys sorted, two-space indent, atomic (above)."""
+    text = json.dumps(clean_json(data), indent=2, sort_keys=True, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text), parents)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+def write_text(path: str | os.PathLike, text: str, parents: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text), parents)
 
 
 def replace_dir(tmp: Path, final: Path) -> Path:
