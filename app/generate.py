@@ -19,8 +19,8 @@ import torch
 from ground import runfolder
 from lowrank import AdapterError, eject, load_adapter, merge, read_adapter
 from training.common import TrainingError
-from training.common.models import load_pipeline
 from training.exporting import export_run
+from training.families import load_pipeline
 
 from . import runs
 from .inputs import InputError

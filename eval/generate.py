@@ -1,5 +1,5 @@
 """Images from a trained run: its base pipeline with a checkpoint's adapter loaded, the protocol's
-prompts x 4 fixed seeds. The pipeline comes from the trainers' loader (training.common.models), so the
+prompts x 4 fixed seeds. The pipeline comes from the trainers' loader (training.families), so the
 built-in tiny preset loads as in training; diffusers itself is imported inside the functions that need it.
 
     pipe = load_pipeline(run, device)                           # the run's base model, once
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 import lowrank
 from ground.runfolder import PROMPTS, run_setting
-from training.common import models
+from training import families
 from training.subject.data import example_subject
 
 from . import EvalError
@@ -33,7 +33,7 @@ def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = T
     revision = run_setting(run, "revision")
     extra = {} if keep_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:   # training's loader also knows the built-in "tiny" preset (name None/"tiny") the trainer defaults to
-        pipe = models.load_pipeline(name, revision=revision, **extra)
+        pipe = families.load_pipeline(name, revision=revision, **extra)
     except Exception as e:   # training's ModelLoadError, diffusers' OSError/ValueError: one line
         raise EvalError(f"cannot load the run's base model {name!r}: "
                         f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None

@@ -16,8 +16,8 @@ from pathlib import Path
 from ground.cli import error_line
 from ground.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
 from lowrank import METHODS
-from training.common.models import load_pipeline
 from training.common.tasks import DREAMBOOTH, GLUE, SEMANTIC_MAP, TaskInfo
+from training.families import load_pipeline
 from training.text import language
 from training.text.tweet_data import TWEET_TASKS, tweet_learning_rate
 

@@ -11,7 +11,8 @@ import torch
 import lowrank
 from app import generate as G
 from app.inputs import InputError
-from training.common.models import TINY, load_pipeline
+from training.common.models import TINY
+from training.families import load_pipeline
 
 
 def make_run(root, method: str):

@@ -15,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lowrank  # noqa: E402
 from training import dreambooth  # noqa: E402
-from training.common.models import load_pipeline  # noqa: E402
+from training.families import load_pipeline  # noqa: E402
 from training.images.files import load_image_dir  # noqa: E402
 from training.subject import args as subject_args  # noqa: E402
 

@@ -15,7 +15,7 @@ from eval.common import run_main
 from eval.embed import ClipEmbedder, DinoEmbedder
 from eval.images import load_generated
 from ground.runfolder import read_jsonl
-from training.common import models
+from training.families import load_pipeline
 
 from .test_eval_support import one_thread, tiny_models  # noqa: F401
 
@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
     """A run folder as the trainer leaves it (run.json, metrics.jsonl, checkpoint-N adapters), with
     two different LoRA adapters on the tiny preset."""
     run = tmp_path_factory.mktemp("eval-run") / "run"
-    pipe = models.load_pipeline(models.TINY)
+    pipe = load_pipeline("tiny")
     torch.manual_seed(0)
     lowrank.inject(pipe.unet, lowrank.AdapterConfig(method="lora", rank=2, target_modules=["to_q", "to_v"]))
     for step in (1, 2):

@@ -261,7 +261,7 @@ def test_cli_writes_the_diff_file(tmp_path):
     import json
 
     from training import export as cli
-    from training.common.models import load_pipeline
+    from training.families import load_pipeline
 
     pipe = load_pipeline("tiny")
     lowrank.inject(pipe.unet, AdapterConfig(method="dora", rank=2))

@@ -13,9 +13,9 @@ from PIL import Image
 from tests.stderr import one_error_line
 from training import dreambooth
 from training import semantic_map as sm
-from training.common.models import load_pipeline
 from training.export import main as export_cli
 from training.exporting import export_run
+from training.families import load_pipeline
 from training.images.files import load_dataset_images, load_image_dir
 from training.segmap import data as sd
 

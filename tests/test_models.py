@@ -12,7 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from diffusers import DDPMScheduler, StableDiffusionPipeline  # noqa: E402
 
 from training.common import models  # noqa: E402
-from training.common.models import TINY, ModelLoadError, load_pipeline, tiny_path  # noqa: E402
+from training.common.models import TINY, ModelLoadError, tiny_path
+from training.families import load_pipeline  # noqa: E402
 
 
 @pytest.fixture

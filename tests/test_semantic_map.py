@@ -106,7 +106,7 @@ def test_canny_condition_through_controlnet_aux():
 
 
 def tiny_model():
-    from training.common.models import load_pipeline
+    from training.families import load_pipeline
 
     pipe = load_pipeline("tiny")
     torch.manual_seed(0)

@@ -30,18 +30,17 @@ from ground import runfolder
 from training.common import TrainingError
 from training.common.export import export_diffusers
 from training.common.loop import TrainingRun
-from training.common.models import load_pipeline
 from training.common.runtime import run_trainer
 from training.common.spec import RunSpec
 from training.common.task import Task
 from training.common.tracking import setup_console
+from training.families import Family, expand, load_family, select, stack
 from training.images.diffusion import DiffusionObjective
 from training.images.files import load_dataset_images, load_image_dir
 from training.images.samples import (
     count_images,
     generate,
     generate_class_images,
-    sampling_pipeline,
     write_grid,
     write_samples,
 )
@@ -69,34 +68,28 @@ class DreamBooth(Task):
 
     outputs = "samples_grid.png, samples/, pytorch_lora_weights.safetensors (for diffusers)"
 
-    def __init__(self, run: TrainingRun, pipe, instance_prompt: str, class_prompt: str | None, args,
-                 captions: list[str] | None = None):
-        self.run, self.args = run, args
+    def __init__(self, run: TrainingRun, family: Family, pipe, instance_prompt: str, class_prompt: str | None,
+                 args, captions: list[str] | None = None):
+        self.run, self.args, self.family = run, args, family
         self.unet = pipe.unet
         self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
-        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
-        self.instance_emb = self.encode(instance_prompt)
-        self.class_emb = self.encode(class_prompt) if class_prompt else None
-        # per-image captions (--caption_column): each encoded once, row i for instance image i
-        self.caption_embs = torch.cat([self.encode(captions[i:i + 32]) for i in range(0, len(captions), 32)]) \
-            if captions else None
-        self.val_pipe = sampling_pipeline(pipe.components)
+        # the text encoders are frozen: each prompt is encoded once (the family knows how: SDXL's two encoders)
+        self.instance_cond = family.encode(pipe, [instance_prompt], args.resolution)
+        self.class_cond = family.encode(pipe, [class_prompt], args.resolution) if class_prompt else None
+        # per-image captions (--caption_column): row i for instance image i
+        self.caption_conds = stack(*[family.encode(pipe, captions[i:i + 32], args.resolution)
+                                     for i in range(0, len(captions), 32)]) if captions else None
+        self.val_pipe = family.sampling_pipeline(pipe.components)
         self.val_prompts = args.validation_prompt or [instance_prompt]
 
-    @torch.no_grad()
-    def encode(self, prompt: str | list[str]) -> torch.Tensor:   # a frozen text encoder: each prompt encoded once
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.run.device)
-        return self.text_encoder(ids)[0]
-
     def loss(self, unet, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        pixels, prior = batch["pixels"], self.class_emb is not None
+        pixels, prior = batch["pixels"], self.class_cond is not None
         n = pixels.shape[0] // 2 if prior else pixels.shape[0]   # with prior preservation: instance | class
-        emb = self.instance_emb.expand(n, -1, -1) if self.caption_embs is None else \
-            self.caption_embs[batch["index"].to(self.run.device)]
+        cond = expand(self.instance_cond, n) if self.caption_conds is None else \
+            select(self.caption_conds, batch["index"].to(self.run.device))
         if prior:
-            emb = torch.cat([emb, self.class_emb.expand(n, -1, -1)])
-        return self.objective.loss(pixels, lambda noisy, t: unet(noisy, t, emb, return_dict=False)[0], gen,
+            cond = stack(cond, expand(self.class_cond, n))
+        return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(unet, noisy, t, cond), gen,
                                    prior_loss_weight=self.args.prior_loss_weight if prior else None)
 
     def samples(self, step: int, folder: Path, tag: str = "validation") -> list:
@@ -136,8 +129,8 @@ def train(spec: RunSpec) -> None:
 
     # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, in fp32.
     with run.accelerator.main_process_first():   # one process builds the tiny preset / fills the hub cache
-        pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
-                             torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
+        family, pipe = load_family(args.pretrained_model_name_or_path, revision=args.revision,
+                                   torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
     if args.resolution % (pipe.vae_scale_factor * 2):
         raise TrainingError(f"--resolution {args.resolution} must be a multiple of {pipe.vae_scale_factor * 2} "
                             f"for this model")
@@ -149,7 +142,7 @@ def train(spec: RunSpec) -> None:
     if args.with_prior_preservation:   # class images come from the base model, before any adapter
         class_dir = Path(args.class_data_dir).expanduser()
         if count_images(class_dir) < args.num_class_images:
-            generate_class_images(sampling_pipeline(pipe.components), class_dir, args.class_prompt,
+            generate_class_images(family.sampling_pipeline(pipe.components), class_dir, args.class_prompt,
                                   args.num_class_images, args.resolution, args.num_inference_steps,
                                   args.guidance_scale, args.sample_batch_size, run.process_index,
                                   run.num_processes, show_progress=run.is_main)
@@ -161,13 +154,16 @@ def train(spec: RunSpec) -> None:
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed)
     max_train_steps = run.total_steps(len(dataset))
-    run.adapt(pipe.unet, max_train_steps)
+    run.adapt(pipe.unet, max_train_steps, target_modules=list(family.default_targets))
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    task = DreamBooth(run, pipe, args.instance_prompt, args.class_prompt if class_images else None, args, captions)
+    task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,
+                      captions)
     run.fit(pipe.unet, task, dataset, collate, num_train_steps=max_train_steps,
             info={"instance_images": len(instance_images), "class_images": len(class_images or []),
-                  "caption_source": "data" if captions else "instance_prompt"})
+                  "caption_source": "data" if captions else "instance_prompt", "family": family.name,
+                  "pipeline_class": family.pipeline_classes[0], "family_tags": list(family.tags),
+                  "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path)})
 
 
 if __name__ == "__main__":

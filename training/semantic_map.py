@@ -53,14 +53,15 @@ from training.common import TrainingError
 from training.common.args import ArgumentParser, add_adapter_args, add_dataset_args, add_training_args
 from training.common.batches import mix_seed
 from training.common.loop import TrainingRun
-from training.common.models import is_tiny, load_pipeline
+from training.common.models import is_tiny
 from training.common.runtime import run_trainer
 from training.common.spec import RunSpec, resolve_run
 from training.common.task import Task
 from training.common.tasks import SEMANTIC_MAP
 from training.common.tracking import setup_console
+from training.families import SD15, load_family
 from training.images.diffusion import DiffusionObjective
-from training.images.samples import grid, sampling_pipeline
+from training.images.samples import grid
 from training.segmap import data as sd
 from training.segmap.conditioning import (
     ENCODER_FILE,
@@ -161,7 +162,7 @@ class SemanticMap(Task):
         self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
         # the encoder's rate, resolved once (param_groups and run.json read it)
         self.encoder_lr = args.conditioning_learning_rate or min(run.spec.learning_rate, MAX_CONDITIONING_LR)
-        self.val_pipe = sampling_pipeline(pipe.components)
+        self.val_pipe = SD15().sampling_pipeline(pipe.components)
         self.validation = validation
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
@@ -267,8 +268,11 @@ def train(spec: RunSpec) -> None:
     caption_source = "data" if captions == {True} else "map" if captions == {False} else "data, else map"
 
     with run.accelerator.main_process_first():
-        pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
-                             torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
+        family, pipe = load_family(args.pretrained_model_name_or_path, revision=args.revision,
+                                   torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
+    if not isinstance(family, SD15):   # the conditioning encoder and ControlNet residuals are SD-1.x/2.x UNet's
+        raise TrainingError(f"{args.pretrained_model_name_or_path!r} is a {family.pipeline_classes[0]}; the "
+                            f"semantic-map trainer trains Stable Diffusion 1.x/2.x pipelines ('tiny' offline)")
     if args.resolution % (pipe.vae_scale_factor * 2):
         raise TrainingError(f"--resolution {args.resolution} must be a multiple of {pipe.vae_scale_factor * 2} "
                             f"for this model")

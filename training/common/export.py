@@ -29,10 +29,10 @@ from pathlib import Path
 import lowrank
 from ground.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
 from lowrank.export import FORMATS as FILE_FORMATS
+from training.families import load_pipeline
 
 from . import TrainingError
 from .model_card import write_model_card
-from .models import load_pipeline
 from .tracking import logger
 
 FORMATS = (*FILE_FORMATS, "pipeline", "merged")   # diffusers, kohya, peft + pipeline (SD), merged (language)

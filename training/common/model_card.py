@@ -50,7 +50,7 @@ LICENSES = {
     "sentence-transformers/all-minilm-l6-v2": "apache-2.0",
 }
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
-TINY_MODELS = (TINY, "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (models.py, language.py)
+TINY_MODELS = (TINY, "tiny-sdxl", "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (families, language)
 
 
 def parse_front_matter(text: str) -> dict:
@@ -126,8 +126,10 @@ def front_matter(f: dict) -> dict:
     prompt = run_setting(f["run"], "instance_prompt")
     if prompt:
         meta["instance_prompt"] = prompt
-    meta["tags"] = ["lowrank", method, "text-to-image", "diffusers", "lora", "diffusers-training",
-                    "stable-diffusion", "stable-diffusion-diffusers", *([task.slug] if task else [])]
+    # the model family's tags as the trainer recorded them (run.json before families: SD 1.x/2.x)
+    family = f["run"].get("family_tags") or ["stable-diffusion", "stable-diffusion-diffusers"]
+    meta["tags"] = ["lowrank", method, "text-to-image", "diffusers", "lora", "diffusers-training", *family,
+                    *([task.slug] if task else [])]
     return meta
 
 
@@ -157,7 +159,7 @@ def _numbers(f: dict) -> list[str]:
 
 def _loading(f: dict, name: str, export_format: str | None, file: str | None, has_diffusers: bool) -> list[str]:
     base, cli = f["base"], f"python -m training.export {f['source']}"
-    tiny = [f"(`{base}` is lowrank's built-in random test model: `training.common.models.load_pipeline` / "
+    tiny = [f"(`{base}` is lowrank's built-in random test model: `training.families.load_pipeline` / "
             f"`training.text.language.load_language_model` build it.)"] if base in TINY_MODELS else []
     if _is_text(f["task"]):
         labels = f["task"].head == "classification"
@@ -176,10 +178,10 @@ def _loading(f: dict, name: str, export_format: str | None, file: str | None, ha
     load = {None: f"{name!r}" if has_diffusers else "'DIR'", "diffusers": f"{name!r}",
             "kohya": f"{name!r}, weight_name={file!r}"}.get(export_format, "'DIR'")
     peft_dir = name if export_format == "peft" else "PEFT_DIR"
-    lines = ["**diffusers**:", "```python", "from diffusers import StableDiffusionPipeline",
-             f"pipe = StableDiffusionPipeline.from_pretrained({base!r})"]
+    cls = f["run"].get("pipeline_class") or "StableDiffusionPipeline"   # recorded by the trainer (its family)
+    lines = ["**diffusers**:", "```python", f"from diffusers import {cls}", f"pipe = {cls}.from_pretrained({base!r})"]
     if export_format == "pipeline":
-        lines[-1] = f"pipe = StableDiffusionPipeline.from_pretrained({name!r})   # the adapter is merged in"
+        lines[-1] = f"pipe = {cls}.from_pretrained({name!r})   # the adapter is merged in"
     else:
         lines.append(f"pipe.load_lora_weights({load})")
     lines += ["```"]

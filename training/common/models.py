@@ -1,9 +1,10 @@
-"""Model loading: real diffusers `from_pretrained`, plus the offline tiny SD preset.
+"""The offline tiny SD preset (random weights), the cache it is built into, and the model-loading error.
 
-    pipe = load_pipeline("runwayml/stable-diffusion-v1-5")   # hub name or local folder
-    pipe = load_pipeline(TINY)                               # built-in tiny SD (random weights)
+    tiny_path()                      # the tiny SD pipeline folder, built on first use
+    built_once(folder, build)        # any preset's folder (training.families builds theirs through it)
 
-The tiny preset is built from configs once into a cache directory ($LOWRANK_CACHE, default
+Pipelines load through training.families (load_pipeline / load_family: the family of a preset, a folder or a
+hub name). The tiny preset is built from configs once into a cache directory ($LOWRANK_CACHE, default
 ~/.cache/lowrank) and then loaded back through `StableDiffusionPipeline.from_pretrained`, so every
 run, test and demo exercises the same loading path as a real checkpoint. Its weights are random: it
 shows the machinery (shapes, adapters, checkpoints, distances), never image quality.
@@ -134,16 +135,16 @@ def build_tiny(directory: Path) -> None:
         "training machinery; its images are noise.\n")
 
 
-def tiny_path() -> Path:
-    """The tiny preset's folder, built on first use. Built in a temp dir and renamed into place, so a
-    crash never leaves half a model and concurrent builders are safe (the first rename wins)."""
-    final = cache_dir() / f"tiny-sd-{TINY_VERSION}"
+def built_once(final: Path, build) -> Path:
+    """`final`, built by build(folder) on first use: in a temporary folder renamed into place, so a crash never
+    leaves half a model and concurrent builders are safe (the first rename wins). A folder with
+    model_index.json counts as built."""
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        build_tiny(tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -154,36 +155,6 @@ def tiny_path() -> Path:
     return final
 
 
-def load_pipeline(name_or_path: str | None = TINY, revision: str | None = None, torch_dtype=None, **kwargs):
-    """A StableDiffusionPipeline from a hub name, a local folder, or TINY (None/"" mean TINY).
-
-    Raises ModelLoadError (one line) when the name cannot be reached or the folder is not a pipeline.
-    Extra kwargs go to from_pretrained (e.g. variant="fp16", safety_checker=None).
-    """
-    from diffusers import StableDiffusionPipeline
-
-    if is_tiny(name_or_path):
-        path, revision = str(tiny_path()), None
-    else:
-        path = os.path.expanduser(str(name_or_path))
-    if torch_dtype is not None:   # newer diffusers renamed torch_dtype to dtype (and warn on the old name)
-        from diffusers.pipelines import pipeline_utils
-
-        kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = torch_dtype
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()   # its "couldn't connect / trying the cache" lines: our error says it
-    try:
-        return StableDiffusionPipeline.from_pretrained(path, revision=revision, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if os.path.isdir(path):
-            raise ModelLoadError(f"cannot load the Stable Diffusion pipeline in {path!r} ({first}); expected a "
-                                 f"folder saved by save_pretrained (with model_index.json)") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else first
-        raise ModelLoadError(f"cannot reach model {name_or_path!r}: {why}; pass a local folder (one with "
-                             f"model_index.json) or '{TINY}' for the built-in tiny random SD") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+def tiny_path() -> Path:
+    """The tiny preset's folder, built on first use (built_once)."""
+    return built_once(cache_dir() / f"tiny-sd-{TINY_VERSION}", build_tiny)

@@ -21,20 +21,6 @@ from ground import runfolder
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def sampling_pipeline(components: dict):
-    """A StableDiffusionPipeline sharing the training modules, with DPM-Solver++ for few-step sampling
-    (as diffusers' log_validation)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    comps = dict(components)
-    comps["scheduler"] = DPMSolverMultistepScheduler.from_config(comps["scheduler"].config)
-    comps.setdefault("safety_checker", None)
-    comps.setdefault("feature_extractor", None)
-    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=comps["safety_checker"] is not None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @torch.no_grad()
 def generate(pipe, prompts: list[str], num_images: int, resolution: int, steps: int, guidance_scale: float,
              autocast=None) -> list[tuple[str, int, Image.Image]]:

@@ -12,10 +12,10 @@ from training.common.args import (
     add_training_args,
     check_folder_path,
 )
-from training.common.models import is_tiny
 from training.common.spec import RunSpec, resolve_run
 from training.common.tasks import DREAMBOOTH
 from training.common.tracking import setup_console
+from training.families import default_resolution
 from training.images.files import check_image_folder
 from training.subject.data import EXAMPLE_CLASS_PROMPT, EXAMPLE_PROMPT
 
@@ -30,7 +30,7 @@ DEFAULT_STEPS = (300, 3)   # (steps, checkpoints)
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=DESCRIPTION)
-    add_training_args(parser, default_resolution=" (default: 512; 64 with the tiny preset)",
+    add_training_args(parser, default_resolution=" (default: 512, 1024 for SDXL; 64 with the tiny presets)",
                       default_output=DREAMBOOTH.output_help(), default_steps=DEFAULT_STEPS)
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--instance_data_dir", default=None,
@@ -88,6 +88,6 @@ def parse_args(argv=None) -> RunSpec:
             raise TrainingError("--num_class_images and --sample_batch_size must be positive")
     elif args.class_data_dir and data_flag:
         logger.warning("--class_data_dir is ignored without --with_prior_preservation")
-    if args.resolution is None:
-        args.resolution = 64 if is_tiny(args.pretrained_model_name_or_path) else 512
+    if args.resolution is None:   # the presets' 64 px; a model's own (SDXL 1024) when its folder says which
+        args.resolution = default_resolution(args.pretrained_model_name_or_path)
     return spec
