@@ -17,8 +17,8 @@ from safetensors import safe_open
 import lowrank
 from lowrank import AdapterConfig
 from training.common.export import export_model
-from training.common.models import load_pipeline
 from training.exporting import export_run
+from training.families import load_pipeline
 
 TARGETS = ["to_q", "to_out.0", "proj_in"]   # Linear layers and a 1x1 conv (proj_in)
 OPTIONS = {   # alpha != r wherever alpha applies: the scale must be folded, not assumed

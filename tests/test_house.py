@@ -211,7 +211,10 @@ def test_no_function_over_90_lines():
     assert long == []
 
 
-TRAINER_SCRIPTS = {f"training.{p.stem}" for p in (ROOT / "training").glob("*.py") if p.stem != "__init__"}
+# the scripts that `accelerate launch` / `python -m` run: training/*.py with a __main__ block (training/exporting.py,
+# export_run for the CLI and the app, is a module beside them)
+TRAINER_SCRIPTS = {f"training.{p.stem}" for p in (ROOT / "training").glob("*.py")
+                   if p.stem != "__init__" and 'if __name__ == "__main__":' in p.read_text()}
 
 
 def test_eval_and_app_import_no_trainer_script():

@@ -1,5 +1,5 @@
 """Export any run folder (or a checkpoint-N / adapter folder in one): the task recorded in its run.json picks the
-exporter, diffusion runs through training.common.export, language runs through training.text.export. The CLI
+exporter, diffusion runs through training.images.export, language runs through training.text.export. The CLI
 (`python -m training.export`) and the app's Generate tab both come here.
 """
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from training.common.export import check_source, export_image_run, run_json
+from training.common.export import check_source, run_json
 from training.common.tasks import task_of
+from training.images.export import export_image_run
 from training.text.export import export_language_run
 
 

@@ -1,8 +1,8 @@
 """Export a trained adapter for use elsewhere: the exact LoRA files of lowrank.export, or a merged pipeline.
 
     export_model(unet, run_dir, "diffusers")        # in memory, e.g. at the end of training
-    export_image_run(src, out, "kohya")             # a diffusion run folder (or any adapter folder) on disk;
-                                                    # training.exporting.export_run picks it or the language one
+    export_run("runs/cat", "out/cat", "kohya")      # a run folder on disk: training.exporting (it picks the
+                                                    # diffusion exporter, training.images.export, or the language one)
     python -m training.export runs/cat --format pipeline --output out/cat-pipeline
 
 Why here and not in lowrank: the factors of ETHER (H W − W) and DeLoRA (‖W̄‖) depend on the pretrained
@@ -29,10 +29,8 @@ from pathlib import Path
 import lowrank
 from ground.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
 from lowrank.export import FORMATS as FILE_FORMATS
-from training.families import load_pipeline
 
 from . import TrainingError
-from .model_card import write_model_card
 from .tracking import logger
 
 FORMATS = (*FILE_FORMATS, "pipeline", "merged")   # diffusers, kohya, peft + pipeline (SD), merged (language)
@@ -145,36 +143,6 @@ def check_source(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLik
     if output.resolve() == src.resolve() and format in MERGED_FORMATS:
         raise ExportInputError(f"--output must not be the adapter folder itself for format {format!r}")
     return src, output
-
-
-def export_image_run(src: Path, output: Path, format: str, pipeline: str | None = None) -> Path:
-    """Export a saved adapter of a diffusion run (a run folder, a checkpoint-N folder or any lowrank adapter
-    folder; `check_source` first).
-
-    Loads the base pipeline (`pipeline`, default: the run's base model from run.json), loads the adapter into
-    its UNet and exports it; the output appears complete or not at all (written into a temporary folder
-    beside it, then renamed). Returns the written file (pipeline: the folder)."""
-    if format == "merged":
-        raise ExportInputError("--format merged writes a transformers model (GLUE and instruction runs); a Stable "
-                               "Diffusion run merges into a diffusers pipeline with --format pipeline")
-    name, revision = base_model(src, pipeline)
-    pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
-    lowrank.load_adapter(pipe.unet, src)
-    card = {"run_dir": run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
-            "base": name}
-    if format == "pipeline":
-        written = export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
-        write_model_card(output, **card)   # README.md beside the pipeline's model_index.json
-        return written
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    try:   # kohya names its file after the final folder, not the temporary one
-        written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
-        write_model_card(tmp, file=written.name, **card)
-        move_into_place(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output / written.name
 
 
 def run_folder(adapter_dir: Path) -> Path:

@@ -1,0 +1,43 @@
+"""Export a diffusion run (DreamBooth, semantic map; any model family): its base pipeline, loaded through
+training.families, with the adapter in its UNet, as the exact files of lowrank.export or a merged pipeline
+(training.exporting.export_run picks this for a run whose task is an image task)."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import lowrank
+from training.common.export import ExportInputError, base_model, export_model, move_into_place, run_folder
+from training.common.model_card import write_model_card
+from training.families import load_pipeline
+
+
+def export_image_run(src: Path, output: Path, format: str, pipeline: str | None = None) -> Path:
+    """Export a saved adapter of a diffusion run (a run folder, a checkpoint-N folder or any lowrank adapter
+    folder; `check_source` first).
+
+    Loads the base pipeline (`pipeline`, default: the run's base model from run.json), loads the adapter into
+    its UNet and exports it; the output appears complete or not at all (written into a temporary folder
+    beside it, then renamed). Returns the written file (pipeline: the folder)."""
+    if format == "merged":
+        raise ExportInputError("--format merged writes a transformers model (GLUE and instruction runs); a Stable "
+                               "Diffusion run merges into a diffusers pipeline with --format pipeline")
+    name, revision = base_model(src, pipeline)
+    pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
+    lowrank.load_adapter(pipe.unet, src)
+    card = {"run_dir": run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
+            "base": name}
+    if format == "pipeline":
+        written = export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
+        write_model_card(output, **card)   # README.md beside the pipeline's model_index.json
+        return written
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    try:   # kohya names its file after the final folder, not the temporary one
+        written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
+        write_model_card(tmp, file=written.name, **card)
+        move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output / written.name
