@@ -275,7 +275,7 @@ def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
 
 # ----- entry points ---------------------------------------------------------------------------------
 def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffusers", component: str = "unet",
-           peft_prefix: str = "base_model.model.", name: str | None = None) -> Path:
+           peft_prefix: str = "base_model.model.", name: str | None = None, base_model: str | None = None) -> Path:
     """Write the adapters injected in `model` to `directory` in `format`; returns the weights file's path.
 
     diffusers: directory/pytorch_lora_weights.safetensors, for pipe.load_lora_weights(directory).
@@ -285,9 +285,10 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
                method exactly (DoRA's only way into them), a full matrix per layer.
     peft:      directory/{adapter_config.json, adapter_model.safetensors}, for PeftModel.from_pretrained.
     `component` says which pipeline part `model` is ("unet" or "text_encoder"): it sets the key prefix
-    of diffusers and kohya files. The model must hold its pretrained base weights, unmerged (ETHER's and
-    DeLoRA's factors depend on W0). Raises ExportError for a method the format cannot hold exactly
-    (DoRA in kohya), before anything is written.
+    of diffusers and kohya files. `base_model` is what a peft config names as its base_model_name_or_path (a
+    hub name or a local folder; peft's AutoPeftModel loads the base from it). The model must hold its
+    pretrained base weights, unmerged (ETHER's and DeLoRA's factors depend on W0). Raises ExportError for a
+    method the format cannot hold exactly (DoRA in kohya), before anything is written.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -304,7 +305,7 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
         state, meta, name = writer(model, component, f"{name or out.resolve().name or 'lora'}.safetensors")
     else:
         state, peft_cfg = _peft(model, peft_prefix)
-        peft_cfg.update({"task_type": None, "base_model_name_or_path": None, "inference_mode": True})
+        peft_cfg.update({"task_type": None, "base_model_name_or_path": base_model, "inference_mode": True})
         _peft_extras(model, peft_prefix, state, peft_cfg)
         meta, name = {"format": "pt"}, PEFT_WEIGHTS
     _check_finite(state)

@@ -89,6 +89,7 @@ class DreamBooth(Task):
             select(self.caption_conds, batch["index"].to(self.run.device))
         if prior:
             cond = stack(cond, expand(self.class_cond, n))
+        cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
         return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(unet, noisy, t, cond), gen,
                                    prior_loss_weight=self.args.prior_loss_weight if prior else None)
 
@@ -137,6 +138,8 @@ def train(spec: RunSpec) -> None:
     for module in [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]:   # + safety checker
         module.requires_grad_(False)
         module.to(run.device)
+    if family.vae_in_fp32:
+        pipe.vae.to(torch.float32)
 
     class_images = None
     if args.with_prior_preservation:   # class images come from the base model, before any adapter

@@ -31,6 +31,7 @@ class Family:
     default_targets = ("to_q", "to_k", "to_v", "to_out.0")   # --target_modules when none are given
     fig3_pattern = "attn1.to_out.0"            # DeLoRA Fig. 3's layer: out-projection of the first self-attention
     default_resolution = 512
+    vae_in_fp32 = False                        # keep the VAE in fp32 under mixed precision (SDXL's NaNs in fp16)
 
     # ----- loading -------------------------------------------------------------------------------------
     def is_preset(self, name_or_path: str | None) -> bool:
@@ -58,6 +59,16 @@ class Family:
         except Exception:   # an invalid repo id raises validation errors of several types
             return None
         return str(Path(cached).parent) if isinstance(cached, str) else None
+
+    def check_folder(self, folder: Path) -> None:
+        """Every part model_index.json lists has its subfolder (a missing text_encoder_2/ says so in one line)."""
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        missing = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]
+                   and not (folder / k).is_dir()]
+        if missing:
+            parts, which = ", ".join(m + "/" for m in missing), "it" if len(missing) == 1 else "them"
+            raise ModelLoadError(f"{str(folder)!r} lacks {parts} (model_index.json lists {which}); copy the whole "
+                                 f"{self.pipeline_classes[0]} folder")
 
     def pipeline_class(self):
         import diffusers
@@ -90,6 +101,8 @@ class Family:
             path, revision = str(self.preset_path()), None
         else:
             path = os.path.expanduser(str(name_or_path))
+            if os.path.isdir(path):
+                self.check_folder(Path(path))
         if torch_dtype is not None:   # newer diffusers renamed torch_dtype to dtype (and warn on the old name)
             from diffusers.pipelines import pipeline_utils
 
@@ -116,6 +129,11 @@ class Family:
 
     def denoise(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
+
+    def image_conditioning(self, cond: Conditioning, crops: torch.Tensor, size: int) -> Conditioning:
+        """The batch's conditioning with what each image adds (SDXL: its size and crop, (N, 4) rows of
+        height, width, top, left); families without image conditioning return `cond` unchanged."""
+        return cond
 
     def sampling_pipeline(self, components: dict):
         """The family's pipeline on the training modules, with DPM-Solver++ for few-step samples (as diffusers'

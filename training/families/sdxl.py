@@ -8,8 +8,10 @@ and loaded back through StableDiffusionXLPipeline.from_pretrained like any SDXL 
 
 As diffusers' train_dreambooth_lora_sdxl.py: the prompt goes through the pipeline's own encode_prompt (the
 penultimate hidden states of both encoders, concatenated; the second encoder's pooled projection) and the time
-ids of a training image are (size, size, top, left, size, size) with the resolution as the original size (our
-images are resized to the resolution before cropping, so that is their size when the crop is taken).
+ids of a training image are (height, width, top, left, size, size): the image's size when it was cropped and the
+crop's corner (our loaders resize the short side to the resolution first, as diffusers' train_resize does, so the
+first pair is the resized size, not the file's), the training resolution as the target. Prompts alone (samples,
+class images) get (size, size, 0, 0, size, size), as the pipeline's own defaults.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class SDXL(Family):
     preset = "tiny-sdxl"
     tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
     default_resolution = 1024
+    vae_in_fp32 = True   # train_dreambooth_lora_sdxl.py: "to avoid NaN losses" with fp16
 
     def build_preset(self, directory: Path) -> None:
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -75,6 +78,12 @@ class SDXL(Family):
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=embeds.device)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled,
                 "time_ids": time_ids.expand(len(prompts), -1)}
+
+    def image_conditioning(self, cond: Conditioning, crops: torch.Tensor, size: int) -> Conditioning:
+        """add_time_ids per image: (original height, width, crop top, left, target height, width)."""
+        target = torch.tensor([size, size]).expand(len(crops), 2)
+        time_ids = torch.cat([crops, target], dim=1).to(cond["time_ids"])
+        return {**cond, "time_ids": time_ids}
 
     def denoise(self, unet, noisy, timesteps, cond: Conditioning) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}

@@ -28,9 +28,10 @@ class DiffusionObjective:
         seeds per step and micro-batch, in this order (VAE sample, noise, timesteps): the same draws on any
         device and on resume."""
         sched = self.scheduler
-        pixels = pixels.to(self.device, dtype=self.weight_dtype)
+        pixels = pixels.to(self.device, dtype=self.vae.dtype)   # the VAE may stay fp32 (SDXL) under mixed precision
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
+        latents = latents.to(self.weight_dtype)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         timesteps = timesteps.to(self.device)

@@ -10,7 +10,7 @@ from pathlib import Path
 import lowrank
 from training.common.export import ExportInputError, base_model, export_model, move_into_place, run_folder
 from training.common.model_card import write_model_card
-from training.families import load_pipeline
+from training.families import Family, load_family
 
 
 def export_image_run(src: Path, output: Path, format: str, pipeline: str | None = None) -> Path:
@@ -24,7 +24,7 @@ def export_image_run(src: Path, output: Path, format: str, pipeline: str | None 
         raise ExportInputError("--format merged writes a transformers model (GLUE and instruction runs); a Stable "
                                "Diffusion run merges into a diffusers pipeline with --format pipeline")
     name, revision = base_model(src, pipeline)
-    pipe = load_pipeline(name, revision=revision)   # as saved: a merged pipeline keeps every component
+    family, pipe = load_family(name, revision=revision)   # as saved: a merged pipeline keeps every component
     lowrank.load_adapter(pipe.unet, src)
     card = {"run_dir": run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
             "base": name}
@@ -35,9 +35,15 @@ def export_image_run(src: Path, output: Path, format: str, pipeline: str | None 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:   # kohya names its file after the final folder, not the temporary one
-        written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name)
+        # a peft config names its base: the hub name, or the local folder of a preset or a path
+        base = family.local_folder(name) if _is_local(name, family) else name
+        written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name, base_model=base)
         write_model_card(tmp, file=written.name, **card)
         move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output / written.name
+
+
+def _is_local(name: str | None, family: Family) -> bool:
+    return family.is_preset(name) or Path(str(name)).expanduser().is_dir()

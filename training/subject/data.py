@@ -47,26 +47,31 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(self.instance), len(self.cls))
 
-    def crop(self, img: Image.Image, gen: torch.Generator) -> torch.Tensor:
+    def crop(self, img: Image.Image, gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The crop as a tensor, and (height, width, top, left): the image's size when cropped and where the crop
+        was taken (SDXL's micro-conditioning; images are resized to the resolution before, as diffusers does)."""
         w, h = img.size
         if self.center_crop:
             left, top = (w - self.size) // 2, (h - self.size) // 2
         else:
             left = int(torch.randint(0, w - self.size + 1, (1,), generator=gen))
             top = int(torch.randint(0, h - self.size + 1, (1,), generator=gen))
-        return to_tensor(img.crop((left, top, left + self.size, top + self.size)))
+        return to_tensor(img.crop((left, top, left + self.size, top + self.size))), (h, w, top, left)
 
     def __getitem__(self, k: int) -> dict:
         i = k % len(self)
         gen = torch.Generator().manual_seed(mix_seed(self.seed, k))
-        item = {"instance": self.crop(self.instance[i % len(self.instance)], gen), "index": i % len(self.instance)}
+        item = {"index": i % len(self.instance)}
+        item["instance"], item["instance_crop"] = self.crop(self.instance[i % len(self.instance)], gen)
         if self.cls:
-            item["class"] = self.crop(self.cls[i % len(self.cls)], gen)
+            item["class"], item["class_crop"] = self.crop(self.cls[i % len(self.cls)], gen)
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    """Instance images first, then class images (the loss splits the batch in two halves), and the instance
-    images' indices (their captions, when the data has them)."""
+    """Instance images first, then class images (the loss splits the batch in two halves), the instance images'
+    indices (their captions, when the data has them) and each image's crop (height, width, top, left)."""
     pixels = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
-    return {"pixels": torch.stack(pixels), "index": torch.tensor([it["index"] for it in items])}
+    crops = [it["instance_crop"] for it in items] + [it["class_crop"] for it in items if "class" in it]
+    return {"pixels": torch.stack(pixels), "index": torch.tensor([it["index"] for it in items]),
+            "crops": torch.tensor(crops)}

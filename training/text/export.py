@@ -12,7 +12,7 @@ from training.common.model_card import write_model_card
 from training.common.tasks import TaskInfo
 
 from .glue_data import TASKS
-from .language import MINILM, load_language_model
+from .language import MINILM, load_language_model, resolve_model
 from .tweet_data import TWEET_TASKS
 
 
@@ -47,7 +47,8 @@ def export_language_run(src: Path, output: Path, format: str, task: TaskInfo, in
             tokenizer.save_pretrained(tmp)
             written = output
         else:
-            written = output / lowrank.export(base, tmp, "peft").name
+            # the config names its base as transformers loads it: a hub name, or a preset's / a path's folder
+            written = output / lowrank.export(base, tmp, "peft", base_model=resolve_model(name, name)).name
         write_model_card(tmp, run_folder(src), format, written.name, adapter_dir=src, name=output.resolve().name)
         move_into_place(tmp, output)
     finally:
