@@ -15,10 +15,12 @@ from huggingface_hub import try_to_load_from_cache
 from lowrank import METHODS
 from training.common.models import is_tiny
 from training.common.tasks import DREAMBOOTH, SEMANTIC_MAP
+from training.families import FAMILIES
 
 from .inputs import InputError, TrainForm
 
 LAUNCHERS = ("accelerate", "python")
+PRESETS = tuple(f.preset for f in FAMILIES)   # built-in random-weight models, one per family ('tiny', 'tiny-sdxl')
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -33,6 +35,8 @@ def check_model(name: str) -> str:
     name = str(name or "").strip()
     if is_tiny(name):
         return "tiny"
+    if name in PRESETS:   # the other families' built-in models (tiny-sdxl)
+        return name
     path = Path(os.path.expanduser(name))
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
     if looks_like_path:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from . import compare
+from . import commands, compare
 from .inputs import EXAMPLE_SUBJECT, METHODS, check_form, cli_defaults, preview_images
 from .service import Service
 from .widgets import DISTANCE_LABEL, line_plot, message, plot
@@ -103,8 +103,9 @@ def settings_inputs() -> tuple[list, list]:
     with gr.Row():
         steps = gr.Number(cli["steps"], precision=0, label="Steps", elem_id="steps")
         every = gr.Number(cli["checkpoint_every"], precision=0, label="Checkpoint every", elem_id="checkpoint-every")
-    model = gr.Textbox("tiny", label="Base model", elem_id="base-model",
-                       info="'tiny' (built-in, random weights: machinery only), a hub name or a local pipeline folder")
+    model = gr.Dropdown(list(commands.PRESETS), value="tiny", allow_custom_value=True, label="Base model",
+                        elem_id="base-model", info="'tiny' (SD) or 'tiny-sdxl' (SDXL): built-in, random weights, "
+                                                   "machinery only; or type a hub name or a local pipeline folder")
     with gr.Accordion("More options", open=False):
         with gr.Row():
             seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")

@@ -7,6 +7,7 @@ built-in tiny preset loads as in training; diffusers itself is imported inside t
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -31,9 +32,13 @@ def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = T
 
     name = run_setting(run, "pretrained_model_name_or_path")
     revision = run_setting(run, "revision")
-    extra = {} if keep_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    try:   # training's loader also knows the built-in "tiny" preset (name None/"tiny") the trainer defaults to
-        pipe = families.load_pipeline(name, revision=revision, **extra)
+    try:   # training's loader also knows the built-in presets ("tiny" also as None, "tiny-sdxl")
+        family = families.family_of(name)
+        # SD 1.x/2.x pipelines carry a safety checker (SDXL has none): skipped unless asked for
+        has_checker = "safety_checker" in inspect.signature(family.pipeline_class()).parameters
+        extra = {"safety_checker": None, "requires_safety_checker": False} if has_checker and \
+            not keep_safety_checker else {}
+        pipe = family.load(name, revision=revision, **extra)
     except Exception as e:   # training's ModelLoadError, diffusers' OSError/ValueError: one line
         raise EvalError(f"cannot load the run's base model {name!r}: "
                         f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None

@@ -44,6 +44,7 @@ from ground.runfolder import (
 )
 from training.common.tasks import task_of as registered_task
 from training.common.tracking import fill_followed_layer
+from training.families import SD15
 
 from . import EvalError, plots
 from .common import ArgumentParser, logger, run_main
@@ -89,13 +90,18 @@ def pick_distance_key(metrics: list[dict], choice: str = "auto") -> str | None:
 
 def task_of(run: dict) -> str:
     """The group a run belongs to: its task (the registry's, from run.json), with the flag that names its data
-    where the task has one (glue-sst2); '' when run.json does not say. A GLUE distance and an SD layer's, or
+    where the task has one (glue-sst2) and the model family when it is not SD-1.x/2.x (dreambooth-sdxl); '' when
+    run.json does not say. A GLUE distance and an SD layer's, or
     accuracies and DINO scores, are different quantities and never share a line or column."""
     task = registered_task(run)
     if task is None:
         return ""
     detail = run_setting(run, task.output_flag) if task.output_flag else None
-    return f"{task.slug}-{detail}" if detail else task.slug
+    group = f"{task.slug}-{detail}" if detail else task.slug
+    # model families apart: an SDXL layer's distance is another quantity than an SD-1.5 layer's (runs written
+    # before families, and SD-1.x/2.x runs, keep the task's own group)
+    family = run.get("family")
+    return f"{group}-{family}" if family and family != SD15.name else group
 
 
 def by_task(runs: list[Run]) -> dict[str, list[Run]]:

@@ -22,8 +22,8 @@ import lowrank
 from ground.runfolder import list_checkpoints, read_json, read_metrics, read_run, write_text
 from lowrank import read_adapter
 from lowrank.analysis import delora_bound
-from training.common.models import is_tiny
 from training.common.tracking import fill_followed_layer, library_versions
+from training.families import FAMILIES
 
 from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
@@ -282,10 +282,10 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     except Exception as e:
         notes.append(f"The base model {name!r} did not load ({str(e).splitlines()[0][:200]}): no weight norms, "
                      f"no `mult_*` bounds, no parameter counts.")
-    if task.task.kind == "image" and is_tiny(name):
-        notes.append("The base model is the built-in tiny SD with random weights: its images are noise, so any "
-                     "DINO / CLIP-I score here says nothing about subject fidelity. The distances and bounds are "
-                     "real measurements of what each method did to the weights.")
+    if task.task.kind == "image" and any(f.is_preset(name) for f in FAMILIES):
+        notes.append(f"The base model is the built-in {name or 'tiny'} preset with random weights: its images are "
+                     "noise, so any DINO / CLIP-I score here says nothing about subject fidelity. The distances and "
+                     "bounds are real measurements of what each method did to the weights.")
     score_note = "scores skipped (--no_scores)" if args.no_scores else (task.prepare(args) if task.prepare else None)
     if score_note:
         notes.append(score_note[:1].upper() + score_note[1:] + ".")

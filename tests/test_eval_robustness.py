@@ -17,6 +17,7 @@ from torch import nn
 
 from eval import robustness, robustness_report
 from eval.robustness_tasks import TASKS, StudyTask, score_glue
+from training.common.tasks import TaskInfo
 
 from .test_eval_support import tiny_models  # noqa: F401
 
@@ -81,7 +82,8 @@ def fake(tmp_path, monkeypatch):
     script.write_text(FAKE_TRAINER)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
-    monkeypatch.setitem(TASKS, "fake", StudyTask("fake", script, ("metric",), score_glue, lambda name: Base()))
+    task = TaskInfo("fake", "text", "a fake trainer", "--model_name_or_path", scorer=None, script=script)
+    monkeypatch.setitem(TASKS, "fake", StudyTask(task, ("metric",), score_glue, lambda name: Base()))
     return calls
 
 
@@ -194,8 +196,9 @@ def test_figure_layer_from_the_first_row_that_names_the_layers(tmp_path):
 
 
 def test_bad_input_is_one_error_line(tmp_path, fake, monkeypatch, capsys):
-    monkeypatch.setitem(TASKS, "missing", StudyTask("missing", tmp_path / "training" / "nope.py", ("metric",),
-                                                    score_glue, lambda name: Base()))
+    missing = TaskInfo("missing", "text", "no trainer", "--model_name_or_path", scorer=None,
+                       script=tmp_path / "training" / "nope.py")
+    monkeypatch.setitem(TASKS, "missing", StudyTask(missing, ("metric",), score_glue, lambda name: Base()))
     for argv in (["--task", "missing"], ["--methods", "lora,nope"], ["--lr_factors", "1,-2"],
                  ["--task", "fake", "--learning_rate", "1e-3"], ["--studies", "lr,figs"],
                  ["--task", "fake", "--methods", "lora", "--rank", "4", "8"], ["--seeds", "1", "1"],

@@ -33,10 +33,11 @@ class TaskInfo:
     head: str | None = None   # text tasks: the transformers head (HEADS), for exports and model cards
     output_flag: str | None = None   # a flag whose value joins the default output name (glue: --task_name)
     identifying_flag: str | None = None   # a flag only this trainer has: finds the task of a run.json without one
+    script: Path | None = None       # the trainer script; default training/<name>.py
 
-    @property
-    def script(self) -> Path:
-        return ROOT / "training" / f"{self.name}.py"
+    def __post_init__(self):
+        if self.script is None:
+            object.__setattr__(self, "script", ROOT / "training" / f"{self.name}.py")
 
     @property
     def slug(self) -> str:
