@@ -46,15 +46,14 @@ class StudyTask:
     prepare: Callable | None = None   # (args) -> note: checks before the sweep (e.g. metric models load)
     defaults: dict = field(default_factory=dict)   # the study's flags this task sizes differently
     long_flags: tuple[str, ...] = ()               # trainer flags of the prolonged runs only
-    base_lr_of: Callable | None = None             # (method, trainer flags) -> the method's base rate here
+    base_lr_of: Callable | None = None             # (method, trainer flags) -> the task's base rate, or None
 
     def base_lr(self, method: str, passthrough: list[str], given: dict[str, float] | None = None) -> float:
         """The study's base rate of `method`: --base_lrs (`given`), else the task's, else the method's default."""
         if given and given.get(method):
             return given[method]
-        if self.base_lr_of is not None:
-            return self.base_lr_of(method, passthrough)
-        return METHODS[method].default_learning_rate
+        rate = self.base_lr_of(method, passthrough) if self.base_lr_of is not None else None
+        return rate if rate is not None else METHODS[method].default_learning_rate
 
     @property
     def name(self) -> str:
@@ -178,11 +177,9 @@ def flag_value(passthrough: list[str], flag: str) -> str | None:
     return None
 
 
-def glue_base_lr(method: str, passthrough: list[str]) -> float:
-    """The tweet tasks' tuned rates (training.text.tweet_data); other GLUE data: the method's default."""
-    if flag_value(passthrough, "--task_name") in TWEET_TASKS:
-        return tweet_learning_rate(method)
-    return METHODS[method].default_learning_rate
+def glue_base_lr(method: str, passthrough: list[str]) -> float | None:
+    """The tweet tasks' tuned rates (training.text.tweet_data); None for other GLUE data (the method's default)."""
+    return tweet_learning_rate(method) if flag_value(passthrough, "--task_name") in TWEET_TASKS else None
 
 
 def load_language_model(name: str | None):

@@ -66,13 +66,12 @@ def resolve_run(args: argparse.Namespace, task: TaskInfo, default_steps: tuple[i
     for fields the user left unset; lowrank.ConfigError on a bad value), the learning rate."""
     resolve_run_length(args, default_steps)
     check_training_args(args)
-    method = args.method or AdapterConfig().method
-    if args.output_dir is None:
-        args.output_dir = task.default_output(method, getattr(args, task.output_flag or "", None))
-    output_dir = Path(args.output_dir).expanduser()
-    check_folder_path(output_dir, "--output_dir")
     given = adapter_fields(args)
     adapter = AdapterConfig(**{**{k: v for k, v in fill.items() if k not in given}, **given})
+    if args.output_dir is None:
+        args.output_dir = task.default_output(adapter.method, getattr(args, task.output_flag or "", None))
+    output_dir = Path(args.output_dir).expanduser()
+    check_folder_path(output_dir, "--output_dir")
     return RunSpec(task=task, args=args, output_dir=output_dir, adapter=adapter, adapter_given=frozenset(given),
                    learning_rate=args.learning_rate or METHODS[adapter.method].default_learning_rate,
                    lambda_learning_rate=args.lambda_learning_rate, max_train_steps=args.max_train_steps,
