@@ -39,6 +39,18 @@ U32 = 2.0 ** -24               # float32 unit roundoff
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one $LOWRANK_CACHE for the session
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module (conftest's 2 restored after it). The tiny SDXL's kernels are too
+    small to gain from a second thread, and a 2-thread OpenMP team on a 2-core machine that another process is
+    also using spins at its barriers: a UNet step measured 0.11 s at 1 thread and 1.2-1.7 s at 2 (load 4).
+    The trainer runs in this process and keeps the count (no --num_threads), so resume stays bit-identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def train(out, *extra):
     return dreambooth.main(["--output_dir", str(out), *FAST, *extra])
 
