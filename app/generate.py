@@ -20,7 +20,7 @@ from ground import runfolder
 from lowrank import AdapterError, eject, load_adapter, merge, read_adapter
 from training.common import TrainingError
 from training.exporting import export_run
-from training.families import load_pipeline
+from training.families import denoiser_of, load_pipeline
 
 from . import runs
 from .inputs import InputError
@@ -119,7 +119,7 @@ class Generator:
         res = resolution or args.get("resolution")
         with self._lock:
             pipe = self.pipeline(info.model)
-            unet = pipe.unet
+            unet = denoiser_of(pipe)   # the UNet, or a DiT family's transformer
             snapshot = {}
             if adir is not None:
                 try:

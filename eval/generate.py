@@ -64,7 +64,7 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
     out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt uses seed
     seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
     renamed into place. Returns how many images the safety checker blacked out."""
-    unet = pipe.unet
+    unet = families.denoiser_of(pipe)   # the UNet, or a DiT family's transformer
     if lowrank.adapter_layers(unet):
         lowrank.eject(unet)   # a fresh injection per checkpoint: exact, and safe if ranks differ
     try:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -77,3 +78,21 @@ def test_a_bad_sdxl_folder_is_one_error_line_and_nothing_written(tmp_path, damag
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_sdxl_trains_under_bf16_mixed_precision(tmp_path):
+    """accelerate's bf16 autocast on the CPU (frozen weights in bf16, SDXL's VAE kept in fp32): the run finishes
+    with finite losses and an fp32 adapter."""
+    out = tmp_path / "bf16"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+                           str(ROOT / "training" / "dreambooth.py"), "--pretrained_model_name_or_path", "tiny-sdxl",
+                           "--method", "delora", "--rank", "2", "--max_train_steps", "2", "--resolution", "32",
+                           "--output_dir", str(out), "--skip_final_samples", "--seed", "0", "--num_threads", "1"],
+                          capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["mixed_precision"] == "bf16" and run["family"] == "sdxl"
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(map(np.isfinite, losses))
+    assert all(t.dtype == torch.float32 for t in load_file(out / "adapter.safetensors").values())

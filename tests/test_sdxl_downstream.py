@@ -109,3 +109,7 @@ def test_the_app_lists_compares_generates_and_exports_the_sdxl_run(sdxl_run):
     assert len(images) == 1 and images[0].size == (RES, RES)
     written = G.export(sdxl_run, "final", "diffusers")
     assert Path(written).is_file()
+    peft_dir = sdxl_run / "exports" / "final-peft"
+    G.export(sdxl_run, "final", "peft")   # its config names the base: the preset's folder, as run.json records it
+    base = json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == json.loads((sdxl_run / "run.json").read_text())["pretrained_model_path"]

@@ -35,7 +35,6 @@ from training.common.spec import RunSpec
 from training.common.task import Task
 from training.common.tracking import setup_console
 from training.families import Family, expand, load_family, select, stack
-from training.images.diffusion import DiffusionObjective
 from training.images.files import load_dataset_images, load_image_dir
 from training.images.samples import (
     count_images,
@@ -71,8 +70,8 @@ class DreamBooth(Task):
     def __init__(self, run: TrainingRun, family: Family, pipe, instance_prompt: str, class_prompt: str | None,
                  args, captions: list[str] | None = None):
         self.run, self.args, self.family = run, args, family
-        self.unet = pipe.unet
-        self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
+        self.model = family.denoiser(pipe)
+        self.objective = family.objective(pipe, run.weight_dtype, run.device, args)
         # the text encoders are frozen: each prompt is encoded once (the family knows how: SDXL's two encoders)
         self.instance_cond = family.encode(pipe, [instance_prompt], args.resolution)
         self.class_cond = family.encode(pipe, [class_prompt], args.resolution) if class_prompt else None
@@ -82,7 +81,7 @@ class DreamBooth(Task):
         self.val_pipe = family.sampling_pipeline(pipe.components)
         self.val_prompts = args.validation_prompt or [instance_prompt]
 
-    def loss(self, unet, batch: dict, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, model, batch: dict, gen: torch.Generator) -> torch.Tensor:
         pixels, prior = batch["pixels"], self.class_cond is not None
         n = pixels.shape[0] // 2 if prior else pixels.shape[0]   # with prior preservation: instance | class
         cond = expand(self.instance_cond, n) if self.caption_conds is None else \
@@ -90,7 +89,7 @@ class DreamBooth(Task):
         if prior:
             cond = stack(cond, expand(self.class_cond, n))
         cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
-        return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(unet, noisy, t, cond), gen,
+        return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(model, noisy, t, cond), gen,
                                    prior_loss_weight=self.args.prior_loss_weight if prior else None)
 
     def samples(self, step: int, folder: Path, tag: str = "validation") -> list:
@@ -107,7 +106,7 @@ class DreamBooth(Task):
             shots = self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
             write_grid(output_dir / runfolder.SAMPLES_GRID, shots, cols=self.args.num_validation_images)
         if self.args.export_diffusers:
-            export_diffusers(self.unet, output_dir)
+            export_diffusers(self.model, output_dir, component=self.family.denoiser_name)
 
 
 def train(spec: RunSpec) -> None:
@@ -157,15 +156,17 @@ def train(spec: RunSpec) -> None:
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed)
     max_train_steps = run.total_steps(len(dataset))
-    run.adapt(pipe.unet, max_train_steps, target_modules=list(family.default_targets))
+    model = family.denoiser(pipe)   # the UNet, or a DiT family's transformer
+    run.adapt(model, max_train_steps, target_modules=list(family.default_targets))
     if args.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,
                       captions)
-    run.fit(pipe.unet, task, dataset, collate, num_train_steps=max_train_steps,
+    run.fit(model, task, dataset, collate, num_train_steps=max_train_steps,
             info={"instance_images": len(instance_images), "class_images": len(class_images or []),
                   "caption_source": "data" if captions else "instance_prompt", "family": family.name,
                   "pipeline_class": family.pipeline_classes[0], "family_tags": list(family.tags),
+                  "denoiser": family.denoiser_name,
                   "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path)})
 
 

@@ -79,20 +79,23 @@ def _check_output(output: Path, format: str) -> None:
                                f"or empty folder (stale files would mix with the new model)")
 
 
-def save_merged_pipeline(pipe, unet, directory: Path) -> None:
-    """pipe's components with `unet` (adapters merged in and ejected) saved by save_pretrained."""
-    lowrank.eject(unet, merge=True)   # W_eff into the base weights (DoRA too), plain diffusers modules back
-    original = pipe.unet
-    pipe.unet = unet
+def save_merged_pipeline(pipe, model, directory: Path, component: str = "unet") -> None:
+    """pipe's components with `model` (adapters merged in and ejected) as its `component` (the UNet, a DiT's
+    transformer), saved by save_pretrained."""
+    lowrank.eject(model, merge=True)   # W_eff into the base weights (DoRA too), plain diffusers modules back
+    original = getattr(pipe, component)
+    setattr(pipe, component, model)
     try:
         pipe.save_pretrained(directory, safe_serialization=True)
     finally:
-        pipe.unet = original
+        setattr(pipe, component, original)
 
 
 def export_model(unet, output: str | os.PathLike, format: str = "diffusers", pipeline=None,
-                 consume: bool = False, name: str | None = None) -> Path:
-    """Export the adapters injected in `unet` (in memory). Returns the written file (or pipeline folder).
+                 consume: bool = False, name: str | None = None, component: str = "unet",
+                 base_model: str | None = None) -> Path:
+    """Export the adapters injected in `unet` (in memory; a DiT family's transformer with component="transformer").
+    Returns the written file (or pipeline folder).
 
     diffusers / kohya / peft: lowrank.export into `output` (created if missing; each file written atomically,
     other files in the folder left alone: a run folder can hold pytorch_lora_weights.safetensors beside its
@@ -106,14 +109,14 @@ def export_model(unet, output: str | os.PathLike, format: str = "diffusers", pip
     output = Path(output)
     _check_output(output, "file" if format != "pipeline" else format)
     if format != "pipeline":
-        return lowrank.export(unet, output, format, name=name)
+        return lowrank.export(unet, output, format, component=component, name=name, base_model=base_model)
     if pipeline is None:
         raise ExportInputError("format 'pipeline' needs the pipeline the UNet belongs to (pipeline=...)")
     model = unet if consume else copy.deepcopy(unet)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
-        save_merged_pipeline(pipeline, model, tmp)
+        save_merged_pipeline(pipeline, model, tmp, component)
         move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,12 +153,12 @@ def run_folder(adapter_dir: Path) -> Path:
     return next((d for d in (adapter_dir, adapter_dir.parent) if (d / RUN_JSON).is_file()), adapter_dir)
 
 
-def export_diffusers(unet, output_dir: str | os.PathLike) -> Path | None:
+def export_diffusers(unet, output_dir: str | os.PathLike, component: str = "unet") -> Path | None:
     """The trainers' end-of-run export: output_dir/pytorch_lora_weights.safetensors beside the run's own
     adapter, so pipe.load_lora_weights(output_dir) works on a run folder. A method the format cannot hold
     is a warning, not a failure: the run itself is done and its own adapter saved."""
     try:
-        return export_model(unet, output_dir, "diffusers")
+        return export_model(unet, output_dir, "diffusers", component=component)
     except lowrank.AdapterError as e:
         logger.warning("no diffusers file written: %s", e)
         return None

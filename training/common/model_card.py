@@ -179,6 +179,7 @@ def _loading(f: dict, name: str, export_format: str | None, file: str | None, ha
             "kohya": f"{name!r}, weight_name={file!r}"}.get(export_format, "'DIR'")
     peft_dir = name if export_format == "peft" else "PEFT_DIR"
     cls = f["run"].get("pipeline_class") or "StableDiffusionPipeline"   # recorded by the trainer (its family)
+    part = f["run"].get("denoiser") or "unet"                           # the part the adapter is in
     lines = ["**diffusers**:", "```python", f"from diffusers import {cls}", f"pipe = {cls}.from_pretrained({base!r})"]
     if export_format == "pipeline":
         lines[-1] = f"pipe = {cls}.from_pretrained({name!r})   # the adapter is merged in"
@@ -191,7 +192,7 @@ def _loading(f: dict, name: str, export_format: str | None, file: str | None, ha
               f"`stable-diffusion-webui/models/Lora/` (`<lora:NAME:1>`)" +
               (" (DoRA goes as the full-weight `diff` format, which both apply exactly)." if kohya == "diff" else "."),
               "", "**peft**:", "```python", "from peft import PeftModel",
-              f"unet = PeftModel.from_pretrained(pipe.unet, {peft_dir!r})", "```"]
+              f"{part} = PeftModel.from_pretrained(pipe.{part}, {peft_dir!r})", "```"]
     if peft_dir == "PEFT_DIR":
         lines.append(f"PEFT_DIR: `{cli} --format peft --output PEFT_DIR`.")
     return lines + tiny

@@ -11,6 +11,8 @@ never branch on the family.
 """
 from __future__ import annotations
 
+import torch
+
 from training.common import TrainingError
 
 from .base import Family, FamilyError, expand, select, stack
@@ -19,8 +21,8 @@ from .sdxl import SDXL
 
 FAMILIES: tuple[Family, ...] = (SD15(), SDXL())
 
-__all__ = ["FAMILIES", "Family", "FamilyError", "SD15", "SDXL", "default_resolution", "expand", "family_of",
-           "load_family",
+__all__ = ["FAMILIES", "Family", "FamilyError", "SD15", "SDXL", "default_resolution", "denoiser_of", "expand",
+           "family_of", "family_of_pipeline", "load_family",
            "load_pipeline", "select", "stack"]
 
 
@@ -35,6 +37,20 @@ def family_of(name_or_path: str | None) -> Family:
             return family
     known = ", ".join(c for f in FAMILIES for c in f.pipeline_classes)
     raise FamilyError(f"{name_or_path!r} is a {class_name} (model_index.json); lowrank trains {known}")
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded pipeline, by its class."""
+    name = type(pipe).__name__
+    for family in FAMILIES:
+        if name in family.pipeline_classes:
+            return family
+    raise FamilyError(f"a {name} is not a pipeline of a family lowrank trains")
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The model adapters go into, of any family's pipeline (app and eval load adapters through this)."""
+    return family_of_pipeline(pipe).denoiser(pipe)
 
 
 def default_resolution(name_or_path: str | None) -> int:

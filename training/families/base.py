@@ -12,6 +12,7 @@ import torch
 
 from training.common import TrainingError
 from training.common.models import ModelLoadError, built_once, cache_dir
+from training.images.diffusion import DiffusionObjective
 
 Conditioning = dict[str, torch.Tensor]   # e.g. {"encoder_hidden_states": (B, 77, d)}, SDXL + text_embeds
 
@@ -32,6 +33,7 @@ class Family:
     fig3_pattern = "attn1.to_out.0"            # DeLoRA Fig. 3's layer: out-projection of the first self-attention
     default_resolution = 512
     vae_in_fp32 = False                        # keep the VAE in fp32 under mixed precision (SDXL's NaNs in fp16)
+    denoiser_name = "unet"                     # the pipeline part the adapters go into (DiT families: "transformer")
 
     # ----- loading -------------------------------------------------------------------------------------
     def is_preset(self, name_or_path: str | None) -> bool:
@@ -123,6 +125,15 @@ class Family:
             diffusers_logging.set_verbosity(verbosity)
 
     # ----- training ----------------------------------------------------------------------------------------
+    def denoiser(self, pipe) -> torch.nn.Module:
+        """The model the adapters train: the UNet, or a DiT family's transformer."""
+        return getattr(pipe, self.denoiser_name)
+
+    def objective(self, pipe, weight_dtype: torch.dtype, device: torch.device, args):
+        """The training step's objective (training.images.diffusion): DDPM's epsilon/v-prediction here; flow
+        matching for the DiT families."""
+        return DiffusionObjective(pipe.vae, pipe.scheduler, weight_dtype, device)
+
     def encode(self, pipe, prompts: list[str], size: int) -> Conditioning:
         """The frozen text encoders' conditioning of `prompts` at `size` pixels, batch first."""
         raise NotImplementedError

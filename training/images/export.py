@@ -25,11 +25,12 @@ def export_image_run(src: Path, output: Path, format: str, pipeline: str | None 
                                "Diffusion run merges into a diffusers pipeline with --format pipeline")
     name, revision = base_model(src, pipeline)
     family, pipe = load_family(name, revision=revision)   # as saved: a merged pipeline keeps every component
-    lowrank.load_adapter(pipe.unet, src)
+    model, component = family.denoiser(pipe), family.denoiser_name
+    lowrank.load_adapter(model, src)
     card = {"run_dir": run_folder(src), "export_format": format, "adapter_dir": src, "name": output.resolve().name,
             "base": name}
     if format == "pipeline":
-        written = export_model(pipe.unet, output, format, pipeline=pipe, consume=True)
+        written = export_model(model, output, format, pipeline=pipe, consume=True, component=component)
         write_model_card(output, **card)   # README.md beside the pipeline's model_index.json
         return written
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def export_image_run(src: Path, output: Path, format: str, pipeline: str | None 
     try:   # kohya names its file after the final folder, not the temporary one
         # a peft config names its base: the hub name, or the local folder of a preset or a path
         base = family.local_folder(name) if _is_local(name, family) else name
-        written = lowrank.export(pipe.unet, tmp, format, name=output.resolve().name, base_model=base)
+        written = export_model(model, tmp, format, name=output.resolve().name, component=component, base_model=base)
         write_model_card(tmp, file=written.name, **card)
         move_into_place(tmp, output)
     finally:

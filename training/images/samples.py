@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ground import runfolder
+from training.families import denoiser_of
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -25,9 +26,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 def generate(pipe, prompts: list[str], num_images: int, resolution: int, steps: int, guidance_scale: float,
              autocast=None) -> list[tuple[str, int, Image.Image]]:
     """[(prompt, seed, image)] for every prompt x seeds 0..num_images-1."""
-    unet = pipe.unet
-    was_training = unet.training
-    unet.eval()
+    model = denoiser_of(pipe)
+    was_training = model.training
+    model.eval()
     out = []
     try:
         for prompt in prompts:
@@ -37,7 +38,7 @@ def generate(pipe, prompts: list[str], num_images: int, resolution: int, steps: 
                               num_inference_steps=steps, guidance_scale=guidance_scale).images
             out += [(prompt, s, img) for s, img in enumerate(images)]
     finally:
-        unet.train(was_training)
+        model.train(was_training)
     return out
 
 
