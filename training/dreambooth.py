@@ -70,6 +70,7 @@ class DreamBooth(Task):
     def __init__(self, run: TrainingRun, family: Family, pipe, instance_prompt: str, class_prompt: str | None,
                  args, captions: list[str] | None = None):
         self.run, self.args, self.family = run, args, family
+        self.fig3_pattern = family.fig3_pattern
         self.model = family.denoiser(pipe)
         self.objective = family.objective(pipe, run.weight_dtype, run.device, args)
         # the text encoders are frozen: each prompt is encoded once (the family knows how: SDXL's two encoders)

@@ -202,7 +202,7 @@ class TrainingRun:
         self.model = acc.unwrap_model(wrapped)
         self.hooks = lowrank.step_hooks(self.model)   # every step, unconditionally: methods without hooks cost nothing
         self.probe = DistanceProbe(self.model, args.distance_logging_steps, self.spec.checkpointing_steps,
-                                   self.max_steps)
+                                   self.max_steps, task.fig3_pattern)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         return wrapped
 

@@ -15,6 +15,7 @@ class Task:
 
     run = None     # the loop.TrainingRun the task belongs to (the trainers set it in __init__)
     outputs = ""   # its own files in the run folder, comma-separated, for the run's last line (those that exist)
+    fig3_pattern: str | None = None   # the layer the distance curve follows (a model family's; None: DeLoRA Fig. 3's)
 
     def loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one micro-batch. `model` is the prepared (DDP-wrapped) model: call it, so

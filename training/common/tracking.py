@@ -70,11 +70,12 @@ def run_info(args, **resolved) -> dict:
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def fig3_layer(names: list[str]) -> str | None:
-    """The layer the progress bar and the figures follow: DeLoRA Fig. 3's in a UNet; in a model without
+def fig3_layer(names: list[str], pattern: str | None = None) -> str | None:
+    """The layer the progress bar and the figures follow: the first whose name holds `pattern` (a model family's
+    choice; default DeLoRA Fig. 3's, a UNet's first self-attention out-projection); in a model without
     self-attention blocks of that kind (a language model) the first adapted layer. A UNet whose targets leave
     the Fig. 3 layer out has None (that layer has not moved)."""
-    found = next((n for n in names if FIG3_PATTERN in n), None)
+    found = next((n for n in names if (pattern or FIG3_PATTERN) in n), None)
     if found is None and names and not any(".attn1." in n for n in names):
         return names[0]
     return found
@@ -89,11 +90,12 @@ class DistanceProbe:
     Gram products cost r²(in + out) per layer, over a percent of a UNet step for some methods; between full
     probes only the followed layer's are computed. The adapter layers are collected once here, not per call."""
 
-    def __init__(self, model, every: int = 1, checkpoint_every: int | None = None, last_step: int | None = None):
+    def __init__(self, model, every: int = 1, checkpoint_every: int | None = None, last_step: int | None = None,
+                 fig3_pattern: str | None = None):
         self.model = model
         self.layers = lowrank.adapter_layers(model)
         self.names = list(self.layers)
-        self.fig3 = fig3_layer(self.names)
+        self.fig3 = fig3_layer(self.names, fig3_pattern)
         self.followed = {self.fig3: self.layers[self.fig3]} if self.fig3 else {}
         # the rest of a full probe: the followed layer is measured in its own call both ways, so the per-step
         # number and the full row's distance/<layer> are the same bits on any device (a batched Gram product

@@ -16,6 +16,7 @@ from training.common.spec import RunSpec, resolve_run
 from training.common.tasks import DREAMBOOTH
 from training.common.tracking import setup_console
 from training.families import default_resolution
+from training.images.diffusion import WEIGHTING_SCHEMES
 from training.images.files import check_image_folder
 from training.subject.data import EXAMPLE_CLASS_PROMPT, EXAMPLE_PROMPT
 
@@ -59,6 +60,16 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated when missing).")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--center_crop", action="store_true", help="Center-crop images (default: random crops).")
+    f = parser.add_argument_group("flow matching (FLUX.1, FLUX.2-klein; diffusers' flags and defaults)")
+    f.add_argument("--weighting_scheme", default="none", choices=WEIGHTING_SCHEMES,
+                   help="Timestep density and loss weight: logit_normal (σ = sigmoid(N(--logit_mean, --logit_std))), "
+                        "mode (--mode_scale), sigma_sqrt (weight σ⁻²), cosmap, none (uniform, weight 1) "
+                        "(default: none).")
+    f.add_argument("--logit_mean", type=float, default=0.0, help="Mean of logit_normal (default: 0.0).")
+    f.add_argument("--logit_std", type=float, default=1.0, help="Std of logit_normal (default: 1.0).")
+    f.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme (default: 1.29).")
+    f.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Text tokens of the DiT families' prompt encoder (default: the family's, 512).")
     add_adapter_args(parser)
     return parser
 
