@@ -38,11 +38,39 @@ output-row normalisation; ComfyUI after it rescales output rows but by ‖W0_i�
 (comfy/weight_adapter/base.py weight_decompose), and the same (out, 1) tensor is silently misread by every
 build that predates it.
 Anything that cannot be exact raises ExportError naming the formats that can hold it; nothing is written.
+
+DiT transformers (component="transformer": FLUX.1's FluxTransformer2DModel, FLUX.2-klein's
+Flux2Transformer2DModel). diffusers: 'transformer.<module>.lora_A.weight' / '.lora_B.weight' (+
+'.lora_magnitude_vector' for DoRA) and 'transformer.r', '.lora_alpha', '.use_dora' … in lora_adapter_metadata, as
+FluxPipeline / Flux2KleinPipeline.save_lora_weights write them: both loader mixins pass such keys through
+lora_state_dict unchanged and load_lora_adapter(prefix="transformer") builds the LoraConfig from the metadata
+(use_dora included: peft loads DoRA exactly), so nothing is guessed.
+kohya and diff: 'lora_transformer_<diffusers module path with _>' + '.lora_down.weight' / '.lora_up.weight' /
+'.alpha' = R, or + '.diff'. ComfyUI maps no 'lora_unet_<diffusers path>' for a DiT (comfy/utils.py
+unet_to_diffusers is empty there); its FLUX map (comfy/lora.py model_lora_keys_unet, the comfy.model_base.Flux
+branch, which FLUX.2 takes too) names every '.weight' of comfy/utils.py flux_to_diffusers in four spellings,
+'transformer.<path>' (diffusers/SimpleTuner), 'lycoris_<path with _>', 'lora_transformer_<path with _>'
+(OneTrainer) and '<path>' (DiffSynth), FLUX.2's names included (ff.linear_in/out -> img_mlp.0/2, single-block
+attn.to_qkv_mlp_proj -> linear1, attn.to_out -> linear2), and sends separate q/k/v layers into their rows of BFL's
+fused weights (to_q/k/v -> double_blocks.N.img_attn.qkv rows [0,h), [h,2h), [2h,3h); add_q/k/v_proj ->
+txt_attn.qkv; single-block to_q/k/v/proj_mlp -> linear1): calculate_weight narrows dim 0 to the slice, patches it
+and restores the full tensor, so each layer keeps its own exact factors (or ΔW) with no fusing. lora_transformer_
+is the kohya-shaped one of the four (lora_<component>_<path with _>, as lora_unet_ / lora_te_); a
+'transformer.'-prefixed file is what diffusers reads as its own format. A layer ComfyUI's map has no name for
+(FLUX.2's shared double_stream_modulation_* / single_stream_modulation / time_guidance_embed layers) is refused
+for kohya and diff (COMFY_FLUX): ComfyUI would log 'lora key not loaded' and drop it. sd-scripts' own FLUX
+form, 'lora_unet_<BFL name>' (double_blocks_N_img_attn_qkv …), was not chosen: it needs q, k and v fused into
+one LoRA per BFL weight (block-diagonal up, stacked down: 3x the rank, 4x on FLUX.1's linear1). These two files
+are for ComfyUI; diffusers reads the 'diffusers' file: FluxPipeline reads only the attention layers of a
+lora_transformer_ file (its OneTrainer branch, _convert_mixture_state_dict_to_diffusers, fails on feed-forward
+names) and Flux2KleinPipeline none of it (_convert_kohya_flux2_lora_to_diffusers knows only lora_unet_<BFL name>
+keys and drops the rest with a warning).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -63,7 +91,18 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGH
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 # the model part the adapters live in -> (diffusers key prefix, kohya key prefix)
-COMPONENTS = {"unet": ("unet", "lora_unet_"), "text_encoder": ("text_encoder", "lora_te_")}
+COMPONENTS = {"unet": ("unet", "lora_unet_"), "text_encoder": ("text_encoder", "lora_te_"),
+              "transformer": ("transformer", "lora_transformer_")}
+# The diffusers FLUX.1 / FLUX.2 module paths ComfyUI's FLUX LoRA map names: the '.weight' keys of comfy/utils.py
+# flux_to_diffusers (Comfy-Org/ComfyUI b3be02d6; rows marked '# Flux 2' and the ff.linear_in/out rows included).
+# Their BFL targets (qkv/linear1 slices, norm_out's scale/shift swap) are ComfyUI's business: the file holds
+# each diffusers layer's own ΔW.
+COMFY_FLUX = re.compile(
+    r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(_context)?\.linear"
+    r"|ff(_context)?\.(net\.0\.proj|net\.2|linear_in|linear_out))"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_[qkv]|to_qkv_mlp_proj|to_out)|proj_mlp|proj_out|norm\.linear)"
+    r"|proj_out|x_embedder|context_embedder|norm_out\.linear|controlnet_x_embedder"
+    r"|time_text_embed\.(timestep|text|guidance)_embedder\.linear_[12]")
 
 
 class ExportError(AdapterError, ValueError):
@@ -79,6 +118,18 @@ def _refuse_unless_low_rank(method: type, fmt: str) -> None:
     """Files of LoRA factors alone hold only methods whose ΔW is exactly low rank."""
     if not method.low_rank_exact:
         raise ExportError(method.export_refusal.format(fmt=fmt))
+
+
+def _refuse_unless_comfy_flux(layers: dict, component: str, fmt: str) -> None:
+    """A DiT transformer's kohya / diff file is read through ComfyUI's FLUX map: every layer must have a name there."""
+    if component != "transformer":
+        return
+    unnamed = [n for n in layers if not COMFY_FLUX.fullmatch(n)]
+    if unnamed:
+        raise ExportError(f"ComfyUI's FLUX LoRA map (comfy/utils.py flux_to_diffusers) has no name for "
+                          f"{unnamed[0]}{f' (and {len(unnamed) - 1} more)' if len(unnamed) > 1 else ''}, so a "
+                          f"{fmt} file would lose it; export it as 'diffusers' or 'peft', or leave it out of "
+                          f"target_modules")
 
 
 # ----- factors --------------------------------------------------------------------------------------
@@ -193,6 +244,7 @@ def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict
     _refuse_unless_low_rank(_method(model), "kohya")
     prefix = COMPONENTS[component][1]
     layers = adapter_layers(model)
+    _refuse_unless_comfy_flux(layers, component, "kohya")
     factors, rank = low_rank_state(model)
     state = {}
     file_names = _names(layers, component)
@@ -223,6 +275,7 @@ def _diff(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict,
     weight's own shape ((out, in, 1, 1) for a 1x1 conv: ComfyUI skips a diff whose shape differs), float32."""
     prefix = COMPONENTS[component][1]
     layers = _checked_layers(model)
+    _refuse_unless_comfy_flux(layers, component, "diff")
     file_names = _names(layers, component)
     state = {}
     for name, layer in layers.items():
@@ -280,12 +333,15 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
 
     diffusers: directory/pytorch_lora_weights.safetensors, for pipe.load_lora_weights(directory).
     kohya:     directory/<name>.safetensors (lora_unet_… keys; name defaults to the directory's name), for
-               ComfyUI / A1111 (copy it into their LoRA folder) and diffusers.
+               ComfyUI / A1111 (copy it into their LoRA folder) and diffusers; a transformer's
+               (lora_transformer_… keys) is for ComfyUI.
     diff:      directory/<name>.safetensors with '<kohya key>.diff' full ΔW tensors: ComfyUI / A1111, any
                method exactly (DoRA's only way into them), a full matrix per layer.
     peft:      directory/{adapter_config.json, adapter_model.safetensors}, for PeftModel.from_pretrained.
-    `component` says which pipeline part `model` is ("unet" or "text_encoder"): it sets the key prefix
-    of diffusers and kohya files. `base_model` is what a peft config names as its base_model_name_or_path (a
+    `component` says which pipeline part `model` is ("unet", "text_encoder", or "transformer" for a DiT's
+    FluxTransformer2DModel / Flux2Transformer2DModel): it sets the key prefix of diffusers and kohya files
+    ('transformer.' for FluxPipeline / Flux2KleinPipeline.load_lora_weights, 'lora_transformer_' for ComfyUI's
+    FLUX map; module docstring). `base_model` is what a peft config names as its base_model_name_or_path (a
     hub name or a local folder; peft's AutoPeftModel loads the base from it). The model must hold its
     pretrained base weights, unmerged (ETHER's and DeLoRA's factors depend on W0). Raises ExportError for a
     method the format cannot hold exactly (DoRA in kohya), before anything is written.

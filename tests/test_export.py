@@ -231,14 +231,9 @@ def test_a_glue_run_exports_for_peft_with_its_head(tmp_path, capsys):
     batch = tok(["a good film", "not a good film at all"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(**batch).logits, ours.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
-    # the config names its base (the preset's folder), so peft's Auto class loads base + adapter on its own
-    from peft import AutoPeftModelForSequenceClassification
-
+    # the config names its base: the preset's folder
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         resolve_model("tiny-bert", "tiny-bert")
-    auto = AutoPeftModelForSequenceClassification.from_pretrained(out)
-    with torch.no_grad():
-        torch.testing.assert_close(auto.eval()(**batch).logits, ours.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
     assert export_cli([str(run), "--format", "kohya", "--output", str(tmp_path / "k")]) == 2
     assert "exports as --format peft" in capsys.readouterr().err
 

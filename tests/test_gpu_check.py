@@ -1,4 +1,5 @@
-"""bench/gpu_check.py stays runnable: its CPU smoke mode end to end, and --device cuda without a GPU fails loudly."""
+"""bench/gpu_check.py stays runnable: its CPU smoke mode end to end (SD and SDXL), and --device cuda without a GPU
+fails loudly."""
 import json
 import os
 import subprocess
@@ -23,13 +24,17 @@ def test_quick_cpu_run_writes_every_check(tmp_path, tiny_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["failures"] == []
-    rows = {(r["dtype"], r["method"]): r for r in result["trainer"]}
-    assert set(rows) == {("bf16", "lora"), ("bf16", "delora")}
+    rows = {(r["model"], r["dtype"], r["method"]): r for r in result["trainer"]}
+    # SD (the tiny preset) and SDXL (tiny-sdxl: text_time conditioning, two encoders) through the same checks
+    assert set(rows) == {(model, "bf16", m) for model in ("sd15", "sdxl") for m in ("lora", "delora")}
     for r in rows.values():
         assert r["exit_code"] == 0 and r["finite"] and r["steps_per_s"] > 0
         assert r["resume_equal"] and r["resume_max_abs_diff"] == 0.0
-    assert set(result["unet_step"]["vs_lora"]) == {"lora", "lora#2", "delora"}
-    assert result["unet_step"]["vs_lora"]["lora"] == 1.0
+    for key, unet in (("unet_step", "tiny-sd15"), ("unet_step_sdxl", "tiny-sdxl")):
+        assert result[key]["unet"] == unet
+        assert set(result[key]["vs_lora"]) == {"lora", "lora#2", "delora"}
+        assert result[key]["vs_lora"]["lora"] == 1.0
+    assert "UNet step (tiny-sdxl, 64 px, bf16)" in proc.stdout
     assert {"lora", "dora", "delora"} <= set(result["glue_step"])
     assert "steps/s" in proc.stdout and "GLUE step" in proc.stdout
 

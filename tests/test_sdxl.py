@@ -143,18 +143,18 @@ def test_preset_is_sdxl_in_miniature_and_folders_are_recognised(sdxl, tmp_path, 
     other = tmp_path / "other"
     shutil.copytree(preset_dir, other)
     index = json.loads((other / "model_index.json").read_text())
-    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(FamilyError) as err:
         family_of(str(other))
     message = str(err.value)
     assert isinstance(err.value, TrainingError) and "\n" not in message
-    assert "FluxPipeline" in message and "StableDiffusionXLPipeline" in message
+    assert "StableDiffusion3Pipeline" in message and "StableDiffusionXLPipeline" in message
     # ... and the trainer says so as its one error line, exit 2, leaving no run folder behind
     out = tmp_path / "out"
     capsys.readouterr()
     code = dreambooth.main(["--output_dir", str(out), *FAST, "--pretrained_model_name_or_path", str(other)])
     line = one_error_line(capsys)
-    assert code == 2 and "FluxPipeline" in line, line
+    assert code == 2 and "StableDiffusion3Pipeline" in line, line
     assert not out.exists()
 
 

@@ -16,13 +16,15 @@ import torch
 from training.common import TrainingError
 
 from .base import Family, FamilyError, expand, select, stack
+from .flux import FLUX
+from .flux2_klein import Flux2Klein
 from .sd15 import SD15
 from .sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SD15(), SDXL())
+FAMILIES: tuple[Family, ...] = (SD15(), SDXL(), FLUX(), Flux2Klein())
 
-__all__ = ["FAMILIES", "Family", "FamilyError", "SD15", "SDXL", "default_resolution", "denoiser_of", "expand",
-           "family_of", "family_of_pipeline", "load_family",
+__all__ = ["FAMILIES", "FLUX", "Family", "FamilyError", "Flux2Klein", "SD15", "SDXL", "default_resolution",
+           "denoiser_of", "expand", "family_of", "family_of_pipeline", "load_family",
            "load_pipeline", "select", "stack"]
 
 
