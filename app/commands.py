@@ -20,7 +20,7 @@ from training.families import FAMILIES
 from .inputs import InputError, TrainForm
 
 LAUNCHERS = ("accelerate", "python")
-PRESETS = tuple(f.preset for f in FAMILIES)   # built-in random-weight models, one per family ('tiny', 'tiny-sdxl')
+PRESETS = tuple(f.preset for f in FAMILIES)   # built-in random-weight models, one per family
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -35,7 +35,7 @@ def check_model(name: str) -> str:
     name = str(name or "").strip()
     if is_tiny(name):
         return "tiny"
-    if name in PRESETS:   # the other families' built-in models (tiny-sdxl)
+    if name in PRESETS:   # the other families' built-in models
         return name
     path = Path(os.path.expanduser(name))
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()

@@ -104,8 +104,9 @@ def settings_inputs() -> tuple[list, list]:
         steps = gr.Number(cli["steps"], precision=0, label="Steps", elem_id="steps")
         every = gr.Number(cli["checkpoint_every"], precision=0, label="Checkpoint every", elem_id="checkpoint-every")
     model = gr.Dropdown(list(commands.PRESETS), value="tiny", allow_custom_value=True, label="Base model",
-                        elem_id="base-model", info="'tiny' (SD) or 'tiny-sdxl' (SDXL): built-in, random weights, "
-                                                   "machinery only; or type a hub name or a local pipeline folder")
+                        elem_id="base-model",
+                        info=f"{', '.join(commands.PRESETS)}: built-in, random weights, machinery only; or type a "
+                             f"hub name or a local pipeline folder")
     with gr.Accordion("More options", open=False):
         with gr.Row():
             seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")

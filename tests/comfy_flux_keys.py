@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from tests.comfy_keys import count_blocks, load_lora  # noqa: F401 (load_lora: same code for FLUX)
+from tests.comfy_keys import count_blocks, generic_unet_keys, load_lora  # noqa: F401 (load_lora: same code for FLUX)
 
 
 # ----- comfy/utils.py -----------------------------------------------------------------------------------
@@ -255,16 +255,7 @@ def model_lora_keys_unet(model_state_dict: dict, unet_config: dict) -> dict:
     'transformer.<path>', 'lycoris_<path with _>', 'lora_transformer_<path with _>' and '<path>' (DiffSynth),
     each to the entry's value (a slice or function kept); and '<…>.linear1_qkv' -> the first 3·hidden rows of
     every linear1."""
-    key_map = {}
-    sdk = model_state_dict.keys()
-    for k in sdk:
-        if k.startswith("diffusion_model."):
-            if k.endswith(".weight"):
-                key_lora = k[len("diffusion_model."):-len(".weight")].replace(".", "_")
-                key_map["lora_unet_{}".format(key_lora)] = k
-                key_map["{}".format(k[:-len(".weight")])] = k
-            else:
-                key_map["{}".format(k)] = k
+    key_map = generic_unet_keys(model_state_dict.keys())
 
     diffusers_keys = flux_to_diffusers(unet_config, output_prefix="diffusion_model.")
     for k in diffusers_keys:
@@ -274,7 +265,7 @@ def model_lora_keys_unet(model_state_dict: dict, unet_config: dict) -> dict:
             key_map["lycoris_{}".format(k[:-len(".weight")].replace(".", "_"))] = to
             key_map["lora_transformer_{}".format(k[:-len(".weight")].replace(".", "_"))] = to
             key_map[k[:-len(".weight")]] = to
-    for k in sdk:
+    for k in model_state_dict.keys():
         hidden_size = unet_config.get("hidden_size", 0)
         if k.endswith(".weight") and ".linear1." in k:
             key_map["{}".format(k.replace(".linear1.weight", ".linear1_qkv"))] = (k, (0, 0, hidden_size * 3))

@@ -284,8 +284,9 @@ def diffusers_to_ldm(state_dict: dict, unet_config: dict) -> tuple[dict, list[st
 
 
 # ----- comfy/lora.py, comfy/weight_adapter/lora.py, comfy/model_patcher.py --------------------------------
-def model_lora_keys_unet(model_state_dict_keys, unet_config: dict) -> dict[str, str]:
-    """lora.py model_lora_keys_unet (the UNet part; the SD3 / Stable Cascade / DiT branches do not apply)."""
+def generic_unet_keys(model_state_dict_keys) -> dict[str, str]:
+    """lora.py model_lora_keys_unet's first loop, every model's: 'lora_unet_<ldm path with _>' and '<ldm path>' for
+    each 'diffusion_model.' weight."""
     key_map = {}
     for k in model_state_dict_keys:
         if k.startswith("diffusion_model."):
@@ -295,6 +296,12 @@ def model_lora_keys_unet(model_state_dict_keys, unet_config: dict) -> dict[str, 
                 key_map["{}".format(k[:-len(".weight")])] = k
             else:
                 key_map["{}".format(k)] = k
+    return key_map
+
+
+def model_lora_keys_unet(model_state_dict_keys, unet_config: dict) -> dict[str, str]:
+    """lora.py model_lora_keys_unet (the UNet part; the SD3 / Stable Cascade / DiT branches do not apply)."""
+    key_map = generic_unet_keys(model_state_dict_keys)
     diffusers_keys = unet_to_diffusers(unet_config)
     for k in diffusers_keys:
         if k.endswith(".weight"):

@@ -18,7 +18,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from PIL import Image
-from safetensors.torch import load_file
 from transformers import CLIPTextModel, T5EncoderModel, T5TokenizerFast
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -26,10 +25,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import lowrank  # noqa: E402
 from ground import runfolder  # noqa: E402
 from lowrank.inject import matches  # noqa: E402
+from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E402,F401
 from tests.test_dreambooth import metrics  # noqa: E402
-from tests.test_training_faults import same_adapter  # noqa: E402
 from training import dreambooth  # noqa: E402
-from training.common import faults  # noqa: E402
 from training.families import FAMILIES, FLUX, default_resolution, family_of, load_family  # noqa: E402
 from training.families.flux import t5_tokenizer  # noqa: E402
 from training.images.diffusion import FlowMatchObjective  # noqa: E402
@@ -44,17 +42,6 @@ FAST = ["--pretrained_model_name_or_path", PRESET, "--seed", "0", "--resolution"
 CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one $LOWRANK_CACHE for the session
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module (conftest's 2 restored after it), as tests/test_sdxl.py: the tiny
-    model's kernels gain nothing from a second thread on a shared 2-core machine; the in-process trainer keeps
-    the count, so resume stays bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(out, *extra):
@@ -375,33 +362,4 @@ def test_prior_preservation_and_checkpoint_samples(tmp_path):
 
 
 def test_killed_after_a_checkpoint_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    """As tests/test_sdxl.py: the `abort` fault stops the run right after step 2 and its checkpoint, as a kill
-    leaves it; --resume_from_checkpoint latest then finishes the 4 steps, bit for bit."""
-    args = ["--method", "delora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--skip_final_samples"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(straight, *args) == 0
-
-    faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:abort")
-    monkeypatch.setenv(faults.ENV_STEP, "2")
-    try:
-        with pytest.raises(faults.Abort):
-            train(killed, *args)
-    finally:
-        monkeypatch.delenv(faults.ENV)
-        monkeypatch.delenv(faults.ENV_STEP)
-        faults.reset()
-    assert [s for s, _ in runfolder.list_checkpoints(killed)] == [2]
-    assert not (killed / "adapter.safetensors").exists()
-
-    assert train(killed, *args, "--resume_from_checkpoint", "latest") == 0
-    assert json.loads((killed / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
-    same_adapter(straight, killed)                                   # torch.equal, tensor by tensor
-    same_adapter(straight / "checkpoint-4", killed / "checkpoint-4")
-    a, b = metrics(straight), metrics(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [(r["loss"], r["distance_fig3"]) for r in a] == [(r["loss"], r["distance_fig3"]) for r in b]
-    exports = [d / "pytorch_lora_weights.safetensors" for d in (straight, killed)]
-    if exports[0].exists():   # once lowrank.export writes a "transformer" component (diffusers' FLUX keys)
-        x, y = (load_file(str(p)) for p in exports)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    check_resume_after_a_kill(train, tmp_path, monkeypatch)

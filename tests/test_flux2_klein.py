@@ -11,7 +11,6 @@ Every run is in-process (dreambooth.main), 32 px (16x16 VAE latents, patchified 
 """
 import argparse
 import copy
-import importlib
 import inspect
 import json
 import math
@@ -34,10 +33,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import lowrank  # noqa: E402
 from ground import runfolder  # noqa: E402
 from lowrank.inject import matches  # noqa: E402
+from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E402,F401
 from tests.test_dreambooth import metrics  # noqa: E402
-from tests.test_training_faults import same_adapter  # noqa: E402
 from training import dreambooth  # noqa: E402
-from training.common import TrainingError, faults  # noqa: E402
+from training.common import TrainingError  # noqa: E402
 from training.families import FAMILIES, Flux2Klein, default_resolution, family_of, load_family  # noqa: E402
 from training.families.flux2_klein import MAX_SEQUENCE_LENGTH, TEXT_LAYERS, klein_latents  # noqa: E402
 from training.images.diffusion import FlowMatchObjective  # noqa: E402
@@ -54,17 +53,6 @@ U32 = 2.0 ** -24               # float32 unit roundoff
 P = Flux2KleinPipeline         # its static helpers: _pack_latents, _prepare_latent_ids, ...
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one $LOWRANK_CACHE for the session
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module (conftest's 2 restored after it), as tests/test_sdxl.py: the tiny
-    model's kernels gain nothing from a second thread on a shared 2-core machine; the in-process trainer keeps
-    the count, so resume stays bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(out, *extra):
@@ -322,35 +310,11 @@ def test_sampling_pipeline_keeps_the_flow_matching_scheduler(klein):
 
 # ----- 5. resume is bit-identical -----------------------------------------------------------------------
 def test_killed_after_a_checkpoint_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    args = ["--method", "delora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--skip_final_samples"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(straight, *args) == 0
-
-    faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:abort")
-    monkeypatch.setenv(faults.ENV_STEP, "2")
-    try:
-        with pytest.raises(faults.Abort):
-            train(killed, *args)
-    finally:
-        monkeypatch.delenv(faults.ENV)
-        monkeypatch.delenv(faults.ENV_STEP)
-        faults.reset()
-    assert [s for s, _ in runfolder.list_checkpoints(killed)] == [2]
-
-    assert train(killed, *args, "--resume_from_checkpoint", "latest") == 0
-    assert json.loads((killed / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
-    same_adapter(straight, killed)
-    same_adapter(straight / "checkpoint-4", killed / "checkpoint-4")
-    a, b = metrics(straight), metrics(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [(r["loss"], r["distance_fig3"]) for r in a] == [(r["loss"], r["distance_fig3"]) for r in b]
+    check_resume_after_a_kill(train, tmp_path, monkeypatch)
 
 
 # ----- 6. diffusers reads the export --------------------------------------------------------------------
 def test_diffusers_load_lora_weights_of_a_run_gives_our_transformer_output(klein, cond, trained):
-    if "transformer" not in importlib.import_module("lowrank.export").COMPONENTS:
-        pytest.skip("lowrank.export has no 'transformer' component yet")
     run_dir = trained("lora")
     run = json.loads((run_dir / "run.json").read_text())
     pipe = Flux2KleinPipeline.from_pretrained(run["pretrained_model_path"])

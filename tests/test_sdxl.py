@@ -15,18 +15,17 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lowrank  # noqa: E402
 from ground import runfolder  # noqa: E402
+from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E402,F401
 from tests.stderr import one_error_line  # noqa: E402
 from tests.test_dreambooth import metrics  # noqa: E402
-from tests.test_training_faults import same_adapter  # noqa: E402
 from training import dreambooth  # noqa: E402
-from training.common import TrainingError, faults  # noqa: E402
+from training.common import TrainingError  # noqa: E402
 from training.families import SDXL, FamilyError, default_resolution, family_of, load_family  # noqa: E402
 
 PRESET = "tiny-sdxl"
@@ -37,18 +36,6 @@ FAST = ["--pretrained_model_name_or_path", PRESET, "--seed", "0", "--resolution"
 U32 = 2.0 ** -24               # float32 unit roundoff
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")   # conftest: one $LOWRANK_CACHE for the session
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module (conftest's 2 restored after it). The tiny SDXL's kernels are too
-    small to gain from a second thread, and a 2-thread OpenMP team on a 2-core machine that another process is
-    also using spins at its barriers: a UNet step measured 0.11 s at 1 thread and 1.2-1.7 s at 2 (load 4).
-    The trainer runs in this process and keeps the count (no --num_threads), so resume stays bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(out, *extra):
@@ -247,35 +234,7 @@ def test_prior_preservation_and_checkpoint_samples(tmp_path):
 
 # ----- 5. resume is bit-identical ------------------------------------------------------------------------
 def test_killed_after_a_checkpoint_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    """As tests/test_dreambooth_resume.py's SIGKILL test for SD, in-process: the `abort` fault
-    (training/common/faults.py) stops the run right after step 2 and its checkpoint with the files as a kill
-    leaves them; --resume_from_checkpoint latest then finishes the 4 steps."""
-    args = ["--method", "delora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--skip_final_samples"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(straight, *args) == 0
-
-    faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:abort")
-    monkeypatch.setenv(faults.ENV_STEP, "2")
-    try:
-        with pytest.raises(faults.Abort):
-            train(killed, *args)
-    finally:
-        monkeypatch.delenv(faults.ENV)
-        monkeypatch.delenv(faults.ENV_STEP)
-        faults.reset()
-    assert [s for s, _ in runfolder.list_checkpoints(killed)] == [2]
-    assert not (killed / "adapter.safetensors").exists()
-
-    assert train(killed, *args, "--resume_from_checkpoint", "latest") == 0
-    assert json.loads((killed / "run.json").read_text())["resumed_from"].endswith("checkpoint-2")
-    same_adapter(straight, killed)                                   # torch.equal, tensor by tensor
-    same_adapter(straight / "checkpoint-4", killed / "checkpoint-4")
-    a, b = metrics(straight), metrics(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [(r["loss"], r["distance_fig3"]) for r in a] == [(r["loss"], r["distance_fig3"]) for r in b]
-    x, y = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (straight, killed))
-    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    check_resume_after_a_kill(train, tmp_path, monkeypatch)
 
 
 # ----- 6. diffusers reads the export exactly -------------------------------------------------------------

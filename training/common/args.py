@@ -116,9 +116,9 @@ def add_training_args(parser: argparse.ArgumentParser, default_resolution: str =
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("--pretrained_model_name_or_path", default=None,
-      help="Hub name or local folder of a diffusers pipeline: Stable Diffusion 1.x/2.x (StableDiffusionPipeline) "
-           "or SDXL (StableDiffusionXLPipeline), read from its model_index.json; 'tiny' (the default) and "
-           "'tiny-sdxl' are built-in miniatures with random weights, for trying the machinery offline.")
+      help="Hub name or local folder of a diffusers pipeline, its family read from model_index.json: Stable "
+           "Diffusion 1.x/2.x, SDXL, FLUX.1, FLUX.2-klein; 'tiny' (the default), 'tiny-sdxl', 'tiny-flux' and "
+           "'tiny-flux2-klein' are built-in miniatures with random weights, for trying the machinery offline.")
     p("--revision", default=None, help="Revision (branch, tag or commit) of the pretrained model on the hub.")
 
 

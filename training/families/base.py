@@ -163,7 +163,7 @@ def unreachable(name_or_path, error: BaseException) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else first
     return (f"cannot reach model {name_or_path!r}: {why}; pass a local folder (one with model_index.json) or a "
-            f"preset ('tiny', 'tiny-sdxl') with random weights")
+            f"built-in preset with random weights ('tiny', or another that a trainer's --help lists)")
 
 
 # ----- conditioning dicts: the batch operations the trainers need -----------------------------------------
