@@ -13,9 +13,11 @@
    saved random pipeline of SDXL's architecture (its UNet and VAE; both text encoders at SDXL's widths but two
    layers each: they encode the prompt once per run).
 2. The per-step ratios of bench/unet_step.py (SD-1.5 UNet, 512 px, bf16; SDXL's UNet, 1024 px, bf16, lora and
-   delora): each method vs LoRA and the floor.
+   delora) and bench/dit_step.py (FLUX.2-klein-4B's transformer, 512 px + 512 text tokens, bf16, lora, dora,
+   delora, etherplus: peft's image benchmark's setting): each method vs LoRA and the floor.
 3. The GLUE step of bench/glue_step.py on BERT-base's shape in bf16: each method vs peft's.
---quick runs the same code on the presets (tiny SD, tiny-sdxl) at 32 px, 2 steps, bf16, lora and delora.
+--quick runs the same code on the presets (tiny SD, tiny-sdxl) at 32 px, 2 steps, bf16, lora and delora (the DiT
+step on klein-mid at 64 px).
 Writes one JSON (default bench/results/gpu_check-<device>[-quick].json), prints a table, and exits 1 when
 any check failed. --device cuda without a visible GPU is an error, never a silent CPU run.
 """
@@ -56,11 +58,13 @@ TINY_SDXL_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, cross_att
 PLAN = {False: dict(methods=METHODS, resolution=512, steps=20, dtypes=("fp16", "bf16"), unet_res=512,
                     unet_reps=10, glue="base", glue_reps=15, glue_batch=8, glue_seq=128,
                     sdxl=dict(methods=("lora", "delora"), resolution=1024, steps=10, dtypes=("bf16",), unet_res=1024,
-                              unet_reps=5)),
+                              unet_reps=5),
+                    klein=dict(model="klein-4b", methods=METHODS, resolution=512, text_tokens=512, reps=5)),
         True: dict(methods=("lora", "delora"), resolution=32, steps=2, dtypes=("bf16",), unet_res=64, unet_reps=1,
                    glue="tiny", glue_reps=1, glue_batch=2, glue_seq=16,
                    sdxl=dict(methods=("lora", "delora"), resolution=32, steps=2, dtypes=("bf16",), unet_res=64,
-                             unet_reps=1))}
+                             unet_reps=1),
+                   klein=dict(model="klein-mid", methods=("lora", "delora"), resolution=64, text_tokens=32, reps=1))}
 MODELS = ("sd15", "sdxl")   # the plan of "sd15" is PLAN[quick] itself, of "sdxl" its "sdxl" entry
 
 
@@ -232,6 +236,24 @@ def unet_ratios(args, plan: dict, model: str = "sd15") -> dict:
             "peak_cuda_bytes": row["peak_cuda_bytes"]}
 
 
+def dit_ratios(args, plan: dict) -> dict:
+    """bench/dit_step.py on FLUX.2-klein-4B's transformer shape (5 double + 20 single blocks, 24 heads of 128; random
+    weights) at 512 px in bf16, peft's benchmark setting: each method vs LoRA and the floor."""
+    from bench import dit_step
+
+    k = plan["klein"]
+    ns = argparse.Namespace(device=args.device, dtype="bf16", methods=list(k["methods"]), reps=k["reps"], warmup=1,
+                            rank=16, batch=1, model=k["model"], text_tokens=k["text_tokens"],
+                            distance_logging_steps=dit_step.DEFAULT_DISTANCE_LOGGING_STEPS)
+    row, methods = dit_step.run_resolution(ns, k["resolution"])
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    secs = row["seconds"]
+    return {"resolution": k["resolution"], "model": k["model"], "adapted_layers": row["adapted_layers"],
+            "vs_lora": {m: secs[m] / secs["lora"] for m in methods},
+            "vs_floor": {m: secs[m] / secs["floor"] for m in methods}, "peak_cuda_bytes": row["peak_cuda_bytes"]}
+
+
 def glue_ratios(args, plan: dict, work: Path) -> dict:
     from bench import glue_step
 
@@ -269,6 +291,9 @@ def print_table(result: dict) -> None:
         if u:
             print(f"UNet step ({u['unet']}, {u['resolution']} px, bf16): " + ", ".join(
                 f"{m} {v:.3f}x LoRA" for m, v in u["vs_lora"].items()) + f"; LoRA {u['vs_floor']['lora']:.3f}x floor")
+    d = result["dit_step_klein"]
+    print(f"DiT step ({d['model']}, {d['resolution']} px, bf16): " + ", ".join(
+        f"{m} {v:.3f}x LoRA" for m, v in d["vs_lora"].items()) + f"; LoRA {d['vs_floor']['lora']:.3f}x floor")
     g = result["glue_step"]
     print(f"GLUE step (BERT {g['size']}, bf16) vs peft: " + ", ".join(
         f"{m} {v['vs_peft']:.3f}x" for m, v in g.items() if isinstance(v, dict)))
@@ -309,6 +334,7 @@ def main(argv=None) -> int:
         result["trainer"] += run_workers(args, plan, pipeline_sdxl, work, "sdxl")
         result["unet_step"] = unet_ratios(args, plan)
         result["unet_step_sdxl"] = unet_ratios(args, plan, "sdxl")
+        result["dit_step_klein"] = dit_ratios(args, plan)
         result["glue_step"] = glue_ratios(args, plan, work)
     result["failures"] = failures(result)
     result["seconds"] = time.perf_counter() - t0

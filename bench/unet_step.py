@@ -68,7 +68,8 @@ LR = {"lora": 6e-4, "dora": 6e-4, "delora": 6e-3, "ether": 6e-3, "etherplus": 6e
 class Trainer:
     """Everything one method's training step touches, built once."""
 
-    def __init__(self, method, unet, vae, sched, rank, device, dtype, distance_every=DEFAULT_DISTANCE_LOGGING_STEPS):
+    def __init__(self, method, unet, vae, sched, rank, device, dtype, distance_every=DEFAULT_DISTANCE_LOGGING_STEPS,
+                 targets: tuple[str, ...] | None = None):
         # the frozen base weights are shared by every candidate (deepcopy's memo hands back the same
         # Parameter objects): nothing in a training step writes them, and the SD-1.5 UNet is 3.4 GB a copy
         self.unet = copy.deepcopy(unet, memo={id(p): p for p in unet.parameters()})
@@ -81,6 +82,8 @@ class Trainer:
             method = method.split("#")[0]   # "lora#2": a second, identical LoRA: the run's noise floor
             extra = {"dyndora": {"dyndora_total_steps": 1000},
                      "deltalora": {"deltalora_start_step": 0}}.get(method, {})   # deltalora: its path after K
+            if targets:   # default: the adapter core's (q, k, v, out of every attention)
+                extra["target_modules"] = list(targets)
             lowrank.inject(self.unet, lowrank.AdapterConfig(method=method, rank=rank, **extra))
             self.opt = torch.optim.AdamW(lowrank.parameter_groups(self.unet, lr=LR.get(method, 1e-4)))
             self.hooks = lowrank.step_hooks(self.unet)
@@ -98,8 +101,12 @@ class Trainer:
         with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32):
             pred = self.unet(noisy, t, **cond).sample
             loss = F.mse_loss(pred.float(), noise.float())
-            if self.hooks is not None:
-                loss = loss + self.hooks.extra_loss()
+        self.backward_and_update(loss, log_distance)
+
+    def backward_and_update(self, loss, log_distance=True):
+        """The end of every trainer's step: the method's extra loss, backward, AdamW, step hooks, the probe."""
+        if self.hooks is not None:
+            loss = loss + self.hooks.extra_loss()
         loss.backward()
         if self.opt is not None:
             self.opt.step()

@@ -7,6 +7,7 @@ samples, bit-identical resume.
 
 Every run is in-process (dreambooth.main), 32 px (16x16 latents, 64 image tokens), 2-4 steps.
 """
+import argparse
 import copy
 import json
 import math
@@ -28,6 +29,7 @@ from lowrank.inject import matches  # noqa: E402
 from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E402,F401
 from tests.test_dreambooth import metrics  # noqa: E402
 from training import dreambooth  # noqa: E402
+from training.common import TrainingError  # noqa: E402
 from training.families import FAMILIES, FLUX, default_resolution, family_of, load_family  # noqa: E402
 from training.families.flux import t5_tokenizer  # noqa: E402
 from training.images.diffusion import FlowMatchObjective  # noqa: E402
@@ -152,15 +154,21 @@ def test_encode_is_the_pipelines_encode_prompt(flux):
     assert torch.equal(text_ids, torch.zeros(512, 3))   # what denoise rebuilds
     assert not torch.equal(embeds[0], embeds[1]) and not torch.equal(pooled[0], pooled[1])
 
-    # --max_sequence_length: the flag's length, at most the T5 tokenizer's limit (FluxPipeline's own check: 512)
-    short = family.encode(pipe, prompts, SIZE, max_sequence_length=16)
+    # --max_sequence_length: the run's length (Family.for_run), at most the T5 tokenizer's limit; samples get it too
+    run16 = family.for_run(argparse.Namespace(max_sequence_length=16))
+    short = run16.encode(pipe, prompts, SIZE)
     with torch.no_grad():
         embeds16, _, _ = pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=CPU, max_sequence_length=16)
     assert short["encoder_hidden_states"].shape[1] == 16 and torch.equal(short["encoder_hidden_states"], embeds16)
-    assert family.sequence_length(pipe) == 512 and family.sequence_length(pipe, 4096) == 512
+    assert run16.call_kwargs(pipe) == {"max_sequence_length": 16} and family.max_sequence_length == 512
+    unset = family.for_run(argparse.Namespace(max_sequence_length=None))
+    assert unset.call_kwargs(pipe) == {"max_sequence_length": 512}
+    for bad in (0, 4096):   # FluxPipeline refuses more than 512: refused before anything is loaded or written
+        with pytest.raises(TrainingError, match=f"--max_sequence_length {bad}: give 1 to 512"):
+            family.for_run(argparse.Namespace(max_sequence_length=bad))
     limited = copy.copy(pipe.tokenizer_2)
     limited.model_max_length = 77
-    assert family.sequence_length(type("P", (), {"tokenizer_2": limited})(), None) == 77
+    assert family.sequence_length(type("P", (), {"tokenizer_2": limited})()) == 77
 
 
 # ----- 3. packing and the transformer call -----------------------------------------------------------------
@@ -300,7 +308,7 @@ def test_weighting_schemes_weight_the_loss_as_sd3(flux, cond):
 # ----- 5. samples with FLUX's own scheduler ----------------------------------------------------------------
 def test_sampling_pipeline_keeps_the_flow_matching_scheduler(flux):
     family, pipe = flux
-    sampler = family.sampling_pipeline(pipe.components)
+    sampler = family.sampling_pipeline(pipe)
     assert type(sampler) is FluxPipeline and type(sampler.scheduler) is FlowMatchEulerDiscreteScheduler
     assert sampler.transformer is pipe.transformer and sampler._progress_bar_config == {"disable": True}
     shots = generate(sampler, [PROMPT], 2, SIZE, 2, 3.5)
@@ -359,6 +367,29 @@ def test_prior_preservation_and_checkpoint_samples(tmp_path):
     assert Image.open(out / runfolder.SAMPLES_GRID).size == (SIZE, SIZE)
     assert {"adapter.safetensors", "optimizer.bin", "trainer_state.json"} <= \
         {p.name for p in (out / "checkpoint-2").iterdir()}
+
+
+def test_sequence_length_offload_and_checkpointing_train_the_same_adapter(tmp_path, monkeypatch):
+    """--max_sequence_length reaches every prompt encoding (training and samples); --offload (text encoders off the
+    accelerator between samples) and --gradient_checkpointing (the transformer recomputes activations in
+    backward) save memory only: the same seed gives the same adapter bits without them."""
+    lengths, offloaded = [], []
+    encode_prompt = FluxPipeline.encode_prompt
+    monkeypatch.setattr(FluxPipeline, "encode_prompt",
+                        lambda self, *a, **k: lengths.append(k["max_sequence_length"]) or encode_prompt(self, *a, **k))
+    moved_to = dreambooth.moved_to
+    monkeypatch.setattr(dreambooth, "moved_to", lambda modules, device: offloaded.append(
+        sorted(type(m).__name__ for m in modules)) or moved_to(modules, device))
+    lean = tmp_path / "lean"
+    assert train(lean, "--method", "delora", "--max_sequence_length", "16", "--offload", "--gradient_checkpointing",
+                 "--checkpointing_steps", "2") == 0
+    assert set(lengths) == {16} and len(lengths) >= 3   # the instance prompt, checkpoint and final samples
+    assert offloaded == [["CLIPTextModel", "T5EncoderModel"]] * 2   # checkpoint-2's samples and the final ones
+    assert json.loads((lean / "run.json").read_text())["args"]["offload"] is True
+    plain = tmp_path / "plain"
+    assert train(plain, "--method", "delora", "--max_sequence_length", "16", "--skip_final_samples") == 0
+    ours, theirs = lowrank.read_adapter(lean)[1], lowrank.read_adapter(plain)[1]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_killed_after_a_checkpoint_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):

@@ -257,7 +257,8 @@ def test_latent_encoder_is_the_pipelines_latent_path(klein):
     # defaults for missing flags: diffusers'
     assert family.objective(pipe, torch.float32, CPU, argparse.Namespace()).weighting == ("none", 0.0, 1.0, 1.29)
     with pytest.raises(TrainingError, match="max_sequence_length"):
-        family.objective(pipe, torch.float32, CPU, argparse.Namespace(max_sequence_length=256))
+        family.for_run(argparse.Namespace(max_sequence_length=256))
+    assert family.for_run(argparse.Namespace(max_sequence_length=512)).call_kwargs(pipe) == {}
 
 
 # ----- 4. every method trains on klein --------------------------------------------------------------------
@@ -301,11 +302,13 @@ def test_prior_preservation_and_checkpoint_samples(trained):
 
 def test_sampling_pipeline_keeps_the_flow_matching_scheduler(klein):
     family, pipe = klein
-    sampler = family.sampling_pipeline(pipe.components)
+    sampler = family.sampling_pipeline(pipe)
     assert type(sampler) is Flux2KleinPipeline and type(sampler.scheduler) is FlowMatchEulerDiscreteScheduler
     assert sampler.scheduler is not pipe.scheduler and sampler.scheduler.config == pipe.scheduler.config
     assert sampler.transformer is pipe.transformer and sampler.config.is_distilled is False
-    assert family.sampling_pipeline({**pipe.components, "is_distilled": True}).config.is_distilled is True
+    # a distilled checkpoint (model_index.json's is_distilled) samples as one: no classifier-free guidance
+    distilled = family.new_pipeline(pipe.components, pipe.scheduler, is_distilled=True)
+    assert family.sampling_pipeline(distilled).config.is_distilled is True
 
 
 # ----- 5. resume is bit-identical -----------------------------------------------------------------------

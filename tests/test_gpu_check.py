@@ -35,6 +35,9 @@ def test_quick_cpu_run_writes_every_check(tmp_path, tiny_cache):
         assert set(result[key]["vs_lora"]) == {"lora", "lora#2", "delora"}
         assert result[key]["vs_lora"]["lora"] == 1.0
     assert "UNet step (tiny-sdxl, 64 px, bf16)" in proc.stdout
+    klein = result["dit_step_klein"]   # FLUX.2-klein's transformer (klein-mid here; klein-4b on a GPU)
+    assert klein["model"] == "klein-mid" and set(klein["vs_lora"]) == {"lora", "lora#2", "delora"}
+    assert klein["adapted_layers"] == 16 and "DiT step (klein-mid, 64 px, bf16)" in proc.stdout
     assert {"lora", "dora", "delora"} <= set(result["glue_step"])
     assert "steps/s" in proc.stdout and "GLUE step" in proc.stdout
 

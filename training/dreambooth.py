@@ -34,7 +34,7 @@ from training.common.runtime import run_trainer
 from training.common.spec import RunSpec
 from training.common.task import Task
 from training.common.tracking import setup_console
-from training.families import Family, expand, load_family, select, stack
+from training.families import Family, expand, family_of, load_family, moved_to, select, stack, text_encoders
 from training.images.files import load_dataset_images, load_image_dir
 from training.images.samples import (
     count_images,
@@ -79,8 +79,12 @@ class DreamBooth(Task):
         # per-image captions (--caption_column): row i for instance image i
         self.caption_conds = stack(*[family.encode(pipe, captions[i:i + 32], args.resolution)
                                      for i in range(0, len(captions), 32)]) if captions else None
-        self.val_pipe = family.sampling_pipeline(pipe.components)
+        self.val_pipe = family.sampling_pipeline(pipe)
         self.val_prompts = args.validation_prompt or [instance_prompt]
+        # --offload: the encoders' work is done until the next samples; their memory goes to the denoiser
+        self.offloaded = text_encoders(pipe) if args.offload else []
+        for encoder in self.offloaded:
+            encoder.to("cpu")
 
     def loss(self, model, batch: dict, gen: torch.Generator) -> torch.Tensor:
         pixels, prior = batch["pixels"], self.class_cond is not None
@@ -96,8 +100,10 @@ class DreamBooth(Task):
     def samples(self, step: int, folder: Path, tag: str = "validation") -> list:
         """Fixed-seed samples of every validation prompt, written to `folder` and logged to the trackers."""
         a = self.args
-        shots = generate(self.val_pipe, self.val_prompts, a.num_validation_images, a.resolution,
-                         a.num_inference_steps, a.guidance_scale, self.run.accelerator.autocast)
+        with moved_to(self.offloaded, self.run.device):
+            shots = generate(self.val_pipe, self.val_prompts, a.num_validation_images, a.resolution,
+                             a.num_inference_steps, a.guidance_scale, self.run.accelerator.autocast,
+                             self.family.call_kwargs(self.val_pipe))
         write_samples(folder, shots)
         self.run.metrics.log_images(step, [img for _, _, img in shots], tag=tag)
         return shots
@@ -125,6 +131,8 @@ def train(spec: RunSpec) -> None:
     else:
         instance_images = example_subject(args.resolution)
         source = EXAMPLE_NAME
+    # the family's own checks of the run's settings (FLUX's --max_sequence_length), also before anything is written
+    family_of(args.pretrained_model_name_or_path).for_run(args)
     run = TrainingRun(spec)   # the run folder: only after the data is known to be good
     logger.info("instance images: %s; prompt %r", source, args.instance_prompt)
 
@@ -132,6 +140,7 @@ def train(spec: RunSpec) -> None:
     with run.accelerator.main_process_first():   # one process builds the tiny preset / fills the hub cache
         family, pipe = load_family(args.pretrained_model_name_or_path, revision=args.revision,
                                    torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
+    family = family.for_run(args)
     if args.resolution % (pipe.vae_scale_factor * 2):
         raise TrainingError(f"--resolution {args.resolution} must be a multiple of {pipe.vae_scale_factor * 2} "
                             f"for this model")
@@ -145,10 +154,10 @@ def train(spec: RunSpec) -> None:
     if args.with_prior_preservation:   # class images come from the base model, before any adapter
         class_dir = Path(args.class_data_dir).expanduser()
         if count_images(class_dir) < args.num_class_images:
-            generate_class_images(family.sampling_pipeline(pipe.components), class_dir, args.class_prompt,
+            generate_class_images(family.sampling_pipeline(pipe), class_dir, args.class_prompt,
                                   args.num_class_images, args.resolution, args.num_inference_steps,
                                   args.guidance_scale, args.sample_batch_size, run.process_index,
-                                  run.num_processes, show_progress=run.is_main)
+                                  run.num_processes, show_progress=run.is_main, call_kwargs=family.call_kwargs(pipe))
         run.accelerator.wait_for_everyone()
         class_images = load_image_dir(class_dir, args.resolution, flag="--class_data_dir")[: args.num_class_images]
         if len(class_images) < args.num_class_images:

@@ -162,7 +162,7 @@ class SemanticMap(Task):
         self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
         # the encoder's rate, resolved once (param_groups and run.json read it)
         self.encoder_lr = args.conditioning_learning_rate or min(run.spec.learning_rate, MAX_CONDITIONING_LR)
-        self.val_pipe = SD15().sampling_pipeline(pipe.components)
+        self.val_pipe = SD15().sampling_pipeline(pipe)
         self.validation = validation
         self._prompt_cache: dict[str, torch.Tensor] = {}
 

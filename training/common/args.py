@@ -207,7 +207,9 @@ def add_diffusion_args(parser: argparse.ArgumentParser, default_resolution: str 
     """Resolution, UNet memory and sampling flags of the image trainers."""
     p = parser.add_argument
     p("--resolution", type=int, default=None, help=f"Training and sample resolution in pixels{default_resolution}.")
-    p("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
+    p("--gradient_checkpointing", action="store_true",
+      help="Recompute the denoiser's (UNet's or transformer's) activations in backward: less memory, a slower "
+           "step. Results do not change.")
     p("--validation_prompt", nargs="+", default=None,
       help="Prompt(s) sampled at every checkpoint and at the end with fixed seeds 0..N-1 "
            "(default: the instance prompt).")

@@ -15,7 +15,7 @@ import torch
 
 from training.common import TrainingError
 
-from .base import Family, FamilyError, expand, select, stack
+from .base import Family, FamilyError, expand, moved_to, select, stack, text_encoders
 from .flux import FLUX
 from .flux2_klein import Flux2Klein
 from .sd15 import SD15
@@ -25,7 +25,7 @@ FAMILIES: tuple[Family, ...] = (SD15(), SDXL(), FLUX(), Flux2Klein())
 
 __all__ = ["FAMILIES", "FLUX", "Family", "FamilyError", "Flux2Klein", "SD15", "SDXL", "default_resolution",
            "denoiser_of", "expand", "family_of", "family_of_pipeline", "load_family",
-           "load_pipeline", "select", "stack"]
+           "load_pipeline", "moved_to", "select", "stack", "text_encoders"]
 
 
 def family_of(name_or_path: str | None) -> Family:

@@ -4,6 +4,8 @@ batch-first tensors (what the trainers expand, index and concatenate without kno
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -125,6 +127,16 @@ class Family:
             diffusers_logging.set_verbosity(verbosity)
 
     # ----- training ----------------------------------------------------------------------------------------
+    def for_run(self, args) -> Family:
+        """This family with a run's own settings (FLUX: --max_sequence_length), checked: what the trainer encodes
+        prompts and samples with. A copy; the registered family keeps its defaults."""
+        return copy.copy(self)
+
+    def call_kwargs(self, pipe) -> dict:
+        """What the sampling pipeline's __call__ needs beyond prompt, size, steps and guidance, so samples see the
+        conditioning training saw (FLUX: the T5 sequence length)."""
+        return {}
+
     def denoiser(self, pipe) -> torch.nn.Module:
         """The model the adapters train: the UNet, or a DiT family's transformer."""
         return getattr(pipe, self.denoiser_name)
@@ -146,16 +158,18 @@ class Family:
         height, width, top, left); families without image conditioning return `cond` unchanged."""
         return cond
 
-    def sampling_pipeline(self, components: dict):
-        """The family's pipeline on the training modules, with DPM-Solver++ for few-step samples (as diffusers'
+    def sampling_pipeline(self, pipe):
+        """The family's pipeline on `pipe`'s training modules, with DPM-Solver++ for few-step samples (as diffusers'
         log_validation)."""
         from diffusers import DPMSolverMultistepScheduler
 
-        comps = dict(components)
-        comps["scheduler"] = DPMSolverMultistepScheduler.from_config(comps["scheduler"].config)
-        pipe = self.pipeline_class()(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return self.new_pipeline(pipe.components, DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
+
+    def new_pipeline(self, components: dict, scheduler, **config):
+        """A pipeline of this family on `components` with `scheduler`, progress bars off."""
+        made = self.pipeline_class()(**{**components, "scheduler": scheduler, **config})
+        made.set_progress_bar_config(disable=True)
+        return made
 
 
 def unreachable(name_or_path, error: BaseException) -> str:
@@ -164,6 +178,24 @@ def unreachable(name_or_path, error: BaseException) -> str:
     why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else first
     return (f"cannot reach model {name_or_path!r}: {why}; pass a local folder (one with model_index.json) or a "
             f"built-in preset with random weights ('tiny', or another that a trainer's --help lists)")
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (text_encoder, text_encoder_2, ...): frozen, needed only to encode prompts."""
+    return [m for k, m in pipe.components.items() if k.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+
+
+@contextlib.contextmanager
+def moved_to(modules: list[torch.nn.Module], device: torch.device):
+    """`modules` on `device` inside the block, back where each was after it (--offload around sampling)."""
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
 
 
 # ----- conditioning dicts: the batch operations the trainers need -----------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from training.common import TrainingError
 from training.common.models import PROMPT_WORDS, write_tokenizer_files
 from training.images.diffusion import FlowMatchObjective
 
@@ -139,14 +140,25 @@ class FLUX(Family):
                                   getattr(args, "weighting_scheme", "none"), getattr(args, "logit_mean", 0.0),
                                   getattr(args, "logit_std", 1.0), getattr(args, "mode_scale", 1.29))
 
-    def sequence_length(self, pipe, max_sequence_length: int | None = None) -> int:
-        """T5 tokens of a prompt: the flag's or the family's 512, at most what the T5 tokenizer allows."""
-        return min(max_sequence_length or self.max_sequence_length, pipe.tokenizer_2.model_max_length)
+    def for_run(self, args) -> FLUX:
+        length = getattr(args, "max_sequence_length", None)
+        if length is not None and not 1 <= length <= 512:   # FluxPipeline refuses more than 512
+            raise TrainingError(f"--max_sequence_length {length}: give 1 to 512 T5 tokens (default 512)")
+        run = super().for_run(args)
+        run.max_sequence_length = length or self.max_sequence_length
+        return run
+
+    def sequence_length(self, pipe) -> int:
+        """T5 tokens of a prompt: the run's (--max_sequence_length, default 512), at most the T5 tokenizer's."""
+        return min(self.max_sequence_length, pipe.tokenizer_2.model_max_length)
+
+    def call_kwargs(self, pipe) -> dict:
+        return {"max_sequence_length": self.sequence_length(pipe)}
 
     @torch.no_grad()
-    def encode(self, pipe, prompts: list[str], size: int, max_sequence_length: int | None = None) -> Conditioning:
+    def encode(self, pipe, prompts: list[str], size: int) -> Conditioning:
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=pipe.text_encoder.device,
-                                               max_sequence_length=self.sequence_length(pipe, max_sequence_length))
+                                               max_sequence_length=self.sequence_length(pipe))
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}   # text ids: zeros, made in denoise
 
     @staticmethod
@@ -180,9 +192,7 @@ class FLUX(Family):
                     img_ids=img_ids, return_dict=False)[0]
         return self.unpack(out, h, w)
 
-    def sampling_pipeline(self, components: dict):
-        """FluxPipeline on the training modules with its own flow-matching scheduler (DPM-Solver is for the DDPM
-        families), as diffusers' log_validation for FLUX."""
-        pipe = self.pipeline_class()(**components)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    def sampling_pipeline(self, pipe):
+        """FluxPipeline on the training modules with a copy of its own flow-matching scheduler (DPM-Solver is for
+        the DDPM families), as diffusers' log_validation for FLUX."""
+        return self.new_pipeline(pipe.components, type(pipe.scheduler).from_config(pipe.scheduler.config))

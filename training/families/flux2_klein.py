@@ -146,12 +146,15 @@ class Flux2Klein(Family):
             "the training machinery; its images are noise.\n")
 
     # ----- training -------------------------------------------------------------------------------------
-    def objective(self, pipe, weight_dtype: torch.dtype, device: torch.device, args):
-        """Flow matching on klein_latents, with diffusers' --weighting_scheme flags and defaults."""
+    def for_run(self, args) -> Flux2Klein:
         length = getattr(args, "max_sequence_length", None)
         if length not in (None, MAX_SEQUENCE_LENGTH):
             raise TrainingError(f"--max_sequence_length {length}: the {self.name} family encodes prompts with "
                                 f"{MAX_SEQUENCE_LENGTH} tokens, as Flux2KleinPipeline samples; leave it unset")
+        return super().for_run(args)
+
+    def objective(self, pipe, weight_dtype: torch.dtype, device: torch.device, args):
+        """Flow matching on klein_latents, with diffusers' --weighting_scheme flags and defaults."""
         vae = pipe.vae
         return FlowMatchObjective(lambda pixels, gen: klein_latents(vae, pixels), vae.dtype, pipe.scheduler,
                                   weight_dtype, device, getattr(args, "weighting_scheme", "none"),
@@ -176,14 +179,9 @@ class Flux2Klein(Family):
         pred = pred[:, :tokens.shape[1]]
         return P._unpack_latents_with_ids(pred, img_ids, noisy.shape[2], noisy.shape[3])
 
-    def sampling_pipeline(self, components: dict):
+    def sampling_pipeline(self, pipe):
         """Flux2KleinPipeline on the training modules with a copy of its own flow-matching scheduler (the base's
-        DPM-Solver is for DDPM models). `components` may carry "is_distilled" (pipe.components leaves the flag
-        out: it is a config value, not a module); without it the pipeline's default, False."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        comps = dict(components)
-        comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(comps["scheduler"].config)
-        pipe = self.pipeline_class()(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        DPM-Solver is for DDPM models) and the loaded model's is_distilled (a config value pipe.components leaves
+        out: a distilled checkpoint samples without classifier-free guidance)."""
+        return self.new_pipeline(pipe.components, type(pipe.scheduler).from_config(pipe.scheduler.config),
+                                 is_distilled=bool(pipe.config.get("is_distilled", False)))

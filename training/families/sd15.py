@@ -36,10 +36,10 @@ class SD15(Family):
     def denoise(self, unet, noisy, timesteps, cond: Conditioning) -> torch.Tensor:
         return unet(noisy, timesteps, cond["encoder_hidden_states"], return_dict=False)[0]
 
-    def sampling_pipeline(self, components: dict):
+    def new_pipeline(self, components: dict, scheduler, **config):
         comps = dict(components)
         comps.setdefault("safety_checker", None)
         comps.setdefault("feature_extractor", None)
         if comps["safety_checker"] is None:   # no checker: the pipeline must not ask for one
-            comps["requires_safety_checker"] = False
-        return super().sampling_pipeline(comps)
+            config["requires_safety_checker"] = False
+        return super().new_pipeline(comps, scheduler, **config)

@@ -24,8 +24,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], num_images: int, resolution: int, steps: int, guidance_scale: float,
-             autocast=None) -> list[tuple[str, int, Image.Image]]:
-    """[(prompt, seed, image)] for every prompt x seeds 0..num_images-1."""
+             autocast=None, call_kwargs: dict | None = None) -> list[tuple[str, int, Image.Image]]:
+    """[(prompt, seed, image)] for every prompt x seeds 0..num_images-1; `call_kwargs` go to the pipeline's call
+    (a family's, e.g. FLUX's max_sequence_length: Family.call_kwargs)."""
     model = denoiser_of(pipe)
     was_training = model.training
     model.eval()
@@ -35,7 +36,7 @@ def generate(pipe, prompts: list[str], num_images: int, resolution: int, steps: 
             gens = [torch.Generator().manual_seed(s) for s in range(num_images)]
             with autocast() if autocast else contextlib.nullcontext():
                 images = pipe(prompt=[prompt] * num_images, generator=gens, height=resolution, width=resolution,
-                              num_inference_steps=steps, guidance_scale=guidance_scale).images
+                              num_inference_steps=steps, guidance_scale=guidance_scale, **(call_kwargs or {})).images
             out += [(prompt, s, img) for s, img in enumerate(images)]
     finally:
         model.train(was_training)
@@ -80,7 +81,7 @@ def count_images(directory: Path) -> int:
 @torch.no_grad()
 def generate_class_images(pipe, directory: Path, prompt: str, num: int, resolution: int, steps: int,
                           guidance_scale: float, batch_size: int, process_index: int = 0, num_processes: int = 1,
-                          show_progress: bool = True) -> int:
+                          show_progress: bool = True, call_kwargs: dict | None = None) -> int:
     """Fill `directory` up to `num` images of `prompt` with the base pipeline (DreamBooth's prior
     preservation). Generated image j is class-{j:05d}.png with seed j; processes split the work
     (j % num_processes == process_index). The plan depends only on the user's own images, never on what another process
@@ -96,7 +97,7 @@ def generate_class_images(pipe, directory: Path, prompt: str, num: int, resoluti
         chunk = todo[start:start + batch_size]
         images = pipe(prompt=[prompt] * len(chunk), generator=[torch.Generator().manual_seed(j) for j in chunk],
                       height=resolution, width=resolution, num_inference_steps=steps,
-                      guidance_scale=guidance_scale).images
+                      guidance_scale=guidance_scale, **(call_kwargs or {})).images
         for j, img in zip(chunk, images):
             runfolder.atomic_write(directory / f"class-{j:05d}.png", img.save)
         bar.update(len(chunk))

@@ -70,6 +70,10 @@ def build_parser() -> ArgumentParser:
     f.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme (default: 1.29).")
     f.add_argument("--max_sequence_length", type=int, default=None,
                    help="Text tokens of the DiT families' prompt encoder (default: the family's, 512).")
+    g.add_argument("--offload", action="store_true",
+                   help="Keep the text encoder(s) on the CPU once the prompts are encoded, on the accelerator only "
+                        "while checkpoint samples are made (diffusers' --offload): frees their memory for the "
+                        "denoiser. Results do not change.")
     add_adapter_args(parser)
     return parser
 
