@@ -6,6 +6,7 @@
     python -m eval.segmentation --run_dir RUN --checkpoints all    a semantic-map run, checkpoint by checkpoint
     python -m eval.report RUN [RUN ...] --out DIR                  Markdown/CSV table, plots, sample grid
     python -m eval.robustness --ablation                           the DeLoRA robustness study and its report
+    python -m eval.robustness_tables OUTPUT_DIR                    a finished study's tables, from its CSV files
 
 Modules, by what they are:
   metrics   embed.py (DINO/CLIP embedders with a per-model cache), miou.py (confusion matrix, mIoU),
@@ -13,7 +14,9 @@ Modules, by what they are:
   runners   subject.py (DINO/CLIP of a folder or a run), segmentation.py (mIoU of a folder or, through
             semantic_run.py, a semantic-map run), generate.py (a run's pipeline + a checkpoint's adapter)
   reports   report.py + plots.py (runs compared), robustness.py (the study: plan and runs) with
-            robustness_tasks.py, robustness_report.py and robustness_figures.py
+            robustness_tasks.py, robustness_report.py, robustness_figures.py, robustness_tables.py (the report's
+            tables; rewrites them from a study's CSV files) and robustness_summary.py (worst / area / window of
+            a learning-rate sweep); tables.py (numbers in the Markdown tables)
   shared    common.py (errors, atomic files, run folders, RUN/eval.jsonl), images.py (image folders,
             prompts.jsonl)
 Imports point one way: eval -> training's shared and task modules (training/common/, training/<task>/; never a

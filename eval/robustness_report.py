@@ -1,4 +1,5 @@
-"""The robustness study's report: measurements from the run folders, figures, results.csv, commands.txt and report.md.
+"""The robustness study's report: measurements from the run folders, figures, results.csv, summary.csv,
+robustness_summary.csv (eval.robustness_summary), commands.txt and report.md (its tables: eval.robustness_tables).
 
 Everything is read back from the runs (metrics.jsonl distances, checkpoint adapters, samples, eval rows), so
 rewriting the report of a finished study costs seconds. Numbers that could not be measured stay empty and
@@ -6,8 +7,6 @@ the report says why.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import platform
@@ -25,9 +24,11 @@ from lowrank.analysis import delora_bound
 from training.common.tracking import fill_followed_layer, library_versions
 from training.families import FAMILIES
 
-from .plots import nice
 from .robustness_figures import factor_figure, long_figures, norms_figure
-from .robustness_tasks import ABLATION_ROWS, ROOT, base_model_name, flag_value
+from .robustness_summary import CSV_COLUMNS as ROBUSTNESS_CSV
+from .robustness_tables import MEASURES, SCORES, SUMMARY_FILE, cell, study_tables, study_title
+from .robustness_tasks import ROOT, base_model_name, flag_value
+from .tables import md_table, write_csv
 
 TYPES = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "q_proj": "q", "k_proj": "k", "v_proj": "v",
          "out_proj": "out", "query": "q", "key": "k", "value": "v", "attention.output.dense": "out"}
@@ -150,8 +151,7 @@ def epoch_curve(rows: list[dict], distance_at: dict) -> list[dict]:
     return out
 
 
-SUMMARY_KEYS = ("distance", "bound", "tune_score", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1",
-                "matthews", "pearson", "spearman")
+SUMMARY_KEYS = MEASURES + SCORES
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -179,13 +179,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def pm(row: dict, key: str) -> str:
-    """'mean ± std' when the row averages several seeds, else the value."""
-    if row.get(key) is None:
-        return ""
-    return f"{nice(row[key])} ± {nice(row[f'{key}_std'])}" if row.get("n", 1) > 1 else nice(row[key])
-
-
 # ----- the report ------------------------------------------------------------------------------------------------
 CSV_COLUMNS = ["study", "label", "method", "options", "factor", "lr", "lambda_lr", "seed", "step", "epoch",
                "score_names", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews", "pearson",
@@ -207,14 +200,6 @@ def csv_rows(rows: list[dict]) -> list[dict]:
                 if step != r.get("step"):
                     out.append({**last, "step": step, "distance": dist.get(step), "bound": bnd.get(step)})
     return out
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
-    write_text(path, buf.getvalue())
 
 
 def machine_info(args, results) -> dict:
@@ -245,12 +230,6 @@ def checkpoint_intervals(results) -> str:
     return ", ".join(f"{every} steps ({', '.join(names)})" for every, names in sorted(studies.items())) or "none"
 
 
-def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(t for t, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    cell = lambda r, k: (r.get(k) or "") if k == "error" else pm(r, k) if f"{k}_std" in r else nice(r.get(k))  # noqa: E731
-    return head + "".join("| " + " | ".join(cell(r, k) for _, k in columns) + " |\n" for r in rows)
-
-
 def write_figures(rows: list[dict], summary: list[dict], norms: list[dict], score_names: list[str],
                   out: Path) -> list[str]:
     """Figs. 2, 3, 4 and App. D's Fig. 6, those the study has data for: the file names written."""
@@ -268,6 +247,30 @@ def write_figures(rows: list[dict], summary: list[dict], norms: list[dict], scor
                      "App. D (Fig. 6): DeLoRA, λ or A/B learning rate raised alone"):
         figures.append("fig6_appd.png")
     return figures
+
+
+def header(args, task, passthrough: list[str], results, rows: list[dict], name: str | None,
+           machine: dict) -> list[str]:
+    """report.md's title and first paragraph: what was trained, how, where and what the distance measures."""
+    def base_rate(method: str) -> float:
+        return task.base_lr(method, passthrough, args.base_lrs)
+    sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
+             f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
+    every = checkpoint_intervals(results)   # as the runs recorded it: a run never checkpoints past its length
+    deterministic = "--deterministic" in passthrough
+    threads = args.threads_per_run or "torch's default"
+    detail = flag_value(passthrough, f"--{task.task.output_flag}") if task.task.output_flag else None
+    return [study_title(args.task, detail), "", f"Base model: `{name or 'the trainer default'}`. "
+            f"Sweep runs: {sizes[0]}; " + (f"long runs: {sizes[1]}; " if "long" in args.studies else "") +
+            f"checkpoints every {every}; "
+            f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
+            f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
+            f"Wall time of the command that trained the runs: {machine['wall_time_s'] / 60:.1f} min on "
+            f"{machine['cpu_count']} CPU cores ({machine['jobs']} run(s) at a time, {threads} thread(s) each, "
+            f"{'--deterministic' if deterministic else 'not --deterministic'}; machine.json). "
+            f"Distance: `‖W_merged − W_pre‖_F` of "
+            f"`{next((r['layer'] for r in rows if r.get('layer')), '?')}`; bound: the radius the method proves "
+            f"(DeLoRA `(|λ| + |λ0|)·N`, `mult_*` `|λ|·σ_max(W̄)`), dashed in the figures. Scores in percent.", ""]
 
 
 def write_report(results, args, task, passthrough: list[str], own_argv: list[str]) -> Path:
@@ -303,51 +306,16 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
     machine = machine_info(args, results)
     write_text(out / "machine.json", json.dumps(machine, indent=2) + "\n")
 
-    scores = [(k, k) for k in score_names] + ([("tune_score", "tuning score")] if any(
-        r.get("tune_score") is not None for r in rows) else [])
-
-    def base_rate(method: str) -> float:
-        return task.base_lr(method, passthrough, args.base_lrs)
-    sizes = (f"{args.num_train_epochs} epoch(s)" if args.num_train_epochs else f"{args.max_train_steps} steps",
-             f"{args.long_epochs} epoch(s)" if args.long_epochs else f"{args.long_steps} steps")
-    every = checkpoint_intervals(results)   # as the runs recorded it: a run never checkpoints past its length
-    deterministic = "--deterministic" in passthrough
-    threads = args.threads_per_run or "torch's default"
-    md = [f"# Robustness study: {args.task}", "", f"Base model: `{name or 'the trainer default'}`. "
-          f"Sweep runs: {sizes[0]}; " + (f"long runs: {sizes[1]}; " if "long" in args.studies else "") +
-          f"checkpoints every {every}; "
-          f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
-          f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
-          f"Wall time of the command that trained the runs: {machine['wall_time_s'] / 60:.1f} min on "
-          f"{machine['cpu_count']} CPU cores ({machine['jobs']} run(s) at a time, {threads} thread(s) each, "
-          f"{'--deterministic' if deterministic else 'not --deterministic'}; machine.json). "
-          f"Distance: `‖W_merged − W_pre‖_F` of "
-          f"`{next((r['layer'] for r in rows if r.get('layer')), '?')}`; bound: the radius the method proves "
-          f"(DeLoRA `(|λ| + |λ0|)·N`, `mult_*` `|λ|·σ_max(W̄)`), dashed in the figures.", ""]
-    md += [f"- {n}" for n in notes] + ([""] if notes else [])
+    md = header(args, task, passthrough, results, rows, name, machine) + [f"- {n}" for n in notes] + \
+        ([""] if notes else [])
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         md += [f"**{len({r['run'] for r in failed})} run(s) failed**; they are in the tables with their error "
                f"line.", ""]
     md += [f"![{f}]({f})" for f in figures] + [""]
-    base_cols = [("status", "status"), ("n", "seeds"), ("step", "step")] + scores + \
-        [("distance", "distance"), ("bound", "bound"), ("error", "error")]
-    for study, title, first in [("lr", "Learning-rate sweep (Fig. 2)", [("method", "method"), ("factor", "factor"),
-                                                                      ("lr", "lr")]),
-                                ("long", "Prolonged training (Fig. 3)", [("method", "method")]),
-                                ("appd", "App. D (Fig. 6)", [("label", "variant"), ("factor", "factor"),
-                                                             ("lr", "lr"), ("lambda_lr", "λ lr")])]:
-        sel = [r for r in summary if r["study"] == study]
-        if sel:
-            md += [f"## {title}", "", md_table(sel, [(t, k) for k, t in first] + [(t, k) for k, t in base_cols])]
-    abl = [r for r in summary if r["study"] == "ablation"]
-    if abl:
-        formula = {row: f for row, f, _, _ in ABLATION_ROWS}
-        for r in abl:
-            r["formula"] = formula.get(r["label"], "")
-        md += ["## Ablation (DeLoRA Table 1, paper order)", "",
-               md_table(abl, [("row", "label"), ("ΔW", "formula"), ("method", "method"), ("options", "options"),
-                              ("trainable params", "trainable_params")] + [(t, k) for k, t in base_cols])]
+    tables, summaries = study_tables(summary, rows, score_names)
+    write_csv(out / SUMMARY_FILE, ROBUSTNESS_CSV, summaries)
+    md += tables
     if norms:
         groups: dict[tuple, list[float]] = {}
         for n in norms:
@@ -356,7 +324,7 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
                for (b, a, t), v in groups.items()]
         md += ["## Weight norms (Fig. 4)", "", md_table(agg, [("block", "block"), ("attention", "attention"),
                                                              ("type", "type"), ("modules", "modules"),
-                                                             ("mean column norm", "mean_column_norm")])]
+                                                             ("mean column norm", "mean_column_norm")], cell)]
     md += ["## Commands", "", "```", (out / "commands.txt").read_text().rstrip(), "```", ""]
     return write_text(out / "report.md", "\n".join(md))
 

@@ -230,7 +230,12 @@ def test_seeds_are_averaged_and_runs_go_side_by_side(tmp_path, fake):
         assert float(s["metric_std"]) == pytest.approx(0.01)        # the stand-in's seeds differ by 0.01
         assert float(s["distance"]) == pytest.approx(statistics.fmean(dist))
     report = (out / "report.md").read_text()
-    assert "seeds 0 1 2" in report and " ± 0.01 |" in report
+    assert "seeds 0 1 2" in report and " ± 1.0 |" in report   # the metric in percent, its ± to the same decimal
+    # the robustness summary of the sweep: metric = 0.5 + lr + 0.01·seed, so lora means 0.511 (1×), 0.512 (2×):
+    # area ((0.511 + 0.512) / 2) / 0.512 = 0.999, both within a point of the best
+    assert "| lora | 51.2 (2×) | 51.1 (1×) | 0.999 | 1 (1×–2×) |" in report
+    assert "| delora | 52.2 (2×) | 51.6 (1×) | 0.994 | 1 (1×–2×) |" in report
+    assert [r["method"] for r in read_csv(out / "robustness_summary.csv")] == ["lora", "delora"]
     machine = json.loads((out / "machine.json").read_text())
     assert machine["runs_trained"] == 12 and machine["wall_time_s"] > 0
 

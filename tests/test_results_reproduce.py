@@ -1,5 +1,6 @@
 """The committed real-weights study (results/tweets-minilm) is reproducible: one cell of its table, re-run from
-scratch through the same command, matches what is committed.
+scratch through the same command, matches what is committed; its report's tables and robustness summary, and the
+summary table of README "Results", are what the code computes from its committed results.csv and summary.csv.
 
 Tolerance. The study runs every trainer with --deterministic and one thread (machine.json), so on the machine
 type that produced it a rerun is bit-identical: equal predictions, equal weights. On another CPU, torch may pick
@@ -12,20 +13,43 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from eval import robustness
+from eval import robustness, robustness_summary, robustness_tables
 from training.text.tweet_data import VALIDATION_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "tweets-minilm"
 
 
-def _summary(folder: Path) -> list[dict]:
-    with open(folder / "summary.csv") as f:
+def _summary(folder: Path, name: str = "summary.csv") -> list[dict]:
+    with open(folder / name) as f:
         return list(csv.DictReader(f))
+
+
+def test_the_readme_summary_table_is_computed_from_the_committed_runs():
+    """README "Results": worst / area / window of the test accuracy per method, from results.csv's rows."""
+    table = robustness_summary.summary_table(robustness_summary.summarise(_summary(RESULTS, "results.csv"),
+                                                                          "accuracy"))
+    assert table in (ROOT / "README.md").read_text().split("## Results", 1)[1]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| lora", "| dora", "| delora",
+                                                                         "| etherplus"]
+
+
+@pytest.mark.parametrize("study", ["", "pilot"])
+def test_the_committed_report_is_what_the_code_writes_from_the_committed_csv(tmp_path, study):
+    """eval.robustness_tables on a copy of the committed folder changes nothing: report.md's tables and
+    robustness_summary.csv are up to date with the code."""
+    folder = RESULTS / study
+    copy = tmp_path / "study"
+    shutil.copytree(folder, copy)
+    assert robustness_tables.main([str(copy)]) == 0
+    for name in ("report.md", "robustness_summary.csv"):
+        assert (copy / name).read_text() == (folder / name).read_text(), name
+    assert (folder / "report.md").read_text().startswith("# Robustness study: glue (tweet_polarity)\n")
 
 
 @pytest.mark.slow   # three 2-minute MiniLM runs, two at a time
