@@ -3,7 +3,7 @@
     sample_grid(runs)            one PIL image: rows = runs (methods), columns = checkpoints
     gallery_items(runs)          [(png, caption)] for a zoomable gallery of the same samples
     curves(runs, key)            long DataFrame (step, value, run) for a line plot of any metrics key
-    metrics_table(runs)          one row per run: settings, last loss/distance, eval/ scores
+    metrics_table(runs)          one row per run: settings, last loss/distance, eval/ scores, the best step
     curve_png(frame, ...)        curve_image as a PNG data URL, rendered once per distinct data (app.cache)
     tradeoff_png(points, ...)    the same for tradeoff_figure
 """
@@ -18,6 +18,8 @@ import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+from eval.best import best_checkpoint
 
 matplotlib.use("Agg")    # a server: never a GUI backend
 
@@ -163,8 +165,15 @@ def _num(v, digits: int = 4):
     return round(float(v), digits) if isinstance(v, (int, float)) else None
 
 
+def best_label(run_dir: Path) -> str:
+    """The run's best checkpoint as the table shows it: '4 (DINO)', '' when nothing chose one (eval.best)."""
+    best = best_checkpoint(run_dir)
+    return "" if best.step is None else f"{best.step} ({best.criterion})"
+
+
 def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
-    cols = ["run", "method", "rank", "lr", "status", "step", "loss", *DISTANCE_KEYS, "scored step", *EVAL_KEYS]
+    cols = ["run", "method", "rank", "lr", "status", "step", "loss", *DISTANCE_KEYS, "scored step", *EVAL_KEYS,
+            "best step"]
     rows = []
     for run in run_infos:
         metrics = runs.read_metrics(run.path)
@@ -179,7 +188,8 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
         rows.append({"run": run.name, "method": run.method, "rank": run.rank, "lr": run.learning_rate,
                      "status": run.status, "step": steps, "loss": _num(last.get("loss")),
                      **{k: _num(latest[k]) for k in DISTANCE_KEYS},
-                     "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS}})
+                     "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS},
+                     "best step": best_label(run.path)})
     return pd.DataFrame(rows, columns=cols)
 
 

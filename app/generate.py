@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from eval.best import best_checkpoint
 from ground import runfolder
 from lowrank import AdapterError, eject, load_adapter, merge, read_adapter
 from training.common import TrainingError
@@ -27,6 +28,7 @@ from .inputs import InputError
 
 BASE = "base model (no adapter)"
 FINAL = "final"
+BEST = "best"      # the step the run's tuning score picks (eval.best), resolved when it is used
 # the Generate tab's export choices -> training.common.export formats (exact files; see lowrank/export.py)
 EXPORT_FORMATS = {"diffusers (pipe.load_lora_weights)": "diffusers", "kohya (ComfyUI / AUTOMATIC1111)": "kohya",
                   "peft (PeftModel.from_pretrained)": "peft",
@@ -35,17 +37,27 @@ EXPORTS = "exports"
 
 
 def checkpoint_choices(run_dir: Path) -> list[str]:
+    """'step N' per checkpoint, 'final', 'best: step N (...)' where the run's tuning score names a step whose
+    adapter was kept (eval.best: the language tasks' dev score, DINO, mIoU or the validation loss), the base."""
     out = [f"step {s}" for s, _ in runs.checkpoints(run_dir)]
     if runs.is_adapter_dir(run_dir):
         out.append(FINAL)
-    return out + [BASE]
+    best = best_checkpoint(run_dir)
+    return out + ([f"{BEST}: {best.describe()}"] if best.folder is not None else []) + [BASE]
 
 
 def adapter_dir(run_dir: Path, choice: str) -> Path | None:
-    """The folder holding the adapter for a checkpoint choice ('step N', 'final'); None for the base."""
+    """The folder holding the adapter for a checkpoint choice ('step N', 'final', 'best' as it is now); None for
+    the base."""
     choice = str(choice or "").strip()
     if choice == BASE:
         return None
+    if choice.split(":")[0].strip() == BEST:
+        best = best_checkpoint(run_dir)
+        if best.folder is None:
+            raise InputError(f"This run has no best checkpoint to load: {best.describe()}. Score it (Compare) or "
+                             f"pick a step.")
+        return best.folder
     if choice in (FINAL, ""):
         if not runs.is_adapter_dir(run_dir):
             raise InputError("This run has no final adapter yet (still training, cancelled or failed): "

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from app import compare
@@ -65,6 +66,24 @@ def test_curves_and_table(tmp_path):
     assert table["scored step"].tolist()[0] == 3 and table["dino"].tolist()[0] == 0.4
     assert pd.isna(table["dino"].tolist()[1]) and table["step"].tolist() == ["3/3", "2/2"]
     assert compare.distance_key([a], "distance_max") == "distance_fig3"   # falls back to a logged key
+    assert table["best step"].tolist() == ["3 (DINO)", ""]               # b was never scored: no best
+
+
+def test_the_best_checkpoint_is_offered_and_loads(tmp_path):
+    """Generate's checkpoint list names the step the run's DINO picks (step 1 here, not the last one), it is the
+    one chosen by default, and 'best' loads that checkpoint's adapter; a run with no score offers no best."""
+    from app import generate as G
+    from app.inputs import InputError
+
+    a = fake_run(tmp_path, "a", "lora", steps=(1, 3), scores={1: 0.5, 3: 0.25})
+    choices = G.checkpoint_choices(a.path)
+    assert choices == ["step 1", "step 3", "final", "best: step 1 (DINO 0.5)", G.BASE]
+    assert choices[-2].startswith("best")                    # tab_generate preselects the one before the base
+    assert G.adapter_dir(a.path, choices[-2]) == G.adapter_dir(a.path, "best") == a.path / "checkpoint-1"
+    b = fake_run(tmp_path, "b", "dora", steps=(1, 2))
+    assert G.checkpoint_choices(b.path) == ["step 1", "step 2", "final", G.BASE]
+    with pytest.raises(InputError, match=r"no best checkpoint to load: none \(no tuning score"):
+        G.adapter_dir(b.path, "best")
 
 
 def test_a_running_run_whose_last_row_is_not_a_full_probe(tmp_path):

@@ -1,0 +1,87 @@
+"""The best checkpoint of a run: the step its tuning score picks, not the last one.
+
+    best_checkpoint(run_dir) -> Best(step, criterion, key, value, folder)
+
+The score is the first of these the run folder holds a value of:
+
+    tuning score      metrics.jsonl `tune/score`: the language tasks' dev score (GLUE's tuning half)   highest
+    DINO              eval.jsonl `dino` (eval.subject: DreamBooth)                                    highest
+    mIoU              eval.jsonl `miou` (eval.segmentation: semantic map)                             highest
+    validation loss   `val_loss` in eval.jsonl or metrics.jsonl (held-out denoising loss)             lowest
+
+With none of them, Best says so: step None, criterion "none". Of equal values the earliest step wins (as
+training/glue.py picks its best epoch). `folder` is the adapter saved at that step: its checkpoint-N, GLUE's best/
+(the adapter of the best tuning epoch, epoch.json names its step) or the final adapter when the step is the last;
+None when no adapter of that step was kept (the step is still named). Reads files only: no model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ground.runfolder import RUN_JSON, final_step, is_adapter_dir, list_checkpoints, read_eval, read_json, read_metrics
+
+GLUE_BEST = "best"   # training/glue.py's folder of the best tuning epoch's adapter (+ epoch.json)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str                 # as tables and the app say it
+    key: str                  # the logged key
+    files: tuple[str, ...]    # where it is logged: "metrics" (metrics.jsonl), "eval" (eval.jsonl)
+    higher_is_better: bool = True
+
+
+CRITERIA = (Criterion("tuning score", "tune/score", ("metrics",)), Criterion("DINO", "dino", ("eval",)),
+            Criterion("mIoU", "miou", ("eval",)),
+            Criterion("validation loss", "val_loss", ("eval", "metrics"), higher_is_better=False))
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class Best:
+    step: int | None
+    criterion: str            # a Criterion's name, or "none"
+    key: str | None = None
+    value: float | None = None
+    folder: Path | None = None
+
+    def describe(self) -> str:
+        """'step 40 (DINO 0.612)', 'step 40 (DINO 0.612; no adapter kept at that step)' or 'none (...)'."""
+        if self.step is None:
+            return f"{NONE} (no tuning score, DINO, mIoU or validation loss recorded)"
+        kept = "" if self.folder is not None else "; no adapter kept at that step"
+        return f"step {self.step} ({self.criterion} {self.value:.4g}{kept})"
+
+
+def scored_steps(run_dir: Path, criterion: Criterion) -> list[tuple[int, float]]:
+    """(step, value) of every row that logs the criterion's key at an integer step."""
+    rows = (read_metrics(run_dir) if "metrics" in criterion.files else []) + \
+        (read_eval(run_dir) if "eval" in criterion.files else [])
+    return [(r["step"], float(r[criterion.key])) for r in rows
+            if isinstance(r.get("step"), int) and isinstance(r.get(criterion.key), (int, float))
+            and not isinstance(r.get(criterion.key), bool) and r[criterion.key] == r[criterion.key]]   # no NaN
+
+
+def adapter_at(run_dir: Path, step: int) -> Path | None:
+    """The adapter folder saved at `step`: checkpoint-N, GLUE's best/, or the final adapter at the last step."""
+    for s, folder in list_checkpoints(run_dir):
+        if s == step and is_adapter_dir(folder):
+            return folder
+    best = run_dir / GLUE_BEST
+    if is_adapter_dir(best) and (read_json(best / "epoch.json", default={}) or {}).get("step") == step:
+        return best
+    if is_adapter_dir(run_dir) and final_step(run_dir, read_json(run_dir / RUN_JSON, default={}) or {}) == step:
+        return run_dir
+    return None
+
+
+def best_checkpoint(run_dir: str | Path) -> Best:
+    run_dir = Path(run_dir)
+    for criterion in CRITERIA:
+        points = scored_steps(run_dir, criterion)
+        if points:
+            sign = 1 if criterion.higher_is_better else -1
+            step, value = max(points, key=lambda p: (sign * p[1], -p[0]))
+            return Best(step, criterion.name, criterion.key, value, adapter_at(run_dir, step))
+    return Best(None, NONE)
