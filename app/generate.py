@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from eval import EvalError
 from eval.best import best_checkpoint
+from eval.generate import sampling_kwargs
 from ground import runfolder
 from lowrank import AdapterError, eject, load_adapter, merge, read_adapter
 from training.common import TrainingError
@@ -119,6 +121,14 @@ class Generator:
         self._pipes[key] = pipe
         return pipe
 
+    @staticmethod
+    def call_kwargs(run_dir: Path, pipe) -> dict:
+        run = runs.read_json(Path(run_dir) / runfolder.RUN_JSON, {}) or {}
+        try:
+            return sampling_kwargs(run, pipe)
+        except EvalError as e:
+            raise InputError(f"Cannot generate from {Path(run_dir).name}: {e}") from None
+
     def generate(self, run_dir: Path, choice: str, prompt: str, seed: int = 0, num_images: int = 1,
                  steps: int = 25, guidance: float = 7.5, merged: bool = False, resolution: int | None = None):
         prompt = str(prompt or "").strip()
@@ -152,8 +162,11 @@ class Generator:
                     merge(unet)
                 gen = torch.Generator("cpu").manual_seed(int(seed))
                 kwargs = {"height": int(res), "width": int(res)} if res else {}
+                # the run's own conditioning settings (FLUX.1's T5 length); the prompt by name: a
+                # Flux2KleinPipeline's first parameter is an input image
+                kwargs.update(self.call_kwargs(run_dir, pipe))
                 with torch.inference_mode():
-                    out = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                    out = pipe(prompt=prompt, num_inference_steps=int(steps), guidance_scale=float(guidance),
                                num_images_per_prompt=int(num_images), generator=gen, **kwargs)
                 return list(out.images)
             finally:

@@ -7,6 +7,7 @@ built-in tiny preset loads as in training; diffusers itself is imported inside t
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import os
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 import lowrank
 from ground.runfolder import PROMPTS, run_setting
 from training import families
+from training.common import TrainingError
+from training.images.files import load_dataset_images
 from training.subject.data import example_subject
 
 from . import EvalError
@@ -26,40 +29,57 @@ from .images import load_folder
 
 
 def load_pipeline(run: dict, device: torch.device, keep_safety_checker: bool = True):
-    """The run's base Stable Diffusion pipeline (no adapter), with DPM-Solver++ as the trainer's
-    samples use, on `device`. The one place that turns run.json into a pipeline."""
-    from diffusers import DPMSolverMultistepScheduler
-
+    """The run's base pipeline (no adapter) as its family samples (training.families: DPM-Solver++ for SD and
+    SDXL, as the trainer's samples use; the model's own flow-matching scheduler for the FLUX families), on
+    `device`. The one place that turns run.json into a pipeline."""
     name = run_setting(run, "pretrained_model_name_or_path")
     revision = run_setting(run, "revision")
-    try:   # training's loader also knows the built-in presets ("tiny" also as None, "tiny-sdxl")
+    try:   # training's loader also knows the built-in presets ("tiny" also as None, "tiny-sdxl", "tiny-flux")
         family = families.family_of(name)
         # SD 1.x/2.x pipelines carry a safety checker (SDXL has none): skipped unless asked for
         has_checker = "safety_checker" in inspect.signature(family.pipeline_class()).parameters
         extra = {"safety_checker": None, "requires_safety_checker": False} if has_checker and \
             not keep_safety_checker else {}
-        pipe = family.load(name, revision=revision, **extra)
+        pipe = family.sampling_pipeline(family.load(name, revision=revision, **extra))
     except Exception as e:   # training's ModelLoadError, diffusers' OSError/ValueError: one line
         raise EvalError(f"cannot load the run's base model {name!r}: "
                         f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def sampling_kwargs(run: dict, pipe) -> dict:
+    """What the run's own samples passed to the pipeline beyond prompt, size, steps and guidance (the family's
+    call_kwargs under the run's settings: FLUX.1's --max_sequence_length), so images made later from its
+    adapters see the conditioning it trained with."""
+    settings = argparse.Namespace(**(run.get("args") or {}))
+    try:
+        return families.family_of_pipeline(pipe).for_run(settings).call_kwargs(pipe)
+    except TrainingError as e:   # a run.json edited by hand, or written by another version
+        raise EvalError(f"the run's settings do not fit its model: {e}") from None
+
+
 def run_real_images(run: dict, resolution: int) -> list[tuple]:
-    """The subject photos the run was trained on: its instance_data_dir, or the trainer's embedded
-    example subject when it had none."""
+    """The subject photos the run was trained on: its instance_data_dir, its --dataset_name (read as the trainer
+    reads it), or the trainer's embedded example subject when it had neither."""
     directory = run_setting(run, "instance_data_dir")
     if directory:
         return load_folder(directory, "instance_data_dir (from run.json; --real_dir overrides it)").items
+    dataset = run_setting(run, "dataset_name")
+    if dataset:
+        try:
+            images, _ = load_dataset_images(dataset, resolution, run_setting(run, "image_column", "image"), None,
+                                            run_setting(run, "dataset_config_name"), run_setting(run, "cache_dir"))
+        except TrainingError as e:
+            raise EvalError(f"{e} (from run.json; --real_dir overrides it)") from None
+        return [(f"dataset-{i}.png", img) for i, img in enumerate(images)]
     return [(f"example-{i}.png", img) for i, img in enumerate(example_subject(resolution))]
 
 
 @torch.no_grad()
 def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, *, images_per_prompt: int = 4,
                     seed: int = 0, batch_size: int = 8, num_inference_steps: int = 25,
-                    guidance_scale: float = 7.5, resolution: int = 512, settings: dict | None = None) -> int:
+                    guidance_scale: float = 7.5, resolution: int = 512, settings: dict | None = None,
+                    call_kwargs: dict | None = None) -> int:
     """Load the adapter in `adapter_dir` into pipe.unet (replacing any loaded before) and write
     out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt uses seed
     seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
@@ -83,7 +103,7 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
         chunk = jobs[start:start + batch_size]
         out = pipe(prompt=[p for _, p, _ in chunk], generator=[torch.Generator().manual_seed(s) for *_, s in chunk],
                    height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale)
+                   guidance_scale=guidance_scale, **(call_kwargs or {}))
         blacked += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
         for (i, prompt, s), img in zip(chunk, out.images):
             name = f"p{i:02d}-s{s}.png"
@@ -92,7 +112,9 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
         bar.update(len(chunk))
     bar.close()
     (tmp / PROMPTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp / "generation.json").write_text(json.dumps({**(settings or {}), "blacked_out": blacked}, indent=2))
+    # the scheduler as used (the family chose it), beside the settings that decide whether images are reused
+    record = {**(settings or {}), "scheduler": type(pipe.scheduler).__name__, "blacked_out": blacked}
+    (tmp / "generation.json").write_text(json.dumps(record, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)

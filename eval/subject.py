@@ -140,7 +140,7 @@ def plan_run(args) -> dict:
     gen = {"prompts": prompts, "images_per_prompt": args.images_per_prompt, "seed": args.seed,
            "num_inference_steps": args.num_inference_steps or int(run_setting(run, "num_inference_steps", 50)),
            "guidance_scale": args.guidance_scale or float(run_setting(run, "guidance_scale", 7.5)),
-           "resolution": resolution, "scheduler": "DPMSolverMultistepScheduler",
+           "resolution": resolution,   # the scheduler is the run's family's; generation.json records it
            "base_model": run_setting(run, "pretrained_model_name_or_path") or "tiny",
            "safety_checker": not args.disable_safety_checker}
     if args.real_dir:
@@ -153,7 +153,7 @@ def plan_run(args) -> dict:
 def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: torch.device) -> list[dict]:
     """Generate (or reuse) each chosen checkpoint's images, score them, update RUN/eval.jsonl."""
     run_dir, run, prompts, gen, real = (plan[k] for k in ("run_dir", "run", "prompts", "gen", "real"))
-    pipe, out = None, []
+    pipe, call_kwargs, out = None, {}, []
     for step, adapter_dir in plan["chosen"]:
         images_dir = run_dir / "eval" / f"step-{step}"
         settings = {**gen, "step": step, "adapter": str(adapter_dir), "adapter_sha1": file_digest(adapter_dir)}
@@ -164,10 +164,12 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
         if args.regenerate or {k: done.get(k) for k in settings} != settings:
             if pipe is None:   # loaded only when some checkpoint needs images
                 pipe = generate.load_pipeline(run, device, keep_safety_checker=not args.disable_safety_checker)
+                call_kwargs = generate.sampling_kwargs(run, pipe)
             blacked = generate.generate_images(
                 pipe, adapter_dir, prompts, images_dir, images_per_prompt=args.images_per_prompt, seed=args.seed,
                 batch_size=args.gen_batch_size, num_inference_steps=gen["num_inference_steps"],
-                guidance_scale=gen["guidance_scale"], resolution=gen["resolution"], settings=settings)
+                guidance_scale=gen["guidance_scale"], resolution=gen["resolution"], settings=settings,
+                call_kwargs=call_kwargs)
             if blacked:
                 logger.warning("step %d: the safety checker blacked out %d image(s); they score as failures "
                                "(--disable_safety_checker to keep them)", step, blacked)
