@@ -3,14 +3,19 @@ under the runs folder, and the studies committed with lowrank under results/ (so
 results before any training).
 
 A report folder is any folder under runs_dir (one or two levels down) with a report.md; a committed one is
-named `results/<name>`. The tab shows its Markdown (figures taken out: a Gallery shows the PNGs, since
-Markdown cannot reach files by relative path), with `*` and `_` outside code shown as written: the report's
-formulas (‖W_merged − W_pre‖_F, mult_* |λ|) are text, not emphasis.
+named `results/<name>`. The tab shows its Markdown (figures taken out: they are shown as images, each at the
+width of the page, since Markdown cannot reach files by relative path), with `*` and `_` outside code shown as
+written: the report's formulas (‖W_merged − W_pre‖_F, mult_* |λ|) are text, not emphasis. Its title names the
+study's task, read from the study command in its commands.txt (a language study is not DreamBooth), with the
+task's one-line summary under it.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from eval.robustness_tables import study_title, task_of_commands
+from training.common.tasks import TASKS
 
 REPORT = "report.md"
 IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\([^)]*\)\s*$")
@@ -57,6 +62,17 @@ def _folder(runs_dir: Path, name: str) -> Path | None:
     return folder if folder.is_relative_to(root) and (folder / REPORT).is_file() else None
 
 
+def name_the_task(folder: Path, text: str) -> str:
+    """The report's Markdown with a title that names the study's task and a line with the task's summary, from
+    the study command in FOLDER/commands.txt; as it is when there is none."""
+    study = task_of_commands(folder)
+    if study is None:
+        return text
+    lines = text.splitlines()
+    body = lines[1:] if lines and lines[0].startswith("# ") else lines
+    return "\n".join([study_title(*study), "", f"Task: {TASKS[study[0]].summary}.", *body])
+
+
 def show(runs_dir: Path, name: str | None) -> tuple[str, list[str]]:
     """(report Markdown without its image lines, shown literally; the PNG figures) of one report folder. With
     no folder chosen it says whether there are reports to choose from (never "none yet" beside a list)."""
@@ -70,7 +86,13 @@ def show(runs_dir: Path, name: str | None) -> tuple[str, list[str]]:
     if folder is None:
         return f"{name} is not a robustness report folder under {Path(runs_dir).resolve()} or {RESULTS_DIR}.", []
     text = "\n".join(line for line in (folder / REPORT).read_text().splitlines() if not IMAGE_LINE.match(line))
-    return literal_markdown(text), [str(p) for p in sorted(folder.glob("*.png"))]
+    return literal_markdown(name_the_task(folder, text)), [str(p) for p in sorted(folder.glob("*.png"))]
+
+
+def split_report(text: str) -> tuple[str, str]:
+    """(the report's title and first paragraphs, its `## ` sections): the tab shows the figures between them."""
+    at = next((m.start() for m in re.finditer(r"^## ", text, flags=re.M)), len(text))
+    return text[:at].rstrip("\n"), text[at:]
 
 
 def refresh(runs_dir: Path, current: str | None) -> tuple[list[str], str | None, str, list[str]]:

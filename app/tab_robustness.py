@@ -1,5 +1,6 @@
 """The Robustness tab: the report folders `python -m eval.robustness` wrote under the runs folder, and the
-studies committed under results/, each shown as its text and figures (app/robustness.py reads them).
+studies committed under results/, each shown as its text (its title naming the study's task) and its figures,
+one under the other at the width of the page (app/robustness.py reads them).
 
 API name: /robustness.
 """
@@ -10,6 +11,18 @@ import gradio as gr
 from . import robustness
 from .service import Service
 
+MAX_FIGURES = 8   # eval.robustness writes at most 5 (Figs. 2, 3, 3's samples, 4 and 6)
+
+
+def parts(text: str, figures: list[str]) -> list:
+    """[the report's title and first paragraphs, its tables, one update per figure slot]: a figure slot shows its
+    figure or is hidden; figures past the slots are named under the title."""
+    head, tables = robustness.split_report(text)
+    extra = figures[MAX_FIGURES:]
+    head += f"\n\n{len(extra)} more figure(s) in the report folder: {', '.join(extra)}" if extra else ""
+    shown = [gr.update(value=f, visible=True) for f in figures[:MAX_FIGURES]]
+    return [head, tables, *shown, *[gr.update(value=None, visible=False)] * (MAX_FIGURES - len(shown))]
+
 
 def build_tab(service: Service, demo: gr.Blocks) -> None:
     with gr.Tab("Robustness", id="robustness"):
@@ -18,19 +31,23 @@ def build_tab(service: Service, demo: gr.Blocks) -> None:
             folder = gr.Dropdown(reports, value=first, label="Report folder", elem_id="robustness-report",
                                  allow_custom_value=True)
             refresh = gr.Button("Refresh", elem_id="robustness-refresh")
-        # contain, not cover: a figure is shown whole (its axes labels and legend are the point)
-        gallery = gr.Gallery(figures, label="Figures", columns=2, height="auto", object_fit="contain",
-                             elem_id="robustness-figures")
-        markdown = gr.Markdown(text, elem_id="robustness-text")
+        head, tables, *shown = parts(text, figures)
+        markdown = gr.Markdown(head, elem_id="robustness-text")
+        # each figure whole at the page's width (its axes labels and legend are the point): a gallery's square
+        # thumbnails showed a wide figure small in a large empty frame
+        with gr.Column(elem_id="robustness-figures"):
+            slots = [gr.Image(u["value"], visible=u["visible"], type="filepath", interactive=False, show_label=False,
+                              elem_id=f"robustness-figure-{i}") for i, u in enumerate(shown)]
+        tables_md = gr.Markdown(tables, elem_id="robustness-tables")
+    outputs = [markdown, tables_md, *slots]
 
     def show(name):
-        text, figures = robustness.show(service.runs_dir, name)
-        return figures, text
+        return parts(*robustness.show(service.runs_dir, name))
 
     def refreshed(current):
         choices, value, text, figures = robustness.refresh(service.runs_dir, current)
-        return gr.update(choices=choices, value=value), figures, text
+        return [gr.update(choices=choices, value=value), *parts(text, figures)]
 
-    folder.change(show, folder, [gallery, markdown], api_name="robustness", queue=False)
+    folder.change(show, folder, outputs, api_name="robustness", queue=False)
     for event in (refresh.click, demo.load):     # a page opened later sees the reports written since
-        event(refreshed, folder, [folder, gallery, markdown], api_name=False, queue=False)
+        event(refreshed, folder, [folder, *outputs], api_name=False, queue=False)

@@ -22,8 +22,9 @@ CSS = """
 
 
 def build(service: Service, poll_s: float = 1.0) -> gr.Blocks:
-    with gr.Blocks(title="lowrank: DreamBooth with low-rank adapters") as demo:
-        gr.Markdown("## lowrank · DreamBooth with bounded and unbounded low-rank adapters")
+    # the page is not DreamBooth's alone: Train also runs semantic maps, and Robustness shows language studies
+    with gr.Blocks(title="lowrank: fine-tuning with low-rank adapters") as demo:
+        gr.Markdown("## lowrank · fine-tuning with bounded and unbounded low-rank adapters")
         with gr.Tabs():
             train = tab_train.build_tab(service, demo, poll_s)
             compare = tab_compare.build_tab(service, demo, poll_s)

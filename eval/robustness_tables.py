@@ -105,12 +105,19 @@ def study_title(task: str, detail: str | None) -> str:
     return f"# Robustness study: {task}" + (f" ({detail})" if detail else "")
 
 
-def task_of_commands(folder: Path) -> tuple[str, str | None]:
-    """(task, its data flag's value) of the study command recorded in FOLDER/commands.txt."""
-    path = folder / "commands.txt"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    argv = next((shlex.split(ln)[3:] for ln in lines if ln.startswith(STUDY_COMMAND + " ")), [])
-    task = TASKS.get(flag_value(argv, "--task") or DREAMBOOTH.name, DREAMBOOTH)
+def task_of_commands(folder: Path) -> tuple[str, str | None] | None:
+    """(task, its data flag's value) of the study command recorded in FOLDER/commands.txt; None when there is
+    no such command (or no such task)."""
+    path = Path(folder) / "commands.txt"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    line = next((ln for ln in lines if ln.startswith(STUDY_COMMAND + " ")), None)
+    try:
+        argv = shlex.split(line)[3:] if line is not None else None   # written by shlex.join
+    except ValueError:      # unbalanced quotes: a hand-edited file
+        argv = None
+    task = TASKS.get(flag_value(argv, "--task") or DREAMBOOTH.name) if argv is not None else None
+    if task is None:
+        return None
     return task.name, (flag_value(argv, f"--{task.output_flag}") if task.output_flag else None)
 
 
@@ -187,8 +194,10 @@ def rewrite(folder: Path) -> Path:
     score_names = [k for k in names.split(",") if k and any(r.get(k) is not None for r in rows)]
     tables, summaries = study_tables(summary, rows, score_names)
     write_csv(folder / SUMMARY_FILE, SUMMARY_CSV, summaries)
-    report = replace_sections((folder / "report.md").read_text(), study_title(*task_of_commands(folder)), tables,
-                              OWNED)
+    report = (folder / "report.md").read_text()
+    study = task_of_commands(folder)
+    title = study_title(*study) if study else (report.splitlines() or ["# Robustness study"])[0]
+    report = replace_sections(report, title, tables, OWNED)
     return write_text(folder / "report.md", report)
 
 

@@ -106,25 +106,35 @@ def test_upload_train_and_compare_in_a_browser(page, tmp_path):
 
 
 def test_the_robustness_tab_shows_the_report_as_written(page, tmp_path):
-    """The report's formulas are text (no italics), its figures are shown whole, and the tab opens on the
-    newest report, not on "no report yet" beside a dropdown that offers one."""
+    """The report's formulas are text (no italics), its title names the study's task (a language study is not
+    DreamBooth), its figures are shown whole at a readable size, and the tab opens on the newest report, not on
+    "no report yet" beside a dropdown that offers one."""
     from PIL import Image
 
-    study = tmp_path / "runs" / "robustness-dreambooth"
+    study = tmp_path / "runs" / "robustness-glue"
     study.mkdir(parents=True)
-    (study / "report.md").write_text("# Robustness study: dreambooth\n\nDistance: ‖W_merged − W_pre‖_F of the "
-                                     "layer; bound of the mult_* |λ|·σ_max(W̄) rows.\n")
-    Image.new("RGB", (600, 150), (200, 30, 30)).save(study / "fig2_lr_sweep.png")     # wide: cover would crop it
+    (study / "report.md").write_text("# Robustness study: glue\n\nDistance: ‖W_merged − W_pre‖_F of the "
+                                     "layer; bound of the mult_* |λ|·σ_max(W̄) rows.\n\n## Learning-rate sweep "
+                                     "(Fig. 2)\n\n| method | accuracy (%) |\n|---|---|\n| lora | 84.4 ± 2.2 |\n")
+    (study / "commands.txt").write_text("# this study\npython -m eval.robustness --task glue --task_name "
+                                        "tweet_polarity\n")
+    Image.new("RGB", (1200, 300), (200, 30, 30)).save(study / "fig2_lr_sweep.png")   # wide, as the figures are
     with running_app(tmp_path / "runs") as (url, service):
         page.goto(url)
         page.get_by_role("tab", name="Robustness").click()
-        page.wait_for_selector("#robustness-text :text('Robustness study: dreambooth')")
+        page.wait_for_selector("#robustness-text :text('Robustness study: glue (tweet_polarity)')")
         text = page.inner_text("#robustness-text")
+        assert "Task: GLUE-style classification and the tweet tasks." in text, text
         assert "‖W_merged − W_pre‖_F" in text and "mult_* |λ|·σ_max(W̄)" in text, text
         assert page.locator("#robustness-text em").count() == 0
-        assert page.input_value("#robustness-report input") == "robustness-dreambooth"
+        assert "84.4 ± 2.2" in page.inner_text("#robustness-tables")
+        assert "DreamBooth" not in page.inner_text("body")
+        assert page.input_value("#robustness-report input") == "robustness-glue"
         page.wait_for_selector("#robustness-figures img")
-        fits = page.evaluate("[...document.querySelectorAll('#robustness-figures img')]"
-                             ".map(i => getComputedStyle(i).objectFit)")
-        assert fits and set(fits) == {"contain"}, fits
+        wait_idle(page)
+        # the figure fills the page's width at its own aspect ratio: no empty frame around a small picture
+        box = page.locator("#robustness-figures img").first.bounding_box()
+        column = page.locator("#robustness-figures").bounding_box()
+        assert box["width"] >= 0.9 * column["width"] and column["width"] > 1000, (box, column)
+        assert abs(box["height"] - box["width"] / 4) <= 0.05 * box["width"] / 4, box
         page.screenshot(path=str(ARTIFACTS / "app-robustness.png"), full_page=True)

@@ -20,11 +20,36 @@ def test_report_folders_and_show(tmp_path):
 
 
 def test_the_committed_study_is_offered_on_a_fresh_runs_folder(tmp_path):
-    """A fresh clone: no runs yet, and the Robustness tab still opens on the committed real-weights study."""
+    """A fresh clone: no runs yet, and the Robustness tab still opens on the committed real-weights study, its
+    title naming the language task it is (not DreamBooth)."""
     assert "results/tweets-minilm" in RB.report_folders(tmp_path)
     text, figures = RB.show(tmp_path, "results/tweets-minilm")
-    assert text.startswith("# Robustness study") and "tweet_polarity" in text
+    assert text.startswith("# Robustness study: glue (tweet\\_polarity)\n\n"
+                           "Task: GLUE-style classification and the tweet tasks.\n")
+    assert "DreamBooth" not in text
     assert any(f.endswith("fig2_lr_sweep.png") for f in figures)
+
+
+def test_the_title_names_the_task_from_the_study_command(tmp_path):
+    """Older reports say only `# Robustness study: glue`: the study command in commands.txt names the task and
+    its data; a folder without one keeps its title."""
+    study = tmp_path / "robustness-glue"
+    study.mkdir()
+    (study / "report.md").write_text("# Robustness study: glue\n\nBase model: `minilm`.\n\n## Learning-rate sweep "
+                                     "(Fig. 2)\n\n| a |\n")
+    (study / "commands.txt").write_text("# this study\npython -m eval.robustness --task glue --task_name sst2 "
+                                        "--methods lora\n")
+    text, _ = RB.show(tmp_path, "robustness-glue")
+    assert text.splitlines()[:4] == ["# Robustness study: glue (sst2)", "",
+                                     "Task: GLUE-style classification and the tweet tasks.", ""]
+    assert RB.split_report(text) == (
+        "# Robustness study: glue (sst2)\n\nTask: GLUE-style classification and the tweet tasks.\n\n"
+        "Base model: `minilm`.", "## Learning-rate sweep (Fig. 2)\n\n| a |")
+    (study / "commands.txt").write_text("# this study\npython -m eval.robustness --methods lora\n")
+    assert RB.show(tmp_path, "robustness-glue")[0].startswith("# Robustness study: dreambooth\n\n"
+                                                              "Task: DreamBooth: a subject from 3-5 photos.")
+    (study / "commands.txt").unlink()
+    assert RB.show(tmp_path, "robustness-glue")[0].startswith("# Robustness study: glue\n\nBase model")
 
 
 def test_ui_has_the_robustness_tab(tmp_path):
@@ -65,10 +90,16 @@ def test_formulas_are_shown_as_written():
     assert "<em>" in MarkdownIt().render(md)          # what the tab showed before
 
 
-def test_figures_are_shown_whole(tmp_path):
-    from app.service import Service
-    from app.ui import build
+def test_figures_are_shown_whole_between_the_title_and_the_tables(tmp_path):
+    """Each figure in its own image at the page's width (not a square gallery thumbnail), as many slots shown as
+    the report has figures, the title above them and the tables below."""
+    from app import tab_robustness as T
 
-    demo = build(Service(tmp_path))
-    gallery = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "robustness-figures")
-    assert gallery.object_fit == "contain"          # not "cover", which crops a figure to the thumbnail
+    figures = [str(tmp_path / f"fig{i}.png") for i in range(T.MAX_FIGURES + 2)]
+    head, tables, *slots = T.parts("# Robustness study: glue\n\ntext\n## Sweep\n\n| a |", figures[:2])
+    assert (head, tables) == ("# Robustness study: glue\n\ntext", "## Sweep\n\n| a |")
+    assert [(u["value"], u["visible"]) for u in slots] == [(figures[0], True), (figures[1], True)] + \
+        [(None, False)] * (T.MAX_FIGURES - 2)
+    head, _, *slots = T.parts("# t\n", figures)
+    assert all(u["visible"] for u in slots) and head.endswith(f"2 more figure(s) in the report folder: "
+                                                              f"{figures[-2]}, {figures[-1]}")
