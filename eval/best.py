@@ -21,6 +21,8 @@ from pathlib import Path
 
 from ground.runfolder import RUN_JSON, final_step, is_adapter_dir, list_checkpoints, read_eval, read_json, read_metrics
 
+from .tables import md_table, measured, percent
+
 GLUE_BEST = "best"   # training/glue.py's folder of the best tuning epoch's adapter (+ epoch.json)
 
 
@@ -36,6 +38,7 @@ CRITERIA = (Criterion("tuning score", "tune/score", ("metrics",)), Criterion("DI
             Criterion("mIoU", "miou", ("eval",)),
             Criterion("validation loss", "val_loss", ("eval", "metrics"), higher_is_better=False))
 NONE = "none"
+CRITERIA_BY_NAME = {c.name: c for c in CRITERIA}
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,23 @@ def best_checkpoint(run_dir: str | Path) -> Best:
             step, value = max(points, key=lambda p: (sign * p[1], -p[0]))
             return Best(step, criterion.name, criterion.key, value, adapter_at(run_dir, step))
     return Best(None, NONE)
+
+
+BEST_TEXT = ("By the run's tuning score: the language tasks' dev score, else DINO, else mIoU (highest), else the "
+             "validation loss (lowest); none where the run has none of them. Score in percent (a loss as it is); "
+             "adapter: the folder saved at that step (blank: none kept).")
+BEST_COLUMNS = [("run", "run"), ("chosen by", "by"), ("best step", "step"), ("score", "value"),
+                ("adapter", "adapter")]
+
+
+def best_table(run_dirs: list[Path]) -> str:
+    """A Markdown table of each run's best checkpoint: the step, what chose it and the adapter kept at it."""
+    rows = []
+    for run_dir in run_dirs:
+        best = best_checkpoint(run_dir)
+        value = "" if best.value is None else (measured(best.value) if not CRITERIA_BY_NAME[best.criterion]
+                                               .higher_is_better else percent(best.value))
+        rows.append({"run": Path(run_dir).name, "by": best.criterion, "step": "" if best.step is None else
+                     str(best.step), "value": value, "adapter": "" if best.folder is None else
+                     "final" if best.folder == Path(run_dir) else best.folder.name})
+    return md_table(rows, BEST_COLUMNS, lambda row, key: row[key])

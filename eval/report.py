@@ -6,7 +6,9 @@ Writes into --out:
     report.md, report.csv     task, method, rank, lr, step, dino, clip_i, clip_t, distance: one row per
                               scored checkpoint (RUN/eval.jsonl from eval.subject), else the last step;
                               report.md gives scores in percent with one decimal, distances to three digits,
-                              and names each run's best checkpoint by its tuning score (eval.best)
+                              and names each run's best checkpoint by its tuning score (eval.best); a
+                              method run at several learning rates gets its robustness summary
+                              (eval.robustness_summary: worst, area, window over factor = lr / its smallest lr)
     distance_vs_step.png      weight distance of every run on one axes (DeLoRA Fig. 3)
     scores_vs_step.png        DINO / CLIP-I / CLIP-T per scored checkpoint
     lr_sweep.png              runs of one method at several learning rates: scores and final distance
@@ -49,15 +51,18 @@ from training.common.tracking import fill_followed_layer
 from training.families import SD15
 
 from . import EvalError, plots
-from .best import best_checkpoint
+from .best import BEST_TEXT, best_table
 from .common import ArgumentParser, logger, run_main
 from .images import open_image
+from .robustness_tables import summary_section
 from .tables import md_table, measured, percent
 
 FIG3_LAYER = "attn1.to_out.0"
 COLUMNS = ["run", "task", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "distance"]
 CSV_COLUMNS = COLUMNS + ["distance_key"]     # the csv names each row's distance (Markdown: each section's)
 SCORES = ("dino", "clip_i", "clip_t")
+SWEEP_NOTE = ("Here a method's runs at two or more learning rates are its sweep: factor = lr / its smallest lr, "
+              "each run's score at its last scored step, runs at the same lr averaged as seeds.")
 
 
 @dataclass
@@ -201,22 +206,6 @@ def cell(row: dict, key: str) -> str:
     return measured(row.get(key)) if key == "distance" else fmt(row.get(key))
 
 
-def best_rows(runs: list[Run]) -> list[dict]:
-    """Each run's best checkpoint (eval.best): the step, what chose it and the adapter kept at that step."""
-    out = []
-    for r in runs:
-        best = best_checkpoint(r.path)
-        value = "" if best.value is None else (measured(best.value) if best.criterion == "validation loss"
-                                               else percent(best.value))
-        out.append({"run": r.path.name, "by": best.criterion, "step": fmt(best.step), "value": value,
-                    "adapter": "" if best.folder is None else "final" if best.folder == r.path else best.folder.name})
-    return out
-
-
-BEST_COLUMNS = [("run", "run"), ("chosen by", "by"), ("best step", "step"), ("score", "value"),
-                ("adapter", "adapter")]
-
-
 def section(runs: list[Run], rows: list[dict], figures: list[str], distance_choice: str,
             level: str = "##") -> list[str]:
     """The table, best checkpoints, runs and figures of one task's runs (their headings at `level`)."""
@@ -225,11 +214,9 @@ def section(runs: list[Run], rows: list[dict], figures: list[str], distance_choi
     lines = [f"{len(runs)} run(s). distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
              f"(--distance_key {distance_choice}) at the row's step. Scores: eval.subject (cosines in percent, "
              f"higher is closer); blank = not scored.", "", md_table(rows, titles, cell).rstrip("\n")]
-    lines += ["", f"{level} Best checkpoints", "",
-              "By the run's tuning score: the language tasks' dev score, else DINO, else mIoU (highest), else the "
-              "validation loss (lowest); none where the run has none of them. Score in percent (a loss as it is); "
-              "adapter: the folder saved at that step (blank: none kept).", "",
-              md_table(best_rows(runs), BEST_COLUMNS, lambda row, key: row[key]).rstrip("\n")]
+    sweep = [{"study": "lr", "method": m, **p} for m, points in lr_sweeps(runs)[0].items() for p in points]
+    lines += ["", *summary_section(sweep, list(SCORES), False, level, SWEEP_NOTE)[0]]
+    lines += [f"{level} Best checkpoints", "", BEST_TEXT, "", best_table([r.path for r in runs]).rstrip("\n")]
     lines += ["", f"{level} Runs", ""] + [f"- `{r.path.name}`: {r.label}, {r.path}" for r in runs]
     if figures:
         lines += ["", f"{level} Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]

@@ -43,7 +43,8 @@ SUMMARY_TEXT = (
     "their factors; area = the trapezoid area under the score over log2(factor) / (best × the swept log2 span), "
     "1 = flat at the best; window = the run of adjacent swept factors around the best whose means are within the "
     "tolerance of the best, as doublings (0: the best factor alone); tolerance = max(1 point, the std over seeds "
-    f"at the best factor), the larger one named. `{SUMMARY_FILE}` has every digit (eval/robustness_summary.py).")
+    "at the best factor), the larger one named.")
+STUDY_NOTE = f"`{SUMMARY_FILE}` has every digit (eval/robustness_summary.py)."
 
 
 def cell(row: dict, key: str) -> str:
@@ -61,15 +62,17 @@ def score_columns(score_names: list[str], has_tune: bool) -> list[tuple[str, str
     return [(f"{SCORE_TITLES.get(k, k)} (%)", k) for k in names]
 
 
-def summary_section(rows: list[dict], score_names: list[str], has_tune: bool) -> tuple[list[str], list[dict]]:
-    """(Markdown lines, the summaries) of the sweep's robustness summary, one table per score."""
+def summary_section(rows: list[dict], score_names: list[str], has_tune: bool, level: str = "##",
+                    note: str = STUDY_NOTE) -> tuple[list[str], list[dict]]:
+    """(Markdown lines, the summaries) of the sweep's robustness summary, one table per score (eval.report's
+    sweeps too: its heading at `level`, its own `note` after the definitions)."""
     lines, found = [], []
     for _, key in score_columns(score_names, has_tune):
         summaries = summarise(rows, key)
         if summaries:
             found += summaries
             lines += [f"**{SCORE_TITLES.get(key, key)}**", "", summary_table(summaries)]
-    return ([f"## {SUMMARY_TITLE}", "", SUMMARY_TEXT, "", *lines] if found else []), found
+    return ([f"{level} {SUMMARY_TITLE}", "", f"{SUMMARY_TEXT} {note}", "", *lines] if found else []), found
 
 
 def study_tables(summary: list[dict], rows: list[dict], score_names: list[str]) -> tuple[list[str], list[dict]]:

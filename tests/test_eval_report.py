@@ -109,6 +109,9 @@ def test_table_rows_values_and_markdown(runs, tmp_path):
     # each run's best checkpoint by its tuning score (DINO here), or none where nothing scored it
     assert "| lora-a | DINO | 6 | 56.0 | checkpoint-6 |" in md and "| lora-b | DINO | 6 | 36.0 | checkpoint-6 |" in md
     assert "| delora-c | none |  |  |  |" in md and md.count("| lora-a |") == 4
+    # lora at 1e-4 and 4e-4 is a sweep (factors 1, 4): its robustness summary of the last DINO, 0.56 and 0.36:
+    # area = 2·(0.56 + 0.36)/2 / (0.56 · log2 4) = 0.821
+    assert "| lora | 56.0 (1×) | 36.0 (4×) | 0.821 | 0 (1×) | 1.0 (1 point) |" in md
     for png in ("distance_vs_step.png", "scores_vs_step.png", "lr_sweep.png", "sample_grid.png"):
         with Image.open(out / png) as im:
             assert f"]({png})" in md and im.size[0] > 100
