@@ -165,9 +165,9 @@ def _num(v, digits: int = 4):
     return round(float(v), digits) if isinstance(v, (int, float)) else None
 
 
-def best_label(run_dir: Path) -> str:
+def best_label(run_dir: Path, metrics: list[dict], evals: list[dict]) -> str:
     """The run's best checkpoint as the table shows it: '4 (DINO)', '' when nothing chose one (eval.best)."""
-    best = best_checkpoint(run_dir)
+    best = best_checkpoint(run_dir, metrics, evals)
     return "" if best.step is None else f"{best.step} ({best.criterion})"
 
 
@@ -182,6 +182,7 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
         # the last step), which a running run's last row may not be
         latest = {k: next((m[k] for m in reversed(metrics) if k in m), None) for k in DISTANCE_KEYS}
         ev = runs.read_eval(run.path)
+        best = best_label(run.path, metrics, ev)
         ev = [e for e in ev if isinstance(e.get("step"), int)]   # bound rows (real/base images) have no step
         score = ev[-1] if ev else {}
         steps = f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step)
@@ -189,7 +190,7 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
                      "status": run.status, "step": steps, "loss": _num(last.get("loss")),
                      **{k: _num(latest[k]) for k in DISTANCE_KEYS},
                      "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS},
-                     "best step": best_label(run.path)})
+                     "best step": best})
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -57,10 +57,9 @@ class Best:
         return f"step {self.step} ({self.criterion} {self.value:.4g}{kept})"
 
 
-def scored_steps(run_dir: Path, criterion: Criterion) -> list[tuple[int, float]]:
-    """(step, value) of every row that logs the criterion's key at an integer step."""
-    rows = (read_metrics(run_dir) if "metrics" in criterion.files else []) + \
-        (read_eval(run_dir) if "eval" in criterion.files else [])
+def scored_steps(logged: dict[str, list[dict]], criterion: Criterion) -> list[tuple[int, float]]:
+    """(step, value) of every row (logged: file -> rows) that logs the criterion's key at an integer step."""
+    rows = [r for f in criterion.files for r in logged[f]]
     return [(r["step"], float(r[criterion.key])) for r in rows
             if isinstance(r.get("step"), int) and isinstance(r.get(criterion.key), (int, float))
             and not isinstance(r.get(criterion.key), bool) and r[criterion.key] == r[criterion.key]]   # no NaN
@@ -79,10 +78,14 @@ def adapter_at(run_dir: Path, step: int) -> Path | None:
     return None
 
 
-def best_checkpoint(run_dir: str | Path) -> Best:
+def best_checkpoint(run_dir: str | Path, metrics: list[dict] | None = None, evals: list[dict] | None = None) -> Best:
+    """metrics, evals: the run's metrics.jsonl and eval.jsonl rows when the caller has read them (the app caches
+    them); read here otherwise."""
     run_dir = Path(run_dir)
+    logged = {"metrics": read_metrics(run_dir) if metrics is None else metrics,
+              "eval": read_eval(run_dir) if evals is None else evals}
     for criterion in CRITERIA:
-        points = scored_steps(run_dir, criterion)
+        points = scored_steps(logged, criterion)
         if points:
             sign = 1 if criterion.higher_is_better else -1
             step, value = max(points, key=lambda p: (sign * p[1], -p[0]))
