@@ -6,6 +6,8 @@
     python -m eval.robustness --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --max_train_steps 400 --long_steps 2000 --checkpointing_steps 200 --resolution 512 \\
         --num_validation_images 4 --dino_model facebook/dino-vits16 --clip_model openai/clip-vit-large-patch14
+    python -m eval.robustness --protocol peft-image-gen      peft's image-gen benchmark on FLUX.2-klein (one GPU;
+                                                             eval/robustness_protocols.py)
 
 Studies (--studies, default all four; --ablation adds Table 1):
   lr      Fig. 2: each method at each factor x its base learning rate, N steps: score and the distance
@@ -53,6 +55,7 @@ from training.common.tasks import DREAMBOOTH
 
 from . import EvalError
 from .common import ArgumentParser, run_main
+from .robustness_protocols import PROTOCOLS, data_flags, trainer_flags
 from .robustness_report import write_report
 from .robustness_tasks import ABLATION_ROWS, ROOT, TASKS, flag_value
 
@@ -246,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="Report folder; runs go to OUTPUT_DIR/runs "
                                                       "(default outputs/robustness-<task>).")
     p.add_argument("--no_scores", action="store_true", help="Skip the task's scores (distances only).")
+    p.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                   help="A benchmark's setting as defaults of this command's flags and the trainer's; a flag given "
+                        "here wins (eval/robustness_protocols.py). " +
+                        " ".join(f"{p.name}: {p.about}." for p in PROTOCOLS.values()))
+    p.add_argument("--protocol_data", default=None,
+                   help="Where a protocol's data set is, a hub name or a local `datasets` source (default: the "
+                        "protocol's own, e.g. peft-internal-testing/cat-image-dataset); laid out once under "
+                        "OUTPUT_DIR/data/.")
     scores = p.add_argument_group("scores (DreamBooth: eval.subject)")
     scores.add_argument("--dino_model", default=None, help="DINO ViT, hub name or local folder (default: "
                                                            "eval.subject's).")
@@ -259,10 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    args, passthrough = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    protocol = PROTOCOLS.get(parser.parse_known_args(argv)[0].protocol)
+    if protocol:   # the protocol's values become the defaults: what the command line gives still wins
+        parser.set_defaults(task=protocol.task, output_dir=f"outputs/robustness-{protocol.name}", **protocol.study)
+    args, passthrough = parser.parse_known_args(argv)
+    if protocol and args.task != protocol.task:
+        raise EvalError(f"--protocol {protocol.name} is a {protocol.task} study; leave --task out")
+    if args.protocol_data and not protocol:
+        raise EvalError("--protocol_data names a protocol's data set: give --protocol too")
     task = TASKS[args.task]
     args.methods, args.studies = _flat(args.methods), _flat(args.studies)
-    args.lr_factors, args.base_lrs = _floats(args.lr_factors, "--lr_factors"), _base_lrs(args.base_lrs)
+    args.lr_factors = _floats(args.lr_factors, "--lr_factors")
+    args.base_lrs = {**(protocol.base_lrs if protocol else {}), **_base_lrs(args.base_lrs)}   # per method
     for key, value in task.defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -299,7 +319,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.output_dir = Path(args.output_dir or f"outputs/robustness-{args.task}").expanduser().resolve()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise EvalError(f"--output_dir {args.output_dir} is a file; name a folder")
-    return args, passthrough
+    return args, passthrough + (trainer_flags(protocol, passthrough) if protocol else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[args.task]
     task.check()   # a trainer that does not exist yet: one error line, before anything runs
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.protocol:   # its data set laid out for the trainer (once), unless the command line names other data
+        passthrough += data_flags(PROTOCOLS[args.protocol], args.output_dir, args.protocol_data, passthrough)
     specs = plan(args, task, passthrough)
     t0 = time.perf_counter()
     results = run_all(specs, args, task, passthrough)

@@ -17,7 +17,7 @@ from ground.cli import error_line
 from ground.runfolder import RESULTS, read_eval, read_json, read_run, run_setting
 from lowrank import METHODS
 from training.common.tasks import DREAMBOOTH, GLUE, SEMANTIC_MAP, TaskInfo
-from training.families import load_pipeline
+from training.families import family_of
 from training.text import language
 from training.text.tweet_data import TWEET_TASKS, tweet_learning_rate
 
@@ -106,8 +106,17 @@ def score_subject(folder: Path, args, step: int) -> tuple[dict, str]:
     return {"dino": row["dino"], "clip_i": row["clip_i"]}, ""
 
 
-def load_unet(name: str | None):
-    return load_pipeline(name).unet
+def load_denoiser(name: str | None):
+    """The model the adapters go into (the UNet, or a FLUX family's transformer), loaded without the pipeline's
+    other parts where its folder is on this machine: weight norms and bounds need the denoiser alone, and
+    FLUX.2-klein-base-4B's text encoder alone is another 4B parameters."""
+    family = family_of(name)
+    folder = family.local_folder(name)
+    index = Path(folder) / "model_index.json" if folder else None
+    parts = read_json(index, default={}) if index and index.is_file() else {}
+    others = {k: None for k, v in parts.items()
+              if not k.startswith("_") and isinstance(v, list) and k != family.denoiser_name}
+    return family.denoiser(family.load(name, **others))
 
 
 # ----- semantic map: mIoU through eval.segmentation ----------------------------------------------------------
@@ -190,8 +199,8 @@ def load_language_model(name: str | None):
 
 # the tasks a study can sweep (instruction tuning has no study score yet), keyed by the registry's names
 TASKS = {s.name: s for s in (
-    StudyTask(DREAMBOOTH, ("dino", "clip_i"), score_subject, load_unet, prepare=prepare_subject),
-    StudyTask(SEMANTIC_MAP, ("miou",), score_segmentation, load_unet),
+    StudyTask(DREAMBOOTH, ("dino", "clip_i"), score_subject, load_denoiser, prepare=prepare_subject),
+    StudyTask(SEMANTIC_MAP, ("miou",), score_segmentation, load_denoiser),
     StudyTask(GLUE, GLUE_SCORES + ("metric",), score_glue, load_language_model, base_lr_of=glue_base_lr,
               defaults={"num_train_epochs": 2, "long_epochs": 8, "checkpointing_steps": 100},
               long_flags=("--lr_scheduler", "constant")),
