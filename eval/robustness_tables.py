@@ -34,6 +34,8 @@ from .tables import md_table, measured, percent, write_csv
 MEASURES = ("distance", "bound")   # measurements of the weights
 SCORES = ("tune_score", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews", "pearson",
           "spearman")               # 0-1 (or -1..1) scores, shown in percent
+LOWER_IS_BETTER: frozenset[str] = frozenset()   # a score where less is better (a drift, a validation loss) joins
+                                               # SCORES and this set: its summary's best is then its minimum
 SCORE_TITLES = {"tune_score": "tuning score"}
 SUMMARY_FILE = "robustness_summary.csv"
 STUDY_COMMAND = "python -m eval.robustness"
@@ -68,7 +70,7 @@ def summary_section(rows: list[dict], score_names: list[str], has_tune: bool, le
     sweeps too: its heading at `level`, its own `note` after the definitions)."""
     lines, found = [], []
     for _, key in score_columns(score_names, has_tune):
-        summaries = summarise(rows, key)
+        summaries = summarise(rows, key, higher_is_better=key not in LOWER_IS_BETTER)
         if summaries:
             found += summaries
             lines += [f"**{SCORE_TITLES.get(key, key)}**", "", summary_table(summaries)]
