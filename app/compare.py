@@ -3,6 +3,7 @@
     sample_grid(runs)            one PIL image: rows = runs (methods), columns = checkpoints
     gallery_items(runs)          [(png, caption)] for a zoomable gallery of the same samples
     curves(runs, key)            long DataFrame (step, value, run) for a line plot of any metrics key
+    loss_curves(runs)            the same for the loss, and the held-out val_loss where a run logs one
     metrics_table(runs)          one row per run: settings, last loss/distance, eval/ scores, the best step
     curve_png(frame, ...)        curve_image as a PNG data URL, rendered once per distinct data (app.cache)
     tradeoff_png(points, ...)    the same for tradeoff_figure
@@ -27,6 +28,7 @@ from . import cache, lineplot, runs
 
 DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
                  "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
+VAL_LOSS = "val_loss"   # training.common.task.VAL_LOSS: a held-out loss (the image trainers', GLUE's tuning part)
 EVAL_KEYS = ("dino", "clip_i", "clip_t", "miou", "pixel_accuracy")   # eval.subject; eval.segmentation
 CELL = 128
 MARGINS = dict(left=0.11, right=0.98, bottom=0.15, top=0.9)   # fixed: a constrained layout draws twice
@@ -151,6 +153,14 @@ def curves(run_infos: list[runs.RunInfo], key: str) -> pd.DataFrame:
     return curve_frame(rows)
 
 
+def loss_curves(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
+    """The training loss of each run, and its held-out val_loss (a second line, '<run> · val_loss') where logged."""
+    held_out = curves(run_infos, VAL_LOSS)
+    held_out["run"] = held_out["run"] + f" · {VAL_LOSS}"
+    return pd.concat([curves(run_infos, "loss"), held_out], ignore_index=True) if len(held_out) else \
+        curves(run_infos, "loss")
+
+
 def distance_key(run_infos: list[runs.RunInfo], preferred: str | None = None) -> str:
     """The distance key to plot: the preferred one if any run logs it, else the first one logged (any row: the
     mean and max are on full-probe rows only, and a running run's last row may not be one)."""
@@ -172,7 +182,8 @@ def best_label(run_dir: Path, metrics: list[dict], evals: list[dict]) -> str:
 
 
 def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
-    cols = ["run", "method", "rank", "lr", "status", "step", "loss", *DISTANCE_KEYS, "scored step", *EVAL_KEYS,
+    cols = ["run", "method", "rank", "lr", "status", "step", "loss", VAL_LOSS, *DISTANCE_KEYS, "scored step",
+            *EVAL_KEYS,
             "best step"]
     rows = []
     for run in run_infos:
@@ -180,7 +191,7 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
         last = (metrics or [{}])[-1]
         # each distance as last logged: distance_mean/max only on full-probe rows (every N steps, checkpoints,
         # the last step), which a running run's last row may not be
-        latest = {k: next((m[k] for m in reversed(metrics) if k in m), None) for k in DISTANCE_KEYS}
+        latest = {k: next((m[k] for m in reversed(metrics) if k in m), None) for k in (*DISTANCE_KEYS, VAL_LOSS)}
         ev = runs.read_eval(run.path)
         best = best_label(run.path, metrics, ev)
         ev = [e for e in ev if isinstance(e.get("step"), int)]   # bound rows (real/base images) have no step
@@ -188,6 +199,7 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
         steps = f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step)
         rows.append({"run": run.name, "method": run.method, "rank": run.rank, "lr": run.learning_rate,
                      "status": run.status, "step": steps, "loss": _num(last.get("loss")),
+                     VAL_LOSS: _num(latest[VAL_LOSS]),
                      **{k: _num(latest[k]) for k in DISTANCE_KEYS},
                      "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS},
                      "best step": best})

@@ -40,7 +40,8 @@ checkpoints, read_eval, write_json = runfolder.list_checkpoints, runfolder.read_
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
 EVAL_LOG, REPORT_LOG = "eval.log", "report.log"   # the app's scoring job (in RUN/), report job (its folder)
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
-                "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
+                "rel_distance_fig3", "rel_distance_mean", "rel_distance_max",
+                "val_loss", "tune/score")   # held-out measures: curves and eval.best's best step read them
 _GROWING = (runfolder.METRICS, runfolder.EVAL, LOG_FILE)   # files written in place: their own stamps count
 STUDY_RUNS = "runs"          # eval.robustness: OUTPUT_DIR/runs/<run>
 _SEED_RE = re.compile(r"^seed-[0-9]{1,12}$")   # glue.py/instruct.py --seeds: OUTPUT_DIR/seed-N

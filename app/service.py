@@ -304,7 +304,7 @@ class Service:
             "\n  ```\n" + "\n".join("  " + l for l in r.log_tail[-8:]) + "\n  ```" if r.log_tail else "")
             for r in infos if r.status in ("failed", "cancelled", "incomplete")]
         return {"grid": compare.sample_grid(infos), "gallery": compare.gallery_items(infos), "infos": infos,
-                "distance": compare.curves(infos, key), "distance_key": key, "loss": compare.curves(infos, "loss"),
+                "distance": compare.curves(infos, key), "distance_key": key, "loss": compare.loss_curves(infos),
                 "table": compare.metrics_table(infos), "prompt": compare.prompt_of(infos),
                 "details": "\n".join(details)}
 

@@ -73,7 +73,7 @@ def build_tab(service: Service, demo: gr.Blocks, poll_s: float) -> CompareTab:
                         format="png", interactive=False, elem_id="sample-grid")
         with gr.Row():
             distance_plot = line_plot("Weight distance of the chosen runs", "compare-distance")
-            loss_plot = line_plot("Loss of the chosen runs", "compare-loss")
+            loss_plot = line_plot("Loss of the chosen runs (and held-out val_loss, where logged)", "compare-loss")
         table = gr.Dataframe(label="Metrics (eval/ scores at the last scored checkpoint)", interactive=False,
                              elem_id="metrics-table")
         with gr.Row():

@@ -13,6 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ground.runfolder import atomic_write  # noqa: E402
 
 SCORE_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+# metrics.jsonl's held-out measures, for every task alike: the image trainers' validation loss (and GLUE's loss on
+# its tuning part), the language tasks' dev score
+VALIDATION_NAMES = {"val_loss": "Validation loss (held out)", "tune/score": "Dev score (tuning part)"}
 
 
 def wrap(text: str, width: int = 48) -> str:
@@ -52,16 +55,18 @@ def distance_vs_step(curves: dict[str, tuple[list, list]], key: str, path, colou
     save(fig, path)
 
 
-def scores_vs_step(curves: dict[str, dict[str, tuple[list, list]]], path, colours: dict | None = None) -> None:
-    """curves: score key -> label -> (steps, values); one panel per score."""
-    keys = [k for k in SCORE_NAMES if curves.get(k)]
+def scores_vs_step(curves: dict[str, dict[str, tuple[list, list]]], path, colours: dict | None = None,
+                   names: dict[str, str] = SCORE_NAMES, unit: str = " (cosine)") -> None:
+    """curves: score key -> label -> (steps, values); one panel per key of `names` (key -> its name) that has
+    curves, its y axis the name + `unit`."""
+    keys = [k for k in names if curves.get(k)]
     fig, axes = figure(1, len(keys), (4.5 * len(keys), 4))
     for ax, key in zip(axes[0], keys):
         for label, (steps, values) in curves[key].items():
             ax.plot(steps, values, marker="o", markersize=3, label=label, color=colour_of(label, colours))
-        ax.set_title(wrap(f"{SCORE_NAMES[key]} vs step"))
+        ax.set_title(wrap(f"{names[key]} vs step"))
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"{SCORE_NAMES[key]} (cosine)")
+        ax.set_ylabel(f"{names[key]}{unit}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save(fig, path)

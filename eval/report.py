@@ -11,6 +11,8 @@ Writes into --out:
                               (eval.robustness_summary: worst, area, window over factor = lr / its smallest lr)
     distance_vs_step.png      weight distance of every run on one axes (DeLoRA Fig. 3)
     scores_vs_step.png        DINO / CLIP-I / CLIP-T per scored checkpoint
+    validation_vs_step.png    metrics.jsonl's held-out measures: val_loss (the image trainers'
+                              --validation_loss_images, GLUE's tuning-part loss), the dev score tune/score
     lr_sweep.png              runs of one method at several learning rates: scores and final distance
                               against the learning-rate factor (DeLoRA Fig. 2)
     sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed);
@@ -305,6 +307,11 @@ def write_figures(runs: list[Run], out: Path, max_columns: int, suffix: str = ""
     if any(score_curves.values()):
         plots.scores_vs_step(score_curves, out / f"scores_vs_step{suffix}.png", colours)
         written.append(f"scores_vs_step{suffix}.png")
+    held_out = {k: {r.label: series(r.metrics, k) for r in runs if series(r.metrics, k)[0]}
+                for k in plots.VALIDATION_NAMES}
+    if any(held_out.values()):
+        plots.scores_vs_step(held_out, out / f"validation_vs_step{suffix}.png", colours, plots.VALIDATION_NAMES, "")
+        written.append(f"validation_vs_step{suffix}.png")
     sweeps, base = lr_sweeps(runs)
     if sweeps:
         plots.lr_sweep(sweeps, base, ", ".join(sorted({r.distance_key for r in runs if r.distance_key})),

@@ -25,12 +25,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def check_resume_after_a_kill(train, tmp_path, monkeypatch) -> None:
+def check_resume_after_a_kill(train, tmp_path, monkeypatch, *extra: str) -> None:
     """As tests/test_dreambooth_resume.py's SIGKILL test for SD, in-process: the `abort` fault
     (training/common/faults.py) stops the run right after step 2 and its checkpoint with the files as a kill leaves
     them; --resume_from_checkpoint latest then finishes the 4 steps. Adapters (final and checkpoint-4), the losses
-    and distances of every step and the diffusers file equal the uninterrupted run's, tensor by tensor."""
-    args = ["--method", "delora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--skip_final_samples"]
+    and distances of every step (the validation losses too, with `extra` flags that log them) and the diffusers
+    file equal the uninterrupted run's, tensor by tensor."""
+    args = ["--method", "delora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--skip_final_samples",
+            *extra]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train(straight, *args) == 0
 
@@ -53,6 +55,7 @@ def check_resume_after_a_kill(train, tmp_path, monkeypatch) -> None:
     same_adapter(straight / "checkpoint-4", killed / "checkpoint-4")
     a, b = metrics(straight), metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [(r["loss"], r["distance_fig3"]) for r in a] == [(r["loss"], r["distance_fig3"]) for r in b]
+    assert [(r["loss"], r["distance_fig3"], r.get("val_loss")) for r in a] == \
+        [(r["loss"], r["distance_fig3"], r.get("val_loss")) for r in b]
     x, y = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (straight, killed))
     assert x.keys() == y.keys() and len(x) > 0 and all(torch.equal(x[k], y[k]) for k in x)

@@ -10,7 +10,8 @@ Outputs (output_dir):
     adapter_config.json, adapter.safetensors   the final adapter (lowrank.load_adapter)
     samples/, samples_grid.png                 fixed-seed samples of the final adapter (+ prompts.jsonl)
     checkpoint-N/                              adapter, optimizer/scheduler/RNG state, samples/
-    metrics.jsonl                              per step: loss, lr, ‖W_eff − W0‖_F of every adapted layer
+    metrics.jsonl                              per step: loss, lr, ‖W_eff − W0‖_F of every adapted layer; with
+                                               --validation_loss_images, val_loss at checkpoints and the last step
     run.json                                   arguments, resolved settings, library versions
     README.md                                  model card (diffusers' front matter, how to load it)
 Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
@@ -43,6 +44,7 @@ from training.images.samples import (
     write_grid,
     write_samples,
 )
+from training.images.validation import HeldOutImages, held_out_loss, hold_out
 from training.subject.args import build_parser, parse_args
 from training.subject.data import (
     EXAMPLE_NAME,
@@ -62,13 +64,13 @@ def main(argv=None) -> int:
     return run_trainer(parse_args, train, argv)
 
 
-class DreamBooth(Task):
+class DreamBooth(HeldOutImages, Task):
     """DreamBooth's loss (DreamBooth Eq. 1, + Eq. 2 with prior preservation) and its samples."""
 
     outputs = "samples_grid.png, samples/, pytorch_lora_weights.safetensors (for diffusers)"
 
     def __init__(self, run: TrainingRun, family: Family, pipe, instance_prompt: str, class_prompt: str | None,
-                 args, captions: list[str] | None = None):
+                 args, captions: list[str] | None = None, held_out: tuple[list, list | None] = ([], None)):
         self.run, self.args, self.family = run, args, family
         self.fig3_pattern = family.fig3_pattern
         self.model = family.denoiser(pipe)
@@ -80,6 +82,7 @@ class DreamBooth(Task):
         self.caption_conds = stack(*[family.encode(pipe, captions[i:i + 32], args.resolution)
                                      for i in range(0, len(captions), 32)]) if captions else None
         self.val_pipe = family.sampling_pipeline(pipe)
+        self.held_out = self.held_out_batch(pipe, instance_prompt, *held_out)
         self.val_prompts = args.validation_prompt or [instance_prompt]
         # --offload: the encoders' work is done until the next samples; their memory goes to the denoiser
         self.offloaded = text_encoders(pipe) if args.offload else []
@@ -96,6 +99,23 @@ class DreamBooth(Task):
         cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
         return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(model, noisy, t, cond), gen,
                                    prior_loss_weight=self.args.prior_loss_weight if prior else None)
+
+    def held_out_batch(self, pipe, instance_prompt: str, images: list, captions: list[str] | None):
+        """(pixels, conditioning) of the held-out images (--validation_loss_images), centre-cropped; None without."""
+        if not images:
+            return None
+        size = self.args.resolution
+        centre = DreamBoothDataset(images, None, size, center_crop=True, seed=0)
+        pixels, crops = zip(*(centre.crop(img, None) for img in images))
+        cond = self.family.encode(pipe, captions, size) if captions else \
+            expand(self.family.encode(pipe, [instance_prompt], size), len(images))
+        return torch.stack(pixels), self.family.image_conditioning(cond, torch.tensor(crops).to(self.run.device), size)
+
+    def validation_loss(self, model) -> float:
+        """The held-out images' denoising loss at fixed noise and timesteps (training/images/validation.py)."""
+        pixels, cond = self.held_out
+        return held_out_loss(self.objective, model, lambda noisy, t: self.family.denoise(model, noisy, t, cond),
+                             pixels, self.args, self.run.accelerator.autocast)
 
     def samples(self, step: int, folder: Path, tag: str = "validation") -> list:
         """Fixed-seed samples of every validation prompt, written to `folder` and logged to the trackers."""
@@ -131,10 +151,15 @@ def train(spec: RunSpec) -> None:
     else:
         instance_images = example_subject(args.resolution)
         source = EXAMPLE_NAME
+    # --validation_loss_images: the last N images (and their captions) never train
+    instance_images, held_out = hold_out(instance_images, args.validation_loss_images, "instance images")
+    held_captions, captions = (captions[len(instance_images):], captions[:len(instance_images)]) if captions \
+        else (None, None)
     # the family's own checks of the run's settings (FLUX's --max_sequence_length), also before anything is written
     family_of(args.pretrained_model_name_or_path).for_run(args)
     run = TrainingRun(spec)   # the run folder: only after the data is known to be good
-    logger.info("instance images: %s; prompt %r", source, args.instance_prompt)
+    logger.info("instance images: %s%s; prompt %r", source, f" ({len(held_out)} held out for the validation loss)"
+                if held_out else "", args.instance_prompt)
 
     # Frozen weights in the mixed-precision dtype; the adapter is injected afterwards, in fp32.
     with run.accelerator.main_process_first():   # one process builds the tiny preset / fills the hub cache
@@ -167,16 +192,18 @@ def train(spec: RunSpec) -> None:
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed)
     max_train_steps = run.total_steps(len(dataset))
     model = family.denoiser(pipe)   # the UNet, or a DiT family's transformer
+    task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,
+                      captions, (held_out, held_captions))
+    # the base model's validation loss, before any adapter exists: the same for every method
+    validation = task.base_validation(model)
     run.adapt(model, max_train_steps, target_modules=list(family.default_targets))
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,
-                      captions)
     run.fit(model, task, dataset, collate, num_train_steps=max_train_steps,
             info={"instance_images": len(instance_images), "class_images": len(class_images or []),
                   "caption_source": "data" if captions else "instance_prompt", "family": family.name,
                   "pipeline_class": family.pipeline_classes[0], "family_tags": list(family.tags),
-                  "denoiser": family.denoiser_name,
+                  "denoiser": family.denoiser_name, "validation_loss": validation,
                   "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path)})
 
 

@@ -13,7 +13,8 @@ Outputs (output_dir; with --seeds, one such folder per seed under output_dir/see
     adapter_config.json, adapter.safetensors   the final adapter and head (lowrank.load_adapter)
     best/                                      the adapter and head of the best tuning epoch
     results.json                               initial/final metrics, time, memory, parameters (peft's shape)
-    metrics.jsonl                              per step: loss, lr, distances; per epoch: tune/* and test/* scores
+    metrics.jsonl                              per step: loss, lr, distances; per epoch: tune/* and test/* scores,
+                                               val_loss (the tuning part's loss)
     checkpoint-N/, run.json                    as every trainer
 Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
 2 bad input (one `error:` line on stderr); 143 stopped by SIGTERM (a checkpoint at that step is saved).
@@ -40,7 +41,7 @@ from training.common.loop import TrainingRun
 from training.common.results import summarize_seeds, write_results
 from training.common.runtime import run_trainer
 from training.common.spec import RunSpec, resolve_run
-from training.common.task import Task
+from training.common.task import VAL_LOSS, Task
 from training.common.tasks import GLUE
 from training.common.tracking import setup_console
 from training.text.glue_data import (
@@ -220,13 +221,21 @@ class Glue(Task):
     def loss(self, model, batch, generator) -> torch.Tensor:
         batch = {k: v.to(self.run.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        return self.criterion(model(**batch).logits.float(), labels)
+
+    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, or MSE on the single logit for a regression task (STS-B)."""
         if self.task.is_regression:
             return F.mse_loss(logits.squeeze(-1), labels.float())
         return F.cross_entropy(logits, labels)
 
-    @torch.no_grad()
     def evaluate(self, model, part: str) -> dict[str, float]:
+        logits, labels = self.predict(model, part)
+        return score(self.task, logits.numpy(), labels.numpy())
+
+    @torch.no_grad()
+    def predict(self, model, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of one part, the model in eval mode (its mode restored after)."""
         data = self.parts[part]
         was_training = model.training
         model.eval()
@@ -237,13 +246,17 @@ class Glue(Task):
             with self.run.accelerator.autocast():
                 outputs.append(model(**{k: v.to(self.run.device) for k, v in batch.items()}).logits.float().cpu())
         model.train(was_training)
-        return score(self.task, torch.cat(outputs).numpy(), np.asarray(refs))
+        return torch.cat(outputs), torch.as_tensor(np.asarray(refs))
 
     def at_epoch_end(self, epoch: int, step: int) -> dict:
+        """The tuning and test parts' scores; the tuning part's loss as val_loss (the image trainers' key)."""
         model = self.run.model
         row = {"eval_epoch": epoch}
         for part in ("tune", "test"):
-            row.update({f"{part}/{k}": v for k, v in self.evaluate(model, part).items()})
+            logits, labels = self.predict(model, part)
+            row.update({f"{part}/{k}": v for k, v in score(self.task, logits.numpy(), labels.numpy()).items()})
+            if part == "tune":
+                row[VAL_LOSS] = self.criterion(logits, labels).item()
         if self.run.is_main and row["tune/score"] > self.best_tune():
             best = self.run.output_dir / "best"
             tmp = best.with_name("best.tmp")

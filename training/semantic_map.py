@@ -28,7 +28,8 @@ Outputs (output_dir), DreamBooth's layout:
     samples/  per validation map i: p{i}-map.png (control), p{i}-label.png (ids), p{i}-s{seed}.png; grid.png
     checkpoint-N/    adapter + encoder, optimizer/scheduler/RNG state, samples/
     metrics.jsonl    per step: loss, lr (lr_conditioning too), distance_fig3; distance/unet.<layer> of every
-                     adapted layer every --distance_logging_steps steps, at checkpoints and the last step
+                     adapted layer every --distance_logging_steps steps, at checkpoints and the last step;
+                     val_loss there too with --validation_loss_images N (the last N training pairs held out)
     run.json         arguments, resolved settings (condition, caption_source, encoder parameters, ...)
 Score it with  python -m eval.segmentation --run_dir OUTPUT_DIR --checkpoints all
 Exit codes (training/common/errors.py): 0 done; 1 diverged (the loss or gradient norm NaN/inf) or a write failed;
@@ -62,6 +63,7 @@ from training.common.tracking import setup_console
 from training.families import SD15, load_family
 from training.images.diffusion import DiffusionObjective
 from training.images.samples import grid
+from training.images.validation import HeldOutImages, held_out_loss, hold_out
 from training.segmap import data as sd
 from training.segmap.conditioning import (
     ENCODER_FILE,
@@ -151,12 +153,13 @@ def main(argv=None) -> int:
 
 
 # ----- the task -----------------------------------------------------------------------------------------
-class SemanticMap(Task):
+class SemanticMap(HeldOutImages, Task):
     """Diffusion loss with the control added to the UNet (ControlNet's objective), samples per map."""
 
     outputs = f"{ENCODER_FILE}, samples/ (map | samples in samples/grid.png)"
 
-    def __init__(self, run: TrainingRun, pipe, model: ConditionedUNet, validation: list[dict], args):
+    def __init__(self, run: TrainingRun, pipe, model: ConditionedUNet, validation: list[dict], args,
+                 held_out: list | None = None):
         self.run, self.args, self.model = run, args, model
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
         self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
@@ -165,6 +168,9 @@ class SemanticMap(Task):
         self.val_pipe = SD15().sampling_pipeline(pipe)
         self.validation = validation
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        if held_out:   # --validation_loss_images: the held-out pairs, each at its fixed crop
+            pairs = sd.SemanticMapDataset(held_out, args.resolution, args.condition, seed=0)
+            self.held_out = sd.collate([pairs[i] for i in range(len(held_out))])
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:   # frozen text encoder: each caption once
@@ -180,6 +186,13 @@ class SemanticMap(Task):
         control = batch["conditioning_pixel_values"].to(self.run.device)
         emb = self.encode(batch["captions"])
         return self.objective.loss(batch["pixel_values"], lambda noisy, t: model(noisy, t, emb, control), gen)
+
+    def validation_loss(self, model) -> float:
+        """The held-out pairs' denoising loss at fixed noise and timesteps (training/images/validation.py)."""
+        control = self.held_out["conditioning_pixel_values"].to(self.run.device)
+        emb = self.encode(self.held_out["captions"])
+        return held_out_loss(self.objective, model, lambda noisy, t: model(noisy, t, emb, control),
+                             self.held_out["pixel_values"], self.args, self.run.accelerator.autocast)
 
     def param_groups(self, model, lr: float, args) -> list[dict]:
         groups = super().param_groups(model, lr, args)
@@ -261,6 +274,7 @@ def train(spec: RunSpec) -> None:
     args = spec.args
     data = MapData.from_args(args)
     train_set, val_set, source = load_data(data)   # bad input fails in seconds, before anything is written
+    train_set, held_out = hold_out(train_set, args.validation_loss_images, "training pairs")
     run = TrainingRun(spec)
     logger.info("training pairs: %d from %s; validation maps: %d", len(train_set), source, len(val_set))
     validation = validation_items(data, val_set)
@@ -297,7 +311,8 @@ def train(spec: RunSpec) -> None:
             torch.manual_seed(mix_seed(run.seed, 1))
             encoder = conditioning_encoder(pipe.unet, pipe.vae_scale_factor).to(run.device)
     model = ConditionedUNet(pipe.unet, encoder, controlnet)
-    task = SemanticMap(run, pipe, model, validation, args)
+    task = SemanticMap(run, pipe, model, validation, args, held_out)
+    info = {"validation_loss": task.base_validation(model)}   # the base model's, before the adapter exists
 
     dataset = sd.SemanticMapDataset(train_set, args.resolution, args.condition, run.seed,
                                     args.proportion_empty_prompts)
@@ -313,7 +328,7 @@ def train(spec: RunSpec) -> None:
                   "condition": args.condition, "caption_source": caption_source,
                   "conditioning": "controlnet" if controlnet is not None else "encoder",
                   "conditioning_encoder_parameters": enc_params,
-                  "conditioning_learning_rate": task.encoder_lr if encoder is not None else None})
+                  "conditioning_learning_rate": task.encoder_lr if encoder is not None else None, **info})
 
 
 if __name__ == "__main__":

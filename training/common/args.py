@@ -221,6 +221,17 @@ def add_diffusion_args(parser: argparse.ArgumentParser, default_resolution: str 
            "output_dir); checkpoints and --validation_steps still sample. Saves the final sampling time, e.g. "
            "for benchmarks and sweeps.")
     p("--num_inference_steps", type=int, default=25, help="Denoising steps for samples and class images.")
+    p("--validation_loss_images", type=int, default=0,
+      help="Hold the last N training images (DreamBooth's instance images, the semantic map's pairs) out of "
+           "training and log their denoising loss as val_loss in metrics.jsonl at every checkpoint step and the "
+           "last step (the base model's in run.json): fixed noise (--validation_loss_seed) at "
+           "--validation_loss_timesteps points spread over the noise schedule, model in eval mode, unweighted "
+           "MSE; the same noise for every checkpoint and every method (default: 0, off).")
+    p("--validation_loss_timesteps", type=int, default=4,
+      help="Points of the noise schedule the validation loss averages over: timestep (or sigma) index "
+           "(k + 1/2)/K of the training schedule, k = 0..K-1 (default: 4).")
+    p("--validation_loss_seed", type=int, default=0,
+      help="Seed of the validation loss's latents and noise, apart from --seed (default: 0).")
     p("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for samples and class images.")
     p("--export_diffusers", type=_bool, nargs="?", const=True, default=True,
       help="At the end, also write output_dir/pytorch_lora_weights.safetensors: the final adapter as the exact "
@@ -275,7 +286,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     """Cross-flag checks shared by the trainers; one TrainingError per problem (after `resolve_run_length`:
     it fills the run length's defaults)."""
     positive = ["train_batch_size", "num_train_epochs", "checkpointing_steps", "gradient_accumulation_steps",
-                "num_validation_images", "num_inference_steps", "ddp_timeout", "distance_logging_steps"]
+                "num_validation_images", "num_inference_steps", "ddp_timeout", "distance_logging_steps",
+                "validation_loss_timesteps"]
     for name in positive + ["max_train_steps", "checkpoints_total_limit", "validation_steps", "resolution",
                           "num_threads"]:
         v = getattr(args, name, None)
@@ -285,6 +297,8 @@ def check_training_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and not v > 0:
             raise TrainingError(f"--{name} must be positive, got {v}")
+    if getattr(args, "validation_loss_images", 0) < 0:
+        raise TrainingError(f"--validation_loss_images must be >= 0, got {args.validation_loss_images}")
     if args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.dataloader_num_workers < 0:
         raise TrainingError("--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
 

@@ -304,6 +304,8 @@ class TrainingRun:
             row["time/step"] = t_train + row["time/distance"]
             row["time/distance_share"] = row["time/distance"] / row["time/step"]
             self.progress.set_postfix(loss=f"{row['loss']:.4f}", dist_fig3=f"{row['distance_fig3']:.3g}")
+            if step % self.spec.checkpointing_steps == 0 or step == self.max_steps:
+                row.update(self.task.at_checkpoint_step(step) or {})
         if ends_epoch:
             row.update(self.task.at_epoch_end(epoch, step) or {})
         self.metrics.log(step, row)

@@ -35,6 +35,7 @@ from lowrank.analysis import delora_bound
 from lowrank.export import DIFFUSERS_WEIGHTS
 
 from .models import TINY
+from .task import VAL_LOSS
 from .tasks import HEADS, task_of
 from .tracking import logger
 
@@ -86,7 +87,9 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     if not base and not _is_text(task):
         base = TINY   # the diffusion trainers' default (load_pipeline(None))
     ckpt = re.fullmatch(r"checkpoint-(\d+)", adapter_dir.name) if adapter_dir != run_dir else None
-    rows = [r for r in read_metrics(run_dir) if "distance_fig3" in r and (not ckpt or r["step"] <= int(ckpt[1]))]
+    logged = [r for r in read_metrics(run_dir) if not ckpt or r["step"] <= int(ckpt[1])]
+    rows = [r for r in logged if "distance_fig3" in r]
+    held_out = [(r["step"], r[VAL_LOSS]) for r in logged if isinstance(r.get(VAL_LOSS), (int, float))]
     # distance_max is on full-probe rows: every checkpoint step and the last step are full; a checkpoint a
     # SIGTERM wrote between them may not be, and then the card leaves the largest distance out
     last = rows[-1] if rows else {}
@@ -102,7 +105,7 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
                or (k in own and v not in (None, False, [], {}))}
     return {"run": run, "task": task, "method": method, "base": ALIASES.get(base, base),
             "options": options, "step": last.get("step"), "distance": last.get("distance_fig3"), "layer": layer,
-            "distance_max": last.get("distance_max"), "bound": bound,
+            "distance_max": last.get("distance_max"), "bound": bound, "val_loss": held_out[-1] if held_out else None,
             "results": read_json(run_dir / RESULTS, {}) or {}}
 
 
@@ -147,6 +150,13 @@ def _numbers(f: dict) -> list[str]:
         if f["bound"] is not None:
             line += f"; DeLoRA's bound on that layer (|λ| + |λ0|)·‖W̄‖ = {f['bound']:.4g}"
         lines.append(line)
+    if f["val_loss"]:
+        held = run.get("validation_loss") or {}   # the image trainers' settings; GLUE's is its tuning part
+        where = (f"{held.get('held_out_images')} held-out image(s), noise seed {held.get('seed')}, timesteps "
+                 + ", ".join(f"{t:g}" for t in held.get("timesteps") or []) + (f"; base model {held['base_model']:.4g}"
+                                               if isinstance(held.get("base_model"), float) else "")) if held \
+            else "the held-out part"
+        lines.append(f"- **Validation loss** at step {f['val_loss'][0]}: {f['val_loss'][1]:.4g} ({where})")
     info = f["results"].get("train_info") or {}
     if info.get("final"):
         scores = ", ".join(f"{k} {v:.4f}" for k, v in info["final"].items() if isinstance(v, (int, float)))

@@ -9,6 +9,10 @@ import torch
 import lowrank
 from ground import runfolder
 
+# metrics.jsonl's key of a held-out loss, logged by every trainer that has one (the image trainers' denoising loss
+# on held-out images, GLUE's loss on its tuning half) at the steps it measures it; eval.best: lowest is best
+VAL_LOSS = "val_loss"
+
 
 class Task:
     """A trainer's part of the loop. `loss` is required; every other hook has a default."""
@@ -45,6 +49,11 @@ class Task:
     def at_validation(self, step: int) -> None:
         """Main process, every --validation_steps that is not a checkpoint step."""
         self.samples(step, self.run.output_dir / "validation" / f"step-{step}")
+
+    def at_checkpoint_step(self, step: int) -> dict | None:
+        """Main process, at every checkpoint step and the last step, before the step's metrics row is written: a
+        returned dict joins the row (the image trainers' held-out val_loss)."""
+        return None
 
     def at_epoch_end(self, epoch: int, step: int) -> dict | None:
         """Every process, after an epoch's last step; a returned dict is logged (e.g. a dev-set score)."""

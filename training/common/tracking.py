@@ -8,6 +8,8 @@ and on the full-probe steps (every --distance_logging_steps steps, every checkpo
 every adapted layer besides:
     {"distance/<layer>", "rel_distance/<layer>", "distance_mean", "distance_max", "rel_distance_mean",
      "rel_distance_max"}
+and on checkpoint steps and the last step what the task measures there (Task.at_checkpoint_step: the image
+trainers' "val_loss"); on an epoch's last step what it measures at epoch ends (GLUE's "tune/*", "val_loss").
 """
 from __future__ import annotations
 

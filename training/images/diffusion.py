@@ -6,6 +6,13 @@ v-prediction (SD 1.x/2.x, SDXL) and rectified flow (the DiT families), each fami
     objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
     loss = objective.loss(pixels, lambda noisy, t: unet(noisy, t, emb, return_dict=False)[0], gen,
                           prior_loss_weight=1.0)   # second half of the batch: class images (DreamBooth Eq. 2)
+    val = objective.validation_loss(denoise, held_out_pixels, seed=0, num_timesteps=4)   # a float, no grad
+
+The validation loss (--validation_loss_images) is the plain MSE between prediction and target, no loss weighting,
+at fixed points of the noise schedule: timestep (or σ-grid) index ⌊f·T⌋ for f = (k + ½)/K, k = 0..K−1, spread
+evenly so no single t dominates the number. Its latents and noise come from a CPU generator seeded with `seed`
+alone, in this order (latents, then per point the noise of every image), never from the training generators or the
+global RNG: every checkpoint of every method sees the same noise.
 """
 from __future__ import annotations
 
@@ -15,7 +22,45 @@ import torch
 import torch.nn.functional as F
 
 
-class DiffusionObjective:
+def schedule_fractions(num_timesteps: int) -> list[float]:
+    """K evenly spread points of the schedule, as fractions in (0, 1): (k + ½)/K."""
+    return [(k + 0.5) / num_timesteps for k in range(num_timesteps)]
+
+
+class HeldOutLoss:
+    """validation_loss for an objective: `latents(pixels, gen)` and `at_point(latents, noise, fraction)` ->
+    (noisy latents, timesteps, target) are the objective's own."""
+
+    device: torch.device
+
+    def latents(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def at_point(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validation_loss(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                        seed: int, num_timesteps: int) -> float:
+        """The mean over `num_timesteps` fixed points of the schedule of the MSE between `denoise`'s prediction
+        and the target on `pixels` (the held-out images, one batch), with latents and noise drawn from a
+        generator seeded with `seed` alone. The caller puts the model in eval mode."""
+        gen = torch.Generator().manual_seed(seed)
+        latents = self.latents(pixels, gen)
+        losses = []
+        for fraction in schedule_fractions(num_timesteps):
+            noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
+            noisy, timesteps, target = self.at_point(latents, noise, fraction)
+            losses.append(F.mse_loss(denoise(noisy, timesteps).float(), target.float()))
+        return torch.stack(losses).mean().item()
+
+    def validation_timesteps(self, num_timesteps: int) -> list[float]:
+        """The model's timestep at each of the validation loss's points (run.json records them)."""
+        z = torch.zeros(1, 1, device=self.device)
+        return [float(self.at_point(z, z, f)[1][0]) for f in schedule_fractions(num_timesteps)]
+
+
+class DiffusionObjective(HeldOutLoss):
     """DDPM training of an epsilon- or v-prediction model (DreamBooth Eq. 1; diffusers' train_dreambooth_lora)."""
 
     def __init__(self, vae, scheduler, weight_dtype: torch.dtype, device: torch.device):
@@ -29,14 +74,25 @@ class DiffusionObjective:
         seeds per step and micro-batch, in this order (VAE sample, noise, timesteps): the same draws on any
         device and on resume."""
         sched = self.scheduler
-        pixels = pixels.to(self.device, dtype=self.vae.dtype)   # the VAE may stay fp32 (SDXL) under mixed precision
-        with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
-        latents = latents.to(self.weight_dtype)
+        latents = self.latents(pixels, gen)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         timesteps = timesteps.to(self.device)
         return latents, noise, timesteps, sched.add_noise(latents, noise, timesteps)
+
+    def latents(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A VAE sample (drawn from `gen`), scaled, in the weight dtype."""
+        pixels = pixels.to(self.device, dtype=self.vae.dtype)   # the VAE may stay fp32 (SDXL) under mixed precision
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
+        return latents.to(self.weight_dtype)
+
+    def at_point(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float):
+        """Timestep ⌊fraction · T⌋ for every image: (noisy latents, timesteps, target)."""
+        t = int(fraction * self.scheduler.config.num_train_timesteps)
+        timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=self.device)
+        return (self.scheduler.add_noise(latents, noise, timesteps), timesteps,
+                self.target(latents, noise, timesteps))
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the model predicts: the velocity for v-prediction models, else the noise (epsilon)."""
@@ -60,7 +116,7 @@ class DiffusionObjective:
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")   # diffusers' --weighting_scheme
 
 
-class FlowMatchObjective:
+class FlowMatchObjective(HeldOutLoss):
     """Rectified-flow training of the DiT families (FLUX.1, FLUX.2-klein), as diffusers'
     train_dreambooth_lora_flux*.py do it: σ from the scheduler's grid at u ~ the weighting scheme's density
     (compute_density_for_timestep_sampling), x_σ = (1 − σ)·x + σ·noise, target noise − x, per-sample MSE weighted
@@ -84,8 +140,7 @@ class FlowMatchObjective:
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         scheme, mean, std, mode_scale = self.weighting
-        with torch.no_grad():
-            latents = self.encode(pixels.to(self.device, dtype=self.vae_dtype), gen).to(self.weight_dtype)
+        latents = self.latents(pixels, gen)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
         u = compute_density_for_timestep_sampling(scheme, latents.shape[0], mean, std, mode_scale, generator=gen)
         indices = (u * self.scheduler.config.num_train_timesteps).long()
@@ -93,6 +148,20 @@ class FlowMatchObjective:
         sigmas = self.scheduler.sigmas[indices].to(self.device, torch.float32)
         sigma = sigmas.view(-1, *[1] * (latents.dim() - 1)).to(latents.dtype)
         return latents, noise, timesteps, sigmas, (1.0 - sigma) * latents + sigma * noise
+
+    def latents(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The family's latents (`encode`), in the weight dtype."""
+        with torch.no_grad():
+            return self.encode(pixels.to(self.device, dtype=self.vae_dtype), gen).to(self.weight_dtype)
+
+    def at_point(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float):
+        """The training grid's entry ⌊fraction · T⌋ (σ falls as the index grows) for every image: (noisy latents,
+        timesteps, target noise − x); no loss weighting, so runs with different --weighting_scheme compare."""
+        index = int(fraction * self.scheduler.config.num_train_timesteps)
+        n = latents.shape[0]
+        timesteps = self.scheduler.timesteps[index].repeat(n).to(self.device)
+        sigma = self.scheduler.sigmas[index].to(self.device, latents.dtype)
+        return (1.0 - sigma) * latents + sigma * noise, timesteps, noise - latents
 
     def loss(self, pixels: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              gen: torch.Generator, prior_loss_weight: float | None = None) -> torch.Tensor:
