@@ -54,7 +54,7 @@ SDXL_UNET = dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10,
 # SDXL scaled down for a CPU step of a second or two at 256 px: a fifth of the widths (64-wide heads as SDXL's),
 # 1/2/4 transformer layers per level (SDXL 1/2/10), two text encoders of widths 192 + 320 (cross_attention_dim
 # 512), the second's pooled projection 320 wide: text_time input 6 x 64 + 320 = 704
-SDXL_MID_TEXT = (192, 320)   # the two text encoders' hidden sizes (bench/sdxl_vs_diffusers.py builds them)
+SDXL_MID_TEXT = (192, 320)   # the two text encoders' hidden sizes (bench/vs_diffusers.py builds them)
 SDXL_MID_UNET = dict(block_out_channels=(64, 128, 256), attention_head_dim=(1, 2, 4),
                      transformer_layers_per_block=(1, 2, 4), cross_attention_dim=sum(SDXL_MID_TEXT),
                      addition_time_embed_dim=64, projection_class_embeddings_input_dim=6 * 64 + SDXL_MID_TEXT[1],

@@ -1,10 +1,11 @@
-"""Our DreamBooth trainer against diffusers' own train_dreambooth_lora_sdxl.py, on one random SDXL pipeline.
+"""Our DreamBooth trainer against diffusers' own LoRA DreamBooth script of a family, on one random pipeline.
 
-    python bench/sdxl_vs_diffusers.py [--model sdxl-mid|tiny-sdxl|DIR] [--resolution 384] [--steps 5 45]
-                                      [--rounds 3] [--rank 16] [--batch 1]
+    python bench/vs_diffusers.py [--family sdxl|flux2-klein] [--model sdxl-mid|tiny-sdxl|tiny-flux2-klein|DIR]
+                                 [--resolution 384] [--steps 5 45] [--rounds 3] [--rank 16] [--batch 1]
 
-What a user would run instead: diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (vendored in
-bench/vendor/, see its README.md) and training/dreambooth.py --method lora, each as its own process
+What a user would run instead: diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py (--family sdxl) or
+train_dreambooth_lora_flux2_klein.py (--family flux2-klein; both kept in bench/vendor/, see its README.md for
+where they come from) and training/dreambooth.py --method lora, each as its own process
 (`python SCRIPT ...`, no launcher), on the same pipeline folder and the same instance images (crops of
 skimage.data.chelsea()), with the same rank, resolution, batch size, seed and learning rate, fp32
 (--mixed_precision no), no validation, no checkpoint, no final samples, both logging to tensorboard (both
@@ -16,10 +17,12 @@ commands with the order of the trainers swapped every round (a slow phase of a n
                                                             the final save: everything but the steps)
 
 Ours also logs its own time/step (metrics.jsonl; the median of the N2 run, first step left out) as a check of the
-differencing. --model sdxl-mid (the default) builds a random pipeline of SDXL's architecture scaled down
+differencing. --model sdxl-mid (SDXL's default) builds a random pipeline of SDXL's architecture scaled down
 (bench/unet_step.py's SDXL_MID_UNET, two CLIP text encoders of widths 192 and 320, the second with a pooled
-projection; the 8x VAE of bench/unet_step.py) with save_pretrained; tiny-sdxl is the project's preset (SDXL in
-miniature: too small to say much about speed); a folder is any saved StableDiffusionXLPipeline.
+projection; the 8x VAE of bench/unet_step.py) with save_pretrained; tiny-sdxl and tiny-flux2-klein (klein's
+default) are the project's presets (the architectures in miniature); a folder is any saved pipeline of the family.
+Klein: both train on the text encoder's layers 9, 18, 27 (the pipeline's, ours; the script's default is 10, 20,
+30, so it is given --text_encoder_out_layers 9 18 27) and both encode the prompt once.
 """
 from __future__ import annotations
 
@@ -39,8 +42,12 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, machine, write_json  # noqa: E402
 from ground import cli  # noqa: E402
 
-THEIRS = ROOT / "bench" / "vendor" / "train_dreambooth_lora_sdxl.py"
 OURS = ROOT / "training" / "dreambooth.py"
+# per family: diffusers' script, the default --model, what their script needs to train what ours trains
+FAMILIES = {"sdxl": dict(script=ROOT / "bench" / "vendor" / "train_dreambooth_lora_sdxl.py", model="sdxl-mid",
+                         theirs=[]),
+            "flux2-klein": dict(script=ROOT / "bench" / "vendor" / "train_dreambooth_lora_flux2_klein.py",
+                                model="tiny-flux2-klein", theirs=["--text_encoder_out_layers", "9", "18", "27"])}
 PROMPT = "a photo of sks cat"
 
 
@@ -81,10 +88,11 @@ def pipeline_folder(model: str, work: Path, resolution: int) -> Path:
         folder = work / "sdxl-mid-random"
         build_sdxl_mid(folder, resolution)
         return folder
-    from training.families import SDXL
+    from training.families import FAMILIES as PRESETS
 
-    if SDXL().is_preset(model):
-        return SDXL().preset_path()   # built once into the cache; their script loads the same folder
+    for family in PRESETS:
+        if family.is_preset(model):
+            return family.preset_path()   # built once into the cache; their script loads the same folder
     return Path(model).expanduser().resolve()
 
 
@@ -110,7 +118,7 @@ def commands(args, pipeline: Path, instances: Path, out: Path, steps: int) -> di
               "--report_to", "tensorboard"]
     return {"ours": [sys.executable, str(OURS), *shared, "--output_dir", str(out / f"ours-{steps}"),
                      "--method", "lora", "--skip_final_samples"],
-            "theirs": [sys.executable, str(args.diffusers_script), *shared,
+            "theirs": [sys.executable, str(args.diffusers_script), *shared, *FAMILIES[args.family]["theirs"],
                        "--output_dir", str(out / f"theirs-{steps}")]}
 
 
@@ -171,9 +179,11 @@ def measure(args, pipeline: Path, instances: Path, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sdxl-mid",
-                   help="sdxl-mid (default: SDXL scaled down, random weights, built here), tiny-sdxl (the preset) "
-                        "or a saved StableDiffusionXLPipeline folder")
+    p.add_argument("--family", default="sdxl", choices=sorted(FAMILIES),
+                   help="whose diffusers script ours runs against (default sdxl)")
+    p.add_argument("--model", default=None,
+                   help="sdxl-mid (SDXL's default: SDXL scaled down, random weights, built here), a preset "
+                        "(tiny-sdxl; tiny-flux2-klein, klein's default) or a saved pipeline folder of the family")
     p.add_argument("--resolution", type=int, default=384, help="training resolution, both trainers")
     p.add_argument("--steps", type=int, nargs=2, default=[5, 45], metavar=("N1", "N2"),
                    help="the two step counts each trainer runs (per step = the difference of the walls / N2-N1)")
@@ -181,18 +191,20 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank, both trainers")
     p.add_argument("--batch", type=int, default=1, help="--train_batch_size, both trainers")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
-    p.add_argument("--diffusers_script", type=Path, default=THEIRS,
-                   help="diffusers' train_dreambooth_lora_sdxl.py (default: the vendored copy)")
+    p.add_argument("--diffusers_script", type=Path, default=None,
+                   help="diffusers' script (default: the family's copy in bench/vendor/)")
     p.add_argument("--workdir", type=Path, help="keep the pipeline, images and runs here (default: a temp folder)")
-    p.add_argument("--out", type=Path, help="result JSON (default bench/results/sdxl_vs_diffusers-<device>-"
+    p.add_argument("--out", type=Path, help="result JSON (default bench/results/vs_diffusers-<family>-<device>-"
                                             "<model>-<resolution>px.json)")
     args = p.parse_args(argv)
+    args.model = args.model or FAMILIES[args.family]["model"]
+    args.diffusers_script = args.diffusers_script or FAMILIES[args.family]["script"]
     if args.steps[1] <= args.steps[0]:
         raise cli.CommandError("--steps N1 N2 needs N2 > N1")
     if not args.diffusers_script.is_file():
         raise cli.CommandError(f"no {args.diffusers_script}: see bench/vendor/README.md for where it comes from")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sdxl_vs_diffusers-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vs_diffusers-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         pipeline = pipeline_folder(args.model, work, args.resolution)
@@ -201,11 +213,12 @@ def main(argv=None) -> int:
     import diffusers
     import peft
 
-    result.update(machine=machine(), diffusers=diffusers.__version__, peft=peft.__version__, model=args.model,
+    result.update(machine=machine(), diffusers=diffusers.__version__, peft=peft.__version__, family=args.family,
+                  script=args.diffusers_script.name, model=args.model,
                   resolution=args.resolution, rank=args.rank, batch=args.batch, steps=args.steps,
                   rounds=args.rounds, seconds=time.perf_counter() - t0,
-                  bench="python bench/sdxl_vs_diffusers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    name = f"sdxl_vs_diffusers-{args.device}-{Path(args.model).name}-{args.resolution}px.json"
+                  bench="python bench/vs_diffusers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    name = f"vs_diffusers-{args.family}-{args.device}-{Path(args.model).name}-{args.resolution}px.json"
     out = args.out or RESULTS / name
     write_json(out, result, parents=True)
     o, t = result["ours"], result["theirs"]
