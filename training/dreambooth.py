@@ -81,6 +81,8 @@ class DreamBooth(HeldOutImages, Task):
         # per-image captions (--caption_column): row i for instance image i
         self.caption_conds = stack(*[family.encode(pipe, captions[i:i + 32], args.resolution)
                                      for i in range(0, len(captions), 32)]) if captions else None
+        # --caption_dropout: the empty prompt's conditioning, encoded once like the others
+        self.empty_cond = family.encode(pipe, [""], args.resolution) if args.caption_dropout else None
         self.val_pipe = family.sampling_pipeline(pipe)
         self.held_out = self.held_out_batch(pipe, instance_prompt, *held_out)
         self.val_prompts = args.validation_prompt or [instance_prompt]
@@ -94,6 +96,8 @@ class DreamBooth(HeldOutImages, Task):
         n = pixels.shape[0] // 2 if prior else pixels.shape[0]   # with prior preservation: instance | class
         cond = expand(self.instance_cond, n) if self.caption_conds is None else \
             select(self.caption_conds, batch["index"].to(self.run.device))
+        if "drop" in batch:   # --caption_dropout: these instance images train with the empty prompt
+            cond = dropped(cond, self.empty_cond, batch["drop"].to(self.run.device))
         if prior:
             cond = stack(cond, expand(self.class_cond, n))
         cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
@@ -134,6 +138,12 @@ class DreamBooth(HeldOutImages, Task):
             write_grid(output_dir / runfolder.SAMPLES_GRID, shots, cols=self.args.num_validation_images)
         if self.args.export_diffusers:
             export_diffusers(self.model, output_dir, component=self.family.denoiser_name)
+
+
+def dropped(cond: dict, empty: dict, drop: torch.Tensor) -> dict:
+    """`cond` with the rows where `drop` is true replaced by the empty prompt's conditioning `empty` (one row)."""
+    return {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype).expand_as(v), v)
+            for k, v in cond.items()}
 
 
 def train(spec: RunSpec) -> None:
@@ -189,7 +199,8 @@ def train(spec: RunSpec) -> None:
             raise TrainingError(f"--class_data_dir {class_dir} has {len(class_images)} readable images, fewer than "
                                 f"--num_class_images {args.num_class_images}; remove the unreadable ones")
 
-    dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed)
+    dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed,
+                                args.caption_dropout)
     max_train_steps = run.total_steps(len(dataset))
     model = family.denoiser(pipe)   # the UNet, or a DiT family's transformer
     task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,

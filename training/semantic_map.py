@@ -107,8 +107,9 @@ def build_parser() -> ArgumentParser:
                         "are made from the map.")
     g.add_argument("--condition", default="seg", help="seg (the painted map, default), canny or shuffle "
                                                       "(controlnet-aux's weight-free detectors on the image).")
-    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                   help="Share of training captions replaced by the empty prompt (0..1).")
+    g.add_argument("--proportion_empty_prompts", "--caption_dropout", type=float, default=0.0,
+                   help="Share of training captions replaced by the empty prompt (0..1), drawn per pair from --seed; "
+                        "--caption_dropout is the same flag under DreamBooth's name (default: 0).")
     g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training pairs.")
     g.add_argument("--validation_image", nargs="+", default=None,
                    help="Control images or label maps sampled at checkpoints (default: the validation split's first "
@@ -162,7 +163,8 @@ class SemanticMap(HeldOutImages, Task):
                  held_out: list | None = None):
         self.run, self.args, self.model = run, args, model
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
-        self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device)
+        self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device, args.snr_gamma,
+                                            args.noise_offset)
         # the encoder's rate, resolved once (param_groups and run.json read it)
         self.encoder_lr = args.conditioning_learning_rate or min(run.spec.learning_rate, MAX_CONDITIONING_LR)
         self.val_pipe = SD15().sampling_pipeline(pipe)

@@ -232,6 +232,15 @@ def add_diffusion_args(parser: argparse.ArgumentParser, default_resolution: str 
            "(k + 1/2)/K of the training schedule, k = 0..K-1 (default: 4).")
     p("--validation_loss_seed", type=int, default=0,
       help="Seed of the validation loss's latents and noise, apart from --seed (default: 0).")
+    p("--snr_gamma", type=float, default=None,
+      help="Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5.0 the usual value): each image's "
+           "MSE times min(SNR(t), γ)/SNR(t) for epsilon-prediction models, min(SNR(t), γ)/(SNR(t) + 1) for "
+           "v-prediction ones, so the many low-noise steps stop dominating. SD and SDXL (FLUX weights its timesteps "
+           "with --weighting_scheme) (default: none, unweighted MSE).")
+    p("--noise_offset", type=float, default=0.0,
+      help="Offset noise (diffusers' --noise_offset, 0.05-0.1 typical): the training noise plus offset · N(0, 1), "
+           "one constant per image and latent channel, so the model learns to make images darker or brighter "
+           "overall. SD and SDXL (default: 0, off).")
     p("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for samples and class images.")
     p("--export_diffusers", type=_bool, nargs="?", const=True, default=True,
       help="At the end, also write output_dir/pytorch_lora_weights.safetensors: the final adapter as the exact "
@@ -297,6 +306,11 @@ def check_training_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and not v > 0:
             raise TrainingError(f"--{name} must be positive, got {v}")
+    gamma, offset = getattr(args, "snr_gamma", None), getattr(args, "noise_offset", 0.0)
+    if gamma is not None and not 0 < gamma < float("inf"):
+        raise TrainingError(f"--snr_gamma must be a positive number (5.0 is the usual value), got {gamma}")
+    if not 0 <= offset < float("inf"):
+        raise TrainingError(f"--noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
     if getattr(args, "validation_loss_images", 0) < 0:
         raise TrainingError(f"--validation_loss_images must be >= 0, got {args.validation_loss_images}")
     if args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.dataloader_num_workers < 0:

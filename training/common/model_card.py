@@ -51,6 +51,8 @@ LICENSES = {
     "sentence-transformers/all-minilm-l6-v2": "apache-2.0",
 }
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
+# the loss and data settings a card lists when a run turned them on (off: 0 or unset)
+OPTIONAL_SETTINGS = ("snr_gamma", "noise_offset", "caption_dropout", "proportion_empty_prompts")
 TINY_MODELS = (TINY, "tiny-sdxl", "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (families, language)
 
 
@@ -141,6 +143,7 @@ def _numbers(f: dict) -> list[str]:
     run = f["run"]
     train = {k: run_setting(run, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "seed",
                                               "resolution") if run_setting(run, k) is not None}
+    train.update({k: run_setting(run, k) for k in OPTIONAL_SETTINGS if run_setting(run, k)})   # only when on
     if train:
         lines.append("- **Training**: " + ", ".join(f"`{k}={v}`" for k, v in train.items()))
     if f["distance"] is not None:

@@ -36,6 +36,7 @@ class Family:
     default_resolution = 512
     vae_in_fp32 = False                        # keep the VAE in fp32 under mixed precision (SDXL's NaNs in fp16)
     denoiser_name = "unet"                     # the pipeline part the adapters go into (DiT families: "transformer")
+    flow_matching = False                      # trains by rectified flow (no DDPM timesteps: no SNR, no offset noise)
 
     # ----- loading -------------------------------------------------------------------------------------
     def is_preset(self, name_or_path: str | None) -> bool:
@@ -129,7 +130,15 @@ class Family:
     # ----- training ----------------------------------------------------------------------------------------
     def for_run(self, args) -> Family:
         """This family with a run's own settings (FLUX: --max_sequence_length), checked: what the trainer encodes
-        prompts and samples with. A copy; the registered family keeps its defaults."""
+        prompts and samples with. A copy; the registered family keeps its defaults. A flow-matching family refuses
+        the DDPM-only flags (--snr_gamma, --noise_offset), each in one line."""
+        if self.flow_matching and getattr(args, "snr_gamma", None) is not None:
+            raise TrainingError(f"--snr_gamma weights DDPM timesteps by their SNR (SD, SDXL); the {self.name} family "
+                                f"trains by flow matching: weight its timesteps with --weighting_scheme "
+                                f"(logit_normal, mode, sigma_sqrt, cosmap) instead")
+        if self.flow_matching and getattr(args, "noise_offset", 0.0):
+            raise TrainingError(f"--noise_offset shifts DDPM noise (SD, SDXL); the {self.name} family trains by flow "
+                                f"matching, where diffusers' scripts have no offset noise: leave it at 0")
         return copy.copy(self)
 
     def call_kwargs(self, pipe) -> dict:
@@ -144,7 +153,8 @@ class Family:
     def objective(self, pipe, weight_dtype: torch.dtype, device: torch.device, args):
         """The training step's objective (training.images.diffusion): DDPM's epsilon/v-prediction here; flow
         matching for the DiT families."""
-        return DiffusionObjective(pipe.vae, pipe.scheduler, weight_dtype, device)
+        return DiffusionObjective(pipe.vae, pipe.scheduler, weight_dtype, device, getattr(args, "snr_gamma", None),
+                                  getattr(args, "noise_offset", 0.0))
 
     def encode(self, pipe, prompts: list[str], size: int) -> Conditioning:
         """The frozen text encoders' conditioning of `prompts` at `size` pixels, batch first."""

@@ -66,6 +66,7 @@ class FLUX(Family):
     preset = "tiny-flux"
     tags = ("flux", "flux-diffusers")
     denoiser_name = "transformer"
+    flow_matching = True
     default_resolution = 512
     vae_in_fp32 = False   # train_dreambooth_lora_flux.py keeps the VAE in weight_dtype
     # diffusers' --lora_layers default: double blocks' image + text attention and feed-forwards; single blocks'

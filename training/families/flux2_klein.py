@@ -99,6 +99,7 @@ class Flux2Klein(Family):
     fig3_pattern = "transformer_blocks.0.attn.to_out.0"   # the first double block's image out-projection
     default_resolution = 1024   # the klein README trains at 1024 px (the script's default 512 is peft's benchmark)
     denoiser_name = "transformer"
+    flow_matching = True
 
     def build_preset(self, directory: Path) -> None:
         from diffusers import (

@@ -63,19 +63,25 @@ class HeldOutLoss:
 class DiffusionObjective(HeldOutLoss):
     """DDPM training of an epsilon- or v-prediction model (DreamBooth Eq. 1; diffusers' train_dreambooth_lora)."""
 
-    def __init__(self, vae, scheduler, weight_dtype: torch.dtype, device: torch.device):
+    def __init__(self, vae, scheduler, weight_dtype: torch.dtype, device: torch.device, snr_gamma: float | None = None,
+                 noise_offset: float = 0.0):
         from diffusers import DDPMScheduler
 
         self.vae, self.weight_dtype, self.device = vae, weight_dtype, device
         self.scheduler = DDPMScheduler.from_config(scheduler.config)   # the pipeline's own noise schedule
+        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset    # --snr_gamma, --noise_offset (None, 0: off)
 
     def noisy_latents(self, pixels: torch.Tensor, gen: torch.Generator):
         """(latents, noise, timesteps, noisy latents). All randomness comes from `gen`, a CPU generator the loop
-        seeds per step and micro-batch, in this order (VAE sample, noise, timesteps): the same draws on any
-        device and on resume."""
+        seeds per step and micro-batch, in this order (VAE sample, noise, with --noise_offset the offsets,
+        timesteps; diffusers' order): the same draws on any device and on resume. Offset noise (diffusers'
+        train_text_to_image.py): noise + offset · N(0, 1) of shape (B, C, 1, 1), one constant per image and channel."""
         sched = self.scheduler
         latents = self.latents(pixels, gen)
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
+        if self.noise_offset:   # off: no draw, so a run without it keeps its bits
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, dtype=torch.float32)
+            noise = noise + self.noise_offset * offset.to(self.device, latents.dtype)
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         timesteps = timesteps.to(self.device)
         return latents, noise, timesteps, sched.add_noise(latents, noise, timesteps)
@@ -102,15 +108,38 @@ class DiffusionObjective(HeldOutLoss):
 
     def loss(self, pixels: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              gen: torch.Generator, prior_loss_weight: float | None = None) -> torch.Tensor:
-        """The MSE between the prediction and the target; with `prior_loss_weight`, the batch's second half is the
-        class images and the loss is instance MSE + weight × prior MSE (DreamBooth Eq. 2)."""
+        """The MSE between the prediction and the target (min-SNR-weighted with --snr_gamma); with
+        `prior_loss_weight`, the batch's second half is the class images and the loss is instance MSE + weight ×
+        prior MSE (DreamBooth Eq. 2; the prior MSE unweighted, as diffusers' train_dreambooth_lora_sdxl.py has it)."""
         latents, noise, timesteps, noisy = self.noisy_latents(pixels, gen)
         pred = denoise(noisy, timesteps).float()
         target = self.target(latents, noise, timesteps)
         if prior_loss_weight is None:
-            return F.mse_loss(pred, target)
+            return self.weighted_mse(pred, target, timesteps)
         (pred, pred_prior), (target, target_prior) = pred.chunk(2), target.chunk(2)
-        return F.mse_loss(pred, target) + prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+        return self.weighted_mse(pred, target, timesteps.chunk(2)[0]) + \
+            prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ loss weights (Hang et al. 2023, Sec. 3.4) of each image's timestep, as diffusers'
+        train_text_to_image.py computes them: min(SNR(t), γ) / SNR(t) for epsilon-prediction models,
+        min(SNR(t), γ) / (SNR(t) + 1) for v-prediction ones, SNR from diffusers.training_utils.compute_snr.
+        (train_dreambooth_lora_sdxl.py still has the older v-prediction form min(SNR, γ)/SNR + 1, which diffusers
+        issues #5654 and #9451 show over-weights high-noise steps; the fixed form is the one here.)"""
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, timesteps)
+        weights = torch.stack([snr, self.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return weights / (snr + 1)
+        return weights / snr
+
+    def weighted_mse(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The batch's MSE; with --snr_gamma each image's own MSE times its min-SNR weight, then their mean."""
+        if self.snr_gamma is None:
+            return F.mse_loss(pred, target)
+        per_image = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.dim())))
+        return (per_image * self.snr_weights(timesteps)).mean()
 
 
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")   # diffusers' --weighting_scheme

@@ -46,6 +46,11 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--caption_column", default=None,
                    help="--dataset_name's per-image prompt column; each image trains with its own caption (default: "
                         "none, every image uses --instance_prompt).")
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="Probability that an instance image trains with the empty prompt \"\" instead of its caption "
+                        "or --instance_prompt (kohya's caption_dropout_rate, diffusers' --proportion_empty_prompts): "
+                        "drawn per image and step from --seed, so reruns and resumed runs drop the same ones; class "
+                        "images keep --class_prompt (default: 0, off).")
     g.add_argument("--instance_prompt", default=None,
                    help=f"Prompt with the identifier of the subject (default with the example: {EXAMPLE_PROMPT!r}; "
                         f"required with --instance_data_dir and --dataset_name, samples use it).")
@@ -91,6 +96,8 @@ def parse_args(argv=None) -> RunSpec:
         args.class_prompt = args.class_prompt or EXAMPLE_CLASS_PROMPT
     elif not args.instance_prompt:
         raise TrainingError(f"--instance_prompt is required with {data_flag} (e.g. 'a photo of sks dog')")
+    if not 0 <= args.caption_dropout <= 1:
+        raise TrainingError(f"--caption_dropout is a probability: give 0 to 1, got {args.caption_dropout}")
     if args.caption_column and not args.dataset_name:
         raise TrainingError("--caption_column reads captions from --dataset_name; give --dataset_name too")
     spec = resolve_run(args, DREAMBOOTH, DEFAULT_STEPS)   # a bad method/option fails now, before any model

@@ -38,11 +38,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Index k is a position in the whole run (epoch * len + i): sample i, cropped by a generator seeded
     from (seed, k). With class images, each item also carries a class image (prior preservation); each item
-    names its instance image (`index`), whose caption the loss uses when the data has captions."""
+    names its instance image (`index`), whose caption the loss uses when the data has captions. With
+    `caption_dropout` p, each item also says whether its instance image trains with the empty prompt (`drop`):
+    a draw from the same generator after the crops, so the crops are those of a run without it."""
 
-    def __init__(self, instance_images, class_images, size: int, center_crop: bool, seed: int):
+    def __init__(self, instance_images, class_images, size: int, center_crop: bool, seed: int,
+                 caption_dropout: float = 0.0):
         self.instance, self.cls = list(instance_images), list(class_images or [])
         self.size, self.center_crop, self.seed = size, center_crop, seed
+        self.caption_dropout = caption_dropout
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.cls))
@@ -65,13 +69,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         item["instance"], item["instance_crop"] = self.crop(self.instance[i % len(self.instance)], gen)
         if self.cls:
             item["class"], item["class_crop"] = self.crop(self.cls[i % len(self.cls)], gen)
+        if self.caption_dropout:   # off: no draw
+            item["drop"] = bool(torch.rand((), generator=gen).item() < self.caption_dropout)
         return item
 
 
 def collate(items: list[dict]) -> dict:
     """Instance images first, then class images (the loss splits the batch in two halves), the instance images'
-    indices (their captions, when the data has them) and each image's crop (height, width, top, left)."""
+    indices (their captions, when the data has them), each image's crop (height, width, top, left) and, with
+    caption dropout, which instance images train with the empty prompt."""
     pixels = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     crops = [it["instance_crop"] for it in items] + [it["class_crop"] for it in items if "class" in it]
-    return {"pixels": torch.stack(pixels), "index": torch.tensor([it["index"] for it in items]),
-            "crops": torch.tensor(crops)}
+    batch = {"pixels": torch.stack(pixels), "index": torch.tensor([it["index"] for it in items]),
+             "crops": torch.tensor(crops)}
+    if "drop" in items[0]:
+        batch["drop"] = torch.tensor([it["drop"] for it in items])
+    return batch
