@@ -17,6 +17,7 @@ from ground import cli
 from lowrank import METHODS, AdapterConfig
 
 from . import TrainingError
+from .config import CONFIG_FILE, parse_with_config
 from .tracking import DEFAULT_DISTANCE_LOGGING_STEPS
 
 # Flags whose AdapterConfig field the trainer fills in itself when the user leaves them unset.
@@ -46,7 +47,13 @@ def check_folder_path(path: Path, flag: str) -> None:
 
 
 class ArgumentParser(cli.ArgumentParser):
+    """A trainer's parser: errors are one TrainingError line; with a --config flag (add_run_args), a config file's
+    values under the command line's (training/common/config.py)."""
+
     error_class = TrainingError
+
+    def parse_known_args(self, args=None, namespace=None):
+        return parse_with_config(self, super().parse_known_args, args, namespace)
 
 
 def _bool(text: str) -> bool:
@@ -130,6 +137,10 @@ def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size 
     diffusion group. `default_steps`: the run length when neither --max_train_steps nor --num_train_epochs
     is given, as (steps, checkpoints), see `resolve_run_length`; None: diffusers' one epoch."""
     p = parser.add_argument
+    p("--config", default=None, metavar="FILE",
+      help=f"Read flags from a YAML (.yaml/.yml), TOML or JSON file: one key per flag, named without the dashes "
+           f"(learning_rate: 1.0e-4; lists as lists; switches true/false); flags on the command line override it. "
+           f"Every run writes output_dir/{CONFIG_FILE}, which passed back here reproduces the run.")
     p("--output_dir", default=None, help=f"Where the adapter, checkpoints, samples and metrics go "
                                         f"(default: {default_output}).")
     p("--seed", type=int, default=None, help="Seed for the adapter init, data order and noise (recorded in "

@@ -45,6 +45,7 @@ from ground import runfolder
 from . import DivergedError, StoppedError, TrainingError
 from .batches import epoch_batches, mix_seed, steps_per_epoch, total_steps
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
+from .config import write_config
 from .faults import fault_point
 from .model_card import write_run_card
 from .runtime import StopRequest, quiet_libraries, refuse_sharding, set_threads, start_accelerator
@@ -228,6 +229,7 @@ class TrainingRun:
             **(info or {}))
         if self.is_main:
             runfolder.write_json(self.output_dir / runfolder.RUN_JSON, run)
+            write_config(self.output_dir, args, f"training/{self.spec.task.name}.py", seed=self.seed)
 
     def start_metrics(self, step: int) -> None:
         """metrics.jsonl and the trackers (tasks log their images through self.metrics), the progress bar."""

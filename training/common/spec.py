@@ -11,6 +11,7 @@ folder, the adapter config, the run length or the learning rate from the flags.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ class RunSpec:
 
     def with_seed(self, seed: int, output_dir: Path) -> RunSpec:
         """One run of a multi-seed command (glue.py/instruct.py --seeds): its seed and its own folder."""
-        args = argparse.Namespace(**{**vars(self.args), "seed": seed, "seeds": None, "output_dir": str(output_dir)})
+        args = copy.copy(self.args)   # a copy keeps what the parser knows of its flags (config.Flags)
+        args.seed, args.seeds, args.output_dir = seed, None, str(output_dir)
         return dataclasses.replace(self, args=args, output_dir=output_dir)
 
 
