@@ -11,12 +11,15 @@ What a source can be, tried in this order:
 - a data file (.parquet, .json / .jsonl, .csv, .tsv): datasets.load_dataset("parquet" | "json" | "csv", ...);
 - any other local folder: datasets.load_dataset(folder), which picks the builder from the files in it
   (parquet/JSON/CSV files; images with a metadata.jsonl: the imagefolder builder, whose `file_name` column
-  becomes the `image` column and `<name>_file_name` columns become `<name>` image columns);
+  becomes the `image` column and `<name>_file_name` columns become `<name>` image columns; every file its
+  metadata names is checked first: there, and an image);
 - anything else: a hub dataset name (needs the hub, or its copy in the datasets cache when offline).
 Every failure is one TrainingError naming the flag, never a datasets traceback.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -67,6 +70,7 @@ def load_splits(source: str, flag: str, config: str | None = None, cache_dir: st
         elif path.is_dir():
             if not any(p for p in path.iterdir() if not p.name.startswith(".")):
                 raise TrainingError(f"{flag} {path} is an empty folder; put the data files in it")
+            check_listed_files(path, f"{flag} {source}")
             loaded = datasets.load_dataset(str(path), config, cache_dir=cache_dir)
         elif is_local(source):
             raise TrainingError(f"{flag} {path} does not exist")
@@ -82,6 +86,45 @@ def load_splits(source: str, flag: str, config: str | None = None, cache_dir: st
     if not splits:
         raise TrainingError(f"{flag} {source} holds no data")
     return splits
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")   # the imagefolder builder's, in the folder or a split's
+
+
+def metadata_rows(meta: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of an imagefolder's metadata.jsonl / metadata.csv."""
+    text = meta.read_text(encoding="utf-8")
+    if meta.suffix == ".csv":
+        return [(n, row) for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError:
+                raise TrainingError(f"{meta} line {n} is not JSON; fix or remove it") from None
+    return rows
+
+
+def check_listed_files(folder: Path, what: str) -> None:
+    """Every file an imagefolder's metadata names (`file_name`, `<name>_file_name`, relative to the metadata's
+    folder) exists and opens as an image, checked before anything is loaded or written: the `datasets` library
+    finds a missing one only when it decodes that row, with a long FileNotFoundError traceback."""
+    for meta in sorted(m for name in METADATA_FILES for m in folder.rglob(name)):
+        for n, row in metadata_rows(meta):
+            for key, value in (row.items() if isinstance(row, dict) else ()):
+                if not (key == "file_name" or str(key).endswith("_file_name")) or not isinstance(value, str):
+                    continue
+                file = meta.parent / value
+                where = f"{what}: {meta.name} line {n} names {value!r}"
+                if not file.is_file():
+                    raise TrainingError(f"{where}, which is not there ({file}); add the file or remove the line")
+                try:
+                    with Image.open(file) as img:
+                        img.load()
+                except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                    raise TrainingError(f"{where}, which does not open as an image ({file}); replace it or remove "
+                                        f"the line") from None
 
 
 def pick_split(splits: dict, name: str, what: str, required: bool = True):
