@@ -162,9 +162,10 @@ def module_available(prefix: list[str]) -> bool:
     return True
 
 
-# eval.subject's protocol is DreamBooth's 25 prompts x 4 seeds per checkpoint; "quick" is for a look on a CPU
+# eval.subject's protocol is DreamBooth's 25 prompts x 4 seeds per checkpoint; "quick" is for a look on a CPU.
+# Drift (eval/drift.py): eval.subject's default 2 of peft's drift prompts, all 10 in "full"
 PROTOCOLS = {"quick (3 prompts × 1 image)": ["--max_prompts", "3", "--images_per_prompt", "1"],
-             "full (25 prompts × 4 images)": []}
+             "full (25 prompts × 4 images, 10 drift prompts)": ["--drift_prompts", "10"]}
 
 
 def eval_command(run_dir: Path, scorer: list[str] | None = None, extra: list[str] | None = None) -> list[str]:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from eval.best import best_checkpoint
+from eval.robustness_tables import LOWER_IS_BETTER  # drift (eval/drift.py): 0 = the base model's own images
 
 matplotlib.use("Agg")    # a server: never a GUI backend
 
@@ -29,7 +30,7 @@ from . import cache, lineplot, runs
 DISTANCE_KEYS = ("distance_fig3", "distance_mean", "distance_max",
                  "rel_distance_fig3", "rel_distance_mean", "rel_distance_max")
 VAL_LOSS = "val_loss"   # training.common.task.VAL_LOSS: a held-out loss (the image trainers', GLUE's tuning part)
-EVAL_KEYS = ("dino", "clip_i", "clip_t", "miou", "pixel_accuracy")   # eval.subject; eval.segmentation
+EVAL_KEYS = ("dino", "clip_i", "clip_t", "drift", "miou", "pixel_accuracy")   # eval.subject; eval.segmentation
 CELL = 128
 MARGINS = dict(left=0.11, right=0.98, bottom=0.15, top=0.9)   # fixed: a constrained layout draws twice
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -221,14 +222,16 @@ def tradeoff_points(run_infos: list[runs.RunInfo], distance: str, metric: str) -
     return pd.DataFrame(rows, columns=["run", "method", "step", "distance", "score"])
 
 
-def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
-    """Points no other point beats on both axes (smaller distance, higher score)."""
-    pts = points.sort_values(["distance", "score"], ascending=[True, False])
+def pareto_front(points: pd.DataFrame, higher_is_better: bool = True) -> pd.DataFrame:
+    """Points no other point beats on both axes (smaller distance, and a higher score, or a lower one where
+    lower is better: drift)."""
+    sign = 1 if higher_is_better else -1
+    pts = points.sort_values(["distance", "score"], ascending=[True, not higher_is_better])
     keep, best = [], float("-inf")
     for i, row in pts.iterrows():
-        if row["score"] > best:
+        if sign * row["score"] > best:
             keep.append(i)
-            best = row["score"]
+            best = sign * row["score"]
     return pts.loc[keep]
 
 
@@ -244,14 +247,14 @@ def tradeoff_figure(points: pd.DataFrame, distance: str, metric: str) -> Figure:
             last = part.iloc[-1]
             ax.annotate(f"{last['step']}", (last["distance"], last["score"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-        front = pareto_front(points)
+        front = pareto_front(points, metric not in LOWER_IS_BETTER)
         ax.plot(front["distance"], front["score"], linestyle="--", color="#444444", linewidth=1, label="Pareto front")
         ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no scored checkpoints: press 'Score unscored runs'", ha="center", va="center",
                 transform=ax.transAxes, color="#888888")
     ax.set_xlabel(f"{distance} (lower = closer to the base model)")
-    ax.set_ylabel(f"{metric} (higher = better)")
+    ax.set_ylabel(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} = better)")
     ax.set_title(f"{metric} vs. weight distance (labels: step)")
     ax.grid(alpha=0.3)
     return fig

@@ -10,7 +10,8 @@
 
 Modules, by what they are:
   metrics   embed.py (DINO/CLIP embedders with a per-model cache), miou.py (confusion matrix, mIoU),
-            fid.py (FID), upernet101.py (the papers' segmenter), prompts.py (DreamBooth's prompt lists)
+            fid.py (FID), upernet101.py (the papers' segmenter), prompts.py (DreamBooth's prompt lists),
+            drift.py (peft's drift: the base model's and a checkpoint's images of unrelated prompts)
   runners   subject.py (DINO/CLIP of a folder or a run), segmentation.py (mIoU of a folder or, through
             semantic_run.py, a semantic-map run), generate.py (a run's pipeline + a checkpoint's adapter)
   reports   report.py + plots.py (runs compared), robustness.py (the study: plan and runs) with

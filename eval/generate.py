@@ -4,6 +4,10 @@ built-in tiny preset loads as in training; diffusers itself is imported inside t
 
     pipe = load_pipeline(run, device)                           # the run's base model, once
     generate_images(pipe, RUN / "checkpoint-400", prompts, out_dir, ...)   # adapter in, images out
+    generate_images(pipe, None, prompts, out_dir, ...)                     # the base model's images
+
+    sampler = Sampler(run, device, gen)                         # the same, the pipeline loaded on first need
+    sampler.ensure(adapter_dir, prompts, out_dir, 1, settings)  # made unless out_dir records `settings`
 """
 from __future__ import annotations
 
@@ -76,21 +80,22 @@ def run_real_images(run: dict, resolution: int) -> list[tuple]:
 
 
 @torch.no_grad()
-def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, *, images_per_prompt: int = 4,
+def generate_images(pipe, adapter_dir: Path | None, prompts: list[str], out_dir: Path, *, images_per_prompt: int = 4,
                     seed: int = 0, batch_size: int = 8, num_inference_steps: int = 25,
                     guidance_scale: float = 7.5, resolution: int = 512, settings: dict | None = None,
                     call_kwargs: dict | None = None) -> int:
-    """Load the adapter in `adapter_dir` into pipe.unet (replacing any loaded before) and write
-    out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt uses seed
-    seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
+    """Load the adapter in `adapter_dir` into pipe.unet (replacing any loaded before; None: no adapter, the
+    base model) and write out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt
+    uses seed seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
     renamed into place. Returns how many images the safety checker blacked out."""
     unet = families.denoiser_of(pipe)   # the UNet, or a DiT family's transformer
     if lowrank.adapter_layers(unet):
         lowrank.eject(unet)   # a fresh injection per checkpoint: exact, and safe if ranks differ
-    try:
-        lowrank.load_adapter(unet, adapter_dir)
-    except lowrank.AdapterError as e:
-        raise EvalError(f"cannot load the adapter in {adapter_dir}: {e}") from None
+    if adapter_dir is not None:
+        try:
+            lowrank.load_adapter(unet, adapter_dir)
+        except lowrank.AdapterError as e:
+            raise EvalError(f"cannot load the adapter in {adapter_dir}: {e}") from None
     unet.to(pipe.device).eval()
 
     jobs = [(i, prompt, seed + j) for i, prompt in enumerate(prompts) for j in range(images_per_prompt)]
@@ -119,3 +124,43 @@ def generate_images(pipe, adapter_dir: Path, prompts: list[str], out_dir: Path, 
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
     return blacked
+
+
+def recorded(images_dir: Path, settings: dict) -> bool:
+    """Whether images_dir/generation.json records `settings` (every key equal): its images can be reused."""
+    try:
+        done = json.loads((images_dir / "generation.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and all(done.get(k) == v for k, v in settings.items())
+
+
+class Sampler:
+    """A run's images under the settings of eval.subject's `gen` (seed, steps, guidance, resolution): its base
+    pipeline (load_pipeline) and call settings (sampling_kwargs) loaded on first need, so a rescore whose images
+    are all there loads no model."""
+
+    def __init__(self, run: dict, device: torch.device, gen: dict, batch_size: int = 8,
+                 keep_safety_checker: bool = True):
+        self.run, self.device, self.gen = run, device, gen
+        self.batch_size, self.keep_safety_checker = batch_size, keep_safety_checker
+        self.pipe, self.call_kwargs = None, {}
+
+    def make(self, adapter_dir: Path | None, prompts: list[str], out_dir: Path, images_per_prompt: int,
+             settings: dict) -> int:
+        """generate_images with the run's pipeline; returns how many images the safety checker blacked out."""
+        if self.pipe is None:
+            self.pipe = load_pipeline(self.run, self.device, keep_safety_checker=self.keep_safety_checker)
+            self.call_kwargs = sampling_kwargs(self.run, self.pipe)
+        gen = self.gen
+        return generate_images(self.pipe, adapter_dir, prompts, out_dir, images_per_prompt=images_per_prompt,
+                               seed=gen["seed"], batch_size=self.batch_size,
+                               num_inference_steps=gen["num_inference_steps"], guidance_scale=gen["guidance_scale"],
+                               resolution=gen["resolution"], settings=settings, call_kwargs=self.call_kwargs)
+
+    def ensure(self, adapter_dir: Path | None, prompts: list[str], out_dir: Path, images_per_prompt: int,
+               settings: dict, regenerate: bool = False) -> int | None:
+        """make(...) unless out_dir already holds images of `settings` (recorded); None when they are reused."""
+        if not regenerate and recorded(out_dir, settings):
+            return None
+        return self.make(adapter_dir, prompts, out_dir, images_per_prompt, settings)

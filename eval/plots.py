@@ -13,6 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ground.runfolder import atomic_write  # noqa: E402
 
 SCORE_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+# eval.subject's drift (eval/drift.py): base vs a checkpoint's images of unrelated prompts, lower is better
+DRIFT_NAMES = {"drift": "Drift"}
+DRIFT_UNIT = " ((1 − cos) / 2, lower is better)"
 # metrics.jsonl's held-out measures, for every task alike: the image trainers' validation loss (and GLUE's loss on
 # its tuning part), the language tasks' dev score
 VALIDATION_NAMES = {"val_loss": "Validation loss (held out)", "tune/score": "Dev score (tuning part)"}
@@ -73,9 +76,10 @@ def scores_vs_step(curves: dict[str, dict[str, tuple[list, list]]], path, colour
 
 
 def lr_sweep(sweeps: dict[str, list[dict]], base: dict[str, float], distance_key: str, path) -> None:
-    """sweeps: method -> [{"factor", "dino", "clip_i", "clip_t", "distance"}] sorted by factor. DeLoRA
-    Fig. 2: how scores and the final distance react to a larger learning rate."""
-    panels = [k for k in SCORE_NAMES if any(p.get(k) is not None for pts in sweeps.values() for p in pts)]
+    """sweeps: method -> [{"factor", "dino", "clip_i", "clip_t", "drift", "distance"}] sorted by factor. DeLoRA
+    Fig. 2: how scores, drift and the final distance react to a larger learning rate."""
+    names = {**SCORE_NAMES, **DRIFT_NAMES}
+    panels = [k for k in names if any(p.get(k) is not None for pts in sweeps.values() for p in pts)]
     panels.append("distance")
     fig, axes = figure(1, len(panels), (4.5 * len(panels), 4))
     for ax, key in zip(axes[0], panels):
@@ -83,11 +87,12 @@ def lr_sweep(sweeps: dict[str, list[dict]], base: dict[str, float], distance_key
             pts = [(p["factor"], p[key]) for p in points if p.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{method} (×1 = lr {base[method]:g})")
-        name = SCORE_NAMES.get(key, "final distance")
+        name = names.get(key, "final distance")
         ax.set_title(wrap(f"{name} vs learning-rate factor"))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(wrap("learning-rate factor (lr / smallest lr of the method's sweep)"))
-        ax.set_ylabel("‖W_eff − W0‖_F at the last step" if key == "distance" else f"{name} (last scored step)")
+        lower = ", lower is better" if key in DRIFT_NAMES else ""
+        ax.set_ylabel("‖W_eff − W0‖_F at the last step" if key == "distance" else f"{name} (last scored step{lower})")
         if key == "distance":
             ax.annotate(distance_key, (0.01, 0.01), xycoords="axes fraction", fontsize=6, alpha=0.7)
         ax.grid(alpha=0.3)

@@ -3,7 +3,7 @@
     python -m eval.report outputs/dog-lora outputs/dog-delora --out reports/dog
 
 Writes into --out:
-    report.md, report.csv     task, method, rank, lr, step, dino, clip_i, clip_t, distance: one row per
+    report.md, report.csv     task, method, rank, lr, step, dino, clip_i, clip_t, drift, distance: one row per
                               scored checkpoint (RUN/eval.jsonl from eval.subject), else the last step;
                               report.md gives scores in percent with one decimal, distances to three digits,
                               and names each run's best checkpoint by its tuning score (eval.best); a
@@ -11,9 +11,11 @@ Writes into --out:
                               (eval.robustness_summary: worst, area, window over factor = lr / its smallest lr)
     distance_vs_step.png      weight distance of every run on one axes (DeLoRA Fig. 3)
     scores_vs_step.png        DINO / CLIP-I / CLIP-T per scored checkpoint
+    drift_vs_step.png         drift per scored checkpoint (eval.subject: the base model's and the checkpoint's
+                              images of unrelated prompts, (1 − mean DINO cosine) / 2, lower is better)
     validation_vs_step.png    metrics.jsonl's held-out measures: val_loss (the image trainers'
                               --validation_loss_images, GLUE's tuning-part loss), the dev score tune/score
-    lr_sweep.png              runs of one method at several learning rates: scores and final distance
+    lr_sweep.png              runs of one method at several learning rates: scores, drift and final distance
                               against the learning-rate factor (DeLoRA Fig. 2)
     sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed);
                               semantic-map runs get their control map as the first column
@@ -60,9 +62,9 @@ from .robustness_tables import summary_section
 from .tables import md_table, measured, percent
 
 FIG3_LAYER = "attn1.to_out.0"
-COLUMNS = ["run", "task", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "distance"]
+COLUMNS = ["run", "task", "method", "rank", "lr", "step", "dino", "clip_i", "clip_t", "drift", "distance"]
 CSV_COLUMNS = COLUMNS + ["distance_key"]     # the csv names each row's distance (Markdown: each section's)
-SCORES = ("dino", "clip_i", "clip_t")
+SCORES = ("dino", "clip_i", "clip_t", "drift")   # eval.subject's row; drift (eval/drift.py): lower is better
 SWEEP_NOTE = ("Here a method's runs at two or more learning rates are its sweep: factor = lr / its smallest lr, "
               "each run's score at its last scored step, runs at the same lr averaged as seeds.")
 
@@ -215,7 +217,9 @@ def section(runs: list[Run], rows: list[dict], figures: list[str], distance_choi
     titles = [(f"{k} (%)" if k in SCORES else k, k) for k in COLUMNS]
     lines = [f"{len(runs)} run(s). distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
              f"(--distance_key {distance_choice}) at the row's step. Scores: eval.subject (cosines in percent, "
-             f"higher is closer); blank = not scored.", "", md_table(rows, titles, cell).rstrip("\n")]
+             f"higher is closer; drift = (1 − mean DINO cosine of the base model's and the checkpoint's images of "
+             f"unrelated prompts) / 2 in percent, lower is better); blank = not scored.", "",
+             md_table(rows, titles, cell).rstrip("\n")]
     sweep = [{"study": "lr", "method": m, **p} for m, points in lr_sweeps(runs)[0].items() for p in points]
     lines += ["", *summary_section(sweep, list(SCORES), False, level, SWEEP_NOTE)[0]]
     lines += [f"{level} Best checkpoints", "", BEST_TEXT, "", best_table([r.path for r in runs]).rstrip("\n")]
@@ -304,9 +308,13 @@ def write_figures(runs: list[Run], out: Path, max_columns: int, suffix: str = ""
                                out / f"distance_vs_step{suffix}.png", colours)
         written.append(f"distance_vs_step{suffix}.png")
     score_curves = {k: {r.label: series(r.evals, k) for r in runs if series(r.evals, k)[0]} for k in SCORES}
-    if any(score_curves.values()):
+    if any(score_curves.get(k) for k in plots.SCORE_NAMES):
         plots.scores_vs_step(score_curves, out / f"scores_vs_step{suffix}.png", colours)
         written.append(f"scores_vs_step{suffix}.png")
+    if score_curves.get("drift"):
+        plots.scores_vs_step(score_curves, out / f"drift_vs_step{suffix}.png", colours, plots.DRIFT_NAMES,
+                             plots.DRIFT_UNIT)
+        written.append(f"drift_vs_step{suffix}.png")
     held_out = {k: {r.label: series(r.metrics, k) for r in runs if series(r.metrics, k)[0]}
                 for k in plots.VALIDATION_NAMES}
     if any(held_out.values()):

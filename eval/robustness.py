@@ -55,6 +55,7 @@ from training.common.tasks import DREAMBOOTH
 
 from . import EvalError
 from .common import ArgumentParser, run_main
+from .drift import DEFAULT_DRIFT_PROMPTS, DRIFT_PROMPTS
 from .robustness_protocols import PROTOCOLS, data_flags, trainer_flags
 from .robustness_report import write_report
 from .robustness_tasks import ABLATION_ROWS, ROOT, TASKS, flag_value
@@ -266,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DreamBooth prompts per score (default 2; the paper's protocol: 25).")
     scores.add_argument("--images_per_prompt", type=int, default=2,
                         help="Images per prompt per score (default 2; the paper's protocol: 4).")
+    scores.add_argument("--drift_prompts", type=int, default=DEFAULT_DRIFT_PROMPTS,
+                        help=f"peft's drift prompts per score (eval.subject's drift; default {DEFAULT_DRIFT_PROMPTS}; "
+                             f"peft's protocol: {len(DRIFT_PROMPTS)}; 0: no drift). The base model's drift images "
+                             f"are made once into OUTPUT_DIR/drift-base and shared by the study's runs.")
     return p
 
 
@@ -294,6 +299,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                  "num_train_epochs", "long_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvalError(f"--{flag} must be at least 1")
+    if not 0 <= args.drift_prompts <= len(DRIFT_PROMPTS):
+        raise EvalError(f"--drift_prompts {args.drift_prompts}: give 0 (no drift) to {len(DRIFT_PROMPTS)}")
     for i, word in enumerate(passthrough):   # a trainer flag takes one value: a second bare word is a stray
         if not word.startswith("-") and (i == 0 or not passthrough[i - 1].startswith("-")):
             raise EvalError(f"{word!r} belongs to no flag: give a list flag's values together (--methods lora "

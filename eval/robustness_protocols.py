@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from training.common import TrainingError, hfdata
+from training.common.tasks import DREAMBOOTH
 
 from . import EvalError
 from .robustness_tasks import flag_value
@@ -119,10 +120,11 @@ def peft_cat_folder(study_dir: Path, source: str | None) -> list[str]:
 PEFT_IMAGE_GEN = Protocol(
     name="peft-image-gen",
     about="peft's image-gen benchmark: FLUX.2-klein-base-4B, peft's cat set, 512 px, batch 2, 750 steps",
-    task="dreambooth",
+    task=DREAMBOOTH.name,
     study={"methods": ["lora", "dora", "delora", "etherplus"], "lr_factors": ["1", "2", "4", "8", "16"],
            "max_train_steps": 750, "long_steps": 3000, "checkpointing_steps": 250, "studies": ["lr", "long", "norms"],
-           "seed": 0, "dino_model": "facebook/dinov2-base", "max_prompts": 25, "images_per_prompt": 4},
+           "seed": 0, "dino_model": "facebook/dinov2-base", "max_prompts": 25, "images_per_prompt": 4,
+           "drift_prompts": 10},
     # peft's rates: lora and dora 1e-4, delora 1e-3 (its training_params.json override); ETHER+ is not on peft's
     # board: it gets DeLoRA's rate, as lowrank's own defaults give the bounded methods one rate, 10x LoRA's
     base_lrs={"lora": 1e-4, "dora": 1e-4, "delora": 1e-3, "etherplus": 1e-3},

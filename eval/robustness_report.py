@@ -181,9 +181,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 # ----- the report ------------------------------------------------------------------------------------------------
 CSV_COLUMNS = ["study", "label", "method", "options", "factor", "lr", "lambda_lr", "seed", "step", "epoch",
-               "score_names", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews", "pearson",
-               "spearman", "tune_score", "distance", "bound", "trainable_params", "status", "error", "score_note",
-               "run"]
+               "score_names", "dino", "clip_i", "drift", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews",
+               "pearson", "spearman", "tune_score", "distance", "bound", "trainable_params", "status", "error",
+               "score_note", "run"]
 SUMMARY_COLUMNS = ["study", "label", "method", "options", "factor", "lr", "lambda_lr", "n", "step"] + \
     [c for k in SUMMARY_KEYS for c in (k, f"{k}_std")] + ["trainable_params", "status", "error"]
 
@@ -287,8 +287,9 @@ def write_report(results, args, task, passthrough: list[str], own_argv: list[str
                      f"no `mult_*` bounds, no parameter counts.")
     if task.task.kind == "image" and any(f.is_preset(name) for f in FAMILIES):
         notes.append(f"The base model is the built-in {name or 'tiny'} preset with random weights: its images are "
-                     "noise, so any DINO / CLIP-I score here says nothing about subject fidelity. The distances and "
-                     "bounds are real measurements of what each method did to the weights.")
+                     "noise, so any DINO / CLIP-I score or drift here says nothing about subject fidelity or "
+                     "forgetting. The distances and bounds are real measurements of what each method did to the "
+                     "weights.")
     score_note = "scores skipped (--no_scores)" if args.no_scores else (task.prepare(args) if task.prepare else None)
     if score_note:
         notes.append(score_note[:1].upper() + score_note[1:] + ".")

@@ -9,7 +9,7 @@ the seeds), with robustness_summary.csv beside them: no run folder is read and n
 whose runs are not at hand (the committed one) gets the current tables. The report's other parts (its header,
 figures, the weight norms, the commands) stay as they are, its title names the study's task.
 
-Cells: scores (0-1: accuracy, F1, DINO, mIoU, the tuning score) in percent with one decimal, their ± to the
+Cells: scores (0-1: accuracy, F1, DINO, drift, mIoU, the tuning score) in percent with one decimal, their ± to the
 same decimal; distances and bounds with three significant digits, their ± to the same decimal place
 (eval.tables). Bad input: one `error:` line, exit status 2.
 """
@@ -32,10 +32,10 @@ from .robustness_tasks import ABLATION_ROWS, flag_value
 from .tables import md_table, measured, percent, write_csv
 
 MEASURES = ("distance", "bound")   # measurements of the weights
-SCORES = ("tune_score", "dino", "clip_i", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews", "pearson",
-          "spearman")               # 0-1 (or -1..1) scores, shown in percent
-LOWER_IS_BETTER: frozenset[str] = frozenset()   # a score where less is better (a drift, a validation loss) joins
-                                               # SCORES and this set: its summary's best is then its minimum
+SCORES = ("tune_score", "dino", "clip_i", "drift", "miou", "metric", "accuracy", "f1", "macro_f1", "matthews",
+          "pearson", "spearman")    # 0-1 (or -1..1) scores, shown in percent
+LOWER_IS_BETTER = frozenset({"drift"})   # scores where less is better (eval.subject's drift; a validation loss
+                                         # would join too): the summary's best is then its minimum
 SCORE_TITLES = {"tune_score": "tuning score"}
 SUMMARY_FILE = "robustness_summary.csv"
 STUDY_COMMAND = "python -m eval.robustness"
@@ -73,7 +73,8 @@ def summary_section(rows: list[dict], score_names: list[str], has_tune: bool, le
         summaries = summarise(rows, key, higher_is_better=key not in LOWER_IS_BETTER)
         if summaries:
             found += summaries
-            lines += [f"**{SCORE_TITLES.get(key, key)}**", "", summary_table(summaries)]
+            lower = " (lower is better: the best is the lowest, area ≥ 1)" if key in LOWER_IS_BETTER else ""
+            lines += [f"**{SCORE_TITLES.get(key, key)}**{lower}", "", summary_table(summaries)]
     return ([f"{level} {SUMMARY_TITLE}", "", f"{SUMMARY_TEXT} {note}", "", *lines] if found else []), found
 
 

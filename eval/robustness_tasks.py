@@ -74,7 +74,7 @@ class StudyTask:
                             f"another --task")
 
 
-# ----- DreamBooth: DINO and CLIP-I through eval.subject ---------------------------------------------------
+# ----- DreamBooth: DINO, CLIP-I and drift through eval.subject ---------------------------------------------------
 def prepare_subject(args) -> str | None:
     """Load the metric models once before the sweep: if they cannot load (offline, no local folder), every
     run's scores are unavailable for the same reason, said once, instead of failing run by run."""
@@ -88,22 +88,32 @@ def prepare_subject(args) -> str | None:
     return f"scores unavailable: the metric models did not load ({'; '.join(failed)})" if failed else None
 
 
+DRIFT_BASE = "drift-base"   # OUTPUT_DIR/drift-base: the base model's drift images, made once for the study
+
+
 def score_subject(folder: Path, args, step: int) -> tuple[dict, str]:
-    """DINO and CLIP-I of the run's last adapter (eval.subject: generates, scores, appends RUN/eval.jsonl;
-    a step already scored with the same models is read back, not recomputed)."""
+    """DINO, CLIP-I and drift of the run's last adapter (eval.subject: generates, scores, appends RUN/eval.jsonl;
+    a step already scored with the same models and drift prompts is read back, not recomputed). The base model's
+    drift images are shared by the study's runs: OUTPUT_DIR/drift-base, made by the first run scored and reused
+    by every run of the same base model and settings."""
+    drift_prompts = getattr(args, "drift_prompts", 0)
+
     def scored():
         return next((r for r in read_eval(folder) if r.get("step") == step and r.get("dino_model") == args.dino_model
-                     and r.get("clip_model") == args.clip_model), None)
+                     and r.get("clip_model") == args.clip_model
+                     and (not drift_prompts or r.get("drift_prompts") == drift_prompts)), None)
     row = scored()
     if row is None:
         cmd = [sys.executable, "-m", "eval.subject", "--run_dir", str(folder), "--checkpoints", str(step),
                "--dino_model", args.dino_model, "--clip_model", args.clip_model, "--max_prompts",
-               str(args.max_prompts), "--images_per_prompt", str(args.images_per_prompt)]
+               str(args.max_prompts), "--images_per_prompt", str(args.images_per_prompt),
+               "--drift_prompts", str(drift_prompts), "--drift_base_dir", str(args.output_dir / DRIFT_BASE)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         row = scored()
         if proc.returncode != 0 or row is None:
             return {}, f"scoring failed: {(error_line(proc.stderr.splitlines()) or 'no output')[:200]}"
-    return {"dino": row["dino"], "clip_i": row["clip_i"]}, ""
+    drift = {"drift": row["drift"]} if drift_prompts and row.get("drift") is not None else {}
+    return {"dino": row["dino"], "clip_i": row["clip_i"], **drift}, ""
 
 
 def load_denoiser(name: str | None):
@@ -199,7 +209,7 @@ def load_language_model(name: str | None):
 
 # the tasks a study can sweep (instruction tuning has no study score yet), keyed by the registry's names
 TASKS = {s.name: s for s in (
-    StudyTask(DREAMBOOTH, ("dino", "clip_i"), score_subject, load_denoiser, prepare=prepare_subject),
+    StudyTask(DREAMBOOTH, ("dino", "clip_i", "drift"), score_subject, load_denoiser, prepare=prepare_subject),
     StudyTask(SEMANTIC_MAP, ("miou",), score_segmentation, load_denoiser),
     StudyTask(GLUE, GLUE_SCORES + ("metric",), score_glue, load_language_model, base_lr_of=glue_base_lr,
               defaults={"num_train_epochs": 2, "long_epochs": 8, "checkpointing_steps": 100},

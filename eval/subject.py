@@ -11,7 +11,9 @@ and ETHER papers report them):
 A generated folder holds prompts.jsonl, one {"image": file, "prompt": text} per line. With --run_dir
 the protocol's images (25 DreamBooth prompts x 4 fixed seeds) are generated from each chosen
 checkpoint into RUN/eval/step-N/ (kept, and reused while the adapter and settings are unchanged), and
-one row per checkpoint is written to RUN/eval.jsonl: score-versus-step curves for long training.
+one row per checkpoint is written to RUN/eval.jsonl: score-versus-step curves for long training. Each row
+also has the checkpoint's drift (eval/drift.py, peft's measure: the base model's and the checkpoint's images of
+--drift_prompts unrelated prompts, same seeds and settings; (1 - mean DINO cosine) / 2, lower is better).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from ground.runfolder import (
 )
 from training.common.args import file_in_the_way
 
-from . import EvalError, generate
+from . import EvalError, drift, generate
 from .common import ArgumentParser, logger, run_main, update_eval_file
 from .embed import CLIP_MODEL, DINO_MODEL, ClipEmbedder, DinoEmbedder, resolve_device
 from .images import Loaded, load_folder, load_generated
@@ -68,7 +70,8 @@ def score_loaded(real: Loaded, generated: Loaded, dino: DinoEmbedder, clip: Clip
 
 
 def summary(result: dict) -> str:
-    return (f"dino {result['dino']:.4f}  clip_i {result['clip_i']:.4f}  clip_t {result['clip_t']:.4f}  "
+    drifted = f"  drift {result['drift']:.4f}" if result.get("drift") is not None else ""
+    return (f"dino {result['dino']:.4f}  clip_i {result['clip_i']:.4f}  clip_t {result['clip_t']:.4f}{drifted}  "
             f"({result['n_generated']} generated x {result['n_real']} real)")
 
 
@@ -147,37 +150,33 @@ def plan_run(args) -> dict:
         real = load_folder(args.real_dir, "--real_dir").items
     else:
         real = generate.run_real_images(run, resolution)
-    return {"run_dir": run_dir, "run": run, "chosen": chosen, "prompts": prompts, "gen": gen, "real": real}
+    return {"run_dir": run_dir, "run": run, "chosen": chosen, "prompts": prompts, "gen": gen, "real": real,
+            "drift": drift.plan(args, run_dir, run, gen)}
 
 
 def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: torch.device) -> list[dict]:
-    """Generate (or reuse) each chosen checkpoint's images, score them, update RUN/eval.jsonl."""
+    """Generate (or reuse) each chosen checkpoint's images, score them (and their drift), update RUN/eval.jsonl."""
     run_dir, run, prompts, gen, real = (plan[k] for k in ("run_dir", "run", "prompts", "gen", "real"))
-    pipe, call_kwargs, out = None, {}, []
+    # the pipeline loads only when some checkpoint (or the base model's drift images) needs images
+    sampler = generate.Sampler(run, device, gen, args.gen_batch_size,
+                               keep_safety_checker=not args.disable_safety_checker)
+    measure_drift = drift.Drift(plan["drift"], run_dir, sampler, dino, args.regenerate) if plan["drift"] else None
+    out = []
     for step, adapter_dir in plan["chosen"]:
         images_dir = run_dir / "eval" / f"step-{step}"
-        settings = {**gen, "step": step, "adapter": str(adapter_dir), "adapter_sha1": file_digest(adapter_dir)}
-        try:
-            done = json.loads((images_dir / "generation.json").read_text())
-        except (OSError, ValueError):
-            done = {}
-        if args.regenerate or {k: done.get(k) for k in settings} != settings:
-            if pipe is None:   # loaded only when some checkpoint needs images
-                pipe = generate.load_pipeline(run, device, keep_safety_checker=not args.disable_safety_checker)
-                call_kwargs = generate.sampling_kwargs(run, pipe)
-            blacked = generate.generate_images(
-                pipe, adapter_dir, prompts, images_dir, images_per_prompt=args.images_per_prompt, seed=args.seed,
-                batch_size=args.gen_batch_size, num_inference_steps=gen["num_inference_steps"],
-                guidance_scale=gen["guidance_scale"], resolution=gen["resolution"], settings=settings,
-                call_kwargs=call_kwargs)
-            if blacked:
-                logger.warning("step %d: the safety checker blacked out %d image(s); they score as failures "
-                               "(--disable_safety_checker to keep them)", step, blacked)
+        digest = file_digest(adapter_dir)
+        settings = {**gen, "step": step, "adapter": str(adapter_dir), "adapter_sha1": digest}
+        blacked = sampler.ensure(adapter_dir, prompts, images_dir, args.images_per_prompt, settings, args.regenerate)
+        if blacked:
+            logger.warning("step %d: the safety checker blacked out %d image(s); they score as failures "
+                           "(--disable_safety_checker to keep them)", step, blacked)
         generated = load_generated(images_dir, f"images of step {step}")
         result = score_images(real, generated.items, dino, clip)
         result.update(step=step, checkpoint=adapter_dir.name if adapter_dir != run_dir else "final",
                       images=str(images_dir), dino_model=dino.name, clip_model=clip.name,
                       n_skipped=len(generated.skipped))
+        if measure_drift is not None:
+            result.update(measure_drift(step, adapter_dir, digest))
         write_json(images_dir / "scores.json", result)
         update_eval_file(run_dir, {k: v for k, v in result.items() if k != "prompts"},
                          ("step", "dino_model", "clip_model"))
@@ -222,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--regenerate", action="store_true", help="regenerate images even if RUN/eval/step-N matches")
     gen.add_argument("--disable_safety_checker", action="store_true",
                      help="keep images the safety checker would black out (they would score as failures)")
+    dr = p.add_argument_group("drift (--run_dir): (1 - mean DINO cosine of base and adapted images) / 2 on "
+                                "prompts unrelated to the subject (eval/drift.py)")
+    dr.add_argument("--drift_prompts", type=int, default=drift.DEFAULT_DRIFT_PROMPTS,
+                    help=f"the first N of peft's {len(drift.DRIFT_PROMPTS)} drift prompts, one image each from "
+                         f"--seed (default {drift.DEFAULT_DRIFT_PROMPTS}; peft's protocol: "
+                         f"{len(drift.DRIFT_PROMPTS)}; 0: no drift)")
+    dr.add_argument("--drift_base_dir", help="folder of the base model's drift images, made once per settings "
+                                             "(default RUN/eval/drift-base; runs of one base model can share one)")
     p.add_argument("--output", help="also write the scores as JSON here (default: print them to stdout; "
                                       "with --run_dir they are always in RUN/eval.jsonl)")
     return p

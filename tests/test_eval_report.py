@@ -103,9 +103,11 @@ def test_table_rows_values_and_markdown(runs, tmp_path):
             want = scores(step, 0.5 if r["run"] == "lora-a" else 0.3)
             assert {k: float(r[k]) for k in want} == pytest.approx(want)
     md = (out / "report.md").read_text()
-    assert "| run | task | method | rank | lr | step | dino (%) | clip_i (%) | clip_t (%) | distance |" in md
-    # one precision: scores in percent with one decimal (dino 0.5 + 6/100), the distance to three digits (0.1·6)
-    assert "| lora-a |  | lora | 4 | 0.0001 | 6 | 56.0 | 28.0 | 20.6 | 0.600 |" in md
+    assert "| run | task | method | rank | lr | step | dino (%) | clip_i (%) | clip_t (%) | drift (%) | distance |" \
+        in md
+    # one precision: scores in percent with one decimal (dino 0.5 + 6/100), the distance to three digits (0.1·6);
+    # no drift in these rows: a blank cell
+    assert "| lora-a |  | lora | 4 | 0.0001 | 6 | 56.0 | 28.0 | 20.6 |  | 0.600 |" in md
     # each run's best checkpoint by its tuning score (DINO here), or none where nothing scored it
     assert "| lora-a | DINO | 6 | 56.0 | checkpoint-6 |" in md and "| lora-b | DINO | 6 | 36.0 | checkpoint-6 |" in md
     assert "| delora-c | none |  |  |  |" in md and md.count("| lora-a |") == 4

@@ -263,6 +263,10 @@ def test_real_dreambooth_study_end_to_end(tmp_path, tiny_models):  # noqa: F811
     run = out / "runs" / rows[0]["run"]
     scored = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert float(rows[0]["dino"]) == pytest.approx(scored[-1]["dino"])
+    # drift too, against the base model's images made once for the study (OUTPUT_DIR/drift-base)
+    assert float(rows[0]["drift"]) == pytest.approx(scored[-1]["drift"])
+    assert Path(scored[-1]["drift_base"]) == (out / "drift-base").resolve()
+    assert (out / "drift-base" / "p01-s0.png").is_file()
     assert float(rows[0]["distance"]) <= float(rows[0]["bound"])
     report = (out / "report.md").read_text()
     assert "random weights" in report and "Weight norms (Fig. 4)" in report
