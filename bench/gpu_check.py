@@ -38,8 +38,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import dit_step, glue_step, unet_step  # noqa: E402
 from bench.common import RESULTS, machine, write_json  # noqa: E402
+from bench.unet_step import SD15_UNET, SDXL_UNET  # noqa: E402
 from ground import cli  # noqa: E402
+from training import dreambooth  # noqa: E402
+from training.common.models import write_tokenizer_files  # noqa: E402
 
 METHODS = ("lora", "dora", "delora", "etherplus")
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
@@ -78,8 +82,6 @@ def build_sd15(folder: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from bench.unet_step import SD15_UNET
-    from training.common.models import write_tokenizer_files
 
     tok_dir = folder.parent / "tokenizer-files"
     vocab = write_tokenizer_files(tok_dir)
@@ -106,8 +108,6 @@ def build_sdxl(folder: Path, device: str) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from bench.unet_step import SDXL_UNET
-    from training.common.models import write_tokenizer_files
 
     tok_dir = folder.parent / "tokenizer-files-sdxl"
     vocab = write_tokenizer_files(tok_dir)
@@ -159,7 +159,6 @@ def adapter_difference(a: Path, b: Path) -> float:
 def worker(args) -> None:
     """One model and precision: every method's uninterrupted run and its resumed twin; writes args.worker_json."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before the first cuBLAS handle
-    from training import dreambooth
 
     plan, dtype, work = model_plan(PLAN[args.quick], args.model), args.worker, Path(args.workdir)
     rows = []
@@ -217,7 +216,6 @@ def run_workers(args, plan: dict, pipeline: str, work: Path, model: str = "sd15"
 
 # ----- 2. and 3. the step benches ----------------------------------------------------------------------------
 def unet_ratios(args, plan: dict, model: str = "sd15") -> dict:
-    from bench import unet_step
 
     plan = model_plan(plan, model)
     ns = argparse.Namespace(device=args.device, dtype="bf16", methods=list(plan["methods"]), reps=plan["unet_reps"],
@@ -239,7 +237,6 @@ def unet_ratios(args, plan: dict, model: str = "sd15") -> dict:
 def dit_ratios(args, plan: dict) -> dict:
     """bench/dit_step.py on FLUX.2-klein-4B's transformer shape (5 double + 20 single blocks, 24 heads of 128; random
     weights) at 512 px in bf16, peft's benchmark setting: each method vs LoRA and the floor."""
-    from bench import dit_step
 
     k = plan["klein"]
     ns = argparse.Namespace(device=args.device, dtype="bf16", methods=list(k["methods"]), reps=k["reps"], warmup=1,
@@ -255,7 +252,6 @@ def dit_ratios(args, plan: dict) -> dict:
 
 
 def glue_ratios(args, plan: dict, work: Path) -> dict:
-    from bench import glue_step
 
     out = work / "glue.json"
     glue_step.main(["--device", args.device, "--dtype", "bf16", "--size", plan["glue"], "--reps",

@@ -40,7 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, machine, write_json  # noqa: E402
+from bench.unet_step import SDXL_MID_TEXT, SDXL_MID_UNET, VAE_8X  # noqa: E402
 from ground import cli  # noqa: E402
+from training.common.models import write_tokenizer_files  # noqa: E402
+from training.families import FAMILIES as PRESETS  # noqa: E402
 
 OURS = ROOT / "training" / "dreambooth.py"
 # per family: diffusers' script, the default --model, what their script needs to train what ours trains
@@ -58,8 +61,6 @@ def build_sdxl_mid(folder: Path, resolution: int) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from bench.unet_step import SDXL_MID_TEXT, SDXL_MID_UNET, VAE_8X
-    from training.common.models import write_tokenizer_files
 
     tok_dir = folder.parent / "tokenizer-files"
     vocab = write_tokenizer_files(tok_dir)
@@ -88,7 +89,6 @@ def pipeline_folder(model: str, work: Path, resolution: int) -> Path:
         folder = work / "sdxl-mid-random"
         build_sdxl_mid(folder, resolution)
         return folder
-    from training.families import FAMILIES as PRESETS
 
     for family in PRESETS:
         if family.is_preset(model):

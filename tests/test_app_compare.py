@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from app import compare
+from app import generate as G
 from app import runs as R
+from app.inputs import InputError
 
 
 def fake_run(root, name, method, steps=(1, 2), final=True, scores=None):
@@ -72,8 +74,6 @@ def test_curves_and_table(tmp_path):
 def test_the_best_checkpoint_is_offered_and_loads(tmp_path):
     """Generate's checkpoint list names the step the run's DINO picks (step 1 here, not the last one), it is the
     one chosen by default, and 'best' loads that checkpoint's adapter; a run with no score offers no best."""
-    from app import generate as G
-    from app.inputs import InputError
 
     a = fake_run(tmp_path, "a", "lora", steps=(1, 3), scores={1: 0.5, 3: 0.25})
     choices = G.checkpoint_choices(a.path)

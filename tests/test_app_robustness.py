@@ -1,6 +1,7 @@
 """The app's Robustness tab: report folders under the runs folder, their Markdown and figures; the tab is in
 the built UI with its API endpoint."""
 from app import robustness as RB
+from app import tab_robustness as T
 
 
 def test_report_folders_and_show(tmp_path):
@@ -93,7 +94,6 @@ def test_formulas_are_shown_as_written():
 def test_figures_are_shown_whole_between_the_title_and_the_tables(tmp_path):
     """Each figure in its own image at the page's width (not a square gallery thumbnail), as many slots shown as
     the report has figures, the title above them and the tables below."""
-    from app import tab_robustness as T
 
     figures = [str(tmp_path / f"fig{i}.png") for i in range(T.MAX_FIGURES + 2)]
     head, tables, *slots = T.parts("# Robustness study: glue\n\ntext\n## Sweep\n\n| a |", figures[:2])

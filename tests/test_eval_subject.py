@@ -232,7 +232,6 @@ def test_flag_errors_are_one_line(module, argv, expected, capsys):
     """argparse's mistakes (unknown, missing, mistyped flags) read like every other bad input: one line."""
     import importlib
 
-    from eval.common import run_main
 
     mod = importlib.import_module(f"eval.{module}")
     assert run_main(mod.main, argv) == 2

@@ -9,6 +9,7 @@ import pytest
 
 from eval import robustness_summary as RS
 from eval import robustness_tables as RT
+from eval.common import run_main
 from eval.tables import measured, percent
 
 
@@ -117,7 +118,6 @@ def test_the_tables_go_where_the_report_had_them():
 
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):
-    from eval.common import run_main
 
     study = tmp_path / "study"
     study.mkdir()

@@ -17,14 +17,21 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 import lowrank
+from app import compare
+from app import runs as R
+from eval import plots, report
 from ground import runfolder
 from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: F401
 from tests.test_dreambooth import metrics
+from tests.test_language_tasks import glue_args, write_tsv
 from training import dreambooth, glue, semantic_map
 from training.families import expand, load_family
+from training.families.flux2_klein import klein_latents
 from training.images.diffusion import DiffusionObjective, FlowMatchObjective
 from training.segmap import data as sd
 from training.subject.data import example_subject, to_tensor
+from training.text import glue_data as G
+from training.text.language import load_language_model
 
 PRESET = "tiny-flux2-klein"
 SIZE, K = 32, 4
@@ -132,7 +139,6 @@ def hand_val_loss(adapter_dir=None, seed=0) -> float:
     x = to_tensor(img.crop((left, top, left + SIZE, top + SIZE)))[None]
     cond = expand(family.encode(pipe, ["a photo of sks cat"], SIZE), 1)
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    from training.families.flux2_klein import klein_latents
     gen, losses = torch.Generator().manual_seed(seed), []
     with torch.no_grad():
         latents = klein_latents(pipe.vae, x)
@@ -200,9 +206,6 @@ def test_semantic_map_holds_out_its_last_pairs(tmp_path):
 
 # ----- GLUE: the tuning part's loss as val_loss ---------------------------------------------------------------
 def test_glue_logs_its_tuning_loss_as_val_loss(tmp_path, monkeypatch):
-    from tests.test_language_tasks import glue_args, write_tsv
-    from training.text import glue_data as G
-    from training.text.language import load_language_model
 
     monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
     lines = [line.split("\t") for line in (G.EXAMPLE_DIR / "train.tsv").read_text().splitlines()[1:]]
@@ -226,9 +229,6 @@ def test_glue_logs_its_tuning_loss_as_val_loss(tmp_path, monkeypatch):
 
 # ----- eval.report and the app read it ------------------------------------------------------------------------
 def test_report_and_app_show_val_loss(held_out_runs, tmp_path):
-    from app import compare
-    from app import runs as R
-    from eval import plots, report
 
     seen = {}
     save = plots.save
