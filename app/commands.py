@@ -113,7 +113,13 @@ def _common_flags(form: TrainForm, method: str, run_dir: Path) -> list[str]:
         cmd += ["--resolution", str(form.resolution)]
     if form.sample_steps:
         cmd += ["--num_inference_steps", str(form.sample_steps)]
-    return cmd
+    return cmd + _advanced_flags(form)
+
+
+def _advanced_flags(form: TrainForm) -> list[str]:
+    """The advanced section's flags, only those that are on (a run without them is the trainer's default run)."""
+    cmd = ["--snr_gamma", repr(float(form.snr_gamma))] if form.snr_gamma else []
+    return cmd + (["--noise_offset", repr(float(form.noise_offset))] if form.noise_offset else [])
 
 
 def _extra_flags(form: TrainForm) -> list[str]:

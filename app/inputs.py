@@ -183,6 +183,9 @@ class TrainForm:
     num_samples: int | None = None
     prior_preservation: bool = False      # DreamBooth's class-prior loss (class images from the base model)
     num_class_images: int | None = None
+    # the advanced section: the trainer's own flags, off (None / 0) unless set
+    snr_gamma: float | None = None        # --snr_gamma: min-SNR-γ loss weighting
+    noise_offset: float = 0.0             # --noise_offset
     extra: dict = field(default_factory=dict)
 
     @property
@@ -218,7 +221,7 @@ def _float(value, what: str, positive: bool = True) -> float:
 
 def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoint_every, delora_lambda,
                model, seed=0, resolution=None, sample_steps=None, num_samples=None, prior_preservation=False,
-               num_class_images=None) -> TrainForm:
+               num_class_images=None, snr_gamma=None, noise_offset=None) -> TrainForm:
     methods = [m for m in (methods or []) if m]
     if not methods:
         raise InputError("Pick at least one method.")
@@ -248,4 +251,6 @@ def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoin
         num_samples=None if num_samples in (None, "", 0) else _int(num_samples, "Samples per checkpoint", 1, 16),
         prior_preservation=bool(prior_preservation),
         num_class_images=None if num_class_images in (None, "", 0) else _int(num_class_images, "Class images", 1,
-                                                                               1000))
+                                                                               1000),
+        snr_gamma=None if snr_gamma in (None, "", 0) else _float(snr_gamma, "Min-SNR γ"),
+        noise_offset=0.0 if noise_offset in (None, "", 0) else _float(noise_offset, "Noise offset"))

@@ -38,10 +38,10 @@ class TrainHandlers:
         return preview_images(paths), msg
 
     def start(self, paths, methods, noun, token, rank, lr, steps, every, delora_lambda, model, seed, resolution,
-              sample_steps, num_samples, prior=False, num_class_images=None, embedded=False):
+              sample_steps, num_samples, prior=False, num_class_images=None, embedded=False, *advanced):
         try:
             form = check_form(methods, noun, token, rank, lr, steps, every, delora_lambda, model, seed, resolution,
-                              sample_steps, num_samples, prior, num_class_images)
+                              sample_steps, num_samples, prior, num_class_images, *advanced)
             names = self.service.submit(paths, form, embedded=bool(embedded))
         except Exception as e:
             yield ("", message(e), None, None, [], [])
@@ -49,10 +49,10 @@ class TrainHandlers:
         yield from self.stream(names)
 
     def start_semantic(self, image_paths, map_paths, embedded, methods, noun, token, rank, lr, steps, every,
-                       delora_lambda, model, seed, resolution, sample_steps, num_samples):
+                       delora_lambda, model, seed, resolution, sample_steps, num_samples, *advanced):
         try:
             form = check_form(methods, noun or "cat", token or "sks", rank, lr, steps, every, delora_lambda, model,
-                              seed, resolution, sample_steps, num_samples)
+                              seed, resolution, sample_steps, num_samples, False, None, *advanced)
             names = self.service.submit_semantic(image_paths, map_paths, form, embedded=bool(embedded))
         except Exception as e:
             yield ("", message(e), None, None, [], [])
@@ -124,6 +124,19 @@ def settings_inputs() -> tuple[list, list]:
     return settings, [prior, num_class_images]
 
 
+def advanced_inputs() -> list:
+    """[min-SNR γ, noise offset]: check_form's advanced arguments, in its order; 0 or blank is off (the trainer's
+    default run). Both trainers take them. Each starts at 0 (off), not blank: an API client may leave it out."""
+    with gr.Accordion("Advanced training", open=False, elem_id="advanced"):
+        with gr.Row():
+            snr_gamma = gr.Number(0, label="Min-SNR γ (0: off; 5 is usual)", elem_id="snr-gamma",
+                                  info="--snr_gamma: each image's loss weighted by min(SNR(t), γ)/SNR(t)")
+            noise_offset = gr.Number(0, label="Noise offset (0: off; 0.05–0.1 typical)",
+                                     elem_id="noise-offset",
+                                     info="--noise_offset: helps very dark / very bright images (SD, SDXL)")
+    return [snr_gamma, noise_offset]
+
+
 def semantic_inputs() -> tuple[list, gr.Button]:
     """([images, maps, embedded], start button) of the semantic-map section."""
     with gr.Accordion("Semantic map → image (training/semantic_map.py)", open=False, elem_id="seg-section"):
@@ -148,6 +161,7 @@ def build_tab(service: Service, demo: gr.Blocks, poll_s: float) -> TrainTab:
                 files, preview, upload_msg, embedded = subject_inputs(service)
             with gr.Column(scale=1):
                 settings, prior_inputs = settings_inputs()
+                advanced = advanced_inputs()
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="start")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -163,9 +177,11 @@ def build_tab(service: Service, demo: gr.Blocks, poll_s: float) -> TrainTab:
     files.change(handlers.check_upload, files, [preview, upload_msg], api_name="check_upload")
     load = demo.load(handlers.follow, None, outputs, api_name="follow", show_progress="hidden")
     # one batch per page at a time (trigger_mode="once"); other pages queue behind it and see their position
-    started = [start.click(handlers.start, [files, *settings, *prior_inputs, embedded], outputs, api_name="start",
+    started = [start.click(handlers.start, [files, *settings, *prior_inputs, embedded, *advanced], outputs,
+                           api_name="start",
                            concurrency_limit=None, show_progress="hidden", cancels=[load], trigger_mode="once"),
-               semantic_start.click(handlers.start_semantic, semantic + settings, outputs, api_name="start_semantic",
+               semantic_start.click(handlers.start_semantic, semantic + settings + advanced, outputs,
+                                    api_name="start_semantic",
                                     concurrency_limit=None, show_progress="hidden", cancels=[load],
                                     trigger_mode="once")]
     cancel.click(lambda names: service.cancel(names), jobs, status, api_name="cancel", queue=False)

@@ -17,6 +17,7 @@ from app.inputs import (
     sanitize_filename,
     save_images,
 )
+from training import dreambooth
 
 
 def png(path, size=(40, 40), color=(200, 40, 40)):
@@ -126,6 +127,7 @@ def test_form_ok():
     ({"learning_rate": "fast"}, "Learning rate must be a number"), ({"learning_rate": "-1"}, "positive"),
     ({"token": "s k s"}, "Unique token"), ({"token": "cat"}, "differ from the class noun"),
     ({"class_noun": "../etc"}, "Class noun"), ({"delora_lambda": "nan"}, "λ"),
+    ({"snr_gamma": -5}, "Min-SNR γ must be a positive number"), ({"noise_offset": "lots"}, "Noise offset must be"),
 ])
 def test_form_errors(change, message):
     with pytest.raises(InputError, match=message):
@@ -172,6 +174,20 @@ def test_train_command_is_the_cli(tmp_path):
     assert cmd[cmd.index("--with_prior_preservation") + 1:][:2] == ["--num_class_images", "8"]
 
 
+def test_the_advanced_section_reaches_the_trainer_as_its_flags(tmp_path):
+    """Min-SNR γ and noise offset become the trainer's --snr_gamma / --noise_offset (parsed by the trainer's own
+    parser to the same values); blank leaves the trainer's default run, with neither flag on the command."""
+    plain = commands.train_command(check_form(**FORM), "delora", tmp_path, None, launcher="python")
+    assert "--snr_gamma" not in plain and "--noise_offset" not in plain
+    form = check_form(**{**FORM, "snr_gamma": 5, "noise_offset": "0.05"})
+    for cmd in (commands.train_command(form, "delora", tmp_path, None, launcher="python"),
+                commands.semantic_train_command(form, "delora", tmp_path, None, launcher="python")):
+        args = cmd[2:]
+        assert args[args.index("--snr_gamma") + 1] == "5.0" and args[args.index("--noise_offset") + 1] == "0.05"
+    parsed = dreambooth.parse_args(commands.train_command(form, "delora", tmp_path, None, launcher="python")[2:])
+    assert (parsed.args.snr_gamma, parsed.args.noise_offset) == (5.0, 0.05)
+
+
 def test_the_train_tabs_defaults_are_the_clis(monkeypatch):
     """The form starts where the README's first command does: its method, and what the trainer resolves for it
     with no other flag (rank, λ, run length, checkpoint interval)."""
@@ -193,7 +209,6 @@ def test_the_train_tabs_defaults_are_the_clis(monkeypatch):
 
 def test_the_embedded_subject_is_the_clis(tmp_path):
     """No upload: the trainer gets no --instance_data_dir and trains on its example subject, as the CLI does."""
-    from training import dreambooth
     from training.subject.data import EXAMPLE_PROMPT
 
     form = check_form(**FORM)
