@@ -141,6 +141,13 @@ def front_matter(f: dict) -> dict:
 def _numbers(f: dict) -> list[str]:
     lines = [f"- **Method**: `{f['method']}`, " + ", ".join(f"`{k}={v}`" for k, v in f["options"].items())]
     run = f["run"]
+    text = run.get("text_encoder")   # DreamBooth's --train_text_encoder
+    if text:
+        parts = ", ".join(f"`{p}`" for p in text["parts"])
+        lines.append(f"- **Text encoder trained** (--train_text_encoder): {parts} with the same method, "
+                     f"`rank={text['rank']}`, `alpha={text['alpha']}`, "
+                     f"`learning_rate={text['learning_rate']}` on `{', '.join(text['target_modules'])}`; its adapter "
+                     f"is in {', '.join(f'`{p}/`' for p in text['parts'])} and in the exported files")
     train = {k: run_setting(run, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "seed",
                                               "resolution") if run_setting(run, k) is not None}
     train.update({k: run_setting(run, k) for k in OPTIONAL_SETTINGS if run_setting(run, k)})   # only when on
