@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -133,6 +134,18 @@ def test_exports_load_in_diffusers_and_comfyui(runs, tmp_path):
     assert not not_loaded, f"ComfyUI: lora key not loaded: {sorted(not_loaded)[:4]}"
     assert sum(k.startswith("lora_te_") for k in lora) == 3 * 20 and sum(k.startswith("lora_unet_") for k in lora)
     check_comfy_text_encoder(patches, text_model, "clip_l")
+
+    export_run(text, tmp_path / "merged", "pipeline")   # the text encoder merged into the pipeline's own
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged").text_encoder
+    assert not lowrank.adapter_layers(merged)
+    with torch.no_grad():
+        ids = token_ids(fresh)
+        base, ours = fresh.text_encoder(ids)[0], with_adapter(fresh.text_encoder, text / "text_encoder",
+                                                              torch.float32)(ids)[0]
+        # float32 both ways, merged W0 + ΔW vs W0 x + ΔW x: roundings of ~1e-7 of activations of order 1, far below
+        # the effect (over 1e-2 at --text_encoder_lr 1e-2)
+        diff, effect = (merged(ids)[0] - ours).abs().max().item(), (ours - base).abs().max().item()
+    assert effect > 1e-2 and diff <= 1e-3 * effect, (diff, effect)
 
     peft = export_run(text, tmp_path / "peft", "peft")   # one model a folder: the text encoder's beside the UNet's
     assert peft == tmp_path / "peft" / "adapter_model.safetensors" and peft.is_file()
