@@ -81,6 +81,7 @@ from torch import nn
 from ground.runfolder import atomic_write
 
 from .errors import AdapterError, AdapterFileError
+from .export_keys import COMPONENTS, joined, kohya_prefix, part_names
 from .inject import adapter_layers, saved_modules
 from .io import model_config
 from .methods.lora import peft_lora_config
@@ -90,9 +91,6 @@ FORMATS = ("diffusers", "kohya", "peft", "diff")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-# the model part the adapters live in -> (diffusers key prefix, kohya key prefix)
-COMPONENTS = {"unet": ("unet", "lora_unet_"), "text_encoder": ("text_encoder", "lora_te_"),
-              "text_encoder_2": ("text_encoder_2", "lora_te2_"), "transformer": ("transformer", "lora_transformer_")}
 # The diffusers FLUX.1 / FLUX.2 module paths ComfyUI's FLUX LoRA map names: the '.weight' keys of comfy/utils.py
 # flux_to_diffusers (Comfy-Org/ComfyUI b3be02d6; rows marked '# Flux 2' and the ff.linear_in/out rows included).
 # Their BFL targets (qkv/linear1 slices, norm_out's scale/shift swap) are ComfyUI's business: the file holds
@@ -196,24 +194,13 @@ def _magnitude_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
 
 
 # ----- formats --------------------------------------------------------------------------------------
-def _names(layers: dict, component: str) -> dict[str, str]:
-    """{module name: its name in a diffusers/kohya file}. A text encoder's modules are named from the CLIPTextModel
-    root, 'text_model.encoder.layers.…' (transformers < 5, and what A1111/ComfyUI/kohya expect); transformers 5
-    flattened the model to 'encoder.layers.…', so the prefix is put back (diffusers strips it where the model
-    lacks it). The metadata's target_modules keep the model's own names: peft matches them as suffixes, so they
-    fit either layout."""
-    if component.startswith("text_encoder"):
-        return {n: n if n.startswith("text_model.") else f"text_model.{n}" for n in layers}
-    return {n: n for n in layers}
-
-
 def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
     """Keys as diffusers' save_lora_weights writes them: '<component>.<module>.lora_A.weight' / 'lora_B.weight'
     (+ '.lora_magnitude_vector' for DoRA), and the peft config as 'lora_adapter_metadata' JSON with keys
     '<component>.r', '<component>.lora_alpha' … (diffusers' _pack_dict_with_prefix)."""
     prefix = COMPONENTS[component][0]
     layers = adapter_layers(model)
-    file_names = _names(layers, component)
+    file_names = part_names(layers, component)
     state: dict[str, torch.Tensor] = {}
     low_rank = _method(model).low_rank_exact
     if not low_rank:
@@ -246,7 +233,7 @@ def _kohya(model: nn.Module, component: str, file_name: str, prefix: str) -> tup
     _refuse_unless_comfy_flux(layers, component, "kohya")
     factors, rank = low_rank_state(model)
     state = {}
-    file_names = _names(layers, component)
+    file_names = part_names(layers, component)
     for name, (up, down) in factors.items():
         key = prefix + file_names[name].replace(".", "_")
         conv = layers[name].is_conv
@@ -274,7 +261,7 @@ def _diff(model: nn.Module, component: str, file_name: str, prefix: str) -> tupl
     weight's own shape ((out, in, 1, 1) for a 1x1 conv: ComfyUI skips a diff whose shape differs), float32."""
     layers = _checked_layers(model)
     _refuse_unless_comfy_flux(layers, component, "diff")
-    file_names = _names(layers, component)
+    file_names = part_names(layers, component)
     state = {}
     for name, layer in layers.items():
         delta = dense_delta(layer)
@@ -362,11 +349,11 @@ def export(model: nn.Module | dict[str, nn.Module], directory: str | os.PathLike
         raise AdapterFileError(f"{out} exists and is not a directory; choose another output path")
     # every tensor is built (and every refusal raised) before the first byte is written
     if format == "diffusers":
-        state, meta, name = _joined([_diffusers(m, c) for c, m in parts.items()])
+        state, meta, name = joined([_diffusers(m, c) for c, m in parts.items()])
     elif format in ("kohya", "diff"):
         writer = _kohya if format == "kohya" else _diff
         file_name = f"{name or out.resolve().name or 'lora'}.safetensors"
-        state, meta, name = _joined([writer(m, c, file_name, kohya_prefix(c, parts)) for c, m in parts.items()])
+        state, meta, name = joined([writer(m, c, file_name, kohya_prefix(c, parts)) for c, m in parts.items()])
     else:
         state, peft_cfg = _peft(parts[next(iter(parts))], peft_prefix)
         peft_cfg.update({"task_type": None, "base_model_name_or_path": base_model, "inference_mode": True})
@@ -378,26 +365,6 @@ def export(model: nn.Module | dict[str, nn.Module], directory: str | os.PathLike
     if format == "peft":
         atomic_write(out / PEFT_CONFIG, lambda p: p.write_text(json.dumps(peft_cfg, indent=2)))
     return out / name
-
-
-def kohya_prefix(component: str, parts) -> str:
-    """A part's kohya key prefix: 'lora_te1_' for the first text encoder beside a second one (SDXL, as sd-scripts
-    names them and ComfyUI's model_lora_keys_clip maps them: lora_te1_ to CLIP-L, lora_te2_ to CLIP-G); else
-    COMPONENTS' ('lora_te_' for SD-1.5's one text encoder)."""
-    if component == "text_encoder" and "text_encoder_2" in parts:
-        return "lora_te1_"
-    return COMPONENTS[component][1]
-
-
-def _joined(files: list[tuple[dict, dict, str]]) -> tuple[dict, dict, str]:
-    """One file of several parts' (state, metadata, name): the keys side by side (each under its part's prefix);
-    the metadata the first part's, with diffusers' lora_adapter_metadata of every part (keys '<component>.r' …)."""
-    state = {k: v for part, _, _ in files for k, v in part.items()}
-    meta = dict(files[0][1])
-    if len(files) > 1 and "lora_adapter_metadata" in meta:
-        joined = {k: v for _, m, _ in files for k, v in json.loads(m["lora_adapter_metadata"]).items()}
-        meta["lora_adapter_metadata"] = json.dumps(joined, indent=2, sort_keys=True)
-    return state, meta, files[0][2]
 
 
 def _peft_extras(model: nn.Module, prefix: str, state: dict, peft_cfg: dict) -> None:
