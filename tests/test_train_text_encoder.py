@@ -29,6 +29,7 @@ from ground import runfolder  # noqa: E402
 from tests import comfy_keys as comfy  # noqa: E402
 from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E402, F401 (a module fixture)
 from tests.test_dreambooth import metrics, train  # noqa: E402
+from tests.test_dreambooth_resume import ACCELERATE, SCRIPT, env, free_port, run  # noqa: E402, F401 (env: a fixture)
 from tests.test_export_sdxl_comfy import Comfy, U, check_loadable  # noqa: E402
 from tests.test_training_faults import same_adapter  # noqa: E402
 from training.exporting import export_run  # noqa: E402
@@ -216,6 +217,24 @@ def test_sdxl_trains_and_exports_both_encoders(tmp_path):
     assert not not_loaded, f"ComfyUI: lora key not loaded: {sorted(not_loaded)[:4]}"
     for k, model in ours.items():
         check_comfy_text_encoder(patches, model, clip[k])
+
+
+@pytest.mark.slow
+def test_sdxl_text_encoders_under_two_ddp_processes(tmp_path, env):  # noqa: F811 (the fixture)
+    """DDP over gloo: SDXL's first text encoder's last layer gets no gradient (penultimate hidden states), which DDP
+    must be told of (find_unused_parameters, as diffusers' SDXL script); the run ends with identical replicas (the
+    loop's check) and one set of outputs."""
+    out = tmp_path / "ddp"
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT, "--output_dir", str(out),
+           "--pretrained_model_name_or_path", "tiny-sdxl", "--seed", "0", "--resolution", "32", "--rank", "4",
+           "--max_train_steps", "3", "--checkpointing_steps", "2", "--num_inference_steps", "1",
+           "--num_validation_images", "1", "--report_to", "none", "--skip_final_samples", *TEXT]
+    proc = run(cmd, dict(env, ACCELERATE_USE_CPU="true"))
+    assert proc.stdout.count("done:") == 1
+    assert json.loads((out / runfolder.RUN_JSON).read_text())["num_processes"] == 2
+    for part in ("text_encoder", "text_encoder_2"):
+        assert lowrank.read_adapter(out / "checkpoint-2" / part)[0].rank == 2
 
 
 @pytest.mark.parametrize("flags, says", [
