@@ -31,6 +31,7 @@ from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E40
 from tests.test_dreambooth import metrics, train  # noqa: E402
 from tests.test_dreambooth_resume import ACCELERATE, SCRIPT, env, free_port, run  # noqa: E402, F401 (env: a fixture)
 from tests.test_export_sdxl_comfy import Comfy, U, check_loadable  # noqa: E402
+from tests.test_local_sources import photos, write_source  # noqa: E402
 from tests.test_training_faults import same_adapter  # noqa: E402
 from training.exporting import export_run  # noqa: E402
 from training.families import load_pipeline  # noqa: E402
@@ -173,7 +174,13 @@ def check_comfy_text_encoder(patches: dict, text_model, clip: str) -> None:
 
 
 def test_resume_with_the_text_encoder_is_exact(tmp_path, monkeypatch, capsys):
-    check_resume_after_a_kill(train, tmp_path, monkeypatch, *TEXT)
+    """Per-image captions (encoded per batch), caption dropout (the empty prompt encoded when drawn) and the held-out
+    loss (its prompts encoded as the encoder is at each checkpoint) all go through the trained encoder here."""
+    src = write_source(tmp_path / "data", "parquet", {"image": photos(4), "text": ["sks cat", "sks cat sits",
+                                                                                   "a sks cat", "sks"]})
+    check_resume_after_a_kill(train, tmp_path, monkeypatch, *TEXT, "--dataset_name", str(src), "--caption_column",
+                              "text", "--instance_prompt", "sks cat", "--caption_dropout", "0.5",
+                              "--validation_loss_images", "1")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     same_adapter(straight / "text_encoder", killed / "text_encoder")
     same_adapter(straight / "checkpoint-4" / "text_encoder", killed / "checkpoint-4" / "text_encoder")
