@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lowrank  # noqa: E402
+from eval.generate import generate_images  # noqa: E402
 from ground import runfolder  # noqa: E402
 from tests import comfy_keys as comfy  # noqa: E402
 from tests.family_runs import check_resume_after_a_kill, one_thread  # noqa: E402, F401 (a module fixture)
@@ -105,6 +106,19 @@ def test_text_encoder_trains_beside_the_unet(runs):
         base = pipe.text_encoder(ids)[0]
         ours = with_adapter(pipe.text_encoder, text / "text_encoder", torch.float32)(ids)[0]
     assert (ours - base).abs().max() > 1e-3   # the prompt now encodes differently
+
+
+def test_eval_samples_with_the_trained_text_encoder(runs, tmp_path):
+    """eval's images of a run (eval.subject, drift, the robustness study) come from both of its adapters; the next
+    run's replace them, text encoder included."""
+    text, plain = runs
+    pipe, reference = load_pipeline("tiny"), load_pipeline("tiny").text_encoder
+    ids = token_ids(pipe)
+    for run_dir, want in ((text, with_adapter(reference, text / "text_encoder", torch.float32)), (plain, reference)):
+        generate_images(pipe, run_dir, [PROMPT], tmp_path / run_dir.name, images_per_prompt=1, num_inference_steps=1,
+                        resolution=32)
+        with torch.no_grad():
+            assert torch.equal(pipe.text_encoder(ids)[0], want(ids)[0])
 
 
 def test_exports_load_in_diffusers_and_comfyui(runs, tmp_path):
