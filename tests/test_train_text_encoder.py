@@ -91,7 +91,9 @@ def test_text_encoder_trains_beside_the_unet(runs):
                     "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"],
                     "adapted_layers": {"text_encoder": 20}}
     assert "text_encoder" not in json.loads((plain / runfolder.RUN_JSON).read_text())
-    assert "Text encoder trained" in (text / "README.md").read_text()
+    card = (text / "README.md").read_text()
+    assert "Text encoder trained" in card and "PeftModel.from_pretrained(pipe.text_encoder, 'PEFT_DIR/text_encoder')" \
+        in card
     assert not (plain / "text_encoder").exists() and not (plain / "checkpoint-2" / "text_encoder").exists()
     for folder in (text, text / "checkpoint-2"):   # each part's adapter in its own folder, checkpoints too
         config, state = lowrank.read_adapter(folder / "text_encoder")

@@ -212,7 +212,9 @@ def _loading(f: dict, name: str, export_format: str | None, file: str | None, ha
               f"`stable-diffusion-webui/models/Lora/` (`<lora:NAME:1>`)" +
               (" (DoRA goes as the full-weight `diff` format, which both apply exactly)." if kohya == "diff" else "."),
               "", "**peft**:", "```python", "from peft import PeftModel",
-              f"{part} = PeftModel.from_pretrained(pipe.{part}, {peft_dir!r})", "```"]
+              f"{part} = PeftModel.from_pretrained(pipe.{part}, {peft_dir!r})",
+              *(f"{te} = PeftModel.from_pretrained(pipe.{te}, {peft_dir + '/' + te!r})"   # --train_text_encoder's
+                for te in (f["run"].get("text_encoder") or {}).get("parts", [])), "```"]
     if peft_dir == "PEFT_DIR":
         lines.append(f"PEFT_DIR: `{cli} --format peft --output PEFT_DIR`.")
     return lines + tiny
