@@ -25,6 +25,7 @@ import lowrank
 from ground.runfolder import PROMPTS, run_setting
 from training import families
 from training.common import TrainingError
+from training.images.export import load_parts
 from training.images.files import load_dataset_images
 from training.subject.data import example_subject
 
@@ -85,15 +86,17 @@ def generate_images(pipe, adapter_dir: Path | None, prompts: list[str], out_dir:
                     guidance_scale: float = 7.5, resolution: int = 512, settings: dict | None = None,
                     call_kwargs: dict | None = None) -> int:
     """Load the adapter in `adapter_dir` into pipe.unet (replacing any loaded before; None: no adapter, the
-    base model) and write out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt
+    base model), and the text encoders' of a run trained with --train_text_encoder (adapter_dir/text_encoder/ ...),
+    and write out_dir/{p00-s0.png, ..., prompts.jsonl, generation.json}: image j of every prompt
     uses seed seed + j, so checkpoints and methods start from the same noise. Written in a temp folder and
     renamed into place. Returns how many images the safety checker blacked out."""
     unet = families.denoiser_of(pipe)   # the UNet, or a DiT family's transformer
-    if lowrank.adapter_layers(unet):
-        lowrank.eject(unet)   # a fresh injection per checkpoint: exact, and safe if ranks differ
+    for module in (unet, *families.text_encoders(pipe)):
+        if lowrank.adapter_layers(module):
+            lowrank.eject(module)   # a fresh injection per checkpoint: exact, and safe if ranks differ
     if adapter_dir is not None:
         try:
-            lowrank.load_adapter(unet, adapter_dir)
+            load_parts(families.family_of_pipeline(pipe), pipe, adapter_dir)
         except lowrank.AdapterError as e:
             raise EvalError(f"cannot load the adapter in {adapter_dir}: {e}") from None
     unet.to(pipe.device).eval()

@@ -81,6 +81,7 @@ from torch import nn
 from ground.runfolder import atomic_write
 
 from .errors import AdapterError, AdapterFileError
+from .export_keys import COMPONENTS, joined, kohya_prefix, part_names
 from .inject import adapter_layers, saved_modules
 from .io import model_config
 from .methods.lora import peft_lora_config
@@ -90,9 +91,6 @@ FORMATS = ("diffusers", "kohya", "peft", "diff")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-# the model part the adapters live in -> (diffusers key prefix, kohya key prefix)
-COMPONENTS = {"unet": ("unet", "lora_unet_"), "text_encoder": ("text_encoder", "lora_te_"),
-              "transformer": ("transformer", "lora_transformer_")}
 # The diffusers FLUX.1 / FLUX.2 module paths ComfyUI's FLUX LoRA map names: the '.weight' keys of comfy/utils.py
 # flux_to_diffusers (Comfy-Org/ComfyUI b3be02d6; rows marked '# Flux 2' and the ff.linear_in/out rows included).
 # Their BFL targets (qkv/linear1 slices, norm_out's scale/shift swap) are ComfyUI's business: the file holds
@@ -196,24 +194,13 @@ def _magnitude_state(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
 
 
 # ----- formats --------------------------------------------------------------------------------------
-def _names(layers: dict, component: str) -> dict[str, str]:
-    """{module name: its name in a diffusers/kohya file}. A text encoder's modules are named from the CLIPTextModel
-    root, 'text_model.encoder.layers.…' (transformers < 5, and what A1111/ComfyUI/kohya expect); transformers 5
-    flattened the model to 'encoder.layers.…', so the prefix is put back (diffusers strips it where the model
-    lacks it). The metadata's target_modules keep the model's own names: peft matches them as suffixes, so they
-    fit either layout."""
-    if component == "text_encoder":
-        return {n: n if n.startswith("text_model.") else f"text_model.{n}" for n in layers}
-    return {n: n for n in layers}
-
-
 def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
     """Keys as diffusers' save_lora_weights writes them: '<component>.<module>.lora_A.weight' / 'lora_B.weight'
     (+ '.lora_magnitude_vector' for DoRA), and the peft config as 'lora_adapter_metadata' JSON with keys
     '<component>.r', '<component>.lora_alpha' … (diffusers' _pack_dict_with_prefix)."""
     prefix = COMPONENTS[component][0]
     layers = adapter_layers(model)
-    file_names = _names(layers, component)
+    file_names = part_names(layers, component)
     state: dict[str, torch.Tensor] = {}
     low_rank = _method(model).low_rank_exact
     if not low_rank:
@@ -238,16 +225,15 @@ def _diffusers(model: nn.Module, component: str) -> tuple[dict, dict, str]:
     return state, meta, DIFFUSERS_WEIGHTS
 
 
-def _kohya(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict, str]:
+def _kohya(model: nn.Module, component: str, file_name: str, prefix: str) -> tuple[dict, dict, str]:
     """kohya-ss sd-scripts' networks.lora keys, what ComfyUI and A1111 read: 'lora_unet_<module path with _>'
     + '.lora_down.weight' (R, in[, 1, 1]), '.lora_up.weight' (out, R[, 1, 1]), '.alpha' = R (scale alpha/R = 1)."""
     _refuse_unless_low_rank(_method(model), "kohya")
-    prefix = COMPONENTS[component][1]
     layers = adapter_layers(model)
     _refuse_unless_comfy_flux(layers, component, "kohya")
     factors, rank = low_rank_state(model)
     state = {}
-    file_names = _names(layers, component)
+    file_names = part_names(layers, component)
     for name, (up, down) in factors.items():
         key = prefix + file_names[name].replace(".", "_")
         conv = layers[name].is_conv
@@ -270,13 +256,12 @@ def dense_delta(layer: nn.Module) -> torch.Tensor:
     return up @ down
 
 
-def _diff(model: nn.Module, component: str, file_name: str) -> tuple[dict, dict, str]:
+def _diff(model: nn.Module, component: str, file_name: str, prefix: str) -> tuple[dict, dict, str]:
     """LyCORIS' full-weight patch under kohya keys: 'lora_unet_<module path with _>.diff' = ΔW in the layer
     weight's own shape ((out, in, 1, 1) for a 1x1 conv: ComfyUI skips a diff whose shape differs), float32."""
-    prefix = COMPONENTS[component][1]
     layers = _checked_layers(model)
     _refuse_unless_comfy_flux(layers, component, "diff")
-    file_names = _names(layers, component)
+    file_names = part_names(layers, component)
     state = {}
     for name, layer in layers.items():
         delta = dense_delta(layer)
@@ -327,8 +312,9 @@ def _peft(model: nn.Module, prefix: str) -> tuple[dict, dict]:
 
 
 # ----- entry points ---------------------------------------------------------------------------------
-def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffusers", component: str = "unet",
-           peft_prefix: str = "base_model.model.", name: str | None = None, base_model: str | None = None) -> Path:
+def export(model: nn.Module | dict[str, nn.Module], directory: str | os.PathLike, format: str = "diffusers",
+           component: str = "unet", peft_prefix: str = "base_model.model.", name: str | None = None,
+           base_model: str | None = None) -> Path:
     """Write the adapters injected in `model` to `directory` in `format`; returns the weights file's path.
 
     diffusers: directory/pytorch_lora_weights.safetensors, for pipe.load_lora_weights(directory).
@@ -341,28 +327,37 @@ def export(model: nn.Module, directory: str | os.PathLike, format: str = "diffus
     `component` says which pipeline part `model` is ("unet", "text_encoder", or "transformer" for a DiT's
     FluxTransformer2DModel / Flux2Transformer2DModel): it sets the key prefix of diffusers and kohya files
     ('transformer.' for FluxPipeline / Flux2KleinPipeline.load_lora_weights, 'lora_transformer_' for ComfyUI's
-    FLUX map; module docstring). `base_model` is what a peft config names as its base_model_name_or_path (a
+    FLUX map; module docstring). `model` may instead be {component: model} of several parts of one pipeline
+    (a UNet and the text encoders trained with it): diffusers, kohya and diff files then hold every part's keys
+    under its own prefix, as diffusers' save_lora_weights and kohya's sd-scripts write them (SDXL's two text
+    encoders: 'text_encoder.' / 'text_encoder_2.', 'lora_te1_' / 'lora_te2_'; SD-1.5's one: 'lora_te_'); a peft
+    file holds one model. `base_model` is what a peft config names as its base_model_name_or_path (a
     hub name or a local folder; peft's AutoPeftModel loads the base from it). The model must hold its
     pretrained base weights, unmerged (ETHER's and DeLoRA's factors depend on W0). Raises ExportError for a
     method the format cannot hold exactly (DoRA in kohya), before anything is written.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if component not in COMPONENTS:
-        raise ExportError(f"unknown component {component!r}; choose one of {', '.join(COMPONENTS)}")
+    parts = dict(model) if isinstance(model, dict) else {component: model}
+    unknown = [c for c in parts if c not in COMPONENTS]
+    if unknown:
+        raise ExportError(f"unknown component {unknown[0]!r}; choose one of {', '.join(COMPONENTS)}")
+    if format == "peft" and len(parts) > 1:
+        raise ExportError(f"a peft folder holds one model; export {', '.join(parts)} one at a time")
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} exists and is not a directory; choose another output path")
     # every tensor is built (and every refusal raised) before the first byte is written
     if format == "diffusers":
-        state, meta, name = _diffusers(model, component)
+        state, meta, name = joined([_diffusers(m, c) for c, m in parts.items()])
     elif format in ("kohya", "diff"):
         writer = _kohya if format == "kohya" else _diff
-        state, meta, name = writer(model, component, f"{name or out.resolve().name or 'lora'}.safetensors")
+        file_name = f"{name or out.resolve().name or 'lora'}.safetensors"
+        state, meta, name = joined([writer(m, c, file_name, kohya_prefix(c, parts)) for c, m in parts.items()])
     else:
-        state, peft_cfg = _peft(model, peft_prefix)
+        state, peft_cfg = _peft(parts[next(iter(parts))], peft_prefix)
         peft_cfg.update({"task_type": None, "base_model_name_or_path": base_model, "inference_mode": True})
-        _peft_extras(model, peft_prefix, state, peft_cfg)
+        _peft_extras(parts[next(iter(parts))], peft_prefix, state, peft_cfg)
         meta, name = {"format": "pt"}, PEFT_WEIGHTS
     _check_finite(state)
     out.mkdir(parents=True, exist_ok=True)

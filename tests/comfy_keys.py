@@ -376,3 +376,43 @@ def calculate_weight(patch, weight: torch.Tensor, strength: float = 1.0) -> torc
     else:
         weight += lora_update(patch, weight.shape, strength).type(weight.dtype)
     return weight
+
+
+# ----- comfy/lora.py model_lora_keys_clip (text encoders) -------------------------------------------------
+# the CLIP weights a LoRA may patch, under the suffix ComfyUI's kohya keys give them
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def clip_state_keys(names, clip: str) -> set[str]:
+    """The state-dict keys ComfyUI's own text encoder holds for a transformers CLIP text model's `names` (its state
+    dict keys, with or without the 'text_model.' root): '<clip>.transformer.text_model.<path>' (comfy/sd1_clip.py
+    SDClipModel as `transformer`, held as clip_l / clip_g by the SD-1.x and SDXL clip models)."""
+    return {f"{clip}.transformer.text_model.{n.removeprefix('text_model.')}" for n in names}
+
+
+def model_lora_keys_clip(model_state_dict_keys) -> dict[str, str]:
+    """lora.py model_lora_keys_clip, the CLIP-L / CLIP-G branches (SD-1.x, SDXL): for every encoder layer b < 32
+    and LORA_CLIP_MAP entry c whose weight the model holds. CLIP-L (SD-1.x's one, SDXL's first) takes
+    'lora_te_text_model_encoder_layers_<b>_<c with _>', the same with 'lora_te1_', and diffusers'
+    'text_encoder.text_model.encoder.layers.<b>.<c>'; CLIP-G beside a CLIP-L (SDXL) takes 'lora_te2_…' and
+    'text_encoder_2.text_model.…', a CLIP-G alone (the refiner) the CLIP-L names plus 'lora_prior_te_…'.
+    CLIP-L is looked up before CLIP-G for each layer, so from layer 0 on SDXL's CLIP-G gets the te2 names."""
+    sdk = set(model_state_dict_keys)
+    key_map, clip_l_present = {}, False
+    for b in range(32):
+        for c, kohya in LORA_CLIP_MAP.items():
+            stem, path = f"text_model_encoder_layers_{b}_{kohya}", f"text_model.encoder.layers.{b}.{c}"
+            k = f"clip_l.transformer.{path}.weight"
+            if k in sdk:
+                clip_l_present = True
+                for lora_key in (f"lora_te_{stem}", f"lora_te1_{stem}", f"text_encoder.{path}"):
+                    key_map[lora_key] = k
+            k = f"clip_g.transformer.{path}.weight"
+            if k in sdk:
+                names = (f"lora_te2_{stem}", f"text_encoder_2.{path}") if clip_l_present \
+                    else (f"lora_te_{stem}", f"text_encoder.{path}", f"lora_prior_te_{stem}")
+                for lora_key in names:
+                    key_map[lora_key] = k
+    return key_map

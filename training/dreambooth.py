@@ -52,6 +52,7 @@ from training.subject.data import (
     collate,
     example_subject,
 )
+from training.subject.text_encoder import TrainedParts, adapt_text_encoders, parameter_groups, save_parts
 
 logger = setup_console()
 
@@ -75,6 +76,9 @@ class DreamBooth(HeldOutImages, Task):
         self.fig3_pattern = family.fig3_pattern
         self.model = family.denoiser(pipe)
         self.objective = family.objective(pipe, run.weight_dtype, run.device, args)
+        # --train_text_encoder: the denoiser and text encoders train as one module; the prompts are encoded every step
+        self.parts = TrainedParts(family, pipe) if args.train_text_encoder else None
+        self.pipe, self.prompts = pipe, (instance_prompt, class_prompt, captions)
         # the text encoders are frozen: each prompt is encoded once (the family knows how: SDXL's two encoders)
         self.instance_cond = family.encode(pipe, [instance_prompt], args.resolution)
         self.class_cond = family.encode(pipe, [class_prompt], args.resolution) if class_prompt else None
@@ -94,15 +98,37 @@ class DreamBooth(HeldOutImages, Task):
     def loss(self, model, batch: dict, gen: torch.Generator) -> torch.Tensor:
         pixels, prior = batch["pixels"], self.class_cond is not None
         n = pixels.shape[0] // 2 if prior else pixels.shape[0]   # with prior preservation: instance | class
-        cond = expand(self.instance_cond, n) if self.caption_conds is None else \
-            select(self.caption_conds, batch["index"].to(self.run.device))
-        if "drop" in batch:   # --caption_dropout: these instance images train with the empty prompt
-            cond = dropped(cond, self.empty_cond, batch["drop"].to(self.run.device))
-        if prior:
-            cond = stack(cond, expand(self.class_cond, n))
-        cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
-        return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(model, noisy, t, cond), gen,
+
+        def conditioning() -> dict:
+            cond, class_cond, empty_cond = self.prompt_conds(batch, n)
+            if "drop" in batch:   # --caption_dropout: these instance images train with the empty prompt
+                cond = dropped(cond, empty_cond, batch["drop"].to(self.run.device))
+            if prior:
+                cond = stack(cond, expand(class_cond, n))
+            return self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
+
+        if self.parts is not None:   # encoded inside the model's forward: one (DDP) forward over both parts
+            denoise = lambda noisy, t: model(noisy, t, conditioning)   # noqa: E731
+        else:
+            cond = conditioning()
+            denoise = lambda noisy, t: self.family.denoise(model, noisy, t, cond)   # noqa: E731
+        return self.objective.loss(pixels, denoise, gen,
                                    prior_loss_weight=self.args.prior_loss_weight if prior else None)
+
+    def prompt_conds(self, batch: dict, n: int) -> tuple[dict, dict | None, dict | None]:
+        """(the n instance images' prompt conditioning, the class prompt's, the empty prompt's): the encodings made
+        once, or, when the text encoders train, the batch's prompts encoded now, with gradients."""
+        device = self.run.device
+        if self.parts is None:
+            cond = expand(self.instance_cond, n) if self.caption_conds is None else \
+                select(self.caption_conds, batch["index"].to(device))
+            return cond, self.class_cond, self.empty_cond
+        instance_prompt, class_prompt, captions = self.prompts
+        encode = lambda prompts: self.family.encode_with_grad(self.pipe, prompts, self.args.resolution)   # noqa: E731
+        cond = expand(encode([instance_prompt]), n) if captions is None else \
+            encode([captions[i] for i in batch["index"].tolist()])
+        return (cond, encode([class_prompt]) if self.class_cond is not None else None,
+                encode([""]) if "drop" in batch else None)
 
     def held_out_batch(self, pipe, instance_prompt: str, images: list, captions: list[str] | None):
         """(pixels, conditioning) of the held-out images (--validation_loss_images), centre-cropped; None without."""
@@ -111,14 +137,22 @@ class DreamBooth(HeldOutImages, Task):
         size = self.args.resolution
         centre = DreamBoothDataset(images, None, size, center_crop=True, seed=0)
         pixels, crops = zip(*(centre.crop(img, None) for img in images))
+        self.held_out_text = (captions, instance_prompt, len(images), torch.tensor(crops).to(self.run.device))
+        return torch.stack(pixels), self.held_out_conditioning(pipe, *self.held_out_text)
+
+    def held_out_conditioning(self, pipe, captions: list[str] | None, instance_prompt: str, n: int, crops) -> dict:
+        size = self.args.resolution
         cond = self.family.encode(pipe, captions, size) if captions else \
-            expand(self.family.encode(pipe, [instance_prompt], size), len(images))
-        return torch.stack(pixels), self.family.image_conditioning(cond, torch.tensor(crops).to(self.run.device), size)
+            expand(self.family.encode(pipe, [instance_prompt], size), n)
+        return self.family.image_conditioning(cond, crops, size)
 
     def validation_loss(self, model) -> float:
         """The held-out images' denoising loss at fixed noise and timesteps (training/images/validation.py)."""
         pixels, cond = self.held_out
-        return held_out_loss(self.objective, model, lambda noisy, t: self.family.denoise(model, noisy, t, cond),
+        denoiser = model
+        if isinstance(model, TrainedParts):   # the text encoders train: the held-out prompts as they encode now
+            denoiser, cond = model.denoiser, self.held_out_conditioning(self.pipe, *self.held_out_text)
+        return held_out_loss(self.objective, model, lambda noisy, t: self.family.denoise(denoiser, noisy, t, cond),
                              pixels, self.args, self.run.accelerator.autocast)
 
     def samples(self, step: int, folder: Path, tag: str = "validation") -> list:
@@ -136,8 +170,20 @@ class DreamBooth(HeldOutImages, Task):
         if not self.args.skip_final_samples:
             shots = self.samples(step, output_dir / runfolder.SAMPLES, tag="final")
             write_grid(output_dir / runfolder.SAMPLES_GRID, shots, cols=self.args.num_validation_images)
-        if self.args.export_diffusers:
-            export_diffusers(self.model, output_dir, component=self.family.denoiser_name)
+        if self.args.export_diffusers:   # with --train_text_encoder one file of every part (text_encoder.* keys too)
+            export_diffusers(dict(self.parts.items()) if self.parts is not None else self.model, output_dir,
+                             component=self.family.denoiser_name)
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        if isinstance(model, TrainedParts):
+            save_parts(model, folder)
+        else:
+            super().save(model, folder)
+
+    def param_groups(self, model: torch.nn.Module, lr: float, args) -> list[dict]:
+        if isinstance(model, TrainedParts):
+            return parameter_groups(model, lr, args)
+        return super().param_groups(model, lr, args)
 
 
 def dropped(cond: dict, empty: dict, drop: torch.Tensor) -> dict:
@@ -208,14 +254,16 @@ def train(spec: RunSpec) -> None:
     # the base model's validation loss, before any adapter exists: the same for every method
     validation = task.base_validation(model)
     run.adapt(model, max_train_steps, target_modules=list(family.default_targets))
+    text_encoder = adapt_text_encoders(run, task.parts, family)   # --train_text_encoder's (None without it)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    run.fit(model, task, dataset, collate, num_train_steps=max_train_steps,
+    run.fit(task.parts if task.parts is not None else model, task, dataset, collate, num_train_steps=max_train_steps,
             info={"instance_images": len(instance_images), "class_images": len(class_images or []),
                   "caption_source": "data" if captions else "instance_prompt", "family": family.name,
                   "pipeline_class": family.pipeline_classes[0], "family_tags": list(family.tags),
                   "denoiser": family.denoiser_name, "validation_loss": validation,
-                  "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path)})
+                  "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path),
+                  **({"text_encoder": text_encoder} if text_encoder else {})})
 
 
 if __name__ == "__main__":

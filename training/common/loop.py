@@ -129,10 +129,7 @@ class TrainingRun:
         steps = saved.dyndora_total_steps if saved else total_steps
         config = self.spec.adapter_for(**fill, dyndora_total_steps=steps)
         if saved is not None:
-            if saved != config:
-                diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
-                raise TrainingError(f"{self.resume_dir} was trained with {', '.join(diff)}; "
-                                    f"resume with the same adapter flags")
+            check_resumed_adapter(saved, config, self.resume_dir)
             names = task.load(model, self.resume_dir)
         else:
             names = lowrank.inject(model, config)
@@ -379,6 +376,13 @@ class TrainingRun:
         return (f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
                 f"metrics.jsonl (distances), {kept}, run.json{task_outputs(self.task)}"
                 f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
+
+
+def check_resumed_adapter(saved: lowrank.AdapterConfig, config: lowrank.AdapterConfig, folder: Path) -> None:
+    """A checkpoint's adapter must be the one the flags describe: TrainingError naming the fields that differ."""
+    if saved != config:
+        diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
+        raise TrainingError(f"{folder} was trained with {', '.join(diff)}; resume with the same adapter flags")
 
 
 def task_outputs(task: Task) -> str:

@@ -141,6 +141,13 @@ def front_matter(f: dict) -> dict:
 def _numbers(f: dict) -> list[str]:
     lines = [f"- **Method**: `{f['method']}`, " + ", ".join(f"`{k}={v}`" for k, v in f["options"].items())]
     run = f["run"]
+    text = run.get("text_encoder")   # DreamBooth's --train_text_encoder
+    if text:
+        parts = ", ".join(f"`{p}`" for p in text["parts"])
+        lines.append(f"- **Text encoder trained** (--train_text_encoder): {parts} with the same method, "
+                     f"`rank={text['rank']}`, `alpha={text['alpha']}`, "
+                     f"`learning_rate={text['learning_rate']}` on `{', '.join(text['target_modules'])}`; its adapter "
+                     f"is in {', '.join(f'`{p}/`' for p in text['parts'])} and in the exported files")
     train = {k: run_setting(run, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "seed",
                                               "resolution") if run_setting(run, k) is not None}
     train.update({k: run_setting(run, k) for k in OPTIONAL_SETTINGS if run_setting(run, k)})   # only when on
@@ -205,7 +212,9 @@ def _loading(f: dict, name: str, export_format: str | None, file: str | None, ha
               f"`stable-diffusion-webui/models/Lora/` (`<lora:NAME:1>`)" +
               (" (DoRA goes as the full-weight `diff` format, which both apply exactly)." if kohya == "diff" else "."),
               "", "**peft**:", "```python", "from peft import PeftModel",
-              f"{part} = PeftModel.from_pretrained(pipe.{part}, {peft_dir!r})", "```"]
+              f"{part} = PeftModel.from_pretrained(pipe.{part}, {peft_dir!r})",
+              *(f"{te} = PeftModel.from_pretrained(pipe.{te}, {peft_dir + '/' + te!r})"   # --train_text_encoder's
+                for te in (f["run"].get("text_encoder") or {}).get("parts", [])), "```"]
     if peft_dir == "PEFT_DIR":
         lines.append(f"PEFT_DIR: `{cli} --format peft --output PEFT_DIR`.")
     return lines + tiny

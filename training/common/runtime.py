@@ -221,12 +221,15 @@ def set_threads(args) -> None:
 
 def start_accelerator(args, folder: Path, report_to):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     # a bounded wait for the other processes: a dead worker ends the others' collectives with an error
     # after --ddp_timeout seconds instead of torch's default half hour
     timeout = getattr(args, "ddp_timeout", None)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else []
+    if getattr(args, "train_text_encoder", False):   # SDXL conditions on the penultimate hidden states: the first
+        # text encoder's last layer gets no gradient, which DDP must be told of (as diffusers' SDXL script does)
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, kwargs_handlers=handlers,
                        project_config=ProjectConfiguration(project_dir=str(folder),
                                                            logging_dir=str(folder / "logs")))

@@ -37,6 +37,7 @@ class Family:
     vae_in_fp32 = False                        # keep the VAE in fp32 under mixed precision (SDXL's NaNs in fp16)
     denoiser_name = "unet"                     # the pipeline part the adapters go into (DiT families: "transformer")
     flow_matching = False                      # trains by rectified flow (no DDPM timesteps: no SNR, no offset noise)
+    text_encoder_parts: tuple[str, ...] = ()   # the pipeline parts --train_text_encoder adapts (none: refused)
 
     # ----- loading -------------------------------------------------------------------------------------
     def is_preset(self, name_or_path: str | None) -> bool:
@@ -139,6 +140,10 @@ class Family:
         if self.flow_matching and getattr(args, "noise_offset", 0.0):
             raise TrainingError(f"--noise_offset shifts DDPM noise (SD, SDXL); the {self.name} family trains by flow "
                                 f"matching, where diffusers' scripts have no offset noise: leave it at 0")
+        if getattr(args, "train_text_encoder", False) and not self.text_encoder_parts:
+            raise TrainingError(f"--train_text_encoder is not supported for the {self.name} family: it trains the "
+                                f"CLIP text encoders of SD-1.5 and SDXL; leave it off to train the "
+                                f"{self.denoiser_name} alone")
         return copy.copy(self)
 
     def call_kwargs(self, pipe) -> dict:
@@ -158,6 +163,10 @@ class Family:
 
     def encode(self, pipe, prompts: list[str], size: int) -> Conditioning:
         """The frozen text encoders' conditioning of `prompts` at `size` pixels, batch first."""
+        raise NotImplementedError
+
+    def encode_with_grad(self, pipe, prompts: list[str], size: int) -> Conditioning:
+        """`encode` with gradients through the text encoders (--train_text_encoder: text_encoder_parts' families)."""
         raise NotImplementedError
 
     def denoise(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -17,6 +17,7 @@ class SD15(Family):
     pipeline_classes = ("StableDiffusionPipeline",)
     preset = TINY
     tags = ("stable-diffusion", "stable-diffusion-diffusers")
+    text_encoder_parts = ("text_encoder",)
 
     def is_preset(self, name_or_path: str | None) -> bool:
         return is_tiny(name_or_path)   # no name at all means the preset too (the trainers' default)
@@ -29,6 +30,9 @@ class SD15(Family):
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], size: int) -> Conditioning:
+        return self.encode_with_grad(pipe, prompts, size)
+
+    def encode_with_grad(self, pipe, prompts: list[str], size: int) -> Conditioning:
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
         return {"encoder_hidden_states": pipe.text_encoder(ids)[0]}

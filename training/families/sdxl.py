@@ -31,6 +31,7 @@ class SDXL(Family):
     preset = "tiny-sdxl"
     tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
     default_resolution = 1024
+    text_encoder_parts = ("text_encoder", "text_encoder_2")
     vae_in_fp32 = True   # train_dreambooth_lora_sdxl.py: "to avoid NaN losses" with fp16
 
     def build_preset(self, directory: Path) -> None:
@@ -73,6 +74,9 @@ class SDXL(Family):
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], size: int) -> Conditioning:
+        return self.encode_with_grad(pipe, prompts, size)
+
+    def encode_with_grad(self, pipe, prompts: list[str], size: int) -> Conditioning:
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.text_encoder.device,
                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=embeds.device)

@@ -79,8 +79,33 @@ def build_parser() -> ArgumentParser:
                    help="Keep the text encoder(s) on the CPU once the prompts are encoded, on the accelerator only "
                         "while checkpoint samples are made (diffusers' --offload): frees their memory for the "
                         "denoiser. Results do not change.")
+    t = parser.add_argument_group("text encoder (SD-1.5, SDXL; diffusers' --train_text_encoder)")
+    t.add_argument("--train_text_encoder", action="store_true",
+                   help="Train the text encoder(s) with the denoiser: the same --method and options injected into "
+                        "CLIPAttention's q_proj, k_proj, v_proj, out_proj of text_encoder (SDXL: and text_encoder_2); "
+                        "prompts are encoded every step. Saved in text_encoder/ (text_encoder_2/) beside the "
+                        "adapter and exported with it. Not for FLUX.1 / FLUX.2-klein (default: off).")
+    t.add_argument("--text_encoder_rank", type=int, default=None,
+                   help="Rank of the text encoders' adapter with --train_text_encoder (default: --rank).")
+    t.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="Learning rate of the text encoders' adapter with --train_text_encoder, its own AdamW group "
+                        "(default: the denoiser's learning rate).")
     add_adapter_args(parser)
     return parser
+
+
+def check_text_encoder_args(args) -> None:
+    """--train_text_encoder's flags (the family's own check, FLUX's refusal, is Family.for_run)."""
+    if args.text_encoder_rank is not None and args.text_encoder_rank <= 0:
+        raise TrainingError(f"--text_encoder_rank must be a positive integer, got {args.text_encoder_rank}")
+    if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
+        raise TrainingError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
+    if args.train_text_encoder and args.offload:
+        raise TrainingError("--offload keeps the text encoders on the CPU, --train_text_encoder trains them; "
+                            "give one of the two")
+    given = [f for f in ("text_encoder_rank", "text_encoder_lr") if getattr(args, f) is not None]
+    if given and not args.train_text_encoder:
+        logger.warning("--%s is ignored without --train_text_encoder", given[0])
 
 
 def parse_args(argv=None) -> RunSpec:
@@ -98,6 +123,7 @@ def parse_args(argv=None) -> RunSpec:
         raise TrainingError(f"--instance_prompt is required with {data_flag} (e.g. 'a photo of sks dog')")
     if not 0 <= args.caption_dropout <= 1:
         raise TrainingError(f"--caption_dropout is a probability: give 0 to 1, got {args.caption_dropout}")
+    check_text_encoder_args(args)
     if args.caption_column and not args.dataset_name:
         raise TrainingError("--caption_column reads captions from --dataset_name; give --dataset_name too")
     spec = resolve_run(args, DREAMBOOTH, DEFAULT_STEPS)   # a bad method/option fails now, before any model
