@@ -100,16 +100,35 @@ def test_average_follows_the_methods_step_hooks(tmp_path):
 
 
 def test_resumed_run_has_the_same_average_and_training_is_unchanged(lora_run, tmp_path):
-    resumed = train(tmp_path / "resumed", *EMA, "--max_train_steps", "2")   # ends after checkpoint-2
-    shutil.rmtree(resumed / runfolder.EMA_DIR)                             # only the checkpoint carries on
-    train(resumed, *EMA, "--resume_from_checkpoint", "latest")
+    quick = [*EMA, "--skip_final_samples"]   # samples never touch the training bits
+    resumed = train(tmp_path / "resumed", *quick, "--max_train_steps", "2")   # ends after checkpoint-2
+    shutil.rmtree(resumed / runfolder.EMA_DIR)                               # only the checkpoint carries on
+    train(resumed, *quick, "--resume_from_checkpoint", "latest")
     same_adapter(lora_run / runfolder.EMA_DIR, resumed / runfolder.EMA_DIR)
     same_adapter(lora_run / "checkpoint-4" / runfolder.EMA_DIR, resumed / "checkpoint-4" / runfolder.EMA_DIR)
     same_adapter(lora_run, resumed)
-    plain = train(tmp_path / "plain")   # no average: the same trained adapter, no ema/ anywhere
+    plain = train(tmp_path / "plain", "--skip_final_samples")   # no average: the same adapter, no ema/ anywhere
     same_adapter(lora_run, plain)
     assert not list(plain.rglob(runfolder.EMA_DIR)) and not list(plain.rglob(runfolder.EMA_STATE))
     assert "ema/" not in (plain / "README.md").read_text()
+    # turned on at a resume: the average starts from the resumed weights (checkpoint-2's)
+    steps = [weights(runfolder.checkpoint_dir(plain, k)) for k in (2, 3, 4)]
+    train(plain, *quick, "--resume_from_checkpoint", "checkpoint-2")
+    average = weights(plain / runfolder.EMA_DIR)
+    for k, v in average.items():
+        want = steps[0][k].float()
+        if k.endswith((".lora_A", ".lora_B")):
+            want = want.mul(DECAY).add(steps[1][k], alpha=1 - DECAY).mul(DECAY).add(steps[2][k], alpha=1 - DECAY)
+        assert torch.equal(v, want if k.endswith((".lora_A", ".lora_B")) else steps[2][k]), k
+
+
+def test_a_damaged_average_state_is_one_error_line(lora_run, tmp_path, capsys):
+    run = tmp_path / "damaged"
+    shutil.copytree(runfolder.checkpoint_dir(lora_run, 3), runfolder.checkpoint_dir(run, 3))
+    (runfolder.checkpoint_dir(run, 3) / runfolder.EMA_STATE).write_bytes(b"not a safetensors file")
+    assert dreambooth.main(["--output_dir", str(run), *FAST, *EMA, "--resume_from_checkpoint", "latest"]) == 2
+    assert runfolder.EMA_STATE in one_error_line(capsys)
+    assert not (run / runfolder.EMA_DIR).exists()
 
 
 def test_averages_load_export_and_have_samples(lora_run, tmp_path):
@@ -168,16 +187,15 @@ def test_semantic_map_averages_its_conditioning_encoder_too(tmp_path):
     assert semantic_map.main(["--output_dir", str(out), "--seed", "0", "--resolution", "32", "--rank", "2",
                               "--max_train_steps", "2", "--checkpointing_steps", "1", "--num_inference_steps", "1",
                               "--num_validation_images", "1", "--num_validation_maps", "1", "--report_to", "none",
-                              *EMA]) == 0
+                              "--skip_final_samples", *EMA]) == 0
     encoders = [load_file(str(runfolder.checkpoint_dir(out, s) / runfolder.CONDITIONING_ENCODER)) for s in (1, 2)]
     average = load_file(str(out / runfolder.EMA_DIR / runfolder.CONDITIONING_ENCODER))
     assert average.keys() == encoders[1].keys()
     for k, v in average.items():   # step 1 <= --ema_start_step: copied; step 2 averaged
         assert torch.equal(v, encoders[0][k].float().mul(DECAY).add(encoders[1][k].float(), alpha=1 - DECAY)), k
     assert any(not torch.equal(average[k], encoders[1][k]) for k in average)
-    for folder in (out, runfolder.checkpoint_dir(out, 2)):
-        assert (folder / runfolder.EMA_DIR / runfolder.SAMPLES / "grid.png").is_file()
-        assert runfolder.is_adapter_dir(folder / runfolder.EMA_DIR)
+    assert (runfolder.checkpoint_dir(out, 2) / runfolder.EMA_DIR / runfolder.SAMPLES / "grid.png").is_file()
+    assert runfolder.is_adapter_dir(out / runfolder.EMA_DIR) and not (out / runfolder.EMA_DIR / "samples").exists()
 
 
 def test_glue_averages_its_head_and_the_average_loads(tmp_path, glue_files, monkeypatch):

@@ -389,7 +389,7 @@ class TrainingRun:
             else f"no checkpoint (every {self.spec.checkpointing_steps} steps)"
         return (f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
                 f"metrics.jsonl (distances), {kept}, run.json{task_outputs(self.task)}"
-                f"{', ema/ (the moving average)' if (out / runfolder.EMA_DIR).is_dir() else ''}"
+                f"{', ema/ (the moving average)' if self.average.ema is not None else ''}"
                 f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
 
 
