@@ -140,5 +140,6 @@ class RunAverage:
             state = load_file(str(path))
             self.ema.load_state_dict(state)
         except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-            raise TrainingError(f"{path} does not fit this run's adapter ({str(e)[:120]}); resume with the adapter "
-                                f"flags it was trained with, or from an earlier checkpoint") from None
+            raise TrainingError(f"cannot restore the moving average from {path} ({type(e).__name__}: {str(e)[:120]}); "
+                                f"resume with the adapter flags it was trained with, or from an earlier checkpoint "
+                                f"with --resume_from_checkpoint DIR") from None
