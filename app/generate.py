@@ -31,6 +31,7 @@ from .inputs import InputError
 BASE = "base model (no adapter)"
 FINAL = "final"
 BEST = "best"      # the step the run's tuning score picks (eval.best), resolved when it is used
+EMA = " (EMA)"     # 'step N (EMA)', 'final (EMA)': the moving average beside a checkpoint or the final adapter
 # the Generate tab's export choices -> training.common.export formats (exact files; see lowrank/export.py)
 EXPORT_FORMATS = {"diffusers (pipe.load_lora_weights)": "diffusers", "kohya (ComfyUI / AUTOMATIC1111)": "kohya",
                   "peft (PeftModel.from_pretrained)": "peft",
@@ -39,21 +40,37 @@ EXPORTS = "exports"
 
 
 def checkpoint_choices(run_dir: Path) -> list[str]:
-    """'step N' per checkpoint, 'final', 'best: step N (...)' where the run's tuning score names a step whose
+    """'step N' per checkpoint, 'final', each followed by its moving average ('step N (EMA)', 'final (EMA)') where
+    the run kept one (--ema_decay), 'best: step N (...)' where the run's tuning score names a step whose
     adapter was kept (eval.best: the language tasks' dev score, DINO, mIoU or the validation loss), the base."""
-    out = [f"step {s}" for s, _ in runs.checkpoints(run_dir)]
-    if runs.is_adapter_dir(run_dir):
-        out.append(FINAL)
+    out = []
+    for label, folder in [(f"step {s}", path) for s, path in runs.checkpoints(run_dir)] + \
+            ([(FINAL, run_dir)] if runs.is_adapter_dir(run_dir) else []):
+        out += [label] + ([label + EMA] if runs.is_adapter_dir(folder / runfolder.EMA_DIR) else [])
     best = best_checkpoint(run_dir)
     return out + ([f"{BEST}: {best.describe()}"] if best.folder is not None else []) + [BASE]
 
 
+def default_choice(choices: list[str]) -> str | None:
+    """The choice the Generate tab starts on: the best step where there is one, else the last adapter the run
+    trained (the final one, else its newest checkpoint), not a moving average."""
+    kept = [c for c in choices if c != BASE and not c.endswith(EMA)]
+    return kept[-1] if kept else (choices[0] if choices else None)
+
+
 def adapter_dir(run_dir: Path, choice: str) -> Path | None:
-    """The folder holding the adapter for a checkpoint choice ('step N', 'final', 'best' as it is now); None for
-    the base."""
+    """The folder holding the adapter for a checkpoint choice ('step N', 'final', 'best' as it is now, each with
+    ' (EMA)' for its moving average; also 'checkpoint-N', 'ema', 'checkpoint-N/ema'); None for the base."""
     choice = str(choice or "").strip()
     if choice == BASE:
         return None
+    if choice.endswith(EMA) or choice == runfolder.EMA_DIR or choice.endswith("/" + runfolder.EMA_DIR):
+        plain = choice.removesuffix(EMA).removesuffix(runfolder.EMA_DIR).rstrip("/") or FINAL
+        trained = adapter_dir(run_dir, plain)
+        folder = trained / runfolder.EMA_DIR if trained is not None else None
+        if folder is None or not runs.is_adapter_dir(folder):
+            raise InputError(f"{plain} of run {run_dir.name} has no moving average (train with --ema_decay).")
+        return folder
     if choice.split(":")[0].strip() == BEST:
         best = best_checkpoint(run_dir)
         if best.folder is None:
@@ -81,6 +98,8 @@ def export(run_dir: Path, choice: str, label: str) -> Path:
     if adir is None:
         raise InputError("The base model has no adapter to export: pick a checkpoint or 'final'.")
     tag = "final" if adir == Path(run_dir) else adir.name
+    if adir.name == runfolder.EMA_DIR:   # RUN/ema, RUN/checkpoint-N/ema
+        tag = ("final" if adir.parent == Path(run_dir) else adir.parent.name) + "-ema"
     out = Path(run_dir) / EXPORTS / f"{tag}-{fmt}"
     try:
         written = export_run(adir, out, fmt)

@@ -35,8 +35,7 @@ class GenerateHandlers:
             choices, own_prompt = self.service.checkpoints(name)
         except ValueError:
             return gr.update(choices=[], value=None), prompt
-        return (gr.update(choices=choices, value=choices[-2] if len(choices) > 1 else choices[0]),
-                own_prompt or prompt)
+        return gr.update(choices=choices, value=generate.default_choice(choices)), own_prompt or prompt
 
     def generate(self, name, checkpoint, prompt, seed, num_images, steps, guidance, merged):
         try:

@@ -3,6 +3,8 @@
     RUN/run.json             arguments, resolved settings, library versions       (trainer)
     RUN/metrics.jsonl        one JSON object per optimizer step: loss, lr, distances (trainer)
     RUN/checkpoint-N/        adapter files + trainer_state.json + accelerate state + samples/
+    RUN/checkpoint-N/ema/    with --ema_decay: the averaged adapter (+ samples/); ema_state.safetensors beside it
+    RUN/ema/                 with --ema_decay: the final averaged adapter (+ samples/)
     RUN/adapter_config.json, RUN/adapter.safetensors   the final adapter
     RUN/samples/             final samples (+ prompts.jsonl)
     RUN/eval.jsonl           one JSON object per scored checkpoint                  (eval)
@@ -41,6 +43,8 @@ SAMPLES = "samples"
 PROMPTS = "prompts.jsonl"   # SAMPLES/prompts.jsonl: one row per sample image (image, prompt, seed)
 SAMPLES_GRID = "samples_grid.png"   # the final samples in one picture (image trainers)
 CONDITIONING_ENCODER = "conditioning_encoder.safetensors"   # semantic_map.py's map encoder, beside the adapter
+EMA_DIR = "ema"   # RUN/ema/, RUN/checkpoint-N/ema/: the adapter's moving average (--ema_decay), an adapter folder
+EMA_STATE = "ema_state.safetensors"   # checkpoint-N/ema_state.safetensors: the average in fp32, for resume
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

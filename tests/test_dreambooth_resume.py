@@ -87,15 +87,17 @@ def test_accelerate_launch_smoke_every_method(tmp_path, env, method):
 
 
 def test_sigkill_then_resume_latest_equals_uninterrupted_run(tmp_path, env):
+    """With --ema_decay: the moving average (ema/) ends bit-identical too."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(straight), *ARGS], env)
+    args = [*ARGS, "--ema_decay", "0.7"]
+    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(straight), *args], env)
     assert f"Results in {straight}" in proc.stdout
     for name in ("adapter.safetensors", "adapter_config.json", "samples_grid.png", "run.json", "metrics.jsonl",
                  "samples/prompts.jsonl", "checkpoint-6/optimizer.bin", "checkpoint-2/adapter.safetensors"):
         assert (straight / name).is_file(), name
 
     # the same run, slowed down after each step so the kill lands mid-run, killed once checkpoint-2 exists
-    victim = subprocess.Popen(LAUNCH_1 + [SCRIPT, "--output_dir", str(killed), *ARGS, "--debug_step_delay", "0.5"],
+    victim = subprocess.Popen(LAUNCH_1 + [SCRIPT, "--output_dir", str(killed), *args, "--debug_step_delay", "0.5"],
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     deadline = time.time() + 240
@@ -107,12 +109,14 @@ def test_sigkill_then_resume_latest_equals_uninterrupted_run(tmp_path, env):
     victim.wait()
     assert not (killed / "adapter.safetensors").exists() and not (killed / "checkpoint-6").exists()
 
-    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(killed), *ARGS, "--resume_from_checkpoint", "latest"], env)
+    assert not (killed / "ema").exists()
+    proc = run(LAUNCH_1 + [SCRIPT, "--output_dir", str(killed), *args, "--resume_from_checkpoint", "latest"], env)
     assert "resumed from" in proc.stderr
-    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for folder in ("", "ema"):   # the adapter and its moving average
+        a, b = (load_file(str(run_dir / folder / "adapter.safetensors")) for run_dir in (straight, killed))
+        assert a.keys() == b.keys() and len(a) > 0
+        for key in a:
+            assert torch.equal(a[key], b[key]), (folder, key)
     ra, rb = rows(straight), rows(killed)
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]              # the killed run's extra rows were dropped
     for x, y in zip(ra, rb):

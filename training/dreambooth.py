@@ -10,6 +10,7 @@ Outputs (output_dir):
     adapter_config.json, adapter.safetensors   the final adapter (lowrank.load_adapter)
     samples/, samples_grid.png                 fixed-seed samples of the final adapter (+ prompts.jsonl)
     checkpoint-N/                              adapter, optimizer/scheduler/RNG state, samples/
+    ema/, checkpoint-N/ema/                    with --ema_decay: the adapter's moving average, + samples/
     metrics.jsonl                              per step: loss, lr, ‖W_eff − W0‖_F of every adapted layer; with
                                                --validation_loss_images, val_loss at checkpoints and the last step
     run.json                                   arguments, resolved settings, library versions

@@ -5,6 +5,7 @@
     python -m training.export runs/dora --format diff --output loras/dora         # DoRA for ComfyUI / A1111
     python -m training.export runs/cat --format pipeline --output sd-cat          # from_pretrained("sd-cat")
     python -m training.export runs/cat/checkpoint-400 --format peft --output out --pipeline BASE
+    python -m training.export runs/cat/ema --format diffusers --output out/cat-ema   # the moving average (--ema_decay)
     python -m training.export outputs/glue-sst2-delora --format peft --output out    # a GLUE/instruct run: peft
     python -m training.export outputs/glue-sst2-delora --format merged --output m    # or a merged transformers model
 
@@ -34,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR",
-                   help="a run folder (final adapter at its top), a checkpoint-N folder or any lowrank adapter folder")
+                   help="a run folder (final adapter at its top), a checkpoint-N folder, a run's moving average "
+                        "(RUN/ema, RUN/checkpoint-N/ema with --ema_decay) or any lowrank adapter folder")
     p.add_argument("--format", default="diffusers", choices=FORMATS,
                    help="diffusers: pytorch_lora_weights.safetensors for pipe.load_lora_weights(DIR); kohya: "
                         "<DIR name>.safetensors with lora_unet_ keys (ComfyUI, A1111); peft: adapter_config.json + "

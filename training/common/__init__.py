@@ -8,6 +8,7 @@
     batches.py     deterministic batches (mix_seed, epoch_batches) and the run length (total_steps)
     args.py        diffusers-named flags + one flag per AdapterConfig field, the run length's defaults
     checkpoint.py  atomic checkpoint-N/ directories, resume, rotation
+    ema.py         --ema_decay: the adapter's moving average, saved beside checkpoints and the final adapter
     runtime.py     --deterministic, SIGTERM as a stop request, exit_status.json, run_trainer (every main()),
                    the accelerator set-up and the refusal of FSDP/DeepSpeed
     errors.py      TrainingError, DivergedError, StoppedError and the exit codes

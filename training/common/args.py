@@ -199,6 +199,16 @@ def add_run_args(parser: argparse.ArgumentParser, batch_help: str = "Batch size 
            "when installed, else none).")
     p("--dataloader_num_workers", type=int, default=0,
       help="Worker processes for data loading (0: in the main process).")
+    p("--ema_decay", type=float, default=None,
+      help="Also keep an exponential moving average of the adapter, updated after every optimizer step "
+           "(average = d · average + (1 − d) · weights, d this value, in (0, 1); 0.999 is typical, 0.9-0.99 for "
+           "short runs) and saved as an adapter of its own in checkpoint-N/ema/ and output_dir/ema/ "
+           "(lowrank.load_adapter reads them; python -m training.export RUN/ema exports it), with samples of it "
+           "in ema/samples/ beside the normal ones (image trainers). Training itself is unchanged "
+           "(default: off).")
+    p("--ema_start_step", type=int, default=0,
+      help="With --ema_decay: the average equals the weights up to this optimizer step and averages from the "
+           "next one on (default: 0, from the first step).")
     add_runtime_args(parser)
     # test-only hooks, hidden from --help
     p("--debug_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
@@ -322,6 +332,11 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise TrainingError(f"--snr_gamma must be a positive number (5.0 is the usual value), got {gamma}")
     if not 0 <= offset < float("inf"):
         raise TrainingError(f"--noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
+    decay = getattr(args, "ema_decay", None)
+    if decay is not None and not 0 < decay < 1:
+        raise TrainingError(f"--ema_decay must be between 0 and 1, both excluded (0.999 is typical), got {decay}")
+    if getattr(args, "ema_start_step", 0) < 0:
+        raise TrainingError(f"--ema_start_step must be >= 0, got {args.ema_start_step}")
     if getattr(args, "validation_loss_images", 0) < 0:
         raise TrainingError(f"--validation_loss_images must be >= 0, got {args.validation_loss_images}")
     if args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.dataloader_num_workers < 0:

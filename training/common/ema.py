@@ -1,9 +1,18 @@
-"""An exponential moving average of an adapter's trained tensors (the building block of --ema_decay).
+"""An exponential moving average of an adapter's trained tensors (--ema_decay, --ema_start_step).
 
-The average covers exactly what lowrank.save_adapter writes (adapter layers' tensors and the modules trained
-in full), kept in fp32 on the tensors' devices: trained parameters are averaged, everything else (buffers,
-frozen parameters) is copied. Before `start_step` the average equals the current weights. `swapped()` puts
-the average into the model for sampling or saving and restores the training weights bit for bit.
+The average covers what lowrank.save_adapter writes (adapter layers' tensors and the modules trained in full)
+plus any other parameter the model trains (the semantic map's conditioning encoder), kept in fp32 on the
+tensors' devices: trained parameters are averaged, everything else (buffers, frozen parameters) is copied.
+Until `start_step` the average equals the current weights. `swapped()` puts the average into the model for
+sampling or saving and restores the training weights bit for bit, so training never sees it.
+
+`RunAverage` is what the training loop (training/common/loop.py) calls, a no-op without --ema_decay:
+
+    update(step)                     after every optimizer step (after the methods' own step hooks)
+    at_checkpoint(folder, step, ..)  checkpoint-N/ema/ (the task's save of the average, + samples/) and
+                                     checkpoint-N/ema_state.safetensors (the fp32 average, for resume)
+    finish(output_dir, step, ..)     output_dir/ema/ (+ samples/)
+A resumed run loads the checkpoint's state, so its average is bit-identical to the uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -12,18 +21,27 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ground.runfolder import EMA_DIR, EMA_STATE, SAMPLES, atomic_write
 from lowrank.inject import adapter_layers, saved_modules
 from lowrank.io import FULL_PREFIX, model_config, save_adapter
 
+from . import TrainingError
+from .tracking import logger
+
 
 def live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's saved adapter tensors (save_adapter's keys), as the live parameters and buffers."""
+    """The model's saved adapter tensors (save_adapter's keys), as the live parameters and buffers, and every
+    other parameter it trains (under its parameter name)."""
     live = {f"{name}.{k}": v for name, layer in adapter_layers(model).items()
             for k, v in layer.state_dict(keep_vars=True).items() if not k.startswith("base.")}
     for name, module in saved_modules(model, model_config(model)).items():
         live.update({f"{FULL_PREFIX}{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    seen = {id(v) for v in live.values()}
+    live.update({name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in seen})
     return live
 
 
@@ -73,3 +91,55 @@ class AdapterEMA:
         with torch.no_grad():
             for k, v in state.items():
                 self.shadow[k].copy_(v)
+
+
+class RunAverage:
+    """A run's EMA as the training loop uses it (see the module docstring); every call is a no-op when
+    `args.ema_decay` is None. `task.save` writes the average (so the semantic map's encoder goes with it) and
+    `task.samples` draws it, both inside `swapped()`."""
+
+    def __init__(self, model: nn.Module, task, args, resume_dir: Path | None = None):
+        decay = getattr(args, "ema_decay", None)
+        self.task = task
+        self.ema = AdapterEMA(model, decay, getattr(args, "ema_start_step", 0)) if decay is not None else None
+        if self.ema is not None and resume_dir is not None:
+            self.restore(Path(resume_dir))
+
+    def update(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(step)
+
+    def write(self, folder: Path, step: int, samples: bool, tag: str) -> None:
+        """folder/ema/: the average as the task saves an adapter, with its samples in folder/ema/samples."""
+        with self.ema.swapped():
+            self.task.save(self.ema.model, folder / EMA_DIR)
+            if samples:
+                self.task.samples(step, folder / EMA_DIR / SAMPLES, tag=tag)
+
+    def at_checkpoint(self, folder: Path, step: int, samples: bool = True) -> None:
+        """Main process, inside checkpoint-N.tmp: ema/ and the state a resumed run continues from."""
+        if self.ema is None:
+            return
+        self.write(folder, step, samples, tag="ema")
+        meta = {"decay": repr(self.ema.decay), "start_step": str(self.ema.start_step), "step": str(step)}
+        state = self.ema.state_dict()
+        atomic_write(folder / EMA_STATE, lambda p: save_file(state, str(p), metadata=meta))
+
+    def finish(self, output_dir: Path, step: int, samples: bool = True) -> None:
+        if self.ema is not None:
+            self.write(output_dir, step, samples, tag="ema_final")
+
+    def restore(self, checkpoint: Path) -> None:
+        """The checkpoint's average; a checkpoint of a run without --ema_decay starts it from the resumed weights."""
+        path = checkpoint / EMA_STATE
+        if not path.is_file():
+            logger.warning("%s holds no moving average (trained without --ema_decay): it starts from the resumed "
+                           "weights", checkpoint)
+            return
+        try:
+            state = load_file(str(path))
+            self.ema.load_state_dict(state)
+        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            raise TrainingError(f"cannot restore the moving average from {path} ({type(e).__name__}: {str(e)[:120]}); "
+                                f"resume with the adapter flags it was trained with, or from an earlier checkpoint "
+                                f"with --resume_from_checkpoint DIR") from None

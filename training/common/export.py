@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import lowrank
-from ground.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_JSON, is_adapter_dir, public_dir
+from ground.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMA_DIR, RUN_JSON, is_adapter_dir, public_dir
 from lowrank.export import FORMATS as FILE_FORMATS
 
 from . import TrainingError
@@ -41,10 +41,15 @@ class ExportInputError(TrainingError, ValueError):
     """Bad input to an export (not an adapter folder, unknown format, output in the way): one line, exit 2."""
 
 
+def run_candidates(adapter_dir: Path) -> list[Path]:
+    """Where an adapter folder's run.json may be: the folder itself (a run's final adapter), its parent (a
+    checkpoint-N, RUN/ema) and, for a moving average (--ema_decay), its grandparent (RUN/checkpoint-N/ema)."""
+    return [adapter_dir, adapter_dir.parent] + ([adapter_dir.parent.parent] if adapter_dir.name == EMA_DIR else [])
+
+
 def run_json(adapter_dir: Path) -> dict | None:
-    """run.json of the run an adapter folder belongs to: the run folder itself (final adapter) or the parent
-    of a checkpoint-N folder."""
-    for d in (adapter_dir, adapter_dir.parent):
+    """run.json of the run an adapter folder belongs to (see `run_candidates`)."""
+    for d in run_candidates(adapter_dir):
         f = d / RUN_JSON
         if f.is_file():
             try:
@@ -149,8 +154,8 @@ def check_source(run_or_adapter_dir: str | os.PathLike, output: str | os.PathLik
 
 
 def run_folder(adapter_dir: Path) -> Path:
-    """The run folder an adapter belongs to (itself, or the parent of a checkpoint-N): where run.json is."""
-    return next((d for d in (adapter_dir, adapter_dir.parent) if (d / RUN_JSON).is_file()), adapter_dir)
+    """The run folder an adapter belongs to (see `run_candidates`): where run.json is."""
+    return next((d for d in run_candidates(adapter_dir) if (d / RUN_JSON).is_file()), adapter_dir)
 
 
 def export_diffusers(unet, output_dir: str | os.PathLike, component: str = "unet") -> Path | None:

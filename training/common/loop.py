@@ -25,7 +25,9 @@ What it guarantees, for every trainer:
   (see `make_deterministic`);
 - per-step weight distances in metrics.jsonl (the followed layer every step, every adapted layer every
   --distance_logging_steps steps and at checkpoints); checkpoints with the task's samples; DDP over any
-  number of processes (only the main process writes).
+  number of processes (only the main process writes);
+- with --ema_decay, a moving average of the adapter beside every checkpoint and the final adapter (ema/, with
+  its samples), resumed bit-identically (training/common/ema.py); training itself never sees it.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from . import DivergedError, StoppedError, TrainingError
 from .batches import epoch_batches, mix_seed, steps_per_epoch, total_steps
 from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
 from .config import write_config
+from .ema import RunAverage
 from .faults import fault_point
 from .model_card import write_run_card
 from .runtime import StopRequest, quiet_libraries, refuse_sharding, set_threads, start_accelerator
@@ -166,6 +169,7 @@ class TrainingRun:
                 losses, grad_norm = self.optimizer_step(wrapped, loader, group, step)
                 step += 1
                 self.hooks.after_optimizer_step(step)
+                self.average.update(step)   # after the methods' own updates (Delta-LoRA's snapshot, pruning)
                 self.log_step(step, epoch, losses, grad_norm, t0, ends_epoch or step == max_steps)
                 self.checkpoint_or_validate(step)
                 self.stop_if_requested(step)
@@ -202,6 +206,7 @@ class TrainingRun:
         self.probe = DistanceProbe(self.model, args.distance_logging_steps, self.spec.checkpointing_steps,
                                    self.max_steps, task.fig3_pattern)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.average = RunAverage(self.model, task, args, self.resume_dir)   # --ema_decay (else a no-op)
         return wrapped
 
     def resume_state(self) -> int:
@@ -312,9 +317,14 @@ class TrainingRun:
 
     # ----- checkpoint, validation, stop ---------------------------------------------------------------------
     def save_checkpoint(self, step: int, at_checkpoint: Callable | None) -> None:
+        def extras(folder: Path) -> None:   # the task's samples, then the average's (none without at_checkpoint)
+            if at_checkpoint is not None:
+                at_checkpoint(folder)
+            self.average.at_checkpoint(folder, step, samples=at_checkpoint is not None)
+
         save_checkpoint(self.accelerator, self.output_dir, step,
                         {"seed": self.seed, "method": self.config.method, "max_train_steps": self.max_steps},
-                        at_checkpoint, self.args.checkpoints_total_limit)
+                        extras, self.args.checkpoints_total_limit)
 
     def checkpoint_or_validate(self, step: int) -> None:
         args = self.args
@@ -350,6 +360,7 @@ class TrainingRun:
             fault_point("final", step, self.process_index, str(out / runfolder.ADAPTER_WEIGHTS))
             self.task.save(self.model, out)
             self.task.finish(out, step)
+            self.average.finish(out, step, samples=not getattr(self.args, "skip_final_samples", False))
             write_run_card(out)   # README.md; language trainers rewrite it once results.json has the scores
             records = rank_records(runfolder.read_metrics(out))
             if records:   # dynamic-rank methods: where the rank budget went
@@ -375,6 +386,7 @@ class TrainingRun:
             else f"no checkpoint (every {self.spec.checkpointing_steps} steps)"
         return (f"done: {step} steps of {self.config.method}. Results in {out}/: adapter.safetensors, "
                 f"metrics.jsonl (distances), {kept}, run.json{task_outputs(self.task)}"
+                f"{', ema/ (the moving average)' if self.average.ema is not None else ''}"
                 f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
 
 

@@ -22,6 +22,7 @@ import lowrank
 from ground.runfolder import (
     ADAPTER_WEIGHTS,
     CONDITIONING_ENCODER,
+    EMA_DIR,
     RESULTS,
     RUN_JSON,
     SAMPLES_GRID,
@@ -88,7 +89,9 @@ def _facts(run_dir: Path, adapter_dir: Path, base: str | None = None) -> dict:
     task = task_of(run)
     if not base and not _is_text(task):
         base = TINY   # the diffusion trainers' default (load_pipeline(None))
-    ckpt = re.fullmatch(r"checkpoint-(\d+)", adapter_dir.name) if adapter_dir != run_dir else None
+    # a checkpoint-N, or its moving average checkpoint-N/ema: the metrics up to step N
+    ckpt = re.fullmatch(r"checkpoint-(\d+)", adapter_dir.parent.name if adapter_dir.name == EMA_DIR
+                        else adapter_dir.name) if adapter_dir != run_dir else None
     logged = [r for r in read_metrics(run_dir) if not ckpt or r["step"] <= int(ckpt[1])]
     rows = [r for r in logged if "distance_fig3" in r]
     held_out = [(r["step"], r[VAL_LOSS]) for r in logged if isinstance(r.get(VAL_LOSS), (int, float))]
@@ -160,6 +163,11 @@ def _numbers(f: dict) -> list[str]:
         if f["bound"] is not None:
             line += f"; DeLoRA's bound on that layer (|λ| + |λ0|)·‖W̄‖ = {f['bound']:.4g}"
         lines.append(line)
+    if run_setting(run, "ema_decay"):
+        lines.append(f"- **EMA**: a moving average of the adapter, decay `{run_setting(run, 'ema_decay')}`, averaging "
+                     f"after step {run_setting(run, 'ema_start_step', 0)}, is an adapter of its own in `{EMA_DIR}/` "
+                     f"(and `checkpoint-N/{EMA_DIR}/`): `lowrank.load_adapter(model, '{EMA_DIR}')`, or "
+                     f"`python -m training.export RUN/{EMA_DIR}` for the files below")
     if f["val_loss"]:
         held = run.get("validation_loss") or {}   # the image trainers' settings; GLUE's is its tuning part
         where = (f"{held.get('held_out_images')} held-out image(s), noise seed {held.get('seed')}, timesteps "
@@ -224,7 +232,9 @@ def model_card(folder: Path, run_dir: Path, export_format: str | None = None, fi
                adapter_dir: Path | None = None, name: str | None = None, base: str | None = None) -> str:
     f = _facts(run_dir, adapter_dir or run_dir, base)
     name = name or folder.name
-    source = f["source"] = run_dir.name if adapter_dir in (None, run_dir) else f"{run_dir.name}/{adapter_dir.name}"
+    inside = adapter_dir not in (None, run_dir) and adapter_dir.is_relative_to(run_dir)   # e.g. checkpoint-N/ema
+    source = f["source"] = run_dir.name if adapter_dir in (None, run_dir) else \
+        f"{run_dir.name}/{adapter_dir.relative_to(run_dir).as_posix() if inside else adapter_dir.name}"
     what = f"a `{export_format}` export of the lowrank run `{source}`" if export_format else \
         "a lowrank training run (`lowrank.load_adapter(model, folder)` reads this folder itself)"
     body = [f"# {name}", "", f"{f['method']} adapter for `{f['base']}`, {what}.", "", *_numbers(f), ""]
