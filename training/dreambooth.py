@@ -37,6 +37,7 @@ from training.common.task import Task
 from training.common.tracking import setup_console
 from training.families import Family, expand, family_of, load_family, moved_to, select, stack, text_encoders
 from training.images.files import load_dataset_images, load_image_dir
+from training.images.latent_cache import WithCachedVAE, check_crop_windows
 from training.images.samples import (
     count_images,
     generate,
@@ -74,7 +75,9 @@ class DreamBooth(HeldOutImages, Task):
         self.run, self.args, self.family = run, args, family
         self.fig3_pattern = family.fig3_pattern
         self.model = family.denoiser(pipe)
-        self.objective = family.objective(pipe, run.weight_dtype, run.device, args)
+        # --cache_latents: the objective's VAE serves each distinct image's encoding from a cache (bit-identical)
+        self.objective = family.objective(WithCachedVAE(pipe) if args.cache_latents else pipe, run.weight_dtype,
+                                          run.device, args)
         # the text encoders are frozen: each prompt is encoded once (the family knows how: SDXL's two encoders)
         self.instance_cond = family.encode(pipe, [instance_prompt], args.resolution)
         self.class_cond = family.encode(pipe, [class_prompt], args.resolution) if class_prompt else None
@@ -165,6 +168,8 @@ def train(spec: RunSpec) -> None:
     instance_images, held_out = hold_out(instance_images, args.validation_loss_images, "instance images")
     held_captions, captions = (captions[len(instance_images):], captions[:len(instance_images)]) if captions \
         else (None, None)
+    if args.cache_latents and not args.center_crop:   # a fixed crop per image, else nearly every step is a miss
+        check_crop_windows(instance_images, args.resolution, "instance image")
     # the family's own checks of the run's settings (FLUX's --max_sequence_length), also before anything is written
     family_of(args.pretrained_model_name_or_path).for_run(args)
     run = TrainingRun(spec)   # the run folder: only after the data is known to be good
@@ -198,6 +203,8 @@ def train(spec: RunSpec) -> None:
         if len(class_images) < args.num_class_images:
             raise TrainingError(f"--class_data_dir {class_dir} has {len(class_images)} readable images, fewer than "
                                 f"--num_class_images {args.num_class_images}; remove the unreadable ones")
+        if args.cache_latents and not args.center_crop:
+            check_crop_windows(class_images, args.resolution, "class image")
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed,
                                 args.caption_dropout)

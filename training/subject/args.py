@@ -65,6 +65,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated when missing).")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--center_crop", action="store_true", help="Center-crop images (default: random crops).")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode each distinct training image (instance, class, held-out) with the VAE once and reuse "
+                        "its latent distribution instead of encoding at every step (diffusers' --cache_latents); the "
+                        "latent sample is still drawn at every step, so the adapter is bit-identical to a run "
+                        "without it. With random crops each image needs a fixed crop: square images, or "
+                        "--center_crop (default: off).")
     f = parser.add_argument_group("flow matching (FLUX.1, FLUX.2-klein; diffusers' flags and defaults)")
     f.add_argument("--weighting_scheme", default="none", choices=WEIGHTING_SCHEMES,
                    help="Timestep density and loss weight: logit_normal (σ = sigmoid(N(--logit_mean, --logit_std))), "
