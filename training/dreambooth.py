@@ -36,6 +36,7 @@ from training.common.spec import RunSpec
 from training.common.task import Task
 from training.common.tracking import setup_console
 from training.families import Family, expand, family_of, load_family, moved_to, select, stack, text_encoders
+from training.images.buckets import assign_buckets, bucket_counts
 from training.images.files import load_dataset_images, load_image_dir
 from training.images.latent_cache import WithCachedVAE, check_crop_windows
 from training.images.samples import (
@@ -103,7 +104,8 @@ class DreamBooth(HeldOutImages, Task):
             cond = dropped(cond, self.empty_cond, batch["drop"].to(self.run.device))
         if prior:
             cond = stack(cond, expand(self.class_cond, n))
-        cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
+        size = tuple(pixels.shape[-2:]) if self.args.enable_bucket else self.args.resolution   # (height, width)
+        cond = self.family.image_conditioning(cond, batch["crops"].to(self.run.device), size)
         return self.objective.loss(pixels, lambda noisy, t: self.family.denoise(model, noisy, t, cond), gen,
                                    prior_loss_weight=self.args.prior_loss_weight if prior else None)
 
@@ -170,6 +172,7 @@ def train(spec: RunSpec) -> None:
         else (None, None)
     if args.cache_latents and not args.center_crop:   # a fixed crop per image, else nearly every step is a miss
         check_crop_windows(instance_images, args.resolution, "instance image")
+    buckets = assign_buckets(instance_images, args)   # --enable_bucket: each image's (width, height); else None
     # the family's own checks of the run's settings (FLUX's --max_sequence_length), also before anything is written
     family_of(args.pretrained_model_name_or_path).for_run(args)
     run = TrainingRun(spec)   # the run folder: only after the data is known to be good
@@ -181,9 +184,10 @@ def train(spec: RunSpec) -> None:
         family, pipe = load_family(args.pretrained_model_name_or_path, revision=args.revision,
                                    torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
     family = family.for_run(args)
-    if args.resolution % (pipe.vae_scale_factor * 2):
-        raise TrainingError(f"--resolution {args.resolution} must be a multiple of {pipe.vae_scale_factor * 2} "
-                            f"for this model")
+    for flag in ("resolution", "bucket_reso_steps") if buckets else ("resolution",):
+        if getattr(args, flag) % (pipe.vae_scale_factor * 2):
+            raise TrainingError(f"--{flag} {getattr(args, flag)} must be a multiple of {pipe.vae_scale_factor * 2} "
+                                f"for this model")
     for module in [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]:   # + safety checker
         module.requires_grad_(False)
         module.to(run.device)
@@ -207,8 +211,8 @@ def train(spec: RunSpec) -> None:
             check_crop_windows(class_images, args.resolution, "class image")
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed,
-                                args.caption_dropout)
-    max_train_steps = run.total_steps(len(dataset))
+                                args.caption_dropout, buckets)
+    max_train_steps = run.total_steps(len(dataset), dataset.groups)
     model = family.denoiser(pipe)   # the UNet, or a DiT family's transformer
     task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,
                       captions, (held_out, held_captions))
@@ -220,6 +224,7 @@ def train(spec: RunSpec) -> None:
     run.fit(model, task, dataset, collate, num_train_steps=max_train_steps,
             info={"instance_images": len(instance_images), "class_images": len(class_images or []),
                   "caption_source": "data" if captions else "instance_prompt", "family": family.name,
+                  "aspect_buckets": bucket_counts(buckets) if buckets else None,
                   "pipeline_class": family.pipeline_classes[0], "family_tags": list(family.tags),
                   "denoiser": family.denoiser_name, "validation_loss": validation,
                   "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path)})

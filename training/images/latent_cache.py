@@ -2,22 +2,23 @@
 the same adapter bits as a run without it.
 
 What is cached is the VAE encoder's output per image, the parameters of its latent distribution (mean and log
-variance, diffusers' DiagonalGaussianDistribution), in the memory layout the encoder gives a batch of that size
-(on CPU a batch of two or more comes out channels-last, and the layout follows the latents into the denoiser's
-kernels), not a latent sample: the sample's noise is still drawn from the
-step's generator, in the same order and shape, and the family's own latent path (SD's scaling, FLUX.1's shift and
-scale, FLUX.2-klein's mode, patchify and batch-norm statistics) runs unchanged on the rebuilt distribution. So a
-step that finds every image of its batch cached computes the very tensors the VAE would have handed it.
+variance, diffusers' DiagonalGaussianDistribution), in the memory layout the encoder gives a batch of that shape (on
+CPU a batch of two or more comes out channels-last, and the layout follows the latents into the denoiser's kernels),
+not a latent sample: the sample's noise is still drawn from the step's generator, in the same order and shape, and
+the family's own latent path (SD's scaling, FLUX.1's shift and scale, FLUX.2-klein's mode, patchify and batch-norm
+statistics) runs unchanged on the rebuilt distribution. So a step that finds every image of its batch cached
+computes the very tensors the VAE would have handed it.
 
-The key of an entry is the image's pixels (a 128-bit BLAKE2 digest of the bytes the VAE would read) and the size
-of the batch it is encoded in. The pixels: a crop, a flip or a resize is a different entry by construction, and no
-bookkeeping of which image or window a batch row holds can go stale. The batch size: a convolution's kernels may
-differ with the batch's size (on CPU, an image encoded alone differs from its row of a two-image batch by ~1e-6),
-while a row of a batch of a given size is the same whatever the other rows hold and wherever it sits (checked on
-CPU for the tiny and the SD-1.5-sized VAE; tests/test_cache_latents.py checks the adapter bits end to end). A run
-has at most two batch sizes (the full one and an epoch's last, shorter, batch; instance + class images with prior
-preservation, and the held-out batch of --validation_loss_images), so an image is encoded at most once per batch
-size it appears in.
+The key of an entry is the image's pixels (a 128-bit BLAKE2 digest of the bytes the VAE would read) and the shape of
+the batch it is encoded in (its size; with aspect-ratio buckets also its height and width). The pixels: a crop, a
+flip or a resize is a different entry by construction, and no bookkeeping of which image or window a batch row holds
+can go stale. The batch size: a convolution's kernels may differ with the batch's size (on CPU, an image encoded
+alone differs from its row of a two-image batch by ~1e-6), while a row of a batch of a given shape is the same
+whatever the other rows hold and wherever it sits (checked on CPU for the tiny and the SD-1.5-sized VAE;
+tests/test_cache_latents.py checks the adapter bits end to end). A run has few batch shapes (the full batch and an
+epoch's last, shorter, one; instance + class images with prior preservation; the held-out batch of
+--validation_loss_images; with --enable_bucket, those of each bucket), so an image is encoded at most once per batch
+shape it appears in.
 
 The cache fills as batches come: a batch with an image not yet cached is encoded whole, as a run without the cache
 does, and its rows are kept; so the first epoch costs what it costs today and later steps skip the encoder. Entries
@@ -54,18 +55,18 @@ class CachedVAE:
 
     def __init__(self, vae):
         self.vae = vae
-        self.rows: dict[tuple[int, bytes], torch.Tensor] = {}
-        self.strides: dict[int, tuple[int, ...]] = {}   # per batch size, the encoder output's memory layout
+        self.rows: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}   # (batch shape, pixel digest) -> row
+        self.strides: dict[tuple[int, ...], tuple[int, ...]] = {}   # per batch shape, the encoder output's layout
         self.encodes = self.encoded_images = 0
 
     def __getattr__(self, name: str):
         return getattr(self.vae, name)
 
     def encode(self, pixels: torch.Tensor) -> AutoencoderKLOutput:
-        keys = [(len(pixels), digest(row)) for row in pixels]
+        keys = [(tuple(pixels.shape), digest(row)) for row in pixels]
         if all(k in self.rows for k in keys):
             first = self.rows[keys[0]]
-            params = torch.empty_strided((len(keys), *first.shape), self.strides[len(keys)], dtype=first.dtype,
+            params = torch.empty_strided((len(keys), *first.shape), self.strides[keys[0][0]], dtype=first.dtype,
                                          device=first.device)
             for j, key in enumerate(keys):
                 params[j] = self.rows[key]
@@ -73,7 +74,7 @@ class CachedVAE:
         out = self.vae.encode(pixels)   # the whole batch, exactly as without the cache
         self.encodes, self.encoded_images = self.encodes + 1, self.encoded_images + len(pixels)
         params = out.latent_dist.parameters
-        self.strides[len(keys)] = params.stride()
+        self.strides[keys[0][0]] = params.stride()
         for key, row in zip(keys, params):
             self.rows.setdefault(key, row.clone())
         return out
