@@ -37,7 +37,9 @@ from training.common.spec import RunSpec
 from training.common.task import Task
 from training.common.tracking import setup_console
 from training.families import Family, expand, family_of, load_family, moved_to, select, stack, text_encoders
+from training.images.buckets import assign_buckets, bucket_counts
 from training.images.files import load_dataset_images, load_image_dir
+from training.images.latent_cache import WithCachedVAE, check_crop_windows
 from training.images.samples import (
     count_images,
     generate,
@@ -76,7 +78,9 @@ class DreamBooth(HeldOutImages, Task):
         self.run, self.args, self.family = run, args, family
         self.fig3_pattern = family.fig3_pattern
         self.model = family.denoiser(pipe)
-        self.objective = family.objective(pipe, run.weight_dtype, run.device, args)
+        # --cache_latents: the objective's VAE serves each distinct image's encoding from a cache (bit-identical)
+        self.objective = family.objective(WithCachedVAE(pipe) if args.cache_latents else pipe, run.weight_dtype,
+                                          run.device, args)
         # --train_text_encoder: the denoiser and text encoders train as one module; the prompts are encoded every step
         self.parts = TrainedParts(family, pipe) if args.train_text_encoder else None
         self.pipe, self.prompts = pipe, (instance_prompt, class_prompt, captions)
@@ -99,6 +103,7 @@ class DreamBooth(HeldOutImages, Task):
     def loss(self, model, batch: dict, gen: torch.Generator) -> torch.Tensor:
         pixels, prior = batch["pixels"], self.class_cond is not None
         n = pixels.shape[0] // 2 if prior else pixels.shape[0]   # with prior preservation: instance | class
+        size = tuple(pixels.shape[-2:]) if self.args.enable_bucket else self.args.resolution   # (height, width)
 
         def conditioning() -> dict:
             cond, class_cond, empty_cond = self.prompt_conds(batch, n)
@@ -106,7 +111,7 @@ class DreamBooth(HeldOutImages, Task):
                 cond = dropped(cond, empty_cond, batch["drop"].to(self.run.device))
             if prior:
                 cond = stack(cond, expand(class_cond, n))
-            return self.family.image_conditioning(cond, batch["crops"].to(self.run.device), self.args.resolution)
+            return self.family.image_conditioning(cond, batch["crops"].to(self.run.device), size)
 
         if self.parts is not None:   # encoded inside the model's forward: one (DDP) forward over both parts
             denoise = lambda noisy, t: model(noisy, t, conditioning)   # noqa: E731
@@ -212,6 +217,9 @@ def train(spec: RunSpec) -> None:
     instance_images, held_out = hold_out(instance_images, args.validation_loss_images, "instance images")
     held_captions, captions = (captions[len(instance_images):], captions[:len(instance_images)]) if captions \
         else (None, None)
+    if args.cache_latents and not args.center_crop:   # a fixed crop per image, else nearly every step is a miss
+        check_crop_windows(instance_images, args.resolution, "instance image")
+    buckets = assign_buckets(instance_images, args)   # --enable_bucket: each image's (width, height); else None
     # the family's own checks of the run's settings (FLUX's --max_sequence_length), also before anything is written
     family_of(args.pretrained_model_name_or_path).for_run(args)
     run = TrainingRun(spec)   # the run folder: only after the data is known to be good
@@ -223,9 +231,10 @@ def train(spec: RunSpec) -> None:
         family, pipe = load_family(args.pretrained_model_name_or_path, revision=args.revision,
                                    torch_dtype=None if run.weight_dtype == torch.float32 else run.weight_dtype)
     family = family.for_run(args)
-    if args.resolution % (pipe.vae_scale_factor * 2):
-        raise TrainingError(f"--resolution {args.resolution} must be a multiple of {pipe.vae_scale_factor * 2} "
-                            f"for this model")
+    for flag in ("resolution", "bucket_reso_steps") if buckets else ("resolution",):
+        if getattr(args, flag) % (pipe.vae_scale_factor * 2):
+            raise TrainingError(f"--{flag} {getattr(args, flag)} must be a multiple of {pipe.vae_scale_factor * 2} "
+                                f"for this model")
     for module in [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]:   # + safety checker
         module.requires_grad_(False)
         module.to(run.device)
@@ -245,10 +254,12 @@ def train(spec: RunSpec) -> None:
         if len(class_images) < args.num_class_images:
             raise TrainingError(f"--class_data_dir {class_dir} has {len(class_images)} readable images, fewer than "
                                 f"--num_class_images {args.num_class_images}; remove the unreadable ones")
+        if args.cache_latents and not args.center_crop:
+            check_crop_windows(class_images, args.resolution, "class image")
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed,
-                                args.caption_dropout)
-    max_train_steps = run.total_steps(len(dataset))
+                                args.caption_dropout, buckets)
+    max_train_steps = run.total_steps(len(dataset), dataset.groups)
     model = family.denoiser(pipe)   # the UNet, or a DiT family's transformer
     task = DreamBooth(run, family, pipe, args.instance_prompt, args.class_prompt if class_images else None, args,
                       captions, (held_out, held_captions))
@@ -261,6 +272,7 @@ def train(spec: RunSpec) -> None:
     run.fit(task.parts if task.parts is not None else model, task, dataset, collate, num_train_steps=max_train_steps,
             info={"instance_images": len(instance_images), "class_images": len(class_images or []),
                   "caption_source": "data" if captions else "instance_prompt", "family": family.name,
+                  "aspect_buckets": bucket_counts(buckets) if buckets else None,
                   "pipeline_class": family.pipeline_classes[0], "family_tags": list(family.tags),
                   "denoiser": family.denoiser_name, "validation_loss": validation,
                   "pretrained_model_path": family.local_folder(args.pretrained_model_name_or_path),

@@ -18,12 +18,15 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, process_index: int = 0,
-                  num_processes: int = 1) -> list[list[int]]:
+                  num_processes: int = 1, groups: list | None = None) -> list[list[int]]:
     """This process's batches of epoch `epoch`, as lists of run positions (epoch * n + i).
 
     The permutation depends on (seed, epoch) only, so every process agrees; it is padded by wrapping so
     all processes get the same number of batches (an uneven shard would deadlock DDP's all-reduce).
-    Datasets take a run position k and use example k % n (seeding their augmentation from k)."""
+    Datasets take a run position k and use example k % n (seeding their augmentation from k).
+    With `groups` (a sortable group of each example: an aspect-ratio bucket), see `group_batches`."""
+    if groups is not None:
+        return group_batches(groups, batch_size, epoch, seed, process_index, num_processes)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
     per = math.ceil(n / num_processes)
     perm = (perm * num_processes)[: per * num_processes]
@@ -31,12 +34,33 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, process_index:
     return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
 
 
-def steps_per_epoch(n: int, batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
+def group_batches(groups: list, batch_size: int, epoch: int, seed: int, process_index: int = 0,
+                  num_processes: int = 1) -> list[list[int]]:
+    """Batches that never mix groups: the (seed, epoch) permutation of the examples, each group's examples in that
+    order cut into batches (a group's last batch may be short), the batches in an order drawn from (seed, epoch, 1),
+    dealt to the processes as `epoch_batches` deals examples (padded by wrapping)."""
+    n = len(groups)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
+    batches = []
+    for group in sorted(set(groups)):
+        members = [i for i in perm if groups[i] == group]
+        batches += [members[j:j + batch_size] for j in range(0, len(members), batch_size)]
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1))).tolist()
+    per = math.ceil(len(batches) / num_processes)
+    dealt = ([batches[o] for o in order] * num_processes)[: per * num_processes]
+    return [[epoch * n + i for i in b] for b in dealt[process_index::num_processes]]
+
+
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int, num_processes: int = 1,
+                    groups: list | None = None) -> int:
+    if groups is not None:   # every group's batches, then dealt to the processes
+        batches = sum(math.ceil(groups.count(g) / batch_size) for g in set(groups))
+        return math.ceil(math.ceil(batches / num_processes) / grad_accum)
     return math.ceil(math.ceil(math.ceil(n / num_processes) / batch_size) / grad_accum)
 
 
-def total_steps(args, num_examples: int, num_processes: int = 1) -> int:
+def total_steps(args, num_examples: int, num_processes: int = 1, groups: list | None = None) -> int:
     """The run's number of optimizer steps: --max_train_steps, else --num_train_epochs epochs of
     `num_examples` examples (every trainer's run length, derived here only)."""
     return args.max_train_steps or args.num_train_epochs * steps_per_epoch(
-        num_examples, args.train_batch_size, args.gradient_accumulation_steps, num_processes)
+        num_examples, args.train_batch_size, args.gradient_accumulation_steps, num_processes, groups)

@@ -114,9 +114,9 @@ class TrainingRun:
             logger.warning("%s holds checkpoints of an earlier run; new ones replace those with the same step, "
                            "and --resume_from_checkpoint latest picks the newest of all", self.output_dir)
 
-    def total_steps(self, num_examples: int) -> int:
+    def total_steps(self, num_examples: int, groups: list | None = None) -> int:
         """The run's number of optimizer steps on `num_examples` examples (see `total_steps`)."""
-        return total_steps(self.args, num_examples, self.num_processes)
+        return total_steps(self.args, num_examples, self.num_processes, groups)
 
     def adapt(self, model: torch.nn.Module, total_steps: int, task: Task | None = None,
               **fill) -> tuple[lowrank.AdapterConfig, list[str]]:
@@ -150,9 +150,10 @@ class TrainingRun:
         step: the step, its metrics row, checkpoint/validation/stop; then finish (the final save)."""
         self.task = task
         self.clear_exit_status()
+        groups = getattr(dataset, "groups", None)   # a dataset whose batches keep to groups (aspect buckets)
         self.per_epoch = steps_per_epoch(len(dataset), self.args.train_batch_size,
-                                         self.args.gradient_accumulation_steps, self.num_processes)
-        self.max_steps = max_steps = num_train_steps or self.total_steps(len(dataset))
+                                         self.args.gradient_accumulation_steps, self.num_processes, groups)
+        self.max_steps = max_steps = num_train_steps or self.total_steps(len(dataset), groups)
         self.num_epochs = math.ceil(max_steps / self.per_epoch)
         wrapped = self.prepare(model, task)
         step = self.resume_state()
@@ -250,7 +251,7 @@ class TrainingRun:
         optimizer steps they make: [(micro-batches in the step, whether it is the epoch's last)]."""
         args, accum = self.args, self.args.gradient_accumulation_steps
         batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
-                                self.num_processes)
+                                self.num_processes, getattr(dataset, "groups", None))
         remaining = batches[(step - epoch * self.per_epoch) * accum:]
         loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
                                                   num_workers=args.dataloader_num_workers))

@@ -172,9 +172,10 @@ class Family:
     def denoise(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
 
-    def image_conditioning(self, cond: Conditioning, crops: torch.Tensor, size: int) -> Conditioning:
+    def image_conditioning(self, cond: Conditioning, crops: torch.Tensor, size: int | tuple[int, int]) -> Conditioning:
         """The batch's conditioning with what each image adds (SDXL: its size and crop, (N, 4) rows of
-        height, width, top, left); families without image conditioning return `cond` unchanged."""
+        height, width, top, left, and the training size: square, or an aspect bucket's (height, width)); families
+        without image conditioning return `cond` unchanged."""
         return cond
 
     def sampling_pipeline(self, pipe):

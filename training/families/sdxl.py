@@ -83,9 +83,10 @@ class SDXL(Family):
         return {"encoder_hidden_states": embeds, "text_embeds": pooled,
                 "time_ids": time_ids.expand(len(prompts), -1)}
 
-    def image_conditioning(self, cond: Conditioning, crops: torch.Tensor, size: int) -> Conditioning:
-        """add_time_ids per image: (original height, width, crop top, left, target height, width)."""
-        target = torch.tensor([size, size]).expand(len(crops), 2)
+    def image_conditioning(self, cond: Conditioning, crops: torch.Tensor, size: int | tuple[int, int]) -> Conditioning:
+        """add_time_ids per image: (original height, width, crop top, left, target height, width); the target is
+        the square `size`, or (height, width) of an aspect-ratio bucket."""
+        target = torch.tensor(size if isinstance(size, tuple) else (size, size)).expand(len(crops), 2)
         time_ids = torch.cat([crops, target], dim=1).to(cond["time_ids"])
         return {**cond, "time_ids": time_ids}
 

@@ -65,6 +65,23 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--num_class_images", type=int, default=100, help="Class images to use (generated when missing).")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--center_crop", action="store_true", help="Center-crop images (default: random crops).")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode each distinct training image (instance, class, held-out) with the VAE once and reuse "
+                        "its latent distribution instead of encoding at every step (diffusers' --cache_latents); the "
+                        "latent sample is still drawn at every step, so the adapter is bit-identical to a run "
+                        "without it. With random crops each image needs a fixed crop: square images, or "
+                        "--center_crop (default: off).")
+    g.add_argument("--enable_bucket", action="store_true",
+                   help="Aspect-ratio buckets (kohya's flag): each instance image trains at the bucket (width, "
+                        "height) nearest its aspect ratio, area at most --resolution², resized to cover it and "
+                        "cropped by the pixels left over, instead of a --resolution square crop; batches hold one "
+                        "bucket; a class image takes its instance image's bucket (default: off, square crops).")
+    g.add_argument("--bucket_reso_steps", type=int, default=None,
+                   help="Bucket sides are multiples of this many pixels (default with --enable_bucket: 64).")
+    g.add_argument("--min_bucket_reso", type=int, default=None,
+                   help="Shortest bucket side in pixels (default with --enable_bucket: --resolution / 2).")
+    g.add_argument("--max_bucket_reso", type=int, default=None,
+                   help="Longest bucket side in pixels (default with --enable_bucket: 2 x --resolution).")
     f = parser.add_argument_group("flow matching (FLUX.1, FLUX.2-klein; diffusers' flags and defaults)")
     f.add_argument("--weighting_scheme", default="none", choices=WEIGHTING_SCHEMES,
                    help="Timestep density and loss weight: logit_normal (σ = sigmoid(N(--logit_mean, --logit_std))), "
@@ -138,4 +155,29 @@ def parse_args(argv=None) -> RunSpec:
         logger.warning("--class_data_dir is ignored without --with_prior_preservation")
     if args.resolution is None:   # the presets' 64 px; a model's own (SDXL 1024) when its folder says which
         args.resolution = default_resolution(args.pretrained_model_name_or_path)
+    check_buckets(args)
     return spec
+
+
+def check_buckets(args) -> None:
+    """--enable_bucket's sizes, their defaults filled in (run.json records them) and checked."""
+    given = [f"--{f}" for f in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso") if getattr(args, f)
+             is not None]
+    if not args.enable_bucket:
+        if given:
+            raise TrainingError(f"{given[0]} sets the aspect-ratio buckets of --enable_bucket; add --enable_bucket")
+        return
+    if args.cache_latents and not args.center_crop:
+        raise TrainingError("--cache_latents with --enable_bucket needs --center_crop: a random crop of an image "
+                            "resized to cover its bucket moves by the pixels left over, a new cache entry most steps")
+    res = args.resolution
+    for flag, default in (("bucket_reso_steps", 64), ("min_bucket_reso", res // 2), ("max_bucket_reso", 2 * res)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    if args.bucket_reso_steps <= 0 or args.min_bucket_reso <= 0:
+        raise TrainingError(f"--bucket_reso_steps and --min_bucket_reso must be positive, got "
+                            f"{args.bucket_reso_steps} and {args.min_bucket_reso}")
+    if not args.min_bucket_reso <= res <= args.max_bucket_reso or res < args.bucket_reso_steps:
+        raise TrainingError(f"--enable_bucket: give --min_bucket_reso <= --resolution <= --max_bucket_reso and "
+                            f"--bucket_reso_steps <= --resolution (got {args.min_bucket_reso}, {res}, "
+                            f"{args.max_bucket_reso}, {args.bucket_reso_steps})")

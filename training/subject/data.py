@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from skimage import data as skimage_data
 
 from training.common.batches import mix_seed
+from training.images.buckets import cover
 from training.images.files import resize_short
 
 EXAMPLE_PROMPT = "a photo of sks cat"
@@ -40,35 +41,55 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     from (seed, k). With class images, each item also carries a class image (prior preservation); each item
     names its instance image (`index`), whose caption the loss uses when the data has captions. With
     `caption_dropout` p, each item also says whether its instance image trains with the empty prompt (`drop`):
-    a draw from the same generator after the crops, so the crops are those of a run without it."""
+    a draw from the same generator after the crops, so the crops are those of a run without it.
+
+    With `buckets` (--enable_bucket: training/images/buckets.py), instance image i trains at size buckets[i]
+    (width, height) instead of the square: resized to cover it, then cropped; the class image of an item takes its
+    instance image's bucket (a batch is one tensor), and `groups` (each item's bucket) keeps batches to one bucket."""
 
     def __init__(self, instance_images, class_images, size: int, center_crop: bool, seed: int,
-                 caption_dropout: float = 0.0):
+                 caption_dropout: float = 0.0, buckets: list[tuple[int, int]] | None = None):
         self.instance, self.cls = list(instance_images), list(class_images or [])
         self.size, self.center_crop, self.seed = size, center_crop, seed
         self.caption_dropout = caption_dropout
+        self.buckets = buckets
+        self.covers: dict[tuple[int, tuple[int, int]], Image.Image] = {}   # (id of an image, bucket) -> resized
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.cls))
 
-    def crop(self, img: Image.Image, gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    @property
+    def groups(self) -> list[tuple[int, int]] | None:
+        """Each item's bucket, or None without buckets (training.common.batches.epoch_batches)."""
+        return [self.buckets[i % len(self.instance)] for i in range(len(self))] if self.buckets else None
+
+    def crop(self, img: Image.Image, gen: torch.Generator,
+             bucket: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """The crop as a tensor, and (height, width, top, left): the image's size when cropped and where the crop
-        was taken (SDXL's micro-conditioning; images are resized to the resolution before, as diffusers does)."""
+        was taken (SDXL's micro-conditioning; images are resized to the resolution before, as diffusers does, or
+        to cover their bucket)."""
+        width, height = bucket or (self.size, self.size)
+        if bucket:   # resized once per image and bucket
+            key = (id(img), bucket)
+            if key not in self.covers:
+                self.covers[key] = cover(img, bucket)
+            img = self.covers[key]
         w, h = img.size
         if self.center_crop:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
+            left, top = (w - width) // 2, (h - height) // 2
         else:
-            left = int(torch.randint(0, w - self.size + 1, (1,), generator=gen))
-            top = int(torch.randint(0, h - self.size + 1, (1,), generator=gen))
-        return to_tensor(img.crop((left, top, left + self.size, top + self.size))), (h, w, top, left)
+            left = int(torch.randint(0, w - width + 1, (1,), generator=gen))
+            top = int(torch.randint(0, h - height + 1, (1,), generator=gen))
+        return to_tensor(img.crop((left, top, left + width, top + height))), (h, w, top, left)
 
     def __getitem__(self, k: int) -> dict:
         i = k % len(self)
         gen = torch.Generator().manual_seed(mix_seed(self.seed, k))
         item = {"index": i % len(self.instance)}
-        item["instance"], item["instance_crop"] = self.crop(self.instance[i % len(self.instance)], gen)
+        bucket = self.buckets[item["index"]] if self.buckets else None
+        item["instance"], item["instance_crop"] = self.crop(self.instance[item["index"]], gen, bucket)
         if self.cls:
-            item["class"], item["class_crop"] = self.crop(self.cls[i % len(self.cls)], gen)
+            item["class"], item["class_crop"] = self.crop(self.cls[i % len(self.cls)], gen, bucket)
         if self.caption_dropout:   # off: no draw
             item["drop"] = bool(torch.rand((), generator=gen).item() < self.caption_dropout)
         return item
