@@ -250,8 +250,11 @@ class TrainingRun:
         batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
                                 self.num_processes)
         remaining = batches[(step - epoch * self.per_epoch) * accum:]
+        # the loader's own generator: an iterator draws a base seed from the one it is given, which would
+        # otherwise be the global RNG that dropout uses, one draw more in a resumed run than in a straight one
         loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
-                                                  num_workers=args.dataloader_num_workers))
+                                                  num_workers=args.dataloader_num_workers,
+                                                  generator=torch.Generator().manual_seed(self.seed + epoch)))
         # the epoch's last step may have fewer micro-batches
         groups = [(min(accum, len(remaining) - start), start + accum >= len(remaining))
                   for start in range(0, len(remaining), accum)]
