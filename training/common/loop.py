@@ -250,11 +250,12 @@ class TrainingRun:
         batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
                                 self.num_processes)
         remaining = batches[(step - epoch * self.per_epoch) * accum:]
-        # the loader's own generator: an iterator draws a base seed from the one it is given, which would
-        # otherwise be the global RNG that dropout uses, one draw more in a resumed run than in a straight one
+        # A loader's iterator draws its base seed from the global RNG, which dropout uses too. A straight run
+        # draws it at the epoch's start, before any checkpoint of the epoch saved the RNG state; a run resumed
+        # mid-epoch must not draw it again after restoring that state, or its dropout masks would differ.
+        own = torch.Generator().manual_seed(self.seed + epoch) if step > epoch * self.per_epoch else None
         loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
-                                                  num_workers=args.dataloader_num_workers,
-                                                  generator=torch.Generator().manual_seed(self.seed + epoch)))
+                                                  num_workers=args.dataloader_num_workers, generator=own))
         # the epoch's last step may have fewer micro-batches
         groups = [(min(accum, len(remaining) - start), start + accum >= len(remaining))
                   for start in range(0, len(remaining), accum)]
