@@ -156,3 +156,12 @@ def test_checks_before_any_run_are_one_error_line(tmp_path, cluster, monkeypatch
     assert robustness.cli([*STUDY, "--launcher", "ray", "--output_dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs Ray, which is not installed" in err[0] and not out.exists()
+
+
+def test_a_run_that_fails_on_its_own_is_reported_not_retried(tmp_path, cluster):
+    out = tmp_path / "study"
+    assert robustness.cli([*STUDY, "--methods", "lora", "--lr_factors", "1", "--launcher", "ray", "--rank", "0",
+                           "--output_dir", str(out)]) == 1
+    (row,) = rows(out).values()
+    assert row["status"] == "failed" and row["error"].startswith("exit 2: error: rank must be")
+    assert [a["attempt"] for a in attempts(out, row["run"]) if "worker_pid" in a] == [1]
