@@ -18,7 +18,8 @@ Studies (--studies, default all four; --ablation adds Table 1):
   ablation  Table 1 rows V1 LoRA, V2, V3 DeLoRA, V5, V6, V7, V8 in the paper's order, with parameter counts
 Every (method, options, learning rates, length, seed) is an ordinary run folder under OUTPUT_DIR/runs/, trained
 by a subprocess of the task's trainer (flags this command does not know go to it unchanged); --jobs N trains N
-at a time, each on cores/N threads. With --seeds the tables and figures show mean ± sample std over the seeds.
+at a time, each on cores/N threads; --launcher ray trains them as Ray tasks across machines
+(eval/robustness_ray.py). With --seeds the tables and figures show mean ± sample std over the seeds.
 Each method's base rate is the task's (GLUE's tweet tasks: the rates tuned on them; otherwise the method's
 lowrank default), or --base_lrs. GLUE runs are sized in epochs and scored by the trainer (the test part at the
 best tuning epoch); their prolonged runs train at a constant rate and are scored after every epoch. A run whose
@@ -39,17 +40,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from ground.cli import error_line
-from ground.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json
 from lowrank import METHODS
 from training.common.tasks import DREAMBOOTH
 
@@ -57,47 +51,13 @@ from . import EvalError
 from .common import ArgumentParser, run_main
 from .drift import DEFAULT_DRIFT_PROMPTS, DRIFT_PROMPTS
 from .robustness_protocols import PROTOCOLS, data_flags, trainer_flags
+from .robustness_ray import Cluster, run_ray
 from .robustness_report import write_report
-from .robustness_tasks import ABLATION_ROWS, ROOT, TASKS, flag_value
+from .robustness_runs import RunSpec, run_local
+from .robustness_tasks import ABLATION_ROWS, TASKS, flag_value
 
 STUDIES = ("lr", "long", "norms", "appd")
-@dataclass
-class RunSpec:
-    """One training run of the study: what to train and where it lands."""
-    study: str
-    label: str                     # legend / table label
-    method: str
-    factor: float
-    lr: float
-    steps: int                     # with `epochs` set, the run is sized in epochs and this is unused
-    lambda_lr: float | None = None
-    extra: list[str] = field(default_factory=list)
-    seed: int = 0
-    epochs: int | None = None
-
-    @property
-    def name(self) -> str:   # the folder: equal settings share one run (factor 1 of the sweep = App. D's)
-        opts = "".join(f"-{a.lstrip('-')}" for a in self.extra).replace("_", "")
-        # a λ rate equal to the adapter rate is the trainer's default: the same run as without the flag
-        lam = f"-lamlr{self.lambda_lr:g}" if self.lambda_lr not in (None, self.lr) else ""
-        length = f"e{self.epochs}" if self.epochs else f"n{self.steps}"
-        return f"{self.method}{opts}-lr{self.lr:g}{lam}-{length}-s{self.seed}"
-
-    @property
-    def group(self) -> tuple:
-        """The settings without the seed: runs that differ only in their seed are averaged together."""
-        return (self.study, self.label, self.method, self.factor, self.lr, self.lambda_lr, tuple(self.extra),
-                self.steps, self.epochs)
-
-
-@dataclass
-class RunResult:
-    spec: RunSpec
-    folder: Path
-    status: str                    # reused | trained | failed
-    error: str = ""
-    command: list[str] = field(default_factory=list)
-
+RAY_FLAGS = ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries")
 
 def plan(args, task, passthrough: list[str]) -> list[RunSpec]:
     """Every run of the study, seed by seed. The prolonged runs take the first seed only: they are curves."""
@@ -123,65 +83,6 @@ def plan(args, task, passthrough: list[str]) -> list[RunSpec]:
             specs += [spec("ablation", row, m, f1, base_lr(m), n, extra=list(extra))
                       for row, _, m, extra in ABLATION_ROWS]
     return specs
-
-
-# ----- running one run ------------------------------------------------------------------------------------
-def finished(folder: Path) -> bool:
-    """The final adapter is there and the trainer did not record a failure after writing it."""
-    status = read_json(folder / EXIT_STATUS, default={}) or {}
-    return is_adapter_dir(folder) and status.get("code", 0) == 0
-
-
-def trainer_command(spec: RunSpec, folder: Path, script: Path, args, passthrough: list[str]) -> list[str]:
-    length = ["--num_train_epochs", str(spec.epochs)] if spec.epochs else ["--max_train_steps", str(spec.steps)]
-    every = args.checkpointing_steps if spec.epochs else min(args.checkpointing_steps, spec.steps)
-    cmd = [sys.executable, str(script), "--output_dir", str(folder), "--method", spec.method,
-           "--learning_rate", f"{spec.lr:g}", *length, "--checkpointing_steps", str(every), "--seed", str(spec.seed)]
-    if args.threads_per_run and not args.threads_given:
-        cmd += ["--num_threads", str(args.threads_per_run)]
-    if spec.lambda_lr not in (None, spec.lr):
-        cmd += ["--lambda_learning_rate", f"{spec.lambda_lr:g}"]
-    return cmd + spec.extra + passthrough
-
-
-def ensure_run(spec: RunSpec, args, task, passthrough: list[str]) -> RunResult:
-    folder = args.output_dir / "runs" / spec.name
-    cmd = trainer_command(spec, folder, task.script, args, passthrough)
-    if finished(folder):
-        return RunResult(spec, folder, "reused", command=cmd)
-    if list_checkpoints(folder):   # interrupted earlier: go on from where it stopped
-        cmd = cmd + ["--resume_from_checkpoint", "latest"]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    log = folder.parent / f"{spec.name}.log"
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
-    if proc.returncode != 0 or not finished(folder):
-        text = log.read_text(errors="replace")
-        error = error_line(text.splitlines()) or "no output"
-        return RunResult(spec, folder, "failed", f"exit {proc.returncode}: {error} (log: {log})", cmd)
-    return RunResult(spec, folder, "trained", command=cmd)
-
-
-def run_all(specs: list[RunSpec], args, task, passthrough: list[str]) -> list[RunResult]:
-    """Train every distinct run (the same settings in two studies: one run), --jobs at a time; the longest
-    runs start first so the last lane does not wait on one long run."""
-    unique = list({s.name: s for s in specs}.values())
-    unique.sort(key=lambda s: (s.epochs or 0, s.steps), reverse=True)
-    done = {}
-    bar = tqdm(total=len(unique), desc="robustness runs", unit="run")
-
-    def one(spec: RunSpec) -> RunResult:
-        r = ensure_run(spec, args, task, passthrough)
-        bar.update(1)
-        bar.set_postfix_str(spec.name)
-        print(f"{r.status}: {spec.name}" + (f"  {r.error}" if r.error else ""), file=sys.stderr)
-        return r
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:   # threads only wait on the trainer subprocesses
-        for spec, r in zip(unique, pool.map(one, unique)):
-            done[spec.name] = r
-    bar.close()
-    return [RunResult(s, done[s.name].folder, done[s.name].status, done[s.name].error, done[s.name].command)
-            for s in specs]
 
 
 # ----- CLI ------------------------------------------------------------------------------------------------
@@ -244,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="Runs trained at the same time, each on (CPU cores / jobs) threads unless --num_threads "
                         "is given (default 1). Results do not depend on it at a fixed thread count.")
+    ray = p.add_argument_group("where the runs train (README, \"Studies across machines (Ray)\")")
+    ray.add_argument("--launcher", default="local", choices=["local", "ray"],
+                     help="local: --jobs trainer subprocesses on this machine (default); ray: each run a Ray task "
+                          "on a cluster (pip install 'lowrank[ray]'), the study folder on storage every node sees.")
+    ray.add_argument("--ray_address", default=None,
+                     help="Ray cluster to use: HOST:PORT of its head, or auto for the one started on this machine "
+                          "with `ray start` (default: start a local one for this command).")
+    ray.add_argument("--cpus_per_run", type=float, default=None,
+                     help="CPUs Ray reserves for each run; also the trainer's thread count unless --num_threads is "
+                          "given (default 1).")
+    ray.add_argument("--gpus_per_run", type=float, default=None,
+                     help="GPUs Ray reserves for each run (default 0; 1 on a GPU cluster).")
+    ray.add_argument("--max_retries", type=int, default=None,
+                     help="Times a run whose Ray worker was lost (process killed, node gone) is started again, "
+                          "resuming from its latest checkpoint (default 3). A run that fails on its own is not.")
     p.add_argument("--layer", default=None, help="Module whose distance the figures show (default: the run's "
                                                  "Fig. 3 layer, the first self-attention out-projection; for "
                                                  "models without one, the first adapted layer).")
@@ -316,11 +232,13 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for own in ("--output_dir", "--method", "--learning_rate", "--lambda_learning_rate", "--resume_from_checkpoint"):
         if any(a == own or a.startswith(own + "=") for a in passthrough):
             raise EvalError(f"{own} is set by the study for each run; leave it out")
+    check_launcher(args)
     given = flag_value(passthrough, "--num_threads")   # goes to the trainer as it is; recorded in machine.json
     args.threads_given = given is not None
     try:
-        args.threads_per_run = int(given) if given else (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1
-                                                         else None)
+        args.threads_per_run = int(given) if given else (
+            max(1, int(args.cpus_per_run)) if args.launcher == "ray" else
+            max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
     except ValueError:
         raise EvalError(f"--num_threads {given!r} is not a whole number") from None
     args.output_dir = Path(args.output_dir or f"outputs/robustness-{args.task}").expanduser().resolve()
@@ -329,17 +247,41 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, passthrough + (trainer_flags(protocol, passthrough) if protocol else [])
 
 
+def check_launcher(args) -> None:
+    """The Ray flags: only with --launcher ray, where they get their defaults; --jobs is the local launcher's."""
+    if args.launcher == "local":
+        given = [f"--{f}" for f in RAY_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise EvalError(f"{', '.join(given)}: only with --launcher ray")
+        return
+    if args.jobs != 1:
+        raise EvalError("--jobs is the local launcher's: with --launcher ray, Ray runs as many at a time as "
+                        "--cpus_per_run / --gpus_per_run fit on the cluster")
+    for flag, default in (("cpus_per_run", 1.0), ("gpus_per_run", 0.0), ("max_retries", 3)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+        if getattr(args, flag) < 0:
+            raise EvalError(f"--{flag} must be at least 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse(argv)
     task = TASKS[args.task]
     task.check()   # a trainer that does not exist yet: one error line, before anything runs
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    if args.protocol:   # its data set laid out for the trainer (once), unless the command line names other data
-        passthrough += data_flags(PROTOCOLS[args.protocol], args.output_dir, args.protocol_data, passthrough)
-    specs = plan(args, task, passthrough)
-    t0 = time.perf_counter()
-    results = run_all(specs, args, task, passthrough)
-    args.wall_time = time.perf_counter() - t0
+    cluster = Cluster(args) if args.launcher == "ray" else None   # Ray there, reachable, the folder shared
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        if args.protocol:   # its data set laid out for the trainer (once), unless the command line names other data
+            passthrough += data_flags(PROTOCOLS[args.protocol], args.output_dir, args.protocol_data, passthrough)
+        specs = plan(args, task, passthrough)
+        t0 = time.perf_counter()
+        results = run_ray(specs, args, task, passthrough, cluster) if cluster else \
+            run_local(specs, args, task, passthrough)
+        args.wall_time = time.perf_counter() - t0
+        args.ray_cluster = cluster.describe(args) if cluster else None
+    finally:
+        if cluster:
+            cluster.close()
     report = write_report(results, args, task, passthrough, argv if argv is not None else sys.argv[1:])
     failed = sum(r.status == "failed" for r in {r.spec.name: r for r in results}.values())
     print(f"report: {report}" + (f" ({failed} run(s) failed: see the table)" if failed else ""))

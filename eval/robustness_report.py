@@ -212,7 +212,18 @@ def machine_info(args, results) -> dict:
     return {"wall_time_s": round(getattr(args, "wall_time", 0.0), 1), "runs_trained": trained,
             "runs_reused": len({r.spec.name for r in results if r.status == "reused"}), "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "platform": platform.platform(),
-            "jobs": args.jobs, "threads_per_run": args.threads_per_run, "versions": library_versions()}
+            "jobs": args.jobs, "threads_per_run": args.threads_per_run, "versions": library_versions(),
+            "launcher": getattr(args, "launcher", "local"),
+            **({"ray": args.ray_cluster} if getattr(args, "ray_cluster", None) else {})}
+
+
+def where(machine: dict) -> str:
+    """Where the runs trained, as the header says it: this machine's cores, or the Ray cluster."""
+    ray = machine.get("ray")
+    if ray:
+        return (f"a Ray cluster of {ray['nodes']} node(s), {ray['cpus']:g} CPUs, {ray['gpus']:g} GPUs "
+                f"({ray['cpus_per_run']:g} CPU(s), {ray['gpus_per_run']:g} GPU(s) per run")
+    return f"{machine['cpu_count']} CPU cores ({machine['jobs']} run(s) at a time"
 
 
 def checkpoint_intervals(results) -> str:
@@ -266,7 +277,7 @@ def header(args, task, passthrough: list[str], results, rows: list[dict], name: 
             f"seeds {' '.join(map(str, args.seeds))} (tables and figures: mean ± sample std over the seeds). "
             f"Base rates: {', '.join(f'{m} {base_rate(m):g}' for m in args.methods)}. "
             f"Wall time of the command that trained the runs: {machine['wall_time_s'] / 60:.1f} min on "
-            f"{machine['cpu_count']} CPU cores ({machine['jobs']} run(s) at a time, {threads} thread(s) each, "
+            f"{where(machine)}, {threads} thread(s) each, "
             f"{'--deterministic' if deterministic else 'not --deterministic'}; machine.json). "
             f"Distance: `‖W_merged − W_pre‖_F` of "
             f"`{next((r['layer'] for r in rows if r.get('layer')), '?')}`; bound: the radius the method proves "

@@ -19,6 +19,8 @@ Actions:
     exit     os._exit(3) (a worker that dies without a traceback, e.g. in a DDP test)
     abort    raise Abort, a BaseException nothing in the trainer catches: an in-process test stops the run at
              the exact point with the files as a SIGKILL leaves them (no cleanup runs; cheaper than a process)
+    hang     block forever (a stuck process): a test kills whatever it likes at that exact moment, e.g. the
+             worker process of a study launcher that started this trainer
 
 Unset, a call costs one dictionary lookup.
 """
@@ -27,10 +29,11 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 ENV, ENV_STEP, ENV_PROCESS = "LOWRANK_FAULT", "LOWRANK_FAULT_STEP", "LOWRANK_FAULT_PROCESS"
 POINTS = ("checkpoint-before", "checkpoint-between", "checkpoint-after", "checkpoint-renamed", "final", "step")
-ACTIONS = ("kill", "term", "enospc", "exit", "abort")
+ACTIONS = ("kill", "term", "enospc", "exit", "abort", "hang")
 _fired = False
 
 
@@ -68,6 +71,9 @@ def fault_point(point: str, step: int | None = None, process_index: int = 0, pat
         os._exit(3)
     elif action == "abort":
         raise Abort(f"{point} at step {step}")
+    elif action == "hang":
+        while True:
+            time.sleep(3600)
     else:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path or None)
 

@@ -253,8 +253,12 @@ class TrainingRun:
         batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
                                 self.num_processes, getattr(dataset, "groups", None))
         remaining = batches[(step - epoch * self.per_epoch) * accum:]
+        # A loader's iterator draws its base seed from the global RNG, which dropout uses too. A straight run
+        # draws it at the epoch's start, before any checkpoint of the epoch saved the RNG state; a run resumed
+        # mid-epoch must not draw it again after restoring that state, or its dropout masks would differ.
+        own = torch.Generator().manual_seed(self.seed + epoch) if step > epoch * self.per_epoch else None
         loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
-                                                  num_workers=args.dataloader_num_workers))
+                                                  num_workers=args.dataloader_num_workers, generator=own))
         # the epoch's last step may have fewer micro-batches
         groups = [(min(accum, len(remaining) - start), start + accum >= len(remaining))
                   for start in range(0, len(remaining), accum)]
