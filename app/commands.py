@@ -16,6 +16,7 @@ from lowrank import METHODS
 from training.common.models import is_tiny
 from training.common.tasks import DREAMBOOTH, SEMANTIC_MAP
 from training.families import FAMILIES
+from training.images.files import open_image
 
 from .inputs import InputError, TrainForm
 
@@ -119,7 +120,21 @@ def _common_flags(form: TrainForm, method: str, run_dir: Path) -> list[str]:
 def _advanced_flags(form: TrainForm) -> list[str]:
     """The advanced section's flags, only those that are on (a run without them is the trainer's default run)."""
     cmd = ["--snr_gamma", repr(float(form.snr_gamma))] if form.snr_gamma else []
+    cmd += ["--ema_decay", repr(float(form.ema_decay))] if form.ema_decay else []
     return cmd + (["--noise_offset", repr(float(form.noise_offset))] if form.noise_offset else [])
+
+
+def cache_is_exact(instance_dir: Path | None) -> bool:
+    """Whether --cache_latents changes nothing for a DreamBooth run on `instance_dir` (None: the embedded example):
+    every image square, so one crop per image (the trainer's random crop of a square image resized to the
+    resolution is the image itself) and generated class images are square too. Photos of other shapes have a
+    random crop per step, which a cache cannot hold (the trainer refuses them without --center_crop)."""
+    if instance_dir is None:
+        return True   # the example subject is square at every resolution
+    if not Path(instance_dir).is_dir():
+        return False   # the trainer says what is wrong with the folder
+    files = [p for p in sorted(Path(instance_dir).iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return all(len(set(open_image(p).size)) == 1 for p in files)
 
 
 def _extra_flags(form: TrainForm) -> list[str]:
@@ -134,6 +149,8 @@ def train_command(form: TrainForm, method: str, run_dir: Path, instance_dir: Pat
            "--instance_prompt", form.instance_prompt, "--class_prompt", form.class_prompt]
     if form.num_samples:
         cmd += ["--num_validation_images", str(form.num_samples)]
+    if form.cache_latents and cache_is_exact(instance_dir):   # the same adapter bits, without a VAE pass per step
+        cmd += ["--cache_latents"]
     if form.prior_preservation:        # class images are generated into RUN/class_images by the trainer
         cmd += ["--with_prior_preservation"]
         if form.num_class_images:

@@ -186,6 +186,8 @@ class TrainForm:
     # the advanced section: the trainer's own flags, off (None / 0) unless set
     snr_gamma: float | None = None        # --snr_gamma: min-SNR-γ loss weighting
     noise_offset: float = 0.0             # --noise_offset
+    ema_decay: float | None = None        # --ema_decay: a moving average of the adapter, saved as its own adapter
+    cache_latents: bool = True            # --cache_latents where it is exact (square images; DreamBooth only)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -219,9 +221,17 @@ def _float(value, what: str, positive: bool = True) -> float:
     return f
 
 
+def _decay(value) -> float:
+    decay = _float(value, "EMA decay")
+    if not decay < 1:
+        raise InputError(f"EMA decay must be between 0 and 1 (0.99 for a few hundred steps), got {value}.")
+    return decay
+
+
 def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoint_every, delora_lambda,
                model, seed=0, resolution=None, sample_steps=None, num_samples=None, prior_preservation=False,
-               num_class_images=None, snr_gamma=None, noise_offset=None) -> TrainForm:
+               num_class_images=None, snr_gamma=None, noise_offset=None, ema_decay=None,
+               cache_latents=True) -> TrainForm:
     methods = [m for m in (methods or []) if m]
     if not methods:
         raise InputError("Pick at least one method.")
@@ -253,4 +263,6 @@ def check_form(methods, class_noun, token, rank, learning_rate, steps, checkpoin
         num_class_images=None if num_class_images in (None, "", 0) else _int(num_class_images, "Class images", 1,
                                                                                1000),
         snr_gamma=None if snr_gamma in (None, "", 0) else _float(snr_gamma, "Min-SNR γ"),
-        noise_offset=0.0 if noise_offset in (None, "", 0) else _float(noise_offset, "Noise offset"))
+        noise_offset=0.0 if noise_offset in (None, "", 0) else _float(noise_offset, "Noise offset"),
+        ema_decay=None if ema_decay in (None, "", 0) else _decay(ema_decay),
+        cache_latents=cache_latents is not False)   # an API client that leaves it out gets the default (on)

@@ -8,13 +8,22 @@ width of the page, since Markdown cannot reach files by relative path), with `*`
 written: the report's formulas (‖W_merged − W_pre‖_F, mult_* |λ|) are text, not emphasis. Its title names the
 study's task, read from the study command in its commands.txt (a language study is not DreamBooth), with the
 task's one-line summary under it.
+
+A study whose command is still running (its progress.json, eval/robustness_progress.py, not finished) is listed
+too, before it has a report: the tab shows its runs (queued, running with their last logged step, ended) above
+the report of an earlier command of the same study, if any, and re-reads it while it runs.
 """
 from __future__ import annotations
 
+import os
 import re
+import socket
+import time
 from pathlib import Path
 
+from eval.robustness_progress import ENDED, PROGRESS, read_progress
 from eval.robustness_tables import study_title, task_of_commands
+from ground.runfolder import read_metrics
 from training.common.tasks import TASKS
 
 REPORT = "report.md"
@@ -46,12 +55,18 @@ def literal_markdown(text: str) -> str:
 
 
 def report_folders(runs_dir: Path) -> list[str]:
-    """Report folders as paths relative to runs_dir, newest first, then the committed ones (results/<name>)."""
+    """Report folders (and studies still running, with no report yet) as paths relative to runs_dir, newest
+    first, then the committed ones (results/<name>)."""
     runs_dir = Path(runs_dir)
-    found = [p.parent for pattern in (f"*/{REPORT}", f"*/*/{REPORT}") for p in runs_dir.glob(pattern)]
-    found.sort(key=lambda d: (d / REPORT).stat().st_mtime, reverse=True)
+    found = list(dict.fromkeys(p.parent for name in (REPORT, PROGRESS) for pattern in (f"*/{name}", f"*/*/{name}")
+                               for p in runs_dir.glob(pattern)))
+    found.sort(key=_last_written, reverse=True)
     committed = sorted(p.parent.name for p in RESULTS_DIR.glob(f"*/{REPORT}"))
     return [str(d.relative_to(runs_dir)) for d in found] + [COMMITTED + name for name in committed]
+
+
+def _last_written(folder: Path) -> float:
+    return max(p.stat().st_mtime for p in (folder / REPORT, folder / PROGRESS) if p.is_file())
 
 
 def _folder(runs_dir: Path, name: str) -> Path | None:
@@ -59,7 +74,58 @@ def _folder(runs_dir: Path, name: str) -> Path | None:
     root, rel = (RESULTS_DIR, name[len(COMMITTED):]) if name.startswith(COMMITTED) else (Path(runs_dir), name)
     root = root.resolve()
     folder = (root / rel).resolve()
-    return folder if folder.is_relative_to(root) and (folder / REPORT).is_file() else None
+    inside = folder.is_relative_to(root)
+    return folder if inside and ((folder / REPORT).is_file() or (folder / PROGRESS).is_file()) else None
+
+
+def running(folder: Path) -> dict | None:
+    """The study's progress while its command runs; None once it finished (or it never wrote one)."""
+    progress = read_progress(folder)
+    return progress if progress is not None and not progress.get("finished") else None
+
+
+def is_running(runs_dir: Path, name: str | None) -> bool:
+    """Whether the folder `name` names holds a study whose command is still running (the tab re-reads it)."""
+    folder = _folder(runs_dir, name) if name else None
+    return folder is not None and running(folder) is not None
+
+
+def _alive(progress: dict) -> bool:
+    """False when the study's command is known to be gone (this host, no such process); True when unknown."""
+    if progress.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(progress.get("pid", 0)), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_step(run_dir: Path) -> str:
+    steps = [m["step"] for m in read_metrics(run_dir) if isinstance(m.get("step"), int)] if run_dir.is_dir() else []
+    return str(steps[-1]) if steps else "–"
+
+
+def progress_markdown(folder: Path, progress: dict) -> str:
+    """A running study: one line of counts and a table of its runs (a running run with its last logged step)."""
+    runs, counts = progress["runs"], progress.get("counts", {})
+    ended = sum(counts.get(s, 0) for s in ENDED)
+    ago = max(0, int(time.time() - float(progress.get("updated", time.time()))))
+    where = f"`--launcher {progress.get('launcher', 'local')}` on {progress.get('host', '?')}"
+    state = f"**Running** ({where}, updated {ago} s ago)" if _alive(progress) else (
+        f"**Stopped**: its command ({where}) is no longer running; run it again to go on (finished runs are kept, "
+        f"interrupted ones resume from their latest checkpoint)")
+    lines = [f"{state}: {ended} of {progress.get('total', len(runs))} runs ended ({counts.get('trained', 0)} "
+             f"trained, {counts.get('reused', 0)} reused, {counts.get('failed', 0)} failed); "
+             f"{counts.get('running', 0)} running, {counts.get('queued', 0)} queued.", "",
+             "| run | state | length | last step |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        step = _last_step(folder / "runs" / name) if run.get("state") == "running" else ""
+        error = f" ({run['error']})".replace("|", "\\|") if run.get("error") else ""
+        lines.append(f"| `{name}` | {run.get('state', '?')}{error} | {run.get('length', '')} | {step} |")
+    return "\n".join(lines)
 
 
 def name_the_task(folder: Path, text: str) -> str:
@@ -85,8 +151,18 @@ def show(runs_dir: Path, name: str | None) -> tuple[str, list[str]]:
     folder = _folder(runs_dir, name)
     if folder is None:
         return f"{name} is not a robustness report folder under {Path(runs_dir).resolve()} or {RESULTS_DIR}.", []
+    progress = running(folder)
+    if not (folder / REPORT).is_file():   # running (or just ended, its report being written), no report yet
+        progress = read_progress(folder)
+        body = progress_markdown(folder, progress) if progress else "Its progress.json cannot be read."
+        return f"# Robustness study: {folder.name}\n\n{body}", []
     text = "\n".join(line for line in (folder / REPORT).read_text().splitlines() if not IMAGE_LINE.match(line))
-    return literal_markdown(name_the_task(folder, text)), [str(p) for p in sorted(folder.glob("*.png"))]
+    text = literal_markdown(name_the_task(folder, text))
+    if progress is not None:   # the report of an earlier command, under what this one is doing
+        title, _, rest = text.partition("\n")
+        text = (f"{title}\n\n{progress_markdown(folder, progress)}\n\nThe report below is from an earlier command "
+                f"of this study; this one rewrites it when its runs end.\n{rest}")
+    return text, [str(p) for p in sorted(folder.glob("*.png"))]
 
 
 def split_report(text: str) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """The Robustness tab: the report folders `python -m eval.robustness` wrote under the runs folder, and the
 studies committed under results/, each shown as its text (its title naming the study's task) and its figures,
-one under the other at the width of the page (app/robustness.py reads them).
+one under the other at the width of the page (app/robustness.py reads them). A study still running is shown with
+its runs' states and re-read every RUNNING_POLL_S seconds until it ends.
 
 API name: /robustness.
 """
@@ -11,6 +12,7 @@ import gradio as gr
 from . import robustness
 from .service import Service
 
+RUNNING_POLL_S = 5.0   # how often a study that is still running is re-read
 MAX_FIGURES = 8   # eval.robustness writes at most 5 (Figs. 2, 3, 3's samples, 4 and 6)
 
 
@@ -39,6 +41,8 @@ def build_tab(service: Service, demo: gr.Blocks) -> None:
             slots = [gr.Image(u["value"], visible=u["visible"], type="filepath", interactive=False, show_label=False,
                               elem_id=f"robustness-figure-{i}") for i, u in enumerate(shown)]
         tables_md = gr.Markdown(tables, elem_id="robustness-tables")
+        # in the tab: a component directly under gr.Tabs shifts the tab labels in the browser
+        was_running, timer = gr.State(False), gr.Timer(RUNNING_POLL_S)
     outputs = [markdown, tables_md, *slots]
 
     def show(name):
@@ -48,6 +52,13 @@ def build_tab(service: Service, demo: gr.Blocks) -> None:
         choices, value, text, figures = robustness.refresh(service.runs_dir, current)
         return [gr.update(choices=choices, value=value), *parts(text, figures)]
 
+    def follow(name, was_running):
+        """A running study is re-read, and once more when it has just ended (its report); else left as it is."""
+        now = robustness.is_running(service.runs_dir, name)
+        return [*(show(name) if now or was_running else [gr.skip()] * len(outputs)), now]
+
     folder.change(show, folder, outputs, api_name="robustness", queue=False)
+    timer.tick(follow, [folder, was_running], [*outputs, was_running], api_name=False, queue=False,
+               show_progress="hidden")
     for event in (refresh.click, demo.load):     # a page opened later sees the reports written since
         event(refreshed, folder, [folder, *outputs], api_name=False, queue=False)

@@ -125,8 +125,9 @@ def settings_inputs() -> tuple[list, list]:
 
 
 def advanced_inputs() -> list:
-    """[min-SNR γ, noise offset]: check_form's advanced arguments, in its order; 0 or blank is off (the trainer's
-    default run). Both trainers take them. Each starts at 0 (off), not blank: an API client may leave it out."""
+    """[min-SNR γ, noise offset, EMA decay, cache latents]: check_form's advanced arguments, in its order; 0 or
+    blank is off (the trainer's default run). Both trainers take the first three; caching is DreamBooth's, on where
+    it is exact. Each number starts at 0 (off), not blank: an API client may leave it out."""
     with gr.Accordion("Advanced training", open=False, elem_id="advanced"):
         with gr.Row():
             snr_gamma = gr.Number(0, label="Min-SNR γ (0: off; 5 is usual)", elem_id="snr-gamma",
@@ -134,7 +135,14 @@ def advanced_inputs() -> list:
             noise_offset = gr.Number(0, label="Noise offset (0: off; 0.05–0.1 typical)",
                                      elem_id="noise-offset",
                                      info="--noise_offset: helps very dark / very bright images (SD, SDXL)")
-    return [snr_gamma, noise_offset]
+        with gr.Row():
+            ema_decay = gr.Number(0, label="EMA decay (0: off; 0.99 for a few hundred steps)", elem_id="ema-decay",
+                                  info="--ema_decay: also keeps a moving average of the adapter, offered in Generate "
+                                       "as 'step N (EMA)'")
+            cache_latents = gr.Checkbox(True, label="Cache latents where exact", elem_id="cache-latents",
+                                        info="--cache_latents when every subject image is square: the same adapter, "
+                                             "no VAE encoding per step (DreamBooth)")
+    return [snr_gamma, noise_offset, ema_decay, cache_latents]
 
 
 def semantic_inputs() -> tuple[list, gr.Button]:

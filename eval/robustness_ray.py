@@ -20,7 +20,8 @@ from pathlib import Path
 
 from . import EvalError
 from . import robustness_worker as worker
-from .robustness_runs import Launch, Progress, RunResult, RunSpec, distinct, launch, outcome, per_spec
+from .robustness_progress import Progress
+from .robustness_runs import Launch, RunResult, RunSpec, distinct, launch, outcome, per_spec
 from .robustness_tasks import ROOT
 
 # the driver's settings that reach the trainers on every node: the project's own, and staying offline
@@ -124,7 +125,7 @@ def run_ray(specs: list[RunSpec], args, task, passthrough: list[str], cluster: C
     """Every distinct run as a Ray task, the longest first; the bar counts runs done / running / failed."""
     ray = cluster.ray
     unique = distinct(specs)
-    progress, done, pending = Progress(len(unique)), {}, {}
+    progress, done, pending = Progress({s.name: s.length for s in unique}, args.output_dir, "ray"), {}, {}
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     train = ray.remote(worker.train_run).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run,
                                                  max_retries=args.max_retries, retry_exceptions=False)
@@ -139,7 +140,7 @@ def run_ray(specs: list[RunSpec], args, task, passthrough: list[str], cluster: C
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         ended = [(ref, pending.pop(ref)) for ref in ready]
-        progress.set_running(sum(attempts_file(run).is_file() for run in pending.values()))
+        progress.set_running(run.spec.name for run in pending.values() if attempts_file(run).is_file())
         for ref, run in ended:
             try:
                 result = outcome(run, ray.get(ref))

@@ -1,22 +1,20 @@
 """The runs of a robustness study and the local launcher. What one run is (RunSpec: its folder and trainer
 command), when it is done, how it starts (fresh, or resumed from its latest checkpoint), how its end reads
-(RunResult) and the progress bar are shared by both launchers: `--launcher local` trains --jobs subprocesses on
+(RunResult) are shared by both launchers: `--launcher local` trains --jobs subprocesses on
 this machine (here), `--launcher ray` one Ray task per run (eval/robustness_ray.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ground.cli import error_line
 from ground.runfolder import EXIT_STATUS, is_adapter_dir, list_checkpoints, read_json
 
+from .robustness_progress import Progress
 from .robustness_tasks import ROOT
 
 RESUME = ["--resume_from_checkpoint", "latest"]
@@ -43,6 +41,10 @@ class RunSpec:
         lam = f"-lamlr{self.lambda_lr:g}" if self.lambda_lr not in (None, self.lr) else ""
         length = f"e{self.epochs}" if self.epochs else f"n{self.steps}"
         return f"{self.method}{opts}-lr{self.lr:g}{lam}-{length}-s{self.seed}"
+
+    @property
+    def length(self) -> str:
+        return f"{self.epochs} epochs" if self.epochs else f"{self.steps} steps"
 
     @property
     def group(self) -> tuple:
@@ -122,53 +124,18 @@ def per_spec(specs: list[RunSpec], done: dict[str, RunResult]) -> list[RunResult
             for s in specs]
 
 
-class Progress:
-    """The study's bar: runs ended of all, with the counts done / running / failed; a line per ended run."""
-
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="robustness runs", unit="run")
-        self.done = self.failed = self.running = 0
-        self.lock = threading.Lock()
-
-    def show(self) -> None:
-        self.bar.set_postfix_str(f"done {self.done}, running {self.running}, failed {self.failed}")
-
-    def set_running(self, n: int) -> None:
-        with self.lock:
-            if n != self.running:
-                self.running = n
-                self.show()
-
-    def add_running(self, n: int) -> None:
-        with self.lock:
-            self.running += n
-            self.show()
-
-    def ended(self, r: RunResult) -> None:
-        with self.lock:
-            self.failed += r.status == "failed"
-            self.done += r.status != "failed"
-            self.bar.update(1)
-            self.show()
-        print(f"{r.status}: {r.spec.name}" + (f"  {r.error}" if r.error else ""), file=sys.stderr)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def run_local(specs: list[RunSpec], args, task, passthrough: list[str]) -> list[RunResult]:
     """Train every distinct run here, --jobs at a time (threads only wait on the trainer subprocesses)."""
     unique = distinct(specs)
-    progress, done = Progress(len(unique)), {}
+    progress, done = Progress({s.name: s.length for s in unique}, args.output_dir, "local"), {}
 
     def one(spec: RunSpec) -> RunResult:
         run = launch(spec, args, task, passthrough)
         if isinstance(run, Launch):
-            progress.add_running(1)
+            progress.start(spec.name)
             with open(run.log, "w") as out:
                 proc = subprocess.run(run.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                       env=os.environ.copy())
-            progress.add_running(-1)
             run = outcome(run, proc.returncode)
         progress.ended(run)
         return run

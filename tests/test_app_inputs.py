@@ -128,6 +128,7 @@ def test_form_ok():
     ({"token": "s k s"}, "Unique token"), ({"token": "cat"}, "differ from the class noun"),
     ({"class_noun": "../etc"}, "Class noun"), ({"delora_lambda": "nan"}, "λ"),
     ({"snr_gamma": -5}, "Min-SNR γ must be a positive number"), ({"noise_offset": "lots"}, "Noise offset must be"),
+    ({"ema_decay": 1}, "EMA decay must be between 0 and 1"), ({"ema_decay": -0.5}, "EMA decay must be a positive"),
 ])
 def test_form_errors(change, message):
     with pytest.raises(InputError, match=message):
@@ -186,6 +187,40 @@ def test_the_advanced_section_reaches_the_trainer_as_its_flags(tmp_path):
         assert args[args.index("--snr_gamma") + 1] == "5.0" and args[args.index("--noise_offset") + 1] == "0.05"
     parsed = dreambooth.parse_args(commands.train_command(form, "delora", tmp_path, None, launcher="python")[2:])
     assert (parsed.args.snr_gamma, parsed.args.noise_offset) == (5.0, 0.05)
+
+
+def test_ema_decay_reaches_both_trainers(tmp_path):
+    """EMA decay becomes --ema_decay, parsed by the DreamBooth and semantic-map trainers to the same value."""
+    from training import semantic_map
+
+    form = check_form(**{**FORM, "ema_decay": "0.99"})
+    cmd = commands.train_command(form, "lora", tmp_path, None, launcher="python")[2:]
+    assert cmd[cmd.index("--ema_decay") + 1] == "0.99" and dreambooth.parse_args(cmd).args.ema_decay == 0.99
+    cmd = commands.semantic_train_command(form, "lora", tmp_path, None, launcher="python")[2:]
+    assert semantic_map.parse_args(cmd).args.ema_decay == 0.99
+    assert "--ema_decay" not in commands.train_command(check_form(**FORM), "lora", tmp_path, None)
+
+
+def test_latents_are_cached_only_where_exact(tmp_path):
+    """On by default, --cache_latents goes on the command only where every subject image is square (the embedded
+    example, square uploads): there the cache gives the trainer's uncached adapter bit for bit. A photo of another
+    shape has a random crop per step, so the run goes without the cache (the trainer would refuse it). Off: never;
+    the semantic-map trainer has no cache."""
+    square, photo = tmp_path / "square", tmp_path / "photo"
+    for folder, sizes in ((square, [(48, 48), (64, 64)]), (photo, [(48, 48), (64, 48)])):
+        folder.mkdir()
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size, (i * 90, 40, 200)).save(folder / f"{i}.png")
+    on, off = check_form(**FORM), check_form(**{**FORM, "cache_latents": False})
+    assert on.cache_latents and not off.cache_latents
+
+    def cached(form, folder):
+        cmd = commands.train_command(form, "lora", tmp_path / "run", folder, launcher="python")[2:]
+        return dreambooth.parse_args(cmd).args.cache_latents
+
+    assert cached(on, None) and cached(on, square)
+    assert not cached(on, photo) and not cached(off, None) and not cached(off, square)
+    assert "--cache_latents" not in commands.semantic_train_command(on, "lora", tmp_path, None)
 
 
 def test_the_train_tabs_defaults_are_the_clis(monkeypatch):

@@ -1,5 +1,7 @@
 """The app's Robustness tab: report folders under the runs folder, their Markdown and figures; the tab is in
 the built UI with its API endpoint."""
+import json
+
 from app import robustness as RB
 from app import tab_robustness as T
 
@@ -103,3 +105,44 @@ def test_figures_are_shown_whole_between_the_title_and_the_tables(tmp_path):
     head, _, *slots = T.parts("# t\n", figures)
     assert all(u["visible"] for u in slots) and head.endswith(f"2 more figure(s) in the report folder: "
                                                               f"{figures[-2]}, {figures[-1]}")
+
+
+def test_a_study_still_running_is_listed_and_followed(tmp_path, monkeypatch):
+    """The study command's progress.json (written by eval.robustness's launchers as runs start and end) makes a
+    study the tab lists before it has a report: counts, each run's state, a running run's last logged step, its
+    failed run's error; an earlier command's report stays below it; once finished, the tab stops re-reading it.
+    A study whose command is gone (this host, no such process) says so instead of 'Running'."""
+    from eval.robustness_progress import Progress
+    from eval.robustness_runs import RunResult, RunSpec
+
+    monkeypatch.setattr(RB, "RESULTS_DIR", tmp_path / "no-results")
+    study = tmp_path / "robustness-dreambooth"
+    study.mkdir()
+    a, b, c = (RunSpec("lr", m, m, 1.0, 1e-3, 50) for m in ("lora", "delora", "dora"))
+    progress = Progress({s.name: s.length for s in (a, b, c)}, study, "ray")
+    progress.start(a.name)
+    (study / "runs" / a.name).mkdir(parents=True)
+    (study / "runs" / a.name / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    progress.ended(RunResult(c, study / "runs" / c.name, "failed", "exit 2: error: bad | input"))
+    assert RB.report_folders(tmp_path) == ["robustness-dreambooth"] and RB.is_running(tmp_path, study.name)
+    text, figures = RB.show(tmp_path, study.name)
+    assert figures == [] and text.startswith("# Robustness study: robustness-dreambooth\n\n**Running** (`--launcher "
+                                             "ray` on ")
+    assert "1 of 3 runs ended (0 trained, 0 reused, 1 failed); 1 running, 1 queued." in text
+    assert f"| `{a.name}` | running | 50 steps | 2 |" in text and f"| `{b.name}` | queued | 50 steps |  |" in text
+    assert f"| `{c.name}` | failed (exit 2: error: bad \\| input) | 50 steps |  |" in text
+
+    (study / "report.md").write_text("# Robustness study: dreambooth\n\nthe earlier command's\n")
+    text, _ = RB.show(tmp_path, study.name)
+    assert text.startswith("# Robustness study: dreambooth\n\n**Running**") and text.endswith("the earlier command's")
+
+    data = json.loads((study / "progress.json").read_text())
+    (study / "progress.json").write_text(json.dumps({**data, "pid": 2**22 + 12345}))   # beyond Linux's pid_max
+    assert "**Stopped**: its command (`--launcher ray` on" in RB.show(tmp_path, study.name)[0]
+    (study / "progress.json").write_text(json.dumps(data))
+
+    progress.ended(RunResult(a, study / "runs" / a.name, "trained"))
+    progress.ended(RunResult(b, study / "runs" / b.name, "reused"))
+    progress.close()
+    assert not RB.is_running(tmp_path, study.name)
+    assert RB.show(tmp_path, study.name)[0] == "# Robustness study: dreambooth\n\nthe earlier command's"

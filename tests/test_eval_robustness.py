@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from eval import robustness, robustness_report
+from eval.robustness_progress import STATES, read_progress
 from eval.robustness_tasks import TASKS, StudyTask, score_glue
 from training.common.tasks import TaskInfo
 
@@ -123,6 +124,12 @@ def test_finished_runs_are_reused_failed_runs_reported_and_bounds_measured(tmp_p
     rows = read_csv(out / "results.csv")
     failed = [r for r in rows if r["method"] == "dora"]
     assert failed and all(r["status"] == "failed" and "refuses dora" in r["error"] for r in failed)
+    progress = read_progress(out)   # what the app's Robustness tab followed while it ran
+    assert progress["finished"] and progress["launcher"] == "local" and progress["total"] == len(progress["runs"])
+    states = {name: run["state"] for name, run in progress["runs"].items()}
+    assert states == {r["run"]: r["status"] for r in rows}
+    assert progress["counts"] == {s: list(states.values()).count(s) for s in STATES}
+    assert all("refuses dora" in progress["runs"][r["run"]]["error"] for r in failed)
     report = (out / "report.md").read_text()
     assert "run(s) failed" in report and "error: the stand-in trainer refuses dora" in report
     for name in ("fig2_lr_sweep.png", "fig3_distance_over_steps.png", "fig4_weight_norms.png", "commands.txt"):

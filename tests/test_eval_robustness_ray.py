@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from eval import robustness
+from eval.robustness_progress import read_progress
 from ground.runfolder import ADAPTER_WEIGHTS, RUN_JSON, is_complete_checkpoint
 from training.common import faults
 
@@ -77,10 +78,14 @@ def test_ray_study_equals_the_local_one_and_reuses_finished_runs(tmp_path, clust
     machine = json.loads((out / "machine.json").read_text())
     assert machine["launcher"] == "ray" and machine["ray"]["cpus"] == 2 and machine["ray"]["cpus_per_run"] == 1
     assert "a Ray cluster of 1 node(s)" in (out / "report.md").read_text()
+    progress = read_progress(out)   # what the app's Robustness tab followed while it ran
+    assert progress["finished"] and progress["launcher"] == "ray"
+    assert progress["counts"] == {"queued": 0, "running": 0, "trained": 4, "reused": 0, "failed": 0}
 
     # again: every run is finished, nothing is trained or started as a Ray task
     assert robustness.cli([*STUDY, *FOUR_RUNS, "--launcher", "ray", "--output_dir", str(out)]) == 0
     assert {r["status"] for r in rows(out).values()} == {"reused"}
+    assert read_progress(out)["counts"]["reused"] == 4
     assert all(len(attempts(out, run)) == 2 for run in remote)
 
 

@@ -7,6 +7,7 @@ state to carry over.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -64,3 +65,23 @@ def total_steps(args, num_examples: int, num_processes: int = 1, groups: list | 
     `num_examples` examples (every trainer's run length, derived here only)."""
     return args.max_train_steps or args.num_train_epochs * steps_per_epoch(
         num_examples, args.train_batch_size, args.gradient_accumulation_steps, num_processes, groups)
+
+
+def epoch_loader(dataset, collate: Callable, args, epoch: int, step: int, per_epoch: int, seed: int,
+                 process_index: int, num_processes: int):
+    """The epoch's micro-batches left at `step` (a resumed run skips what it already did), and the optimizer
+    steps they make: [(micro-batches in the step, whether it is the epoch's last)]."""
+    accum = args.gradient_accumulation_steps
+    batches = epoch_batches(len(dataset), args.train_batch_size, epoch, seed, process_index, num_processes,
+                            getattr(dataset, "groups", None))
+    remaining = batches[(step - epoch * per_epoch) * accum:]
+    # A loader's iterator draws its base seed from the global RNG, which dropout uses too. A straight run
+    # draws it at the epoch's start, before any checkpoint of the epoch saved the RNG state; a run resumed
+    # mid-epoch must not draw it again after restoring that state, or its dropout masks would differ.
+    own = torch.Generator().manual_seed(seed + epoch) if step > epoch * per_epoch else None
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
+                                              num_workers=args.dataloader_num_workers, generator=own))
+    # the epoch's last step may have fewer micro-batches
+    groups = [(min(accum, len(remaining) - start), start + accum >= len(remaining))
+              for start in range(0, len(remaining), accum)]
+    return loader, groups

@@ -21,6 +21,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import lowrank
 from ground import runfolder
 
 from . import TrainingError
@@ -110,3 +111,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+def check_resumed_adapter(saved: lowrank.AdapterConfig, config: lowrank.AdapterConfig, folder: Path) -> None:
+    """A checkpoint's adapter must be the one the flags describe: TrainingError naming the fields that differ."""
+    if saved != config:
+        diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
+        raise TrainingError(f"{folder} was trained with {', '.join(diff)}; resume with the same adapter flags")

@@ -45,8 +45,15 @@ import lowrank
 from ground import runfolder
 
 from . import DivergedError, StoppedError, TrainingError
-from .batches import epoch_batches, mix_seed, steps_per_epoch, total_steps
-from .checkpoint import load_accelerator_state, read_state, register_adapter_hooks, resolve_resume, save_checkpoint
+from .batches import epoch_loader, mix_seed, steps_per_epoch, total_steps
+from .checkpoint import (
+    check_resumed_adapter,
+    load_accelerator_state,
+    read_state,
+    register_adapter_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import write_config
 from .ema import RunAverage
 from .faults import fault_point
@@ -162,7 +169,8 @@ class TrainingRun:
         stop = self.stop_request = StopRequest(self.accelerator)
         wrapped.train()
         for epoch in range(step // self.per_epoch, self.num_epochs):
-            loader, groups = self.epoch_loader(dataset, collate, epoch, step)
+            loader, groups = epoch_loader(dataset, collate, self.args, epoch, step, self.per_epoch, self.seed,
+                                          self.process_index, self.num_processes)
             for group, ends_epoch in groups:
                 if step >= max_steps:   # resumed from the last step's checkpoint: only the final save is left
                     break
@@ -246,24 +254,6 @@ class TrainingRun:
                     self.max_steps, self.num_processes, self.output_dir)
 
     # ----- one optimizer step -------------------------------------------------------------------------------
-    def epoch_loader(self, dataset, collate: Callable, epoch: int, step: int):
-        """The epoch's micro-batches left at `step` (a resumed run skips what it already did), and the
-        optimizer steps they make: [(micro-batches in the step, whether it is the epoch's last)]."""
-        args, accum = self.args, self.args.gradient_accumulation_steps
-        batches = epoch_batches(len(dataset), args.train_batch_size, epoch, self.seed, self.process_index,
-                                self.num_processes, getattr(dataset, "groups", None))
-        remaining = batches[(step - epoch * self.per_epoch) * accum:]
-        # A loader's iterator draws its base seed from the global RNG, which dropout uses too. A straight run
-        # draws it at the epoch's start, before any checkpoint of the epoch saved the RNG state; a run resumed
-        # mid-epoch must not draw it again after restoring that state, or its dropout masks would differ.
-        own = torch.Generator().manual_seed(self.seed + epoch) if step > epoch * self.per_epoch else None
-        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=remaining, collate_fn=collate,
-                                                  num_workers=args.dataloader_num_workers, generator=own))
-        # the epoch's last step may have fewer micro-batches
-        groups = [(min(accum, len(remaining) - start), start + accum >= len(remaining))
-                  for start in range(0, len(remaining), accum)]
-        return loader, groups
-
     def optimizer_step(self, wrapped: torch.nn.Module, loader, group: int, step: int) -> tuple[list[float], float]:
         """One optimizer step from `group` micro-batches, with the NaN checks; (micro-batch losses, grad norm)."""
         args, acc = self.args, self.accelerator
@@ -393,13 +383,6 @@ class TrainingRun:
                 f"metrics.jsonl (distances), {kept}, run.json{task_outputs(self.task)}"
                 f"{', ema/ (the moving average)' if self.average.ema is not None else ''}"
                 f"{', README.md (model card)' if (out / 'README.md').is_file() else ''}")
-
-
-def check_resumed_adapter(saved: lowrank.AdapterConfig, config: lowrank.AdapterConfig, folder: Path) -> None:
-    """A checkpoint's adapter must be the one the flags describe: TrainingError naming the fields that differ."""
-    if saved != config:
-        diff = [f"{k}={v!r}" for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
-        raise TrainingError(f"{folder} was trained with {', '.join(diff)}; resume with the same adapter flags")
 
 
 def task_outputs(task: Task) -> str:

@@ -22,7 +22,8 @@ from torch import nn
 import lowrank
 from ground.runfolder import is_adapter_dir
 from training.common import TrainingError
-from training.common.loop import TrainingRun, check_resumed_adapter
+from training.common.checkpoint import check_resumed_adapter
+from training.common.loop import TrainingRun
 
 # CLIPAttention's projections: the text encoder targets of diffusers' DreamBooth LoRA scripts
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
