@@ -168,6 +168,8 @@ def semantic_train_command(form: TrainForm, method: str, run_dir: Path, data_dir
         cmd += ["--train_data_dir", str(data_dir)]
     if form.num_samples:
         cmd += ["--num_validation_maps", str(form.num_samples)]
+    if form.cache_latents:   # centre-cropped pairs: the cached run is always the uncached one, bit for bit
+        cmd += ["--cache_latents"]
     return cmd + _extra_flags(form)
 
 

@@ -187,7 +187,7 @@ class TrainForm:
     snr_gamma: float | None = None        # --snr_gamma: min-SNR-γ loss weighting
     noise_offset: float = 0.0             # --noise_offset
     ema_decay: float | None = None        # --ema_decay: a moving average of the adapter, saved as its own adapter
-    cache_latents: bool = True            # --cache_latents where it is exact (square images; DreamBooth only)
+    cache_latents: bool = True            # --cache_latents where it is exact (DreamBooth: square images)
     extra: dict = field(default_factory=dict)
 
     @property

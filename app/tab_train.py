@@ -126,8 +126,8 @@ def settings_inputs() -> tuple[list, list]:
 
 def advanced_inputs() -> list:
     """[min-SNR γ, noise offset, EMA decay, cache latents]: check_form's advanced arguments, in its order; 0 or
-    blank is off (the trainer's default run). Both trainers take the first three; caching is DreamBooth's, on where
-    it is exact. Each number starts at 0 (off), not blank: an API client may leave it out."""
+    blank is off (the trainer's default run). Both trainers take them all; caching is on where it is exact. Each
+    number starts at 0 (off), not blank: an API client may leave it out."""
     with gr.Accordion("Advanced training", open=False, elem_id="advanced"):
         with gr.Row():
             snr_gamma = gr.Number(0, label="Min-SNR γ (0: off; 5 is usual)", elem_id="snr-gamma",
@@ -140,8 +140,9 @@ def advanced_inputs() -> list:
                                   info="--ema_decay: also keeps a moving average of the adapter, offered in Generate "
                                        "as 'step N (EMA)'")
             cache_latents = gr.Checkbox(True, label="Cache latents where exact", elem_id="cache-latents",
-                                        info="--cache_latents when every subject image is square: the same adapter, "
-                                             "no VAE encoding per step (DreamBooth)")
+                                        info="--cache_latents where the adapter stays the same bits (semantic "
+                                             "maps; DreamBooth when every subject image is square): no VAE "
+                                             "encoding per step")
     return [snr_gamma, noise_offset, ema_decay, cache_latents]
 
 

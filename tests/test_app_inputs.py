@@ -204,8 +204,10 @@ def test_ema_decay_reaches_both_trainers(tmp_path):
 def test_latents_are_cached_only_where_exact(tmp_path):
     """On by default, --cache_latents goes on the command only where every subject image is square (the embedded
     example, square uploads): there the cache gives the trainer's uncached adapter bit for bit. A photo of another
-    shape has a random crop per step, so the run goes without the cache (the trainer would refuse it). Off: never;
-    the semantic-map trainer has no cache."""
+    shape has a random crop per step, so the run goes without the cache (the trainer would refuse it). The
+    semantic-map trainer centre-crops every pair: cached whenever on. Off: never."""
+    from training import semantic_map
+
     square, photo = tmp_path / "square", tmp_path / "photo"
     for folder, sizes in ((square, [(48, 48), (64, 64)]), (photo, [(48, 48), (64, 48)])):
         folder.mkdir()
@@ -220,7 +222,9 @@ def test_latents_are_cached_only_where_exact(tmp_path):
 
     assert cached(on, None) and cached(on, square)
     assert not cached(on, photo) and not cached(off, None) and not cached(off, square)
-    assert "--cache_latents" not in commands.semantic_train_command(on, "lora", tmp_path, None)
+    for form in (on, off):
+        cmd = commands.semantic_train_command(form, "lora", tmp_path / "run", None, launcher="python")[2:]
+        assert semantic_map.parse_args(cmd).args.cache_latents is form.cache_latents
 
 
 def test_the_train_tabs_defaults_are_the_clis(monkeypatch):

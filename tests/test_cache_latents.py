@@ -16,8 +16,10 @@ from PIL import Image
 from tests.family_runs import one_thread  # noqa: F401
 from tests.stderr import one_error_line
 from tests.test_dreambooth import metrics
+from tests.test_semantic_map import FAST as SEMANTIC
+from tests.test_semantic_map import read_final, write_ade
 from tests.test_training_faults import same_adapter
-from training import dreambooth
+from training import dreambooth, semantic_map
 from training.common.batches import epoch_batches
 from training.images.latent_cache import CachedVAE, crop_windows
 from training.subject.args import build_parser
@@ -106,6 +108,26 @@ def test_cached_flux2_klein_run_is_bit_identical(tmp_path, encodes):
     same_adapter(plain, cached)
     assert [r["loss"] for r in metrics(plain)] == [r["loss"] for r in metrics(cached)]
     assert encodes == [2] * 5   # each item's (instance, class) pair once; steps 6 and 7 are cached
+
+
+def test_cached_semantic_map_run_is_bit_identical(tmp_path, encodes):
+    """The semantic-map trainer centre-crops every pair, so its cache is always exact: 2 pairs in batches of 1 for 5
+    steps, the adapter and the conditioning encoder equal to the uncached run's, the VAE run on the first epoch's 2
+    batches only (the rest, and no checkpoint sampling here, from the cache)."""
+    data = write_ade(tmp_path / "ade", n_train=2, size=(40, 36))
+    args = [*SEMANTIC, "--train_data_dir", str(data), "--max_train_steps", "5", "--checkpointing_steps", "10",
+            "--skip_final_samples"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert semantic_map.main(["--output_dir", str(plain), *args]) == 0
+    assert encodes == [1] * 5
+    encodes.clear()
+    assert semantic_map.main(["--output_dir", str(cached), *args, "--cache_latents"]) == 0
+    assert encodes == [1] * 2
+    (a_ad, a_enc), (b_ad, b_enc) = read_final(plain), read_final(cached)
+    assert a_ad.keys() == b_ad.keys() and all(torch.equal(a_ad[k], b_ad[k]) for k in a_ad)
+    assert a_enc.keys() == b_enc.keys() and all(torch.equal(a_enc[k], b_enc[k]) for k in a_enc)
+    assert [r["loss"] for r in metrics(plain)] == [r["loss"] for r in metrics(cached)]
+    assert "`cache_latents=True`" in (cached / "README.md").read_text()   # the model card says so
 
 
 def test_a_cache_hit_rebuilds_the_vae_output():

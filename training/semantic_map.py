@@ -62,6 +62,7 @@ from training.common.tasks import SEMANTIC_MAP
 from training.common.tracking import setup_console
 from training.families import SD15, load_family
 from training.images.diffusion import DiffusionObjective
+from training.images.latent_cache import CachedVAE
 from training.images.samples import grid
 from training.images.validation import HeldOutImages, held_out_loss, hold_out
 from training.segmap import data as sd
@@ -110,6 +111,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--proportion_empty_prompts", "--caption_dropout", type=float, default=0.0,
                    help="Share of training captions replaced by the empty prompt (0..1), drawn per pair from --seed; "
                         "--caption_dropout is the same flag under DreamBooth's name (default: 0).")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode each distinct training image (and held-out image) with the VAE once and reuse its "
+                        "latent distribution instead of encoding at every step (diffusers' --cache_latents); images "
+                        "are centre-cropped, so the adapter is bit-identical to a run without it (default: off).")
     g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training pairs.")
     g.add_argument("--validation_image", nargs="+", default=None,
                    help="Control images or label maps sampled at checkpoints (default: the validation split's first "
@@ -163,7 +168,9 @@ class SemanticMap(HeldOutImages, Task):
                  held_out: list | None = None):
         self.run, self.args, self.model = run, args, model
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
-        self.objective = DiffusionObjective(pipe.vae, pipe.scheduler, run.weight_dtype, run.device, args.snr_gamma,
+        # --cache_latents: each distinct image's encoding served from a cache (bit-identical: a fixed crop per pair)
+        vae = CachedVAE(pipe.vae) if args.cache_latents else pipe.vae
+        self.objective = DiffusionObjective(vae, pipe.scheduler, run.weight_dtype, run.device, args.snr_gamma,
                                             args.noise_offset)
         # the encoder's rate, resolved once (param_groups and run.json read it)
         self.encoder_lr = args.conditioning_learning_rate or min(run.spec.learning_rate, MAX_CONDITIONING_LR)

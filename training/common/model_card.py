@@ -53,7 +53,8 @@ LICENSES = {
 }
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}   # the GLUE trainer's default model
 # the loss and data settings a card lists when a run turned them on (off: 0 or unset)
-OPTIONAL_SETTINGS = ("snr_gamma", "noise_offset", "caption_dropout", "proportion_empty_prompts", "aspect_buckets")
+OPTIONAL_SETTINGS = ("snr_gamma", "noise_offset", "caption_dropout", "proportion_empty_prompts", "aspect_buckets",
+                     "cache_latents")
 TINY_MODELS = (TINY, "tiny-sdxl", "tiny-bert", "tiny-llama", "tiny-gpt2")   # random test models (families, language)
 
 
