@@ -277,6 +277,10 @@ class AdapterLayer(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         pass
 
+    def constrain_average(self) -> None:
+        """Put an averaged adapter (an EMA of the tensors, swapped in) back inside the method's own constraints,
+        in place; default: none. Dynamic-rank DoRA zeroes its pruned components, which an average only decays."""
+
     @classmethod
     def extra_loss_all(cls, layers: list["AdapterLayer"]) -> torch.Tensor | None:
         """Model-wide regulariser of this method; default: the sum of the layers' extra_loss()."""

@@ -112,3 +112,31 @@ def test_modules_trained_in_full_are_averaged_too():
     for k in ("modules_to_save.out.weight", "inp.lora_B"):
         want = 0.7 * (0.7 * states[0][k] + 0.3 * states[1][k]) + 0.3 * states[2][k]
         torch.testing.assert_close(ema.shadow[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_dynamic_rank_average_keeps_the_runs_allocation():
+    """Dynamic-rank DoRA prunes c_i to 0; an average of c only decays a pruned one. Swapped in (saved, sampled), the
+    average has the run's live components only (its copied masks), so its live rank is live_ranks'; the fp32 shadow
+    and the training weights are untouched."""
+    from lowrank.hooks import step_hooks
+    from lowrank.methods.dynamic_rank import live_ranks
+
+    _, model, opt = setup("dyndora", dyndora_total_steps=8, dyndora_prune_interval=1)
+    hooks, ema = step_hooks(model), AdapterEMA(model, decay=0.9)
+    x, y = torch.randn(6, 12, generator=torch.Generator().manual_seed(1)), torch.ones(6, 8)
+    for step in range(1, 9):
+        (F.mse_loss(model(x), y) + hooks.extra_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        hooks.after_optimizer_step(step)
+        ema.update(step)
+    ranks, layers = live_ranks(model), {n: m for n, m in model.named_modules() if hasattr(m, "dyndora_mask")}
+    assert sum(ranks.values()) < sum(m.dyndora_mask.numel() for m in layers.values())   # something was pruned
+    weights = {n: m.dyndora_c.detach().clone() for n, m in layers.items()}
+    shadow = {n: ema.shadow[f"{n}.dyndora_c"] for n in layers}
+    assert any((s[m.dyndora_mask == 0] != 0).any() for s, m in zip(shadow.values(), layers.values()))
+    with ema.swapped():
+        for name, layer in layers.items():
+            assert torch.equal(layer.dyndora_c, shadow[name] * layer.dyndora_mask)
+            assert int((layer.dyndora_c != 0).sum()) <= ranks[name]
+    assert all(torch.equal(layers[n].dyndora_c, weights[n]) for n in layers)   # restored bit for bit

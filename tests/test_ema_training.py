@@ -122,6 +122,25 @@ def test_resumed_run_has_the_same_average_and_training_is_unchanged(lora_run, tm
         assert torch.equal(v, want if k.endswith((".lora_A", ".lora_B")) else steps[2][k]), k
 
 
+def test_resuming_with_another_decay_says_so_and_uses_it(lora_run, tmp_path, capsys):
+    """Changing --ema_decay at a resume is allowed (a user's call), but not silent: one warning naming both; the
+    average goes on from the checkpoint's with the new decay (training itself unchanged)."""
+    run = tmp_path / "redecayed"
+    shutil.copytree(runfolder.checkpoint_dir(lora_run, 3), runfolder.checkpoint_dir(run, 3))
+    capsys.readouterr()
+    train(run, "--ema_decay", "0.5", "--ema_start_step", str(START), "--skip_final_samples",
+          "--resume_from_checkpoint", "latest")
+    err = capsys.readouterr().err
+    assert f"checkpoint-3's moving average was kept with --ema_decay {DECAY} --ema_start_step {START}; it continues " \
+           f"with --ema_decay 0.5 --ema_start_step {START}" in " ".join(err.split())
+    same_adapter(lora_run, run)
+    before, step4 = hand_average(lora_run, 3)[0][3], weights(runfolder.checkpoint_dir(lora_run, 4))
+    for k, v in weights(run / runfolder.EMA_DIR).items():
+        want = before[k].mul(0.5).add(step4[k].float(), alpha=0.5) if k.endswith((".lora_A", ".lora_B")) \
+            else step4[k].float()
+        assert torch.equal(v.float(), want), k
+
+
 def test_a_damaged_average_state_is_one_error_line(lora_run, tmp_path, capsys):
     run = tmp_path / "damaged"
     shutil.copytree(runfolder.checkpoint_dir(lora_run, 3), runfolder.checkpoint_dir(run, 3))

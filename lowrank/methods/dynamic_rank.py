@@ -124,6 +124,12 @@ class DynDoraLayer(AdapterLayer):
     def delta_factors(self):
         return [(self.scale * self.dyndora_B * self.dyndora_c, self.dyndora_A)]
 
+    @torch.no_grad()
+    def constrain_average(self) -> None:
+        # the run's allocation (the masks, copied into the average) holds for the average too: its pruned c_i,
+        # which the average only decays towards 0, are 0, so its live rank is live_ranks'
+        self.dyndora_c.mul_(self.dyndora_mask)
+
     # ----- importance, DEM, pruning ---------------------------------------------------------------
     @torch.no_grad()
     def importance(self) -> torch.Tensor:

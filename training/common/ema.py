@@ -3,6 +3,8 @@
 The average covers what lowrank.save_adapter writes (adapter layers' tensors and the modules trained in full)
 plus any other parameter the model trains (the semantic map's conditioning encoder), kept in fp32 on the
 tensors' devices: trained parameters are averaged, everything else (buffers, frozen parameters) is copied.
+Swapped in, the average is put back inside its method's constraints (AdapterLayer.constrain_average: dynamic-rank
+DoRA's pruned components are zero in it, as in the weights).
 Until `start_step` the average equals the current weights. `swapped()` puts the average into the model for
 sampling or saving and restores the training weights bit for bit, so training never sees it.
 
@@ -21,7 +23,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -71,6 +73,8 @@ class AdapterEMA:
             with torch.no_grad():
                 for k, v in self.live.items():
                     v.copy_(self.shadow[k])
+            for layer in adapter_layers(self.model).values():   # the method's constraints (dynamic rank's masks)
+                layer.constrain_average()
             yield self.model
         finally:
             with torch.no_grad():
@@ -139,7 +143,14 @@ class RunAverage:
         try:
             state = load_file(str(path))
             self.ema.load_state_dict(state)
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
         except (OSError, SafetensorError, ValueError, RuntimeError) as e:
             raise TrainingError(f"cannot restore the moving average from {path} ({type(e).__name__}: {str(e)[:120]}); "
                                 f"resume with the adapter flags it was trained with, or from an earlier checkpoint "
                                 f"with --resume_from_checkpoint DIR") from None
+        saved = (meta.get("decay"), meta.get("start_step"))
+        if saved != (repr(self.ema.decay), str(self.ema.start_step)):   # allowed, but no longer one run's average
+            logger.warning("%s's moving average was kept with --ema_decay %s --ema_start_step %s; it continues with "
+                           "--ema_decay %s --ema_start_step %s, so it is not the average of an uninterrupted run",
+                           checkpoint.name, *saved, repr(self.ema.decay), self.ema.start_step)
