@@ -35,7 +35,7 @@ FAKE_TRAINER = textwrap.dedent('''
                  "--seed", "--lambda_learning_rate", "--resume_from_checkpoint", "--delora_norm", "--num_threads"):
         p.add_argument(flag)
     a = p.parse_args()
-    with open(os.environ["FAKE_CALLS"], "a") as f:
+    with open(os.environ["LOWRANK_TEST_FAKE_CALLS"], "a") as f:
         f.write(json.dumps(sys.argv[1:]) + "\\n")
     if a.method == "dora":
         print("step 1 ...")
@@ -82,7 +82,7 @@ def fake(tmp_path, monkeypatch):
     script = tmp_path / "fake_trainer.py"
     script.write_text(FAKE_TRAINER)
     calls = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.setenv("LOWRANK_TEST_FAKE_CALLS", str(calls))   # LOWRANK_*: reaches Ray workers too
     task = TaskInfo("fake", "text", "a fake trainer", "--model_name_or_path", scorer=None, script=script)
     monkeypatch.setitem(TASKS, "fake", StudyTask(task, ("metric",), score_glue, lambda name: Base()))
     return calls

@@ -1,7 +1,8 @@
 """eval.robustness --launcher ray on a real local Ray cluster (2 CPUs, started once for the module in this
 process; the command uses that connection): a tiny GLUE study (random tiny-bert, 16 tweets, 4 steps) gives the
 same results and adapter bits as the local launcher; a run whose Ray worker is SIGKILLed after its first
-checkpoint is retried, resumes from it and ends bit-identical; the checks before any run are one error line."""
+checkpoint is retried, resumes from it and ends bit-identical; the checks before any run are one error line; the
+ablation of a study with the stand-in trainer gives the local launcher's rows."""
 from __future__ import annotations
 
 import csv
@@ -20,6 +21,8 @@ from safetensors.torch import load_file
 from eval import robustness
 from eval.robustness_progress import read_progress
 from ground.runfolder import ADAPTER_WEIGHTS, RUN_JSON, is_complete_checkpoint
+from tests.test_eval_robustness import calls_of, fake  # noqa: F401
+from tests.test_eval_robustness import study as robustness_study
 from training.common import faults
 
 ray = pytest.importorskip("ray")
@@ -170,3 +173,27 @@ def test_a_run_that_fails_on_its_own_is_reported_not_retried(tmp_path, cluster):
     (row,) = rows(out).values()
     assert row["status"] == "failed" and row["error"].startswith("exit 2: error: rank must be")
     assert [a["attempt"] for a in attempts(out, row["run"]) if "worker_pid" in a] == [1]
+
+
+def test_the_ablation_of_a_dreambooth_style_study_under_ray_equals_the_local_one(tmp_path, cluster, fake):
+    """--ablation (Table 1's rows on top of the sweep, the prolonged runs and the norms) with the stand-in trainer
+    of tests/test_eval_robustness.py: the same rows, distances, bounds and error lines as the local launcher; the
+    runs it refuses are failed rows, each started once."""
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert robustness_study(local, "--ablation") == 1
+    local_calls = len(calls_of(fake))
+    assert robustness_study(remote, "--ablation", "--launcher", "ray") == 1
+    assert len(calls_of(fake)) == 2 * local_calls   # each run started once: nothing retried
+    def table(study: Path) -> dict[tuple, dict]:   # a run shared by two studies is a row of each
+        with open(study / "results.csv") as f:
+            return {(r["study"], r["label"], r["run"]): r for r in csv.DictReader(f)}
+
+    a, b = table(local), table(remote)
+    assert a.keys() == b.keys() and {study for study, _, _ in b} >= {"lr", "long", "ablation"}
+    for key, r in b.items():
+        for column in ("status", "distance", "bound", "step", "lr", "method", "error"):
+            assert r[column] == a[key][column].replace(str(local), str(remote)), (key, column)
+    failed = [r for r in b.values() if r["status"] == "failed"]
+    # the stand-in refuses dora, and its parser V8's --etherplus_one_sided (the errors equal the local ones, above)
+    assert {r["method"] for r in failed} == {"dora", "etherplus"}
+    assert read_progress(remote)["counts"]["failed"] == len({r["run"] for r in failed})
