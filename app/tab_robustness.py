@@ -45,20 +45,22 @@ def build_tab(service: Service, demo: gr.Blocks) -> None:
         was_running, timer = gr.State(False), gr.Timer(RUNNING_POLL_S)
     outputs = [markdown, tables_md, *slots]
 
+    # was_running: whether the study shown was running when last shown, so the timer shows it once more at its end
     def show(name):
-        return parts(*robustness.show(service.runs_dir, name))
+        return [*parts(*robustness.show(service.runs_dir, name)), robustness.is_running(service.runs_dir, name)]
 
     def refreshed(current):
         choices, value, text, figures = robustness.refresh(service.runs_dir, current)
-        return [gr.update(choices=choices, value=value), *parts(text, figures)]
+        return [gr.update(choices=choices, value=value), *parts(text, figures),
+                robustness.is_running(service.runs_dir, value)]
 
     def follow(name, was_running):
         """A running study is re-read, and once more when it has just ended (its report); else left as it is."""
-        now = robustness.is_running(service.runs_dir, name)
-        return [*(show(name) if now or was_running else [gr.skip()] * len(outputs)), now]
+        return show(name) if was_running or robustness.is_running(service.runs_dir, name) else \
+            [gr.skip()] * (len(outputs) + 1)
 
-    folder.change(show, folder, outputs, api_name="robustness", queue=False)
+    folder.change(show, folder, [*outputs, was_running], api_name="robustness", queue=False)
     timer.tick(follow, [folder, was_running], [*outputs, was_running], api_name=False, queue=False,
                show_progress="hidden")
     for event in (refresh.click, demo.load):     # a page opened later sees the reports written since
-        event(refreshed, folder, [folder, *outputs], api_name=False, queue=False)
+        event(refreshed, folder, [folder, *outputs, was_running], api_name=False, queue=False)

@@ -138,3 +138,27 @@ def test_the_robustness_tab_shows_the_report_as_written(page, tmp_path):
         assert box["width"] >= 0.9 * column["width"] and column["width"] > 1000, (box, column)
         assert abs(box["height"] - box["width"] / 4) <= 0.05 * box["width"] / 4, box
         page.screenshot(path=str(ARTIFACTS / "app-robustness.png"), full_page=True)
+
+
+def test_a_running_study_is_followed_until_its_report(page, tmp_path):
+    """A study whose command is running (its progress.json) is the tab's first choice; the page re-reads it on
+    its own (no Refresh) and shows the report once the study has ended."""
+    from eval.robustness_progress import Progress
+    from eval.robustness_runs import RunResult, RunSpec
+
+    study = tmp_path / "runs" / "robustness-dreambooth"
+    study.mkdir(parents=True)
+    spec = RunSpec("lr", "lora", "lora", 1.0, 1e-3, 50)
+    progress = Progress({spec.name: spec.length}, study, "local")
+    progress.start(spec.name)
+    with running_app(tmp_path / "runs") as (url, service):
+        page.goto(url)
+        page.get_by_role("tab", name="Robustness").click()
+        page.wait_for_selector("#robustness-text :text('0 of 1 runs ended')")
+        assert "Running" in page.inner_text("#robustness-text")
+        assert page.input_value("#robustness-report input") == "robustness-dreambooth"
+        progress.ended(RunResult(spec, study / "runs" / spec.name, "trained"))
+        (study / "report.md").write_text("# Robustness study: dreambooth\n\nthe finished study\n")
+        progress.close()
+        page.wait_for_selector("#robustness-text :text('the finished study')", timeout=20_000)
+        assert "Running" not in page.inner_text("#robustness-text")
