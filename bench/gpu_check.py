@@ -9,9 +9,10 @@
    first step), peak GPU memory, every logged loss finite, and resume equality: the run checkpoints halfway,
    a second run resumes from that checkpoint, and its final adapter must equal the uninterrupted run's
    bit for bit (both with --deterministic). One worker process per precision: accelerate fixes the
-   mixed precision once per process. Then the same for SDXL at 1024 px in bf16, lora and delora, 10 steps, on a
-   saved random pipeline of SDXL's architecture (its UNet and VAE; both text encoders at SDXL's widths but two
-   layers each: they encode the prompt once per run).
+   mixed precision once per process. Each worker's first method also runs with --cache_latents: its adapter must
+   equal the uncached run's bit for bit, and its steps/s ratio is the cache's saving. Then the same for SDXL at
+   1024 px in bf16, lora and delora, 10 steps, on a saved random pipeline of SDXL's architecture (its UNet and
+   VAE; both text encoders at SDXL's widths but two layers each: they encode the prompt once per run).
 2. The per-step ratios of bench/unet_step.py (SD-1.5 UNet, 512 px, bf16; SDXL's UNet, 1024 px, bf16, lora and
    delora) and bench/dit_step.py (FLUX.2-klein-4B's transformer, 512 px + 512 text tokens, bf16, lora, dora,
    delora, etherplus: peft's image benchmark's setting): each method vs LoRA and the floor.
@@ -188,9 +189,26 @@ def worker(args) -> None:
             row["resume_max_abs_diff"] = adapter_difference(straight / "adapter.safetensors",
                                                             resumed / "adapter.safetensors") if code == 0 else None
             row["resume_equal"] = row["resume_max_abs_diff"] == 0.0
+            if method == plan["methods"][0]:
+                row.update(cache_check(plan, args.pipeline, method, dtype, straight, work, row["steps_per_s"]))
         rows.append(row)
         print(f"gpu_check: {args.model} {dtype} {method}: {row}", flush=True)
     write_json(Path(args.worker_json), {"rows": rows})
+
+
+def cache_check(plan: dict, pipeline: str, method: str, dtype: str, straight: Path, work: Path,
+                steps_per_s: float) -> dict:
+    """The same run with --cache_latents (the example subject is square: one crop per image): its adapter must equal
+    the uncached run's bit for bit, and its steps/s over the uncached run's is the saving (the first epoch encodes)."""
+    cached = work / f"{straight.name}-cached"
+    code = dreambooth.main(trainer_args(plan, pipeline, method, dtype, cached) + ["--cache_latents"])
+    if code != 0:
+        return {"cache_exit_code": code, "cache_equal": False}
+    logged = [json.loads(line) for line in (cached / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time/step"] for r in logged[1:]] or [logged[0]["time/step"]]
+    diff = adapter_difference(straight / "adapter.safetensors", cached / "adapter.safetensors")
+    return {"cache_max_abs_diff": diff, "cache_equal": diff == 0.0,
+            "cache_speedup": (1 / statistics.median(times)) / steps_per_s}
 
 
 def run_workers(args, plan: dict, pipeline: str, work: Path, model: str = "sd15") -> list[dict]:
@@ -271,17 +289,23 @@ def failures(result: dict) -> list[str]:
             bad.append(f"{name}: a logged loss is not finite")
         elif not r.get("resume_equal"):
             bad.append(f"{name}: the resumed adapter differs (max |diff| {r.get('resume_max_abs_diff')})")
+        elif "cache_equal" in r and not r["cache_equal"]:
+            bad.append(f"{name}: the --cache_latents adapter differs (max |diff| {r.get('cache_max_abs_diff')}, "
+                       f"exit {r.get('cache_exit_code', 0)})")
     return bad
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'model':<6} {'dtype':<6} {'method':<10} {'steps/s':>8} {'peak GB':>8} {'finite':>7} {'resume':>7}")
+    print(f"\n{'model':<6} {'dtype':<6} {'method':<10} {'steps/s':>8} {'peak GB':>8} {'finite':>7} {'resume':>7} "
+          f"{'cached':>14}")
     for r in result["trainer"]:
         sps = f"{r['steps_per_s']:8.2f}" if "steps_per_s" in r else f"{'-':>8}"
         peak = f"{r['peak_gb']:8.2f}" if r.get("peak_gb") is not None else f"{'-':>8}"
         resume = "equal" if r.get("resume_equal") else "DIFF" if "resume_equal" in r else "-"
+        cached = "-" if "cache_equal" not in r else \
+            f"{'equal' if r['cache_equal'] else 'DIFF'} {r.get('cache_speedup', 0):.2f}x"
         print(f"{r.get('model', 'sd15'):<6} {r['dtype']:<6} {r['method']:<10} {sps} {peak} "
-              f"{str(r.get('finite', '-')):>7} {resume:>7}")
+              f"{str(r.get('finite', '-')):>7} {resume:>7} {cached:>14}")
     print()
     for u in (result["unet_step"], result.get("unet_step_sdxl")):
         if u:

@@ -30,6 +30,10 @@ def test_quick_cpu_run_writes_every_check(tmp_path, tiny_cache):
     for r in rows.values():
         assert r["exit_code"] == 0 and r["finite"] and r["steps_per_s"] > 0
         assert r["resume_equal"] and r["resume_max_abs_diff"] == 0.0
+    for model in ("sd15", "sdxl"):   # each worker's first method, again with --cache_latents: the same bits
+        cached = rows[model, "bf16", "lora"]
+        assert cached["cache_equal"] and cached["cache_max_abs_diff"] == 0.0 and cached["cache_speedup"] > 0
+        assert "cache_equal" not in rows[model, "bf16", "delora"]
     for key, unet in (("unet_step", "tiny-sd15"), ("unet_step_sdxl", "tiny-sdxl")):
         assert result[key]["unet"] == unet
         assert set(result[key]["vs_lora"]) == {"lora", "lora#2", "delora"}
