@@ -1,6 +1,6 @@
 """What the Compare and Train views show, computed from run folders (no Gradio here):
 
-    sample_grid(runs)            one PIL image: rows = runs (methods), columns = checkpoints
+    sample_grid(runs)            one PIL image: rows = runs (methods; a run's EMA under it), columns = checkpoints
     gallery_items(runs)          [(png, caption)] for a zoomable gallery of the same samples
     curves(runs, key)            long DataFrame (step, value, run) for a line plot of any metrics key
     loss_curves(runs)            the same for the loss, and the held-out val_loss where a run logs one
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from eval.best import best_checkpoint
 from eval.robustness_tables import LOWER_IS_BETTER  # drift (eval/drift.py): 0 = the base model's own images
+from ground.runfolder import EMA_DIR
 
 matplotlib.use("Agg")    # a server: never a GUI backend
 
@@ -59,20 +60,30 @@ def row_label(run: runs.RunInfo) -> str:
     return f"{run.method} r{run.rank}" if run.rank is not None else run.method
 
 
-def columns(run_infos: list[runs.RunInfo]) -> list[tuple[runs.RunInfo, dict[str, tuple[Path, str]]]]:
-    """Per run: {column label: (first sample, prompt)} over its checkpoints (and the final samples
-    when the last step has no checkpoint). Sample 0 of each checkpoint is the same prompt and seed."""
+def _cells(run: runs.RunInfo, sub: str = "") -> dict[str, tuple[Path, str]]:
+    """{column label: (first sample, prompt)} of the adapters in run's checkpoints (each one's `sub` folder: the
+    trained adapter's samples, or with sub=ema/ its moving average's) and its final samples when the last step has
+    no checkpoint."""
+    cells: dict[str, tuple[Path, str]] = {}
+    for step, path in runs.checkpoints(run.path):
+        got = runs.samples(path / sub)
+        if got:
+            cells[f"step {step}"] = got[0]
+    final = runs.samples(run.path / sub)
+    if final and f"step {run.total_steps}" not in cells:
+        cells["final"] = final[0]
+    return cells
+
+
+def columns(run_infos: list[runs.RunInfo]) -> list[tuple[runs.RunInfo, dict[str, tuple[Path, str]], str]]:
+    """A row per run: (run, {column label: (first sample, prompt)}, row label), and under a run trained with
+    --ema_decay a row of its moving average's samples (`· EMA`), same prompt and seed per column."""
     out = []
     for run in run_infos:
-        cells: dict[str, tuple[Path, str]] = {}
-        for step, path in runs.checkpoints(run.path):
-            got = runs.samples(path)
-            if got:
-                cells[f"step {step}"] = got[0]
-        final = runs.samples(run.path)
-        if final and f"step {run.total_steps}" not in cells:
-            cells["final"] = final[0]
-        out.append((run, cells))
+        out.append((run, _cells(run), row_label(run)))
+        average = _cells(run, EMA_DIR)
+        if average:
+            out.append((run, average, f"{row_label(run)} · EMA"))
     return out
 
 
@@ -83,18 +94,18 @@ def _order(labels: set[str]) -> list[str]:
 def sample_grid(run_infos: list[runs.RunInfo], cell: int = CELL) -> Image.Image | None:
     """Rows = runs, columns = checkpoints; an empty cell where a run has no sample for that step."""
     cols = columns(run_infos)
-    labels = _order({c for _, cells in cols for c in cells})
+    labels = _order({c for _, cells, _ in cols for c in cells})
     if not labels:
         return None
     font, small = _font(14), _font(11)
     left, top, pad = 170, 26, 4
-    grid = Image.new("RGB", (left + len(labels) * (cell + pad), top + len(run_infos) * (cell + pad)), "white")
+    grid = Image.new("RGB", (left + len(labels) * (cell + pad), top + len(cols) * (cell + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(labels):
         draw.text((left + j * (cell + pad) + 4, 6), label, fill="black", font=font)
-    for i, (run, cells) in enumerate(cols):
+    for i, (run, cells, row) in enumerate(cols):
         y = top + i * (cell + pad)
-        draw.text((6, y + cell // 2 - 16), row_label(run), fill="black", font=font)
+        draw.text((6, y + cell // 2 - 16), row, fill="black", font=font)
         draw.text((6, y + cell // 2 + 2), run.name[-24:], fill="#666666", font=small)
         for j, label in enumerate(labels):
             x = left + j * (cell + pad)
@@ -121,15 +132,15 @@ def _tile(path: Path, cell: int) -> Image.Image | None:
 
 def gallery_items(run_infos: list[runs.RunInfo]) -> list[tuple[str, str]]:
     items = []
-    for run, cells in columns(run_infos):
+    for _, cells, row in columns(run_infos):
         for label in _order(set(cells)):
             path, prompt = cells[label]
-            items.append((str(path), f"{row_label(run)} · {label} · {prompt}".strip(" ·")))
+            items.append((str(path), f"{row} · {label} · {prompt}".strip(" ·")))
     return items
 
 
 def prompt_of(run_infos: list[runs.RunInfo]) -> str:
-    for _, cells in columns(run_infos):
+    for _, cells, _ in columns(run_infos):
         for _, prompt in cells.values():
             if prompt:
                 return prompt

@@ -51,6 +51,27 @@ def test_grid_rows_are_methods_and_columns_are_checkpoints(tmp_path):
     assert compare.prompt_of([a]) == "a sks cat"
 
 
+def test_a_runs_moving_average_is_a_row_under_it(tmp_path):
+    """--ema_decay writes checkpoint-N/ema/samples and ema/samples (same prompts and seeds): the grid shows them as
+    a `· EMA` row under the run's own row, the gallery labels them so; a run without an average keeps one row."""
+    a = fake_run(tmp_path, "a", "lora", steps=(2, 4))
+    b = fake_run(tmp_path, "b", "delora", steps=(2, 4))
+    for k, folder in enumerate([a.path / "checkpoint-2" / "ema", a.path / "checkpoint-4" / "ema"]):
+        (folder / "samples").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (10, 20 + 100 * k, 250)).save(folder / "samples" / "p00-s0.png")
+        (folder / "samples" / "prompts.jsonl").write_text(json.dumps({"image": "p00-s0.png", "prompt": "a sks cat"}))
+    assert [row for _, _, row in compare.columns([a, b])] == ["lora r4", "lora r4 · EMA", "delora r4"]
+    grid = compare.sample_grid([a, b])
+    assert grid.size == (170 + 2 * 132, 26 + 3 * 132)
+    px = np.asarray(grid)
+    assert px[26 + 60, 170 + 60].tolist() == [0, 200, 30]                  # a, step 2, trained
+    assert px[26 + 132 + 60, 170 + 132 + 60].tolist() == [10, 120, 250]   # a, step 4, its average
+    assert px[26 + 264 + 60, 170 + 60].tolist() == [0, 200, 30]           # b, step 2
+    captions = [c for _, c in compare.gallery_items([a])]
+    assert captions == ["lora r4 · step 2 · a sks cat", "lora r4 · step 4 · a sks cat",
+                        "lora r4 · EMA · step 2 · a sks cat", "lora r4 · EMA · step 4 · a sks cat"]
+
+
 def test_final_column_when_the_last_step_has_no_checkpoint(tmp_path):
     a = fake_run(tmp_path, "a", "lora", steps=(2,))
     R.write_json(a.path / R.APP_JSON, {"method": "lora", "rank": 4, "max_train_steps": 5})
