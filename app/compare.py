@@ -215,6 +215,13 @@ def metrics_table(run_infos: list[runs.RunInfo]) -> pd.DataFrame:
                      **{k: _num(latest[k]) for k in DISTANCE_KEYS},
                      "scored step": score.get("step"), **{k: _num(score.get(k)) for k in EVAL_KEYS},
                      "best step": best})
+        # its moving average, once scored (`eval.subject --average`: RUN/ema/eval.jsonl); loss and distances are
+        # the trained weights', so they stay empty
+        average = [e for e in runs.read_eval(run.path / EMA_DIR) if isinstance(e.get("step"), int)]
+        if average:
+            rows.append({"run": f"{run.name} · EMA", "method": run.method, "rank": run.rank, "lr": run.learning_rate,
+                         "status": run.status, "step": steps, "scored step": average[-1]["step"],
+                         **{k: _num(average[-1].get(k)) for k in EVAL_KEYS}, "best step": ""})
     return pd.DataFrame(rows, columns=cols)
 
 

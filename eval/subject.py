@@ -14,6 +14,8 @@ checkpoint into RUN/eval/step-N/ (kept, and reused while the adapter and setting
 one row per checkpoint is written to RUN/eval.jsonl: score-versus-step curves for long training. Each row
 also has the checkpoint's drift (eval/drift.py, peft's measure: the base model's and the checkpoint's images of
 --drift_prompts unrelated prompts, same seeds and settings; (1 - mean DINO cosine) / 2, lower is better).
+With --average the run's moving average (--ema_decay: checkpoint-N/ema/, ema/) is scored instead, into RUN/ema/eval/
+and RUN/ema/eval.jsonl (the base model's drift images shared with the trained adapters' scoring).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 
 from ground.runfolder import (
     ADAPTER_FILES,
+    EMA_DIR,
     final_step,
     is_adapter_dir,
     list_checkpoints,
@@ -76,14 +79,17 @@ def summary(result: dict) -> str:
 
 
 # ----- a trained run ------------------------------------------------------------------------------
-def choose_checkpoints(run_dir: Path, run: dict, which: str) -> list[tuple[int, Path]]:
+def choose_checkpoints(run_dir: Path, run: dict, which: str, sub: str = "") -> list[tuple[int, Path]]:
     """(step, adapter folder) for `which`: all, last, or steps "N,M". The final adapter in RUN/ counts
-    as the last step unless a checkpoint already has that step."""
-    available = dict(list_checkpoints(run_dir))
-    if is_adapter_dir(run_dir):
+    as the last step unless a checkpoint already has that step. sub=ema/: each one's moving average instead."""
+    available = {step: path / sub for step, path in list_checkpoints(run_dir) if is_adapter_dir(path / sub)}
+    if is_adapter_dir(run_dir / sub):
         step = final_step(run_dir, run)
         if isinstance(step, int) and step not in available:
-            available[step] = run_dir
+            available[step] = run_dir / sub
+    if not available and sub:
+        raise EvalError(f"{run_dir} has no moving average to score (no checkpoint-N/{sub}/ or {sub}/): train it "
+                        f"with --ema_decay, or score its adapters without --average")
     if not available:
         raise EvalError(f"{run_dir} has no adapter to score: no checkpoint-N/ or final adapter with "
                         f"{' + '.join(ADAPTER_FILES)}")
@@ -137,7 +143,8 @@ def plan_run(args) -> dict:
     """Everything about a run that can be wrong, checked before any model loads."""
     run_dir = Path(args.run_dir).expanduser()
     run = read_run(run_dir)
-    chosen = choose_checkpoints(run_dir, run, args.checkpoints)
+    sub = EMA_DIR if args.average else ""
+    chosen = choose_checkpoints(run_dir, run, args.checkpoints, sub)
     prompts = run_prompts(args, run)
     resolution = args.resolution or int(run_setting(run, "resolution", 512))
     gen = {"prompts": prompts, "images_per_prompt": args.images_per_prompt, "seed": args.seed,
@@ -150,20 +157,22 @@ def plan_run(args) -> dict:
         real = load_folder(args.real_dir, "--real_dir").items
     else:
         real = generate.run_real_images(run, resolution)
-    return {"run_dir": run_dir, "run": run, "chosen": chosen, "prompts": prompts, "gen": gen, "real": real,
-            "drift": drift.plan(args, run_dir, run, gen)}
+    return {"run_dir": run_dir, "out_dir": run_dir / sub, "run": run, "chosen": chosen, "prompts": prompts,
+            "gen": gen, "real": real, "drift": drift.plan(args, run_dir, run, gen)}
 
 
 def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: torch.device) -> list[dict]:
-    """Generate (or reuse) each chosen checkpoint's images, score them (and their drift), update RUN/eval.jsonl."""
-    run_dir, run, prompts, gen, real = (plan[k] for k in ("run_dir", "run", "prompts", "gen", "real"))
+    """Generate (or reuse) each chosen checkpoint's images, score them (and their drift), update RUN/eval.jsonl
+    (with --average: RUN/ema/eval.jsonl)."""
+    run_dir, out_dir, run, prompts, gen, real = (plan[k] for k in ("run_dir", "out_dir", "run", "prompts", "gen",
+                                                                   "real"))
     # the pipeline loads only when some checkpoint (or the base model's drift images) needs images
     sampler = generate.Sampler(run, device, gen, args.gen_batch_size,
                                keep_safety_checker=not args.disable_safety_checker)
-    measure_drift = drift.Drift(plan["drift"], run_dir, sampler, dino, args.regenerate) if plan["drift"] else None
+    measure_drift = drift.Drift(plan["drift"], out_dir, sampler, dino, args.regenerate) if plan["drift"] else None
     out = []
     for step, adapter_dir in plan["chosen"]:
-        images_dir = run_dir / "eval" / f"step-{step}"
+        images_dir = out_dir / "eval" / f"step-{step}"
         digest = file_digest(adapter_dir)
         settings = {**gen, "step": step, "adapter": str(adapter_dir), "adapter_sha1": digest}
         blacked = sampler.ensure(adapter_dir, prompts, images_dir, args.images_per_prompt, settings, args.regenerate)
@@ -172,13 +181,14 @@ def score_run(plan: dict, args, dino: DinoEmbedder, clip: ClipEmbedder, device: 
                            "(--disable_safety_checker to keep them)", step, blacked)
         generated = load_generated(images_dir, f"images of step {step}")
         result = score_images(real, generated.items, dino, clip)
-        result.update(step=step, checkpoint=adapter_dir.name if adapter_dir != run_dir else "final",
+        result.update(step=step, checkpoint=adapter_dir.relative_to(run_dir).as_posix() if adapter_dir != out_dir
+                      else "final", **({"average": EMA_DIR} if out_dir != run_dir else {}),
                       images=str(images_dir), dino_model=dino.name, clip_model=clip.name,
                       n_skipped=len(generated.skipped))
         if measure_drift is not None:
             result.update(measure_drift(step, adapter_dir, digest))
         write_json(images_dir / "scores.json", result)
-        update_eval_file(run_dir, {k: v for k, v in result.items() if k != "prompts"},
+        update_eval_file(out_dir, {k: v for k, v in result.items() if k != "prompts"},
                          ("step", "dino_model", "clip_model"))
         print(f"step {step}: {summary(result)}", file=sys.stderr)
         out.append(result)
@@ -197,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "images from its adapters and append scores to RUN/eval.jsonl")
     src.add_argument("--checkpoints", default="all", help="with --run_dir: all, last, or steps such as 200,400 "
                                                           "(default all; the final adapter counts as its step)")
+    src.add_argument("--average", action="store_true",
+                     help="with --run_dir: score the run's moving average (trained with --ema_decay: "
+                          "checkpoint-N/ema/, ema/) instead of its adapters; images and rows go to RUN/ema/eval/ "
+                          "and RUN/ema/eval.jsonl (default: off)"),
     models = p.add_argument_group("models")
     models.add_argument("--dino_model", default=DINO_MODEL, help=f"DINO ViT, hub name or local folder (default "
                                                                  f"{DINO_MODEL})")
@@ -238,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.run_dir and args.generated_dir:
         raise EvalError("give either --run_dir or --generated_dir (with --real_dir), not both")
+    if args.average and not args.run_dir:
+        raise EvalError("--average scores a run's moving average: give --run_dir")
     if not args.run_dir and not (args.real_dir and args.generated_dir):
         raise EvalError("give --real_dir and --generated_dir, or --run_dir")
     for flag in ("batch_size", "images_per_prompt", "gen_batch_size", "max_prompts", "num_inference_steps",

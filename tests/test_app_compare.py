@@ -72,6 +72,20 @@ def test_a_runs_moving_average_is_a_row_under_it(tmp_path):
                         "lora r4 · EMA · step 2 · a sks cat", "lora r4 · EMA · step 4 · a sks cat"]
 
 
+def test_a_scored_moving_average_is_a_row_of_the_table(tmp_path):
+    """`eval.subject --average` writes RUN/ema/eval.jsonl: the table shows its last scored step under the run's own
+    row (no loss or distance: those are the trained weights')."""
+    a = fake_run(tmp_path, "a", "lora", steps=(2, 4), scores={2: 0.3, 4: 0.4})
+    (a.path / "ema").mkdir()
+    (a.path / "ema" / "eval.jsonl").write_text("".join(json.dumps({"step": s, "dino": v, "clip_i": 0.6,
+                                                                   "clip_t": 0.25, "average": "ema"}) + "\n"
+                                                       for s, v in {2: 0.35, 4: 0.45}.items()))
+    table = compare.metrics_table([a])
+    assert table["run"].tolist() == ["a", "a · EMA"]
+    assert table["dino"].tolist() == [0.4, 0.45] and table["scored step"].tolist() == [4, 4]
+    assert table["loss"].tolist()[0] == 0.25 and pd.isna(table["loss"].tolist()[1])
+
+
 def test_final_column_when_the_last_step_has_no_checkpoint(tmp_path):
     a = fake_run(tmp_path, "a", "lora", steps=(2,))
     R.write_json(a.path / R.APP_JSON, {"method": "lora", "rank": 4, "max_train_steps": 5})

@@ -102,3 +102,29 @@ def test_other_seeds_regenerate_that_checkpoint_only(tiny_models, run_dir):  # n
     assert names == ["p00-s7.png", "p00-s8.png", "p01-s7.png", "p01-s8.png"]
     assert np.array_equal(pixels(run_dir / "eval" / "step-2" / "p00-s0.png"), before[2])
     assert len(read_jsonl(run_dir / "eval.jsonl")) == 2
+
+
+def test_average_scores_the_moving_average_into_its_own_file(tiny_models, run_dir, tmp_path, capsys):  # noqa: F811
+    """--average scores checkpoint-N/ema/ (a run trained with --ema_decay) into RUN/ema/eval/ and RUN/ema/eval.jsonl,
+    leaving RUN/eval.jsonl to the trained adapters. Here checkpoint-1's average is checkpoint-2's adapter and the
+    other way round: its images are the trained scoring's of the other step, pixel for pixel (same seeds)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "eval.jsonl"))
+    assert run_main(subject.main, cli(tiny_models, run, "--average")) == 2
+    assert "has no moving average to score" in capsys.readouterr().err
+    for step, other in ((1, 2), (2, 1)):
+        shutil.copytree(run / f"checkpoint-{other}", run / f"checkpoint-{step}" / "ema",
+                        ignore=shutil.ignore_patterns("trainer_state.json", "ema"))
+    assert run_main(subject.main, cli(tiny_models, run)) == 0
+    assert run_main(subject.main, cli(tiny_models, run, "--average")) == 0
+    trained, averaged = read_jsonl(run / "eval.jsonl"), read_jsonl(run / "ema" / "eval.jsonl")
+    assert [(r["step"], r["checkpoint"], r.get("average")) for r in trained] == [(1, "checkpoint-1", None),
+                                                                                (2, "checkpoint-2", None)]
+    assert [(r["step"], r["checkpoint"], r["average"]) for r in averaged] == [(1, "checkpoint-1/ema", "ema"),
+                                                                             (2, "checkpoint-2/ema", "ema")]
+    for step, other in ((1, 2), (2, 1)):
+        assert np.array_equal(pixels(run / "ema" / "eval" / f"step-{step}" / "p00-s0.png"),
+                              pixels(run / "eval" / f"step-{other}" / "p00-s0.png"))
+        assert averaged[step - 1]["dino"] == pytest.approx(trained[other - 1]["dino"], abs=1e-9)
