@@ -39,6 +39,7 @@ checkpoints, read_eval, write_json = runfolder.list_checkpoints, runfolder.read_
 
 APP_JSON, PID_FILE, EXIT_FILE, LOG_FILE = "app.json", "pid", "exit_code", "train.log"
 EVAL_LOG, REPORT_LOG = "eval.log", "report.log"   # the app's scoring job (in RUN/), report job (its folder)
+EVAL_EMA_LOG = "eval-ema.log"                      # the scoring of a run's moving average (eval.subject --average)
 SUMMARY_KEYS = ("step", "loss", "lr", "distance_fig3", "distance_mean", "distance_max",
                 "rel_distance_fig3", "rel_distance_mean", "rel_distance_max",
                 "val_loss", "tune/score")   # held-out measures: curves and eval.best's best step read them

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ground.runfolder import EMA_DIR, EVAL, is_adapter_dir
 from training.common.tasks import SEMANTIC_MAP
 
 from . import commands, compare, runs
@@ -29,6 +30,25 @@ from .inputs import (
 from .jobs import Job, JobQueue
 from .runs import RunInfo
 from .semantic import stage_pairs
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """One scoring job "Score" queues per run: of its adapters (RUN/eval.jsonl) or of its moving average."""
+    label: str          # after the run's name in messages
+    flags: tuple        # eval.subject's, after --run_dir
+    log: str            # the job's log file in RUN/
+    folder: str = ""    # where its eval.jsonl lands, under RUN/
+
+    def applies(self, run: Path) -> bool:
+        return not self.folder or is_adapter_dir(run / self.folder)
+
+    def done(self, run: Path) -> bool:
+        return (run / self.folder / EVAL).is_file()
+
+
+SCORINGS = {"eval": Scoring("", (), runs.EVAL_LOG),
+            "eval-ema": Scoring(" (EMA)", ("--average",), runs.EVAL_EMA_LOG, EMA_DIR)}   # with --ema_decay
 
 
 @dataclass
@@ -222,7 +242,8 @@ class Service:
 
     # ----- scoring --------------------------------------------------------------------------------
     def score(self, names, rescore: bool = False, protocol: str | None = None) -> str:
-        """Queue eval/subject.py for the chosen runs that have checkpoints and no eval.jsonl."""
+        """Queue eval/subject.py for the chosen runs that have checkpoints and no eval.jsonl, and for the moving
+        average of those trained with --ema_decay (`--average`, RUN/ema/eval.jsonl)."""
         extra = commands.PROTOCOLS.get(protocol or "", []) + self.eval_args
         if not names:
             return "Choose runs to score."
@@ -232,34 +253,41 @@ class Service:
         for ri in self.run_infos(names):
             if ri.status in ("queued", "running"):
                 skipped.append(f"{ri.name} (still training)")
-            elif not ri.checkpoints and not ri.has_final:
+                continue
+            if not ri.checkpoints and not ri.has_final:
                 skipped.append(f"{ri.name} (no checkpoints)")
-            elif ri.scored and not rescore:
+                continue
+            todo = [(kind, job) for kind, job in SCORINGS.items()
+                    if job.applies(ri.path) and (rescore or not job.done(ri.path))]
+            if not todo:
                 skipped.append(f"{ri.name} (already scored)")
-            else:
+            for kind, job in todo:
+                label = f"{ri.name}{job.label}"
                 try:
-                    self.queue.submit(Job(id=f"eval:{ri.name}", run_dir=ri.path, kind="eval", track=False,
-                                          log_name=runs.EVAL_LOG,
-                                          cmd=commands.eval_command(ri.path, self.scorer, extra)))
-                    queued.append(ri.name)
+                    self.queue.submit(Job(id=f"{kind}:{ri.name}", run_dir=ri.path, kind="eval", track=False,
+                                          log_name=job.log,
+                                          cmd=commands.eval_command(ri.path, self.scorer, extra + list(job.flags))))
+                    queued.append(label)
                 except ValueError:
-                    skipped.append(f"{ri.name} (already being scored)")
+                    skipped.append(f"{label} (already being scored)")
         msg = f"Scoring {len(queued)} run(s): {', '.join(queued)}." if queued else "Nothing to score."
         return msg + (f" Skipped: {', '.join(skipped)}." if skipped else "")
 
     def score_status(self, names) -> str:
         lines = []
         for name in names or []:
-            job = self.queue.get(f"eval:{name}")
-            if job is None:
-                continue
-            if job.state == "failed":
-                tail = runs.last_log_lines(job.run_dir, 6, runs.EVAL_LOG)
-                lines.append(f"- `{name}`: scoring failed ({job.note})\n  ```\n" + "\n".join(tail) + "\n  ```")
-            else:
-                pos = self.queue.position(job.id)
-                where = f", position {pos} in the queue" if pos else ""
-                lines.append(f"- `{name}`: scoring {job.state}{where}")
+            for kind, scoring in SCORINGS.items():
+                job = self.queue.get(f"{kind}:{name}")
+                if job is None:
+                    continue
+                label = f"{name}{scoring.label}"
+                if job.state == "failed":
+                    tail = runs.last_log_lines(job.run_dir, 6, scoring.log)
+                    lines.append(f"- `{label}`: scoring failed ({job.note})\n  ```\n" + "\n".join(tail) + "\n  ```")
+                else:
+                    pos = self.queue.position(job.id)
+                    where = f", position {pos} in the queue" if pos else ""
+                    lines.append(f"- `{label}`: scoring {job.state}{where}")
         return "\n".join(lines)
 
     def report(self, names) -> tuple[str, Path | None]:

@@ -1,6 +1,7 @@
 """app/compare.py on synthetic run folders: the sample grid layout, curves, the metrics table and the
 score-vs-distance (Pareto) view. No training."""
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -148,3 +149,36 @@ def test_pareto_front_and_tradeoff_points(tmp_path):
     assert len(fig.axes[0].lines) == 2                                      # the run and the front
     empty = compare.tradeoff_figure(compare.tradeoff_points([], "distance_fig3", "dino"), "distance_fig3", "dino")
     assert "no scored checkpoints" in empty.axes[0].texts[0].get_text()
+
+
+EMA_SCORER = """
+import json, pathlib, sys
+run = pathlib.Path(sys.argv[sys.argv.index("--run_dir") + 1])
+out = run / "ema" if "--average" in sys.argv else run
+(out / "eval.jsonl").write_text(json.dumps({"step": 4, "dino": 0.6 if out != run else 0.5}) + "\\n")
+"""
+
+
+def test_score_queues_the_moving_average_too(tmp_path):
+    """A run trained with --ema_decay (RUN/ema/ holds an adapter) gets a second scoring job, eval.subject --average,
+    whose rows land in RUN/ema/eval.jsonl and show as the table's EMA row; scored runs are skipped next time."""
+    from app.service import Service
+
+    (tmp_path / "scorer.py").write_text(EMA_SCORER)
+    service = Service(tmp_path / "runs", scorer=[sys.executable, str(tmp_path / "scorer.py")])
+    try:
+        with_ema, plain = (fake_run(service.runs_dir, name, "lora", steps=(2, 4)) for name in ("a", "b"))
+        (with_ema.path / "ema").mkdir()
+        for f in R.ADAPTER_FILES:
+            (with_ema.path / "ema" / f).write_text("{}")
+        msg = service.score(["a", "b"])
+        assert msg == "Scoring 3 run(s): a, a (EMA), b.", msg
+        assert service.queue.wait(timeout=60)
+        status = service.score_status(["a", "b"])
+        assert "`a`: scoring finished" in status and "`a (EMA)`: scoring finished" in status
+        assert "`b (EMA)`" not in status
+        table = compare.metrics_table([R.info(with_ema.path), R.info(plain.path)])
+        assert table["run"].tolist() == ["a", "a · EMA", "b"] and table["dino"].tolist() == [0.5, 0.6, 0.5]
+        assert service.score(["a"]) == "Nothing to score. Skipped: a (already scored)."
+    finally:
+        service.close()
