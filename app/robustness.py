@@ -125,7 +125,7 @@ def progress_markdown(folder: Path, progress: dict) -> str:
         step = _last_step(folder / "runs" / name) if run.get("state") == "running" else ""
         error = f" ({run['error']})".replace("|", "\\|") if run.get("error") else ""
         lines.append(f"| `{name}` | {run.get('state', '?')}{error} | {run.get('length', '')} | {step} |")
-    return "\n".join(lines)
+    return literal_markdown("\n".join(lines))   # an error line's --flag_names are text, not emphasis
 
 
 def name_the_task(folder: Path, text: str) -> str:

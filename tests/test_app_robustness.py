@@ -123,14 +123,14 @@ def test_a_study_still_running_is_listed_and_followed(tmp_path, monkeypatch):
     progress.start(a.name)
     (study / "runs" / a.name).mkdir(parents=True)
     (study / "runs" / a.name / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
-    progress.ended(RunResult(c, study / "runs" / c.name, "failed", "exit 2: error: bad | input"))
+    progress.ended(RunResult(c, study / "runs" / c.name, "failed", "exit 2: error: bad | --max_train_steps"))
     assert RB.report_folders(tmp_path) == ["robustness-dreambooth"] and RB.is_running(tmp_path, study.name)
     text, figures = RB.show(tmp_path, study.name)
     assert figures == [] and text.startswith("# Robustness study: robustness-dreambooth\n\n**Running** (`--launcher "
                                              "ray` on ")
     assert "1 of 3 runs ended (0 trained, 0 reused, 1 failed); 1 running, 1 queued." in text
     assert f"| `{a.name}` | running | 50 steps | 2 |" in text and f"| `{b.name}` | queued | 50 steps |  |" in text
-    assert f"| `{c.name}` | failed (exit 2: error: bad \\| input) | 50 steps |  |" in text
+    assert f"| `{c.name}` | failed (exit 2: error: bad \\| --max\\_train\\_steps) | 50 steps |  |" in text
 
     (study / "report.md").write_text("# Robustness study: dreambooth\n\nthe earlier command's\n")
     text, _ = RB.show(tmp_path, study.name)
