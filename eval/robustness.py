@@ -25,7 +25,8 @@ lowrank default), or --base_lrs. GLUE runs are sized in epochs and scored by the
 best tuning epoch); their prolonged runs train at a constant rate and are scored after every epoch. A run whose
 final adapter exists is reused, an interrupted one resumes from its latest checkpoint, a failed one is a
 row of the report with its error line. DeLoRA and the mult_* variants also get their proven bound, drawn
-dashed. The report folder holds report.md, results.csv, the PNGs and commands.txt.
+dashed. The report folder holds report.md, results.csv, the PNGs and commands.txt, and from the first run on
+progress.json (each run's state: queued, running, trained, reused, failed), which the app's Robustness tab follows.
 
 The defaults are sized for the embedded tiny SD on 2 CPU cores (50 steps per sweep run, 200 per long run,
 checkpoints every 25, the trainer's 64 px; with --ablation 41 runs): `python -m eval.robustness --ablation`
