@@ -126,3 +126,29 @@ def image_key(img: Image.Image) -> str:
     h = hashlib.sha1(f"{img.mode}{img.size}".encode())
     h.update(img.tobytes())
     return h.hexdigest()
+
+
+# ----- a run's samples folder (samples/prompts.jsonl), for the report's grid --------------------------------
+def first_sample(samples_dir: Path, want: tuple | None):
+    """(image, (prompt, seed)) of the row matching `want`, else the first row of prompts.jsonl."""
+    rows = read_jsonl(samples_dir / PROMPTS, strict=False)
+    row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), rows[0] if rows else None)
+    if row is None or not isinstance(row.get("image"), str):
+        return None, None
+    try:
+        return open_image(samples_dir / row["image"]), (row.get("prompt"), row.get("seed"))
+    except (OSError, ValueError, SyntaxError):
+        logger.warning("skipped unreadable sample %s", samples_dir / row["image"])
+        return None, None
+
+
+def sample_map(samples_dir: Path, want: tuple | None):
+    """The control map of the sample row matching `want` (semantic-map runs write "map"), else None."""
+    rows = read_jsonl(samples_dir / PROMPTS, strict=False)
+    row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), None)
+    if row is None or not isinstance(row.get("map"), str):
+        return None
+    try:
+        return open_image(samples_dir / row["map"])
+    except (OSError, ValueError, SyntaxError):
+        return None

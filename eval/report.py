@@ -19,6 +19,9 @@ Writes into --out:
                               against the learning-rate factor (DeLoRA Fig. 2)
     sample_grid.png           rows = runs, columns = checkpoints: the first sample (same prompt and seed);
                               semantic-map runs get their control map as the first column
+A run trained with --ema_decay brings its moving average as a run of its own under it (`· EMA`): its samples in the
+grid, its scores (eval.subject --average) in the table and score curves; it has no distance of its own and is never
+a point of a learning-rate sweep.
 
 Runs of different tasks (DreamBooth, semantic map, each GLUE task, instruction tuning: read from run.json)
 are never compared: report.md has one section per task with its own table, and each task its own figures,
@@ -35,15 +38,17 @@ import argparse
 import csv
 import io
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ground.runfolder import (
+    EMA_DIR,
     EVAL,
     PROMPTS,
     SAMPLES,
     final_step,
     list_checkpoints,
+    read_eval,
     read_jsonl,
     read_metrics,
     read_run,
@@ -57,7 +62,7 @@ from training.families import SD15
 from . import EvalError, plots
 from .best import BEST_TEXT, best_table
 from .common import ArgumentParser, logger, run_main
-from .images import open_image
+from .images import first_sample, sample_map
 from .robustness_tables import summary_section
 from .tables import md_table, measured, percent
 
@@ -82,6 +87,11 @@ class Run:
     label: str = ""
     task: str = ""
     samples: dict[int, Path] = field(default_factory=dict)   # step -> samples folder
+    average: bool = False   # the run's moving average (--ema_decay), its folder RUN/ema
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{EMA_DIR}" if self.average else self.path.name
 
 
 def pick_distance_key(metrics: list[dict], choice: str = "auto") -> str | None:
@@ -164,16 +174,32 @@ def load_run(path: str | Path, distance_choice: str) -> Run:
     return r
 
 
+def average_of(r: Run) -> Run | None:
+    """The run's moving average (--ema_decay) as a run of its own, or None: its samples (checkpoint-N/ema/samples,
+    ema/samples) and its scores (RUN/ema/eval.jsonl, eval.subject --average); no distance or held-out curves (those
+    are the trained weights')."""
+    ema = r.path / EMA_DIR
+    samples = {step: d / EMA_DIR / SAMPLES for step, d in list_checkpoints(r.path)
+               if (d / EMA_DIR / SAMPLES / PROMPTS).is_file()}
+    if (ema / SAMPLES / PROMPTS).is_file() and isinstance(r.final_step, int):
+        samples.setdefault(r.final_step, ema / SAMPLES)
+    evals = [e for e in read_eval(ema) if isinstance(e.get("step"), int)]
+    if not samples and not evals:
+        return None
+    return replace(r, path=ema, metrics=[], evals=evals, distance_key=None, samples=samples, average=True)
+
+
 def label_runs(runs: list[Run]) -> None:
-    """Legend labels: method, rank and lr; the folder name too where those collide."""
+    """Legend labels: method, rank and lr (`· EMA` for a moving average); the folder name too where they collide."""
     for r in runs:
         r.label = f"{r.method} r={r.rank} lr={r.lr:g}" if r.lr is not None else f"{r.method} r={r.rank}"
+        r.label += " · EMA" if r.average else ""
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.label] = seen.get(r.label, 0) + 1
     for r in runs:
         if seen[r.label] > 1:
-            r.label += f" ({r.path.name})"
+            r.label += f" ({r.name})"
 
 
 # ----- the table ----------------------------------------------------------------------------------
@@ -183,7 +209,7 @@ def table_rows(runs: list[Run]) -> list[dict]:
         points = r.evals or [{"step": r.final_step}]
         for e in points:
             step = e.get("step")
-            rows.append({"run": r.path.name, "task": r.task, "distance_key": r.distance_key, "method": r.method,
+            rows.append({"run": r.name, "task": r.task, "distance_key": r.distance_key, "method": r.method,
                          "rank": r.rank, "lr": r.lr, "step": step,
                          **{k: e.get(k) for k in SCORES}, "distance": value_at(r.metrics, r.distance_key, step)})
     return rows
@@ -215,15 +241,18 @@ def section(runs: list[Run], rows: list[dict], figures: list[str], distance_choi
     """The table, best checkpoints, runs and figures of one task's runs (their headings at `level`)."""
     keys = sorted({r.distance_key for r in runs if r.distance_key})
     titles = [(f"{k} (%)" if k in SCORES else k, k) for k in COLUMNS]
-    lines = [f"{len(runs)} run(s). distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
+    averages = sum(r.average for r in runs)
+    lines = [f"{len(runs) - averages} run(s){f' and {averages} moving average(s) (`RUN/ema`)' if averages else ''}. "
+             f"distance = ‖W_eff − W0‖_F of `{', '.join(keys) or 'none logged'}` "
              f"(--distance_key {distance_choice}) at the row's step. Scores: eval.subject (cosines in percent, "
              f"higher is closer; drift = (1 − mean DINO cosine of the base model's and the checkpoint's images of "
              f"unrelated prompts) / 2 in percent, lower is better); blank = not scored.", "",
              md_table(rows, titles, cell).rstrip("\n")]
     sweep = [{"study": "lr", "method": m, **p} for m, points in lr_sweeps(runs)[0].items() for p in points]
     lines += ["", *summary_section(sweep, list(SCORES), False, level, SWEEP_NOTE)[0]]
-    lines += [f"{level} Best checkpoints", "", BEST_TEXT, "", best_table([r.path for r in runs]).rstrip("\n")]
-    lines += ["", f"{level} Runs", ""] + [f"- `{r.path.name}`: {r.label}, {r.path}" for r in runs]
+    lines += [f"{level} Best checkpoints", "", BEST_TEXT, "",
+              best_table([r.path for r in runs if not r.average]).rstrip("\n")]
+    lines += ["", f"{level} Runs", ""] + [f"- `{r.name}`: {r.label}, {r.path}" for r in runs]
     if figures:
         lines += ["", f"{level} Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return lines
@@ -245,40 +274,15 @@ def lr_sweeps(runs: list[Run]) -> tuple[dict[str, list[dict]], dict[str, float]]
     """Methods run at two or more learning rates: one point per run, factor = lr / the smallest lr."""
     sweeps, base = {}, {}
     for method in dict.fromkeys(r.method for r in runs):
-        group = [r for r in runs if r.method == method and r.lr]
+        group = [r for r in runs if r.method == method and r.lr and not r.average]   # an average is no seed
         if len({r.lr for r in group}) < 2:
             continue
         base[method] = min(r.lr for r in group)
-        sweeps[method] = sorted(({"factor": r.lr / base[method], "run": r.path.name,
+        sweeps[method] = sorted(({"factor": r.lr / base[method], "run": r.name,
                                   **{k: (r.evals[-1].get(k) if r.evals else None) for k in SCORES},
                                   "distance": value_at(r.metrics, r.distance_key, None)} for r in group),
                                 key=lambda p: p["factor"])
     return sweeps, base
-
-
-def first_sample(samples_dir: Path, want: tuple | None):
-    """(image, (prompt, seed)) of the row matching `want`, else the first row of prompts.jsonl."""
-    rows = read_jsonl(samples_dir / PROMPTS, strict=False)
-    row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), rows[0] if rows else None)
-    if row is None or not isinstance(row.get("image"), str):
-        return None, None
-    try:
-        return open_image(samples_dir / row["image"]), (row.get("prompt"), row.get("seed"))
-    except (OSError, ValueError, SyntaxError):
-        logger.warning("skipped unreadable sample %s", samples_dir / row["image"])
-        return None, None
-
-
-def sample_map(samples_dir: Path, want: tuple | None):
-    """The control map of the sample row matching `want` (semantic-map runs write "map"), else None."""
-    rows = read_jsonl(samples_dir / PROMPTS, strict=False)
-    row = next((r for r in rows if want and (r.get("prompt"), r.get("seed")) == want), None)
-    if row is None or not isinstance(row.get("map"), str):
-        return None
-    try:
-        return open_image(samples_dir / row["map"])
-    except (OSError, ValueError, SyntaxError):
-        return None
 
 
 def series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -368,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_grid_columns < 2:
         raise EvalError("--max_grid_columns must be at least 2")
     runs = [load_run(p, args.distance_key) for p in dict.fromkeys(args.runs)]
+    runs = [x for r in runs for x in (r, average_of(r)) if x is not None]   # each run's average under it
     label_runs(runs)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():

@@ -187,6 +187,39 @@ def test_figures_show_the_data_with_titles_labels_and_legends(runs, tmp_path, fi
     assert [ax.get_ylabel() for ax in grid[::3]] == ["lora r=4 lr=0.0001", "lora r=4 lr=0.0004", "delora r=4 lr=0.001"]
 
 
+def test_a_runs_moving_average_is_a_run_under_it(runs, tmp_path, figures):
+    """lora-a trained with --ema_decay: checkpoint-N/ema/samples and RUN/ema/eval.jsonl (eval.subject --average)
+    make it a `· EMA` row of the table, grid and score curves, with no distance, not a point of lora's sweep and not a
+    run of the best-checkpoint table."""
+    a, b, _ = runs
+    for s in (2, 4, 6):
+        samples = a / f"checkpoint-{s}" / "ema" / "samples"
+        samples.mkdir(parents=True)
+        Image.new("RGB", (16, 16), COLOURS["green"]).save(samples / "0.png")
+        (samples / "prompts.jsonl").write_text(json.dumps({"image": "0.png", "prompt": "a photo of sks cat",
+                                                           "seed": 0}) + "\n")
+    (a / "ema").mkdir()
+    (a / "ema" / "eval.jsonl").write_text("".join(json.dumps({"step": s, **scores(s, 0.6), "average": "ema"}) + "\n"
+                                                  for s in (2, 6)))
+    out = tmp_path / "out"
+    assert run_main(report.main, [str(a), str(b), "--out", str(out)]) == 0
+    rows = read_csv(out / "report.csv")
+    average = [r for r in rows if r["run"] == "lora-a/ema"]
+    assert [(r["step"], r["distance"]) for r in average] == [("2", ""), ("6", "")]
+    assert float(average[-1]["dino"]) == pytest.approx(scores(6, 0.6)["dino"])
+    md = (out / "report.md").read_text()
+    assert "2 run(s) and 1 moving average(s)" in md and "- `lora-a/ema`: lora r=4 lr=0.0001 · EMA" in md
+    assert "| lora | 56.0 (1×) | 36.0 (4×) | 0.821 |" in md        # the sweep of the two trained runs only
+    assert "| lora-a/ema |" not in md.split("Best checkpoints")[1].split("Runs")[0]
+    grid = figures["sample_grid.png"].axes
+    assert [ax.get_ylabel() for ax in grid[::3]] == ["lora r=4 lr=0.0001", "lora r=4 lr=0.0001 · EMA",
+                                                     "lora r=4 lr=0.0004"]
+    dino = {l.get_label(): list(l.get_ydata()) for l in figures["scores_vs_step.png"].axes[0].get_lines()}
+    assert dino["lora r=4 lr=0.0001 · EMA"] == pytest.approx([scores(s, 0.6)["dino"] for s in (2, 6)])
+    distances = {line.get_label() for line in figures["distance_vs_step.png"].axes[0].get_lines()}
+    assert "lora r=4 lr=0.0001 · EMA" not in distances and "lora r=4 lr=0.0001" in distances
+
+
 def test_sample_grid_uses_the_same_prompt_and_seed(runs, tmp_path):
     a, b, _ = runs                 # b lists another prompt first (green); its matching sample is blue
     out = tmp_path / "out"
