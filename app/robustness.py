@@ -23,8 +23,9 @@ from pathlib import Path
 
 from eval.robustness_progress import ENDED, PROGRESS, read_progress
 from eval.robustness_tables import study_title, task_of_commands
-from ground.runfolder import read_metrics
 from training.common.tasks import TASKS
+
+from .runs import read_metrics  # incremental: a running run's metrics.jsonl is read from where it was left
 
 REPORT = "report.md"
 IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\([^)]*\)\s*$")

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from eval.robustness_progress import Progress
+from eval.robustness_runs import RunResult, RunSpec
+
 from .test_app_support import running_app, subject_images
 
 CHROMIUM = "/usr/bin/chromium"
@@ -143,9 +146,6 @@ def test_the_robustness_tab_shows_the_report_as_written(page, tmp_path):
 def test_a_running_study_is_followed_until_its_report(page, tmp_path):
     """A study whose command is running (its progress.json) is the tab's first choice; the page re-reads it on
     its own (no Refresh) and shows the report once the study has ended."""
-    from eval.robustness_progress import Progress
-    from eval.robustness_runs import RunResult, RunSpec
-
     study = tmp_path / "runs" / "robustness-dreambooth"
     study.mkdir(parents=True)
     spec = RunSpec("lr", "lora", "lora", 1.0, 1e-3, 50)

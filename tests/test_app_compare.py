@@ -12,6 +12,7 @@ from app import compare
 from app import generate as G
 from app import runs as R
 from app.inputs import InputError
+from app.service import Service
 
 
 def fake_run(root, name, method, steps=(1, 2), final=True, scores=None):
@@ -162,8 +163,6 @@ out = run / "ema" if "--average" in sys.argv else run
 def test_score_queues_the_moving_average_too(tmp_path):
     """A run trained with --ema_decay (RUN/ema/ holds an adapter) gets a second scoring job, eval.subject --average,
     whose rows land in RUN/ema/eval.jsonl and show as the table's EMA row; scored runs are skipped next time."""
-    from app.service import Service
-
     (tmp_path / "scorer.py").write_text(EMA_SCORER)
     service = Service(tmp_path / "runs", scorer=[sys.executable, str(tmp_path / "scorer.py")])
     try:

@@ -17,7 +17,7 @@ from app.inputs import (
     sanitize_filename,
     save_images,
 )
-from training import dreambooth
+from training import dreambooth, semantic_map
 
 
 def png(path, size=(40, 40), color=(200, 40, 40)):
@@ -191,8 +191,6 @@ def test_the_advanced_section_reaches_the_trainer_as_its_flags(tmp_path):
 
 def test_ema_decay_reaches_both_trainers(tmp_path):
     """EMA decay becomes --ema_decay, parsed by the DreamBooth and semantic-map trainers to the same value."""
-    from training import semantic_map
-
     form = check_form(**{**FORM, "ema_decay": "0.99"})
     cmd = commands.train_command(form, "lora", tmp_path, None, launcher="python")[2:]
     assert cmd[cmd.index("--ema_decay") + 1] == "0.99" and dreambooth.parse_args(cmd).args.ema_decay == 0.99
@@ -206,7 +204,6 @@ def test_latents_are_cached_only_where_exact(tmp_path):
     example, square uploads): there the cache gives the trainer's uncached adapter bit for bit. A photo of another
     shape has a random crop per step, so the run goes without the cache (the trainer would refuse it). The
     semantic-map trainer centre-crops every pair: cached whenever on. Off: never."""
-    from training import semantic_map
 
     square, photo = tmp_path / "square", tmp_path / "photo"
     for folder, sizes in ((square, [(48, 48), (64, 64)]), (photo, [(48, 48), (64, 48)])):

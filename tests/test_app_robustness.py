@@ -4,6 +4,8 @@ import json
 
 from app import robustness as RB
 from app import tab_robustness as T
+from eval.robustness_progress import Progress
+from eval.robustness_runs import RunResult, RunSpec
 
 
 def test_report_folders_and_show(tmp_path):
@@ -112,9 +114,6 @@ def test_a_study_still_running_is_listed_and_followed(tmp_path, monkeypatch):
     study the tab lists before it has a report: counts, each run's state, a running run's last logged step, its
     failed run's error; an earlier command's report stays below it; once finished, the tab stops re-reading it.
     A study whose command is gone (this host, no such process) says so instead of 'Running'."""
-    from eval.robustness_progress import Progress
-    from eval.robustness_runs import RunResult, RunSpec
-
     monkeypatch.setattr(RB, "RESULTS_DIR", tmp_path / "no-results")
     study = tmp_path / "robustness-dreambooth"
     study.mkdir()

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from lowrank import AdapterConfig, inject, load_adapter
+from lowrank.hooks import step_hooks
 from lowrank.io import adapter_state_dict
+from lowrank.methods.dynamic_rank import live_ranks
 from tests.nets import MLP
 from training.common.ema import AdapterEMA
 
@@ -118,9 +120,6 @@ def test_dynamic_rank_average_keeps_the_runs_allocation():
     """Dynamic-rank DoRA prunes c_i to 0; an average of c only decays a pruned one. Swapped in (saved, sampled), the
     average has the run's live components only (its copied masks), so its live rank is live_ranks'; the fp32 shadow
     and the training weights are untouched."""
-    from lowrank.hooks import step_hooks
-    from lowrank.methods.dynamic_rank import live_ranks
-
     _, model, opt = setup("dyndora", dyndora_total_steps=8, dyndora_prune_interval=1)
     hooks, ema = step_hooks(model), AdapterEMA(model, decay=0.9)
     x, y = torch.randn(6, 12, generator=torch.Generator().manual_seed(1)), torch.ones(6, 8)

@@ -217,8 +217,7 @@ def train(spec: RunSpec) -> None:
     instance_images, held_out = hold_out(instance_images, args.validation_loss_images, "instance images")
     held_captions, captions = (captions[len(instance_images):], captions[:len(instance_images)]) if captions \
         else (None, None)
-    if args.cache_latents and not args.center_crop:   # a fixed crop per image, else nearly every step is a miss
-        check_crop_windows(instance_images, args.resolution, "instance image")
+    check_crop_windows(instance_images, args, "instance image")   # --cache_latents: few crops per image, else misses
     buckets = assign_buckets(instance_images, args)   # --enable_bucket: each image's (width, height); else None
     # the family's own checks of the run's settings (FLUX's --max_sequence_length), also before anything is written
     family_of(args.pretrained_model_name_or_path).for_run(args)
@@ -254,8 +253,7 @@ def train(spec: RunSpec) -> None:
         if len(class_images) < args.num_class_images:
             raise TrainingError(f"--class_data_dir {class_dir} has {len(class_images)} readable images, fewer than "
                                 f"--num_class_images {args.num_class_images}; remove the unreadable ones")
-        if args.cache_latents and not args.center_crop:
-            check_crop_windows(class_images, args.resolution, "class image")
+        check_crop_windows(class_images, args, "class image")
 
     dataset = DreamBoothDataset(instance_images, class_images, args.resolution, args.center_crop, run.seed,
                                 args.caption_dropout, buckets)

@@ -29,10 +29,14 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, process_index:
     if groups is not None:
         return group_batches(groups, batch_size, epoch, seed, process_index, num_processes)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
-    per = math.ceil(n / num_processes)
-    perm = (perm * num_processes)[: per * num_processes]
-    mine = [epoch * n + i for i in perm[process_index::num_processes]]
+    mine = [epoch * n + i for i in deal(perm, process_index, num_processes)]
     return [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
+
+
+def deal(items: list, process_index: int, num_processes: int) -> list:
+    """This process's share of `items`, every process's as long: padded by wrapping, then dealt round-robin."""
+    per = math.ceil(len(items) / num_processes)
+    return (items * num_processes)[: per * num_processes][process_index::num_processes]
 
 
 def group_batches(groups: list, batch_size: int, epoch: int, seed: int, process_index: int = 0,
@@ -47,9 +51,7 @@ def group_batches(groups: list, batch_size: int, epoch: int, seed: int, process_
         members = [i for i in perm if groups[i] == group]
         batches += [members[j:j + batch_size] for j in range(0, len(members), batch_size)]
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1))).tolist()
-    per = math.ceil(len(batches) / num_processes)
-    dealt = ([batches[o] for o in order] * num_processes)[: per * num_processes]
-    return [[epoch * n + i for i in b] for b in dealt[process_index::num_processes]]
+    return [[epoch * n + i for i in b] for b in deal([batches[o] for o in order], process_index, num_processes)]
 
 
 def steps_per_epoch(n: int, batch_size: int, grad_accum: int, num_processes: int = 1,

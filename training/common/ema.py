@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ground.runfolder import EMA_DIR, EMA_STATE, SAMPLES, atomic_write
@@ -141,10 +141,9 @@ class RunAverage:
                            "weights", checkpoint)
             return
         try:
-            state = load_file(str(path))
+            with safe_open(str(path), "pt") as f:   # one read: the tensors and the settings they were kept with
+                state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
             self.ema.load_state_dict(state)
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
         except (OSError, SafetensorError, ValueError, RuntimeError) as e:
             raise TrainingError(f"cannot restore the moving average from {path} ({type(e).__name__}: {str(e)[:120]}); "
                                 f"resume with the adapter flags it was trained with, or from an earlier checkpoint "

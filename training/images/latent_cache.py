@@ -97,8 +97,11 @@ def crop_windows(img, size: int) -> int:
     return max(w - size + 1, 1) * max(h - size + 1, 1)
 
 
-def check_crop_windows(images: list, size: int, what: str) -> None:
+def check_crop_windows(images: list, args, what: str) -> None:
     """With --cache_latents and random crops: every image of `images` has at most MAX_CROP_WINDOWS windows."""
+    if not args.cache_latents or args.center_crop:   # no cache, or one crop per image
+        return
+    size = args.resolution
     for i, img in enumerate(images):
         n = crop_windows(img, size)
         if n > MAX_CROP_WINDOWS:
